@@ -1,0 +1,150 @@
+"""Building blocks shared by the vision encoder and the decoder LM.
+
+Everything here is a pure function or a small Linen module. Matmuls take inputs in the compute dtype and
+accumulate in float32 (`preferred_element_type=float32`): on CPUs with AMX and on TPUs/GPUs that is both the
+fast path and the accurate one. Softmax and normalisation statistics are always float32.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+# Large negative finite value for masked attention scores. A fully masked query row (a left-padding
+# position) then gets a uniform distribution instead of NaN; its output is never used.
+MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+def normal_init(std: float = 0.02):
+    """`jax.nn.initializers.normal(std)`: the init HF uses for LLaVA/Llama/SigLIP linear layers."""
+    return jax.nn.initializers.normal(std)
+
+
+class Linear(nn.Module):
+    """Dense layer contracting the last `len(in_axes)` input dims with a kernel of shape `[*in, *out]`.
+
+    Attributes:
+      features: output dims, e.g. `(num_heads, head_dim)` for a query projection.
+      kernel_axes: logical axis names of the kernel, one per kernel dim (input dims first), used by
+        `rftjax.sharding` to shard it.
+      num_in: how many trailing input dims are contracted (2 for an output projection `[.., H, hd] -> D`).
+      use_bias: add a bias of shape `features` (logical axes: the kernel's output axes).
+      dtype: compute dtype; inputs and kernel are cast to it, accumulation is float32, the output has `dtype`.
+      param_dtype: storage dtype of the parameters (float32 by default).
+      out_dtype: output dtype (default `dtype`); float32 for logits.
+
+    Input `[..., *in]`, output `[..., *features]`.
+    """
+
+    features: Sequence[int] | int
+    kernel_axes: Sequence[str | None]
+    num_in: int = 1
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = normal_init()
+    out_dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.num_in:]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
+            (*in_shape, *features),
+            self.param_dtype,
+        )
+        contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            (contract, ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(self.kernel_axes[self.num_in:])),
+                features,
+                self.param_dtype,
+            )
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.out_dtype or self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with scale and bias (SigLIP), statistics in float32. Input/output `[..., D]`."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (d,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                          (d,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as in Llama/Qwen2 (`x / rms(x) * scale`, statistics in float32). Input/output `[..., D]`."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (d,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Multi-head / grouped-query scaled dot-product attention.
+
+    Args:
+      q: queries `[B, T, H, hd]`.
+      k, v: keys and values `[B, S, K, hd]`, `H % K == 0` (query head `h` uses kv head `h // (H // K)`,
+        the grouping of HF's `repeat_kv`).
+      mask: bool `[B, T, S]`, True where query t may attend to key s.
+
+    Returns:
+      `[B, T, H, hd]` in q's dtype. Scores and softmax are float32; scale is `hd ** -0.5`.
+    """
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    if h % kvh:
+        raise ValueError(f"num_heads={h} is not a multiple of num_kv_heads={kvh}")
+    qg = q.reshape(b, t, kvh, h // kvh, hd)
+    scores = jnp.einsum("btkrd,bskd->bkrts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkrts,bskd->btkrd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, hd).astype(q.dtype)
+
+
+def gelu_tanh(x: Array) -> Array:
+    """GELU with the tanh approximation (HF `gelu_pytorch_tanh`, SigLIP's MLP)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_exact(x: Array) -> Array:
+    """Exact (erf) GELU (HF `gelu`, the LLaVA projector)."""
+    return jax.nn.gelu(x, approximate=False)

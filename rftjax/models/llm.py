@@ -1,0 +1,229 @@
+"""Llama/Qwen2-style decoder LM with an explicit KV cache.
+
+RMSNorm, rotary position embeddings (RoPE, `rotate_half` convention of HF Llama), grouped-query attention,
+SwiGLU MLP, optional tied embeddings and attention biases. Sources: Touvron et al. 2023 (Llama), Su et al.
+2021 (RoFormer, RoPE), Ainslie et al. 2023 (GQA); numerics follow transformers' `modeling_llama.py` and
+`modeling_qwen2.py`.
+
+Positions are always derived from the attention mask (`cumsum(mask) - 1`), so left-padded batches put
+every row's first real token at position 0, as HF `generate` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rftjax.models.common import Linear, RMSNorm, dot_product_attention, normal_init
+from rftjax.models.config import TextConfig
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Decoding state of the decoder: keys/values of every layer plus per-row bookkeeping.
+
+    Attributes:
+      layers: per-layer `{'k': [B, S, K, hd], 'v': [B, S, K, hd]}` dicts (a tuple, one per layer), or, when
+        the model scans its layers, one such dict with a leading `[L]` axis on every array.
+      mask: bool `[B, S]`, True where a slot holds a real (non-padding) token.
+      next_pos: int32 `[B]`, the position id the next real token of each row gets (= real tokens so far).
+      index: int32 `[]`, number of slots written (the next write starts here); the same for all rows.
+    """
+
+    layers: Any
+    mask: Array
+    next_pos: Array
+    index: Array
+
+    @property
+    def max_len(self) -> int:
+        """Number of slots S."""
+        return self.mask.shape[1]
+
+
+def init_cache(config: TextConfig, batch_size: int, max_len: int, dtype=jnp.float32,
+               scan_layers: bool = False) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + generated).
+
+    `scan_layers` must match the model's (`VLMConfig.scan_layers`). Memory:
+    `2 * num_layers * batch_size * max_len * num_kv_heads * head_dim` elements of `dtype`.
+    """
+    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    if scan_layers:
+        full = (config.num_layers, *shape)
+        layers = {"k": jnp.zeros(full, dtype), "v": jnp.zeros(full, dtype)}
+    else:
+        layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                       for _ in range(config.num_layers))
+    return KVCache(layers=layers, mask=jnp.zeros((batch_size, max_len), bool),
+                   next_pos=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def positions_from_mask(attention_mask: Array, start: Array | int = 0) -> Array:
+    """Position ids `[B, T]` int32: `start + cumsum(mask) - 1`, clipped at `start` for leading padding.
+
+    `start` is `[B]` or a scalar: the number of real tokens each row already has (0 without a cache).
+    """
+    m = attention_mask.astype(jnp.int32)
+    start = jnp.asarray(start, jnp.int32)
+    start = start[:, None] if start.ndim == 1 else start
+    return start + jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding (HF `rotate_half` layout: dims `[0, hd/2)` pair with `[hd/2, hd)`).
+
+    x `[B, T, H, hd]`, positions int `[B, T]`; computed in float32, returned in x's dtype.
+    """
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : hd // 2], xf[..., hd // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class DecoderLayer(nn.Module):
+    """One decoder block: `x + attn(rmsnorm(x))`, then `x + swiglu(rmsnorm(x))`.
+
+    Call: `(x [B, T, D], layer_cache, positions [B, T], mask [B, T, S], cache_index [])`
+    -> `(x [B, T, D], new layer_cache)`. With `layer_cache=None` the keys are the T new tokens (S = T);
+    otherwise the new keys/values are written at slots `[cache_index, cache_index + T)` and the query
+    attends over all S cached slots.
+    """
+
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, mask, cache_index):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
+        q = Linear((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias,
+                   name="q_proj", **kw)(h)
+        k = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias,
+                   name="k_proj", **kw)(h)
+        v = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias,
+                   name="v_proj", **kw)(h)
+        q = apply_rope(q, positions, c.rope_theta)
+        k = apply_rope(k, positions, c.rope_theta)
+        if layer_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+            layer_cache = {"k": k, "v": v}
+        a = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask)
+        x = x + Linear(c.hidden_size, ("heads", "head_dim", "embed"), num_in=2, use_bias=c.o_bias,
+                       name="o_proj", **kw)(a)
+        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+        gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(h)
+        up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(h)
+        x = x + Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
+        return x, layer_cache
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only LM.
+
+    Call: `(input_ids int [B, T] | None, attention_mask [B, T], inputs_embeds [B, T, D] | None,
+    cache: KVCache | None)` -> `(logits float32 [B, T, V], new cache | None)`.
+    Give exactly one of `input_ids` / `inputs_embeds` (the VLM passes embeddings with image features merged
+    in; use `embed` to get token embeddings).
+
+    Attention: query t sees key s iff s is at or before t and s is a real token (mask). With a cache, the T
+    new tokens are appended at slots `[cache.index, cache.index + T)`, their positions continue from
+    `cache.next_pos`, and masked (padding) new tokens are never attended to later.
+
+    Layer params live under `layers_{i}` (or one stacked `layers` when `scan_layers`).
+    """
+
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False
+    remat: bool = False
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = self.param(
+            "embed_tokens", nn.with_logical_partitioning(normal_init(), ("vocab", "embed")),
+            (c.vocab_size, c.hidden_size), self.param_dtype)
+        layer_cls = DecoderLayer
+        if self.remat:
+            layer_cls = nn.remat(layer_cls, prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            self.layers = nn.scan(
+                layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, self.dtype, self.param_dtype)
+        else:
+            self.layers = [layer_cls(c, self.dtype, self.param_dtype, name=f"layers_{i}")
+                           for i in range(c.num_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
+                                  out_dtype=jnp.float32)
+
+    def embed(self, input_ids: Array) -> Array:
+        """Token embeddings `[B, T, D]` (compute dtype) of int ids `[B, T]`."""
+        return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
+
+    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, cache: KVCache | None = None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        b, t = x.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        if cache is None:
+            positions = positions_from_mask(attention_mask)
+            key_valid, index, layer_caches = attention_mask, jnp.zeros((), jnp.int32), None
+            key_slot = jnp.arange(t)
+        else:
+            positions = positions_from_mask(attention_mask, cache.next_pos)
+            index = cache.index
+            key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
+            key_slot = jnp.arange(cache.max_len) - index  # slot relative to the first new token
+            layer_caches = cache.layers
+        causal = key_slot[None, :] <= jnp.arange(t)[:, None]  # [T, S]
+        mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
+
+        if self.scan_layers:
+            x, new_layers = self.layers(x, layer_caches, positions, mask, index)
+        else:
+            new_layers = []
+            for i, layer in enumerate(self.layers):
+                x, lc = layer(x, None if layer_caches is None else layer_caches[i], positions, mask, index)
+                new_layers.append(lc)
+            new_layers = tuple(new_layers)
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens.astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x)
+        if cache is None:
+            return logits, None
+        new_cache = KVCache(layers=new_layers, mask=key_valid,
+                            next_pos=cache.next_pos + attention_mask.sum(1).astype(jnp.int32),
+                            index=index + t)
+        return logits, new_cache
