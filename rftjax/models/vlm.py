@@ -142,3 +142,8 @@ def init_params(config: VLMConfig, rng: Array) -> dict:
     For sharded initialisation use `rftjax.sharding.init_sharded_params`.
     """
     return nn.unbox(VLM(config).init(rng, *dummy_inputs(config))["params"])
+
+
+def abstract_params(config: VLMConfig):
+    """Shapes and dtypes of `init_params(config, ...)` as a pytree of `jax.ShapeDtypeStruct` (no compute)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
