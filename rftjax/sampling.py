@@ -1,0 +1,199 @@
+"""Group rollouts: prefill once per prompt, then a `lax.while_loop` of one-token decode steps.
+
+`generate` is the one entry point for rollouts (training) and evaluation. It is one XLA program per
+(config, shapes, sampling settings): no per-token Python. Each prompt's image is encoded and its prompt
+prefilled once; the resulting KV cache is repeated for the G samples of its group, which then decode with
+independent randomness. The loop stops as soon as every row has emitted an EOS id or the budget is spent.
+
+Sampling follows HF's logits-processor order: temperature, then top-k, then top-p (nucleus; Holtzman et al.
+2020, "The Curious Case of Neural Text Degeneration"). Token ids that must never be generated (the image
+placeholder by default) are removed from the distribution before anything else.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from rftjax.models import VLM, VLMConfig, check_image_tokens
+
+Array = jax.Array
+NEG_INF = float("-inf")
+
+
+@flax.struct.dataclass
+class SamplingOutput:
+    """Rollouts of `N = B * G` rows, row `b * G + g` being sample g of prompt b.
+
+    Attributes:
+      completion_ids: int32 `[N, T]` (T = max_new_tokens), right-padded with `pad_id` after EOS.
+      completion_mask: bool `[N, T]`, True on generated tokens (the EOS token included).
+      logprobs: float32 `[N, T]`, log-prob of each sampled token under the sampling distribution
+        (temperature, top-k, top-p applied; for greedy, the untempered model distribution); 0 where masked.
+      lengths: int32 `[N]`, number of generated tokens (= completion_mask.sum(1)).
+      truncated: bool `[N]`, True where the row spent the whole budget without emitting an EOS id.
+    """
+
+    completion_ids: Array
+    completion_mask: Array
+    logprobs: Array
+    lengths: Array
+    truncated: Array
+
+
+def filter_logits(logits: Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  suppress_ids: Sequence[int] = ()) -> Array:
+    """Logits of the sampling distribution, float32 `[N, V]`, `-inf` on excluded tokens.
+
+    Order (as HF's processors): suppressed ids removed, divide by `temperature`, keep the `top_k` largest
+    (0: all), keep the smallest set of most likely tokens whose probability reaches `top_p` (1.0: all).
+    Ties at a top-k / top-p threshold are all kept. Always keeps at least one token.
+    """
+    x = logits.astype(jnp.float32)
+    if suppress_ids:
+        x = x.at[:, jnp.asarray(list(suppress_ids))].set(NEG_INF)
+    x = x / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = jax.lax.top_k(x, top_k)[0][:, -1:]
+        x = jnp.where(x < kth, NEG_INF, x)
+    if top_p < 1.0:
+        sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_x, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(sorted_x, n_keep - 1, axis=-1)
+        x = jnp.where(x < threshold, NEG_INF, x)
+    return x
+
+
+def sample_tokens(key: Array, logits: Array, *, temperature: float, top_k: int, top_p: float, greedy: bool,
+                  suppress_ids: Sequence[int]) -> tuple[Array, Array]:
+    """One token per row from logits `[N, V]`: `(tokens int32 [N], logprobs float32 [N])`."""
+    if greedy:
+        x = filter_logits(logits, 1.0, 0, 1.0, suppress_ids)
+        tokens = jnp.argmax(x, axis=-1)
+    else:
+        x = filter_logits(logits, temperature, top_k, top_p, suppress_ids)
+        tokens = jax.random.categorical(key, x, axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), logp
+
+
+def _validate(config: VLMConfig, pixel_values, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature,
+              top_k, top_p, pad_id):
+    if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"prompt_ids and prompt_mask must both be [B, P], got {prompt_ids.shape} and "
+                         f"{prompt_mask.shape}")
+    if pixel_values is not None and pixel_values.shape[0] != prompt_ids.shape[0]:
+        raise ValueError(f"{pixel_values.shape[0]} images for {prompt_ids.shape[0]} prompts: give one per prompt")
+    if group_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"group_size={group_size} and max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (use greedy=True for argmax decoding)")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]")
+    if not 0 <= pad_id < config.text.vocab_size:
+        raise ValueError(f"pad_id={pad_id} is not a token id of the vocabulary (size {config.text.vocab_size})")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "group_size", "max_new_tokens", "temperature", "top_k",
+                                             "top_p", "eos_ids", "greedy", "pad_id", "suppress_ids"))
+def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, group_size, max_new_tokens,
+              temperature, top_k, top_p, eos_ids, greedy, pad_id, suppress_ids) -> SamplingOutput:
+    model = VLM(config)
+    b, p = prompt_ids.shape
+    n = b * group_size
+    variables = {"params": params}
+
+    # Prefill: each image encoded and each prompt processed once.
+    features = None
+    if pixel_values is not None:
+        features = model.apply(variables, pixel_values, method=VLM.encode_images)
+    cache = model.init_cache(b, p + max_new_tokens)
+    logits, cache = model.apply(variables, None, prompt_ids, prompt_mask, cache=cache, image_features=features)
+    last_logits = logits[:, -1]  # prompts are left-padded: the last column is every row's last real token
+
+    # Repeat for the G samples of each group (rows b*G .. b*G+G-1 share prompt b).
+    def repeat(axis):
+        return lambda x: jnp.repeat(x, group_size, axis=axis)
+
+    batch_axis = 1 if config.scan_layers else 0  # scanned caches are [L, B, S, K, hd]
+    cache = cache.replace(layers=jax.tree.map(repeat(batch_axis), cache.layers), mask=repeat(0)(cache.mask),
+                          next_pos=repeat(0)(cache.next_pos))
+    last_logits = repeat(0)(last_logits)
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tokens, logps, done, cache, last_logits = state
+        token, logp = sample_tokens(jax.random.fold_in(rng, step), last_logits, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, greedy=greedy, suppress_ids=suppress_ids)
+        live = ~done
+        token = jnp.where(live, token, pad_id)
+        tokens = tokens.at[:, step].set(token)
+        logps = logps.at[:, step].set(jnp.where(live, logp, 0.0))
+        done = done | jnp.isin(token, eos)
+        logits, cache = model.apply(variables, None, token[:, None], live[:, None], cache=cache)
+        return step + 1, tokens, logps, done, cache, logits[:, 0]
+
+    init = (jnp.zeros((), jnp.int32), jnp.full((n, max_new_tokens), pad_id, jnp.int32),
+            jnp.zeros((n, max_new_tokens), jnp.float32), jnp.zeros((n,), bool), cache, last_logits)
+    _, tokens, logps, done, _, _ = jax.lax.while_loop(cond, body, init)
+
+    # A row's mask runs up to and including its first EOS, or over the whole budget. (If the loop stopped
+    # early, every row has an EOS, so unwritten columns are always after one.)
+    is_eos = jnp.isin(tokens, eos)
+    mask = (jnp.cumsum(is_eos, axis=1) - is_eos) == 0
+    lengths = mask.sum(1).astype(jnp.int32)
+    return SamplingOutput(completion_ids=jnp.where(mask, tokens, pad_id), completion_mask=mask,
+                          logprobs=jnp.where(mask, logps, 0.0), lengths=lengths,
+                          truncated=~jnp.any(is_eos & mask, axis=1))
+
+
+def generate(params, config: VLMConfig, pixel_values: Array | None, prompt_ids: Array, prompt_mask: Array,
+             rng: Array, *, group_size: int = 1, max_new_tokens: int = 64, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (), greedy: bool = False,
+             pad_id: int = 0, suppress_ids: Sequence[int] | None = None) -> SamplingOutput:
+    """Sample `group_size` completions for each of B left-padded prompts.
+
+    Args:
+      params: `VLM(config)` params (may be sharded; the batch may be sharded over the mesh's data axes).
+      config: the model config (static).
+      pixel_values: float `[B, H, W, C]` images, one per prompt, or None for text-only prompts.
+      prompt_ids: int32 `[B, P]`, left-padded, with `config.num_image_tokens` image placeholders per row.
+      prompt_mask: bool `[B, P]`, False on padding.
+      rng: PRNG key. Same key and inputs, same output; the left padding of a prompt does not matter.
+      group_size: G, samples per prompt; output rows are `N = B * G`, grouped contiguously.
+      max_new_tokens: T, the token budget per completion.
+      temperature, top_k, top_p: sampling distribution (see `filter_logits`); ignored when greedy.
+      eos_ids: ids that end a completion (the EOS token is kept and masked in).
+      greedy: argmax decoding.
+      pad_id: id written after a row ends.
+      suppress_ids: ids never generated; default `(config.image_token_id,)`. Pass the pad id here too if
+        it is not a real token of your vocabulary.
+
+    Returns:
+      `SamplingOutput` (completion ids/mask/logprobs `[N, T]`, lengths and truncated `[N]`).
+
+    Raises:
+      ValueError: shapes that do not match, bad sampling settings, an image-token count that does not
+        match the image (checked when prompt_ids is concrete).
+    """
+    _validate(config, pixel_values, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_k,
+              top_p, pad_id)
+    if suppress_ids is None:
+        suppress_ids = (config.image_token_id,)
+    if not isinstance(prompt_ids, jax.core.Tracer):
+        check_image_tokens(prompt_ids, config, pixel_values is not None)
+    return _generate(params, pixel_values, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool),
+                     rng, config=config, group_size=int(group_size), max_new_tokens=int(max_new_tokens),
+                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                     eos_ids=tuple(int(e) for e in eos_ids), greedy=bool(greedy), pad_id=int(pad_id),
+                     suppress_ids=tuple(int(s) for s in suppress_ids))
