@@ -19,7 +19,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from rftjax.models import VLM, VLMConfig, check_image_tokens
+from rftjax.models import VLM, VLMConfig, cast_for_compute, check_image_tokens
 
 Array = jax.Array
 NEG_INF = float("-inf")
@@ -107,7 +107,7 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
     model = VLM(config)
     b, p = prompt_ids.shape
     n = b * group_size
-    variables = {"params": params}
+    variables = {"params": cast_for_compute(params, config)}  # cast once, not once per decode step
 
     # Prefill: each image encoded and each prompt processed once.
     features = None

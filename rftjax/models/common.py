@@ -121,23 +121,25 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
     Args:
       q: queries `[B, T, H, hd]`.
-      k, v: keys and values `[B, S, K, hd]`, `H % K == 0` (query head `h` uses kv head `h // (H // K)`,
-        the grouping of HF's `repeat_kv`).
+      k, v: keys and values `[B, K, S, hd]` (heads-major, the KV-cache layout: both matmuls then have
+        their batch dims `(B, K)` leading and need no transpose of the cache), `H % K == 0`; query head `h`
+        uses kv head `h // (H // K)`, the grouping of HF's `repeat_kv`.
       mask: bool `[B, T, S]`, True where query t may attend to key s.
 
     Returns:
       `[B, T, H, hd]` in q's dtype. Scores and softmax are float32; scale is `hd ** -0.5`.
     """
     b, t, h, hd = q.shape
-    kvh = k.shape[2]
+    kvh, s = k.shape[1], k.shape[2]
     if h % kvh:
         raise ValueError(f"num_heads={h} is not a multiple of num_kv_heads={kvh}")
-    qg = q.reshape(b, t, kvh, h // kvh, hd)
-    scores = jnp.einsum("btkrd,bskd->bkrts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkrts,bskd->btkrd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, hd).astype(q.dtype)
+    r = h // kvh
+    qg = q.reshape(b, t, kvh, r, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, r * t, hd)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, kvh, r, t, s), MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(b, kvh, r * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, kvh, r, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
 
 
 def gelu_tanh(x: Array) -> Array:

@@ -33,7 +33,8 @@ class KVCache:
     """Decoding state of the decoder: keys/values of every layer plus per-row bookkeeping.
 
     Attributes:
-      layers: per-layer `{'k': [B, S, K, hd], 'v': [B, S, K, hd]}` dicts (a tuple, one per layer), or, when
+      layers: per-layer `{'k': [B, K, S, hd], 'v': [B, K, S, hd]}` dicts (heads-major: attention reads the
+        cache without transposing it) (a tuple, one per layer), or, when
         the model scans its layers, one such dict with a leading `[L]` axis on every array.
       mask: bool `[B, S]`, True where a slot holds a real (non-padding) token.
       next_pos: int32 `[B]`, the position id the next real token of each row gets (= real tokens so far).
@@ -58,7 +59,7 @@ def init_cache(config: TextConfig, batch_size: int, max_len: int, dtype=jnp.floa
     `scan_layers` must match the model's (`VLMConfig.scan_layers`). Memory:
     `2 * num_layers * batch_size * max_len * num_kv_heads * head_dim` elements of `dtype`.
     """
-    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
     if scan_layers:
         full = (config.num_layers, *shape)
         layers = {"k": jnp.zeros(full, dtype), "v": jnp.zeros(full, dtype)}
@@ -123,9 +124,10 @@ class DecoderLayer(nn.Module):
         v = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias,
                    name="v_proj", **kw)(h)
         q = apply_rope(q, positions, c.rope_theta)
-        k = apply_rope(k, positions, c.rope_theta)
+        k = apply_rope(k, positions, c.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, hd]
+        v = v.transpose(0, 2, 1, 3)
         if layer_cache is not None:
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
             layer_cache = {"k": k, "v": v}

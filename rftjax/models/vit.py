@@ -45,7 +45,7 @@ class VisionBlock(nn.Module):
         k = Linear(heads, ("embed", "heads", "head_dim"), name="k_proj", **kw)(h)
         v = Linear(heads, ("embed", "heads", "head_dim"), name="v_proj", **kw)(h)
         mask = jnp.ones((x.shape[0], x.shape[1], x.shape[1]), bool)
-        a = dot_product_attention(q, k, v, mask)
+        a = dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
         x = x + Linear(c.hidden_size, ("heads", "head_dim", "embed"), num_in=2, name="out_proj", **kw)(a)
         h = LayerNorm(c.layer_norm_eps, self.dtype, self.param_dtype, name="layer_norm2")(x)
         h = gelu_tanh(Linear(c.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(h))
