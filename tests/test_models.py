@@ -173,3 +173,16 @@ def test_bad_configs_raise(bad):
 def test_config_dict_round_trip():
     config = get_preset("tiny", scan_layers=True, dtype="bfloat16")
     assert VLMConfig.from_dict(config.to_dict()) == config
+
+
+def test_cast_for_compute_is_numerically_identical(tiny):
+    from rftjax.models import cast_for_compute
+    config, params = tiny
+    config = config.replace(dtype="bfloat16")
+    pixels, ids, mask = _batch(config, pad=(0, 2))
+    cast = cast_for_compute(params, config)
+    kinds = {str(x.dtype) for x in jax.tree.leaves(cast)}
+    assert kinds == {"bfloat16", "float32"}  # kernels cast, norms and biases kept
+    a = VLM(config).apply({"params": params}, pixels, ids, mask)
+    b = VLM(config).apply({"params": cast}, pixels, ids, mask)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
