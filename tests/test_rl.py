@@ -276,3 +276,24 @@ def test_presets():
         rl.get_algorithm("trpo")
     with pytest.raises(ValueError, match="group_size"):
         rl.get_algorithm("grpo", group_size=1)
+
+
+def test_compute_advantages_dispatch():
+    r = jnp.array([1.0, 0.0, 0.5, 0.5])
+    mask = jnp.array([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
+    lp, ref = -jnp.ones((4, 3)), -1.5 * jnp.ones((4, 3))
+    np.testing.assert_allclose(rl.compute_advantages(rl.get_algorithm("grpo", group_size=2), r, mask)[0],
+                               A.grpo(r, 2))
+    np.testing.assert_allclose(rl.compute_advantages(rl.get_algorithm("rloo", group_size=2), r, mask)[0],
+                               A.rloo(r, 2))
+    # REINFORCE++: reward on the last token minus 0.01 * k1 (= 0.5) on every real token, then whitened.
+    adv, ret = rl.compute_advantages(rl.get_algorithm("reinforce_pp"), r, mask, lp, ref)
+    token_r = (A.outcome_token_rewards(r, mask) - 0.005) * mask
+    np.testing.assert_allclose(ret, A.discounted_returns(token_r, mask), atol=1e-6)
+    np.testing.assert_allclose(adv, A.masked_whiten(ret, mask), atol=1e-6)
+    with pytest.raises(ValueError, match="values"):
+        rl.compute_advantages(rl.get_algorithm("ppo"), r, mask, lp, ref)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        rl.compute_advantages(rl.get_algorithm("reinforce_pp"), r, mask)
+    adv, ret = rl.compute_advantages(rl.get_algorithm("ppo"), r, mask, lp, ref, values=jnp.zeros((4, 3)))
+    assert adv.shape == ret.shape == (4, 3)

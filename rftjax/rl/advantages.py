@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rftjax.rl.kl import kl_penalised_rewards
+
 Array = jax.Array
 
 
@@ -178,3 +180,48 @@ def gae(token_rewards: Array, values: Array, completion_mask: Array, gamma: floa
     if whiten:
         adv = masked_whiten(adv, completion_mask)
     return adv * m, returns * m
+
+
+def compute_advantages(config, rewards: Array, completion_mask: Array, old_logprobs: Array | None = None,
+                       ref_logprobs: Array | None = None, values: Array | None = None) -> tuple[Array, Array | None]:
+    """Advantages by `config.advantage_estimator` (an `AlgorithmConfig`): the one switch the trainer calls.
+
+    Args:
+      config: the algorithm.
+      rewards: `[N]` outcome rewards (one scalar per completion).
+      completion_mask: `[N, T]`.
+      old_logprobs, ref_logprobs: `[N, T]`, needed when `config.kl_in_reward` (the penalty is computed with
+        the rollout policy's log-probs, as verl and OpenRLHF do).
+      values: `[N, T]` critic values, needed by `gae`.
+
+    Returns:
+      `(advantages, returns)`: advantages `[N]` for grpo/dr_grpo/rloo, `[N, T]` for the token-level
+      estimators; returns `[N, T]` for reinforce_pp and gae (the critic's targets), else None.
+
+    Raises:
+      ValueError: a missing input the estimator needs, or bad rewards (see `check_rewards`).
+    """
+    name, g = config.advantage_estimator, config.group_size
+    if name == "grpo":
+        return grpo(rewards, g, config.adv_eps), None
+    if name == "dr_grpo":
+        return dr_grpo(rewards, g), None
+    if name == "rloo":
+        return rloo(rewards, g), None
+    if name == "reinforce_pp_baseline":
+        return reinforce_pp_baseline(rewards, completion_mask, g), None
+    if _concrete(rewards):
+        check_rewards(rewards)
+    token_rewards = outcome_token_rewards(rewards, completion_mask)
+    if config.kl_in_reward and config.kl_coef > 0:
+        if old_logprobs is None or ref_logprobs is None:
+            raise ValueError("kl_in_reward needs old_logprobs and ref_logprobs to penalise the rewards")
+        token_rewards = kl_penalised_rewards(token_rewards, old_logprobs, ref_logprobs, completion_mask,
+                                             config.kl_coef, config.kl_estimator)
+    if name == "reinforce_pp":
+        return reinforce_pp(token_rewards, completion_mask, config.gamma)
+    if name == "gae":
+        if values is None:
+            raise ValueError("advantage_estimator 'gae' needs the critic's values [N, T]")
+        return gae(token_rewards, values, completion_mask, config.gamma, config.lam)
+    raise ValueError(f"unknown advantage_estimator {name!r}")
