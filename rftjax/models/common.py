@@ -78,6 +78,12 @@ class Linear(nn.Module):
         return y.astype(self.out_dtype or self.dtype)
 
 
+def _norm_param(module: nn.Module, name: str, init, d: int) -> Array:
+    """A `[d]` normalisation parameter (logical axis `norm`, replicated), read as float32."""
+    return module.param(name, nn.with_logical_partitioning(init, ("norm",)), (d,), module.param_dtype).astype(
+        jnp.float32)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with scale and bias (SigLIP), statistics in float32. Input/output `[..., D]`."""
 
@@ -87,16 +93,12 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                           (d,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-                          (d,), self.param_dtype)
+        scale = _norm_param(self, "scale", nn.initializers.ones_init(), x.shape[-1])
+        bias = _norm_param(self, "bias", nn.initializers.zeros_init(), x.shape[-1])
         xf = x.astype(jnp.float32)
         mean = xf.mean(-1, keepdims=True)
         var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        return ((xf - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -108,12 +110,10 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                           (d,), self.param_dtype)
+        scale = _norm_param(self, "scale", nn.initializers.ones_init(), x.shape[-1])
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        return (y * scale).astype(self.dtype)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
