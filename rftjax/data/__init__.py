@@ -1,0 +1,1 @@
+"""Data: procedural tasks, TFDS builders, grain pipelines, tokenizer, importers for user datasets."""

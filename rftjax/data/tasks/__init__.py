@@ -1,0 +1,23 @@
+"""Procedural multimodal reasoning tasks with verifiable answers: `digits`, `shapes`, `grounding`."""
+
+from rftjax.data.tasks.base import ANSWER_TYPES, SPLITS, Task, make_example
+from rftjax.data.tasks.digits import DigitsTask
+from rftjax.data.tasks.grounding import GroundingTask, format_box
+from rftjax.data.tasks.shapes import ShapesTask
+
+TASKS = {t.name: t for t in (DigitsTask, ShapesTask, GroundingTask)}
+
+
+def get_task(name: str, seed: int = 0, image_size: int = 64) -> Task:
+    """An instance of task `name`.
+
+    Raises:
+      ValueError: unknown task.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name](seed=seed, image_size=image_size)
+
+
+__all__ = ["ANSWER_TYPES", "SPLITS", "TASKS", "Task", "get_task", "make_example", "format_box", "DigitsTask",
+           "ShapesTask", "GroundingTask"]
