@@ -66,7 +66,7 @@ class TextConfig:
     with `qkv_bias` is Llama's `attention_bias=True`. `rope_theta` is the RoPE base (Llama 1e4, Qwen2 1e6).
     """
 
-    vocab_size: int = 1024
+    vocab_size: int = 512
     hidden_size: int = 384
     intermediate_size: int = 1152
     num_layers: int = 8
@@ -172,7 +172,7 @@ PRESETS: dict[str, VLMConfig] = {
                         num_kv_heads=2),
         image_token_id=3,
     ),
-    # ~20M parameters: the CPU demo (64x64 images, 64 image tokens).
+    # ~19M parameters: the CPU demo (64x64 images, 64 image tokens, the packaged 403-token tokenizer).
     "default": VLMConfig(),
     # ~150M parameters: the "larger model" of the update-step benchmark.
     "large": VLMConfig(

@@ -1,0 +1,189 @@
+"""grain input pipelines: examples -> batches of model inputs.
+
+    source (TFDS array_record / a task / imported rows)
+      -> seeded shuffle, repeat (reshuffled every epoch) -> this process's shard (every k-th element)
+      -> preprocess: resize + normalise the image, chat template, tokenise, left-pad the prompt
+         (+ right-padded completion for SFT), rescale box answers to the model's image frame
+      -> batch -> (threads / worker processes) prefetch
+
+The iterator's state is checkpointable (`get_state` / `set_state`, a small dict): a resumed run sees
+exactly the batches an uninterrupted run would. Batches are dicts of numpy arrays:
+
+  pixel_values   float32 [B, H, W, 3]  in [-1, 1] (SigLIP normalisation: (x/255 - 0.5) / 0.5)
+  prompt_ids     int32 [B, P]          left-padded with <pad>
+  prompt_mask    bool  [B, P]
+  completion_ids int32 [B, C], completion_mask bool [B, C]   (with_completion only: trace + <eos>)
+  answer, answer_type, id, question    str [B]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from rftjax.data.tasks import Task
+from rftjax.data.tasks.grounding import format_box
+from rftjax.data.tokenizer import TextTokenizer, pad_left, pad_right
+from rftjax.rewards.boxes import parse_box
+
+
+class TaskSource:
+    """Random-access source of a procedural task split (`len`, `[i]`), for grain or for tests.
+
+    Generates on the fly (no files): the fast path when TFDS is not wanted (e.g. on an accelerator host).
+    """
+
+    def __init__(self, task: Task, split: str, num_examples: int | None = None):
+        self.task, self.split = task, split
+        self.n = task.default_sizes[split] if num_examples is None else int(num_examples)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.task.example(self.split, int(index))
+
+    def __repr__(self):
+        return f"TaskSource({self.task.name}, {self.split}, n={self.n})"
+
+
+class TfdsSource:
+    """Adapts a `tfds.data_source` split (text fields come back as bytes) to example dicts."""
+
+    def __init__(self, data_source):
+        self.source = data_source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.source[int(index)]
+        return {k: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in rec.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """The per-example transform (a pure function of the example; `augment` gets its own seeded rng).
+
+    Attributes:
+      tokenizer: the text tokenizer.
+      image_size: model input size (square); images are resized with bilinear filtering.
+      num_image_tokens: image placeholders per prompt (the model's `num_image_tokens`).
+      max_prompt_len: P; longer prompts raise `PromptTooLongError` naming the example.
+      with_completion: also emit the tokenised reasoning trace (SFT).
+      max_completion_len: C.
+    """
+
+    tokenizer: TextTokenizer
+    image_size: int
+    num_image_tokens: int
+    max_prompt_len: int
+    with_completion: bool = False
+    max_completion_len: int = 64
+
+    def image(self, image: np.ndarray) -> np.ndarray:
+        img = np.asarray(image)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"image must be [H, W, 3], got {img.shape}")
+        if img.shape[:2] != (self.image_size, self.image_size):
+            img = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((self.image_size, self.image_size),
+                                                                          Image.BILINEAR))
+        return (img.astype(np.float32) / 255.0 - 0.5) / 0.5
+
+    def answer(self, ex: dict) -> str:
+        """Box answers rescaled from the stored image to the model's image frame."""
+        if ex["answer_type"] != "box":
+            return ex["answer"]
+        h, w = np.asarray(ex["image"]).shape[:2]
+        box = parse_box(ex["answer"])
+        if box is None:
+            raise ValueError(f"example {ex.get('id')}: box answer {ex['answer']!r} is not [x1, y1, x2, y2]")
+        sx, sy = self.image_size / w, self.image_size / h
+        return format_box([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy])
+
+    def __call__(self, ex: dict) -> dict:
+        prompt = self.tokenizer.prompt_ids(ex["question"], self.num_image_tokens, self.max_prompt_len,
+                                           ex.get("id", ""))
+        prompt_ids, prompt_mask = pad_left(prompt, self.max_prompt_len, self.tokenizer.pad_id)
+        out = {"pixel_values": self.image(ex["image"]), "prompt_ids": np.asarray(prompt_ids, np.int32),
+               "prompt_mask": np.asarray(prompt_mask, bool), "answer": self.answer(ex),
+               "answer_type": ex["answer_type"], "id": ex.get("id", ""), "question": ex["question"]}
+        if self.with_completion:
+            if not ex.get("reasoning"):
+                raise ValueError(f"example {ex.get('id')} has no reasoning trace: SFT needs one")
+            completion = ex["reasoning"]
+            if ex["answer_type"] == "box":  # the trace's box must be in the model's frame too
+                completion = completion.replace(f"<answer>{ex['answer']}</answer>", f"<answer>{out['answer']}</answer>")
+            ids, mask = pad_right(self.tokenizer.completion_ids(completion), self.max_completion_len,
+                                  self.tokenizer.pad_id)
+            out["completion_ids"], out["completion_mask"] = np.asarray(ids, np.int32), np.asarray(mask, bool)
+        return out
+
+
+def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict], dict], *, batch_size: int,
+                 seed: int = 0, shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
+                 process_count: int = 1, drop_remainder: bool = True,
+                 augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+                 num_threads: int = 2, prefetch_buffer_size: int = 8, num_workers: int = 0) -> grain.IterDataset:
+    """The grain pipeline of the module docstring.
+
+    Args:
+      source: random-access examples (`TaskSource`, `TfdsSource`, a list of imported examples).
+      preprocess: usually a `Preprocess`.
+      batch_size: per-process batch size.
+      seed: shuffle seed (and augmentation seed).
+      shuffle: shuffle (per epoch) or keep source order (evaluation).
+      num_epochs: None repeats forever (training); 1 for one pass (evaluation).
+      process_index, process_count: this process's shard (`jax.process_index()`, `jax.process_count()`):
+        process i sees global elements i, i + k, i + 2k, ... so shards are disjoint.
+      augment: `f(pixel_values float [H, W, 3], rng) -> pixel_values` applied after preprocessing
+        (see `rftjax.data.augment`), off when None.
+      num_threads, prefetch_buffer_size: grain's in-process read-ahead.
+      num_workers: > 0 moves preprocessing to that many worker processes (`mp_prefetch`).
+
+    Returns:
+      a `grain.IterDataset`; `iter(ds)` gives a checkpointable iterator of batch dicts.
+
+    Raises:
+      ValueError: bad sharding arguments or an empty source.
+    """
+    if len(source) == 0:
+        raise ValueError("the data source is empty")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.seed(seed).shuffle()
+    ds = ds.repeat(num_epochs)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    ds = ds.map(preprocess)
+    if augment is not None:
+        ds = ds.seed(seed + 1).random_map(lambda ex, rng: {**ex, "pixel_values": augment(ex["pixel_values"], rng)})
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
+    if num_workers > 0:
+        _mark_absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside `app.run` they must be marked parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def iterator_state(it) -> dict[str, Any]:
+    """JSON-able state of a pipeline iterator (for checkpoints)."""
+    state = it.get_state()
+    return json.loads(json.dumps(state, default=lambda o: o.decode() if isinstance(o, bytes) else str(o)))
