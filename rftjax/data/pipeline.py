@@ -130,7 +130,7 @@ class Preprocess:
 def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict], dict], *, batch_size: int,
                  seed: int = 0, shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                  process_count: int = 1, drop_remainder: bool = True,
-                 augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+                 augment: Callable[[dict, np.random.Generator], dict] | None = None,
                  num_threads: int = 2, prefetch_buffer_size: int = 8, num_workers: int = 0) -> grain.IterDataset:
     """The grain pipeline of the module docstring.
 
@@ -143,8 +143,8 @@ def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict
       num_epochs: None repeats forever (training); 1 for one pass (evaluation).
       process_index, process_count: this process's shard (`jax.process_index()`, `jax.process_count()`):
         process i sees global elements i, i + k, i + 2k, ... so shards are disjoint.
-      augment: `f(pixel_values float [H, W, 3], rng) -> pixel_values` applied after preprocessing
-        (see `rftjax.data.augment`), off when None.
+      augment: `f(example, rng) -> example` applied after preprocessing, with a seeded per-element rng
+        (see `rftjax.data.augment`); off when None.
       num_threads, prefetch_buffer_size: grain's in-process read-ahead.
       num_workers: > 0 moves preprocessing to that many worker processes (`mp_prefetch`).
 
@@ -166,7 +166,7 @@ def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict
         ds = ds[process_index::process_count]
     ds = ds.map(preprocess)
     if augment is not None:
-        ds = ds.seed(seed + 1).random_map(lambda ex, rng: {**ex, "pixel_values": augment(ex["pixel_values"], rng)})
+        ds = ds.seed(seed + 1).random_map(augment)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     if num_workers > 0:

@@ -1,0 +1,255 @@
+"""Importers for user datasets -> example dicts (see `rftjax.data.tasks.base` for the fields).
+
+- EasyR1 / R1-V rows (`.jsonl` or `.parquet`): `problem` (with an `<image>` placeholder), `answer`, and
+  `images` (a list with one entry) or `image`: a path (relative to `image_dir`), raw bytes, or a dict
+  `{"bytes": ..., "path": ...}` as HF `datasets` writes images into parquet.
+- MATH-V jsonl: `question` (with `<image1>`), `options` (list, may be empty), `answer`, `image` (path
+  relative to the dataset root, the parent of `data/`).
+- Pascal VOC detection annotations (e.g. BCCD): each object whose class is unique in its image becomes a
+  grounding example "Give the box of the <name> as [x1, y1, x2, y2]." (the box in pixels, x2/y2 exclusive).
+
+Bad rows (missing image file, unreadable image bytes, empty answer, wrong types, several images) raise a
+ValueError naming the file, line and field, or with `on_error="skip"` are left out and listed in the
+returned `ImportReport`. Nothing is silently wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from rftjax.data.tasks import make_example
+from rftjax.data.tasks.grounding import format_box
+from rftjax.rewards.accuracy import parse_choice, parse_number
+from rftjax.rewards.boxes import parse_box
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """What an import kept and what it left out (`skipped`: `(row reference, reason)`)."""
+
+    source: str
+    total: int = 0
+    kept: int = 0
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def __str__(self):
+        return f"{self.source}: kept {self.kept} of {self.total} rows, skipped {len(self.skipped)}"
+
+
+def load_image(value: Any, base_dir: str | None = None) -> np.ndarray:
+    """uint8 `[H, W, 3]` from a path, raw bytes, a `{"bytes", "path"}` dict, a PIL image or an array.
+
+    Raises:
+      ValueError: missing file, unreadable/corrupt bytes, unsupported type (the message says which).
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, np.ndarray):
+        img = value
+    elif isinstance(value, Image.Image):
+        img = np.asarray(value.convert("RGB"))
+    elif isinstance(value, (bytes, bytearray)):
+        try:
+            img = np.asarray(Image.open(io.BytesIO(value)).convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"image bytes are not a readable image ({len(value)} bytes): {e}") from None
+    elif isinstance(value, str):
+        path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
+        if not os.path.exists(path):
+            raise ValueError(f"image file {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                img = np.asarray(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"image file {path} is not a readable image: {e}") from None
+    else:
+        raise ValueError(f"image must be a path, bytes or {{'bytes', 'path'}} dict, got {type(value).__name__}")
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] != 3 or img.size == 0:
+        raise ValueError(f"image has shape {img.shape}, expected [H, W, 3]")
+    return img.astype(np.uint8)
+
+
+def infer_answer_type(answer: str) -> str:
+    """`int`, `float`, `choice` (a single letter), `box` (`[x1, y1, x2, y2]`) or `math` (anything else)."""
+    v = parse_number(answer)
+    if v is not None:
+        return "int" if float(v).is_integer() and "." not in answer else "float"
+    if re.fullmatch(r"\(?[A-Z]\)?", answer.strip()) and parse_choice(answer):
+        return "choice"
+    if parse_box(answer) is not None and answer.strip().startswith("["):
+        return "box"
+    return "math"
+
+
+def _read_rows(path: str) -> Iterable[tuple[str, Any]]:
+    """`(row reference, row)` from a .jsonl or .parquet file; unparsable jsonl lines come as exceptions."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}:row {i}", row
+        return
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{i}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{i}", ValueError(f"not valid JSON: {e}")
+
+
+def _import(path: str, convert: Callable[[dict, str, int], dict], on_error: str) -> tuple[list[dict], ImportReport]:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if not os.path.exists(path):
+        raise ValueError(f"dataset file {path} does not exist")
+    report, out = ImportReport(path), []
+    for ref, row in _read_rows(path):
+        report.total += 1
+        try:
+            if isinstance(row, Exception):
+                raise row
+            if not isinstance(row, dict):
+                raise ValueError(f"row is a {type(row).__name__}, not an object")
+            out.append(convert(row, ref, report.total - 1))
+            report.kept += 1
+        except ValueError as e:
+            if on_error == "raise":
+                raise ValueError(f"bad row {ref}: {e} (pass on_error='skip' to leave such rows out)") from None
+            report.skipped.append((ref, str(e)))
+    return out, report
+
+
+def _text(row: dict, field: str, allow_number: bool = False) -> str:
+    v = row.get(field)
+    if allow_number and isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise ValueError(f"field {field!r} must be a string, got {type(v).__name__}")
+    if not v.strip():
+        raise ValueError(f"field {field!r} is empty")
+    return v.strip()
+
+
+def import_easyr1(path: str, image_dir: str | None = None, on_error: str = "raise",
+                  task: str = "easyr1") -> tuple[list[dict], ImportReport]:
+    """Rows of an EasyR1 / R1-V dataset file (see the module docstring). `image_dir` defaults to the file's
+    directory. Returns `(examples, report)`; answer types are inferred (`infer_answer_type`)."""
+    base = image_dir or os.path.dirname(os.path.abspath(path))
+
+    def convert(row: dict, ref: str, index: int) -> dict:
+        question, answer = _text(row, "problem"), _text(row, "answer", allow_number=True)
+        images = row.get("images", row.get("image"))
+        if isinstance(images, list):
+            if len(images) != 1:
+                raise ValueError(f"{len(images)} images in field 'images': rftjax supports exactly one per row")
+            images = images[0]
+        if images is None:
+            raise ValueError("no 'images' or 'image' field")
+        image = load_image(images, base)
+        return make_example(task, "import", index, image, question, answer, infer_answer_type(answer),
+                            meta={"source": ref})
+
+    return _import(path, convert, on_error)
+
+
+def import_mathv(path: str, image_dir: str | None = None, on_error: str = "raise") -> tuple[list[dict], ImportReport]:
+    """MATH-V jsonl (`question`, `options`, `answer`, `image`). `image_dir` defaults to the dataset root (the
+    parent of the jsonl's directory). Multiple-choice rows list their options after the question and get
+    answer type `choice`."""
+    base = image_dir or os.path.dirname(os.path.dirname(os.path.abspath(path)))
+
+    def convert(row: dict, ref: str, index: int) -> dict:
+        question, answer = _text(row, "question"), _text(row, "answer", allow_number=True)
+        options = row.get("options") or []
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise ValueError("field 'options' must be a list of strings")
+        if options:
+            letters = "ABCDEFGHIJ"[:len(options)]
+            if [o.strip() for o in options] == list(letters):  # the options are drawn in the image
+                question += f"\nChoices: {', '.join(letters)}."
+            else:
+                question += "\nChoices: " + " ".join(f"({l}) {o}" for l, o in zip(letters, options))
+            answer_type = "choice"
+        else:
+            answer_type = infer_answer_type(answer)
+        image = load_image(_text(row, "image"), base)
+        ex = make_example("mathv", "test", 0, image, question, answer, answer_type,
+                          meta={"source": ref, "subject": row.get("subject"), "level": row.get("level")})
+        ex["id"] = f"mathv/{row.get('id', ref)}"
+        return ex
+
+    return _import(path, convert, on_error)
+
+
+def import_voc(annotation_dir: str, image_dir: str, names: dict[str, str] | None = None,
+               on_error: str = "raise") -> tuple[list[dict], ImportReport]:
+    """Grounding examples from Pascal VOC XML annotations.
+
+    Args:
+      annotation_dir: folder of `*.xml`.
+      image_dir: folder of the images (`<filename>` of each annotation).
+      names: class name -> words used in the question (e.g. `{"WBC": "white blood cell"}`); default the
+        class name itself.
+      on_error: "raise" or "skip" for unreadable annotations / images.
+
+    Returns:
+      `(examples, report)`: one example per object whose class occurs once in its image (a unique target);
+      the others are not errors and are not listed.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    names = names or {}
+    report, out = ImportReport(annotation_dir), []
+    for fname in sorted(f for f in os.listdir(annotation_dir) if f.endswith(".xml")):
+        ref = os.path.join(annotation_dir, fname)
+        report.total += 1
+        try:
+            try:
+                root = ET.parse(ref).getroot()
+            except ET.ParseError as e:
+                raise ValueError(f"not valid XML: {e}") from None
+            objects = []
+            for obj in root.iter("object"):
+                bb = obj.find("bndbox")
+                name = obj.findtext("name")
+                if bb is None or not name:
+                    raise ValueError("an <object> lacks <name> or <bndbox>")
+                try:
+                    x1, y1, x2, y2 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+                except (TypeError, ValueError):
+                    raise ValueError("a <bndbox> coordinate is missing or not a number") from None
+                objects.append((name.strip(), [x1, y1, x2 + 1, y2 + 1]))  # VOC max is inclusive
+            image = load_image(root.findtext("filename") or "", image_dir)
+            counts = {n: sum(1 for m, _ in objects if m == n) for n, _ in objects}
+            kept_any = False
+            for k, (name, box) in enumerate(objects):
+                if counts[name] != 1:
+                    continue
+                words = names.get(name, name)
+                ex = make_example("voc", "import", k, image, f"Give the box of the {words} as [x1, y1, x2, y2].",
+                                  format_box(box), "box", meta={"source": ref, "class": name})
+                ex["id"] = f"voc/{os.path.splitext(fname)[0]}/{k}"
+                out.append(ex)
+                kept_any = True
+            report.kept += int(kept_any)
+        except ValueError as e:
+            if on_error == "raise":
+                raise ValueError(f"bad annotation {ref}: {e} (pass on_error='skip' to leave it out)") from None
+            report.skipped.append((ref, str(e)))
+    return out, report
+
+
+BCCD_NAMES = {"WBC": "white blood cell", "RBC": "red blood cell", "Platelets": "platelet"}
