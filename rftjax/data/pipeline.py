@@ -36,10 +36,11 @@ class TaskSource:
     """Random-access source of a procedural task split (`len`, `[i]`), for grain or for tests.
 
     Generates on the fly (no files): the fast path when TFDS is not wanted (e.g. on an accelerator host).
+    Element i is the task's example `offset + i` of `split` (disjoint ranges give disjoint example sets).
     """
 
-    def __init__(self, task: Task, split: str, num_examples: int | None = None):
-        self.task, self.split = task, split
+    def __init__(self, task: Task, split: str, num_examples: int | None = None, offset: int = 0):
+        self.task, self.split, self.offset = task, split, int(offset)
         self.n = task.default_sizes[split] if num_examples is None else int(num_examples)
 
     def __len__(self) -> int:
@@ -48,10 +49,10 @@ class TaskSource:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.n:
             raise IndexError(index)
-        return self.task.example(self.split, int(index))
+        return self.task.example(self.split, self.offset + int(index))
 
     def __repr__(self):
-        return f"TaskSource({self.task.name}, {self.split}, n={self.n})"
+        return f"TaskSource({self.task.name}, {self.split}, n={self.n}, offset={self.offset})"
 
 
 class TfdsSource:

@@ -145,7 +145,8 @@ class DecoderLM(nn.Module):
     """Decoder-only LM.
 
     Call: `(input_ids int [B, T] | None, attention_mask [B, T], inputs_embeds [B, T, D] | None,
-    cache: KVCache | None)` -> `(logits float32 [B, T, V], new cache | None)`.
+    cache: KVCache | None, return_hidden=False)` -> `(logits float32 [B, T, V], new cache | None)`; with
+    `return_hidden` (no cache) the final normalised hidden states `[B, T, D]` instead of logits.
     Give exactly one of `input_ids` / `inputs_embeds` (the VLM passes embeddings with image features merged
     in; use `embed` to get token embeddings).
 
@@ -188,7 +189,8 @@ class DecoderLM(nn.Module):
         """Token embeddings `[B, T, D]` (compute dtype) of int ids `[B, T]`."""
         return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
 
-    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, cache: KVCache | None = None):
+    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, cache: KVCache | None = None,
+                 return_hidden: bool = False):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
@@ -218,6 +220,8 @@ class DecoderLM(nn.Module):
                 new_layers.append(lc)
             new_layers = tuple(new_layers)
         x = self.norm(x)
+        if return_hidden:  # final hidden states [B, T, D] (e.g. for a value head), no LM head
+            return x, None
         if self.config.tie_word_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens.astype(self.dtype),
                                 preferred_element_type=jnp.float32)

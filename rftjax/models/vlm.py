@@ -74,6 +74,8 @@ class VLM(nn.Module):
       - image_features: precomputed `encode_images` output `[B, P, D]` instead of pixel_values (lets the
         sampler encode each image once and reuse it for the G samples of its group).
 
+      - return_hidden: return the decoder's final hidden states `[B, T, D]` instead of logits (value heads).
+
     Returns:
       logits float32 `[B, T, V]`; with a cache, `(logits, new_cache)`.
 
@@ -107,7 +109,7 @@ class VLM(nn.Module):
         return jnp.where(is_img[..., None], gathered, embeds)
 
     def __call__(self, pixel_values, input_ids, attention_mask=None, cache: KVCache | None = None,
-                 image_features=None):
+                 image_features=None, return_hidden: bool = False):
         if pixel_values is not None and image_features is not None:
             raise ValueError("give pixel_values or image_features, not both")
         if not isinstance(input_ids, jax.core.Tracer):
@@ -118,6 +120,10 @@ class VLM(nn.Module):
             raise ValueError(f"{image_features.shape[0]} images for {input_ids.shape[0]} rows of input_ids: "
                              f"give one image per row")
         embeds = self.embed(input_ids, image_features)
+        if return_hidden:
+            if cache is not None:
+                raise ValueError("return_hidden does not take a cache")
+            return self.language_model(None, attention_mask, inputs_embeds=embeds, return_hidden=True)[0]
         logits, new_cache = self.language_model(None, attention_mask, inputs_embeds=embeds, cache=cache)
         return logits if cache is None else (logits, new_cache)
 

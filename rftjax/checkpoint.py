@@ -1,0 +1,54 @@
+"""Orbax checkpoints of a whole run: train state(s), data-iterator states, stage counters and the PRNG key.
+
+One `CheckpointManager` under `WORKDIR/checkpoints`, items:
+  state  the arrays: {"policy": TrainState, "ref": params | None, "critic": TrainState | None}
+  data   JSON: the grain iterator states (`get_state()`), one per pipeline
+  meta   JSON: stage, step counters, early-stopping bookkeeping, the PRNG key data, the config
+A run resumes from the latest step; saving is synchronous (a SIGTERM handler can save then exit).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` (keeps the last `max_to_keep` checkpoints)."""
+
+    def __init__(self, workdir: str, max_to_keep: int = 2):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "data", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=False))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data: dict, meta: dict) -> None:
+        """Save (overwriting nothing: a step that already exists is skipped)."""
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)))
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, target_state: Any) -> tuple[Any, dict, dict]:
+        """`(state, data, meta)` of `step`; `target_state` (arrays or ShapeDtypeStructs with shardings) gives
+        the structure, dtypes and shardings to restore into."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 data=ocp.args.JsonRestore(),
+                                                                 meta=ocp.args.JsonRestore()))
+        return out["state"], out["data"], out["meta"]
+
+    def read_meta(self, step: int) -> dict:
+        """Only the `meta` item of `step` (to know which states to build before restoring them)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,99 @@
+"""Defaults of every run setting (`base_config()`); files in configs/ start from it and override.
+
+The big_vision / scenic convention: a config file defines `get_config()` returning an
+`ml_collections.ConfigDict`; any field can be overridden on the command line (`--config.rl.steps=10`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "default"          # rftjax.models.PRESETS: tiny | default (~19M) | large
+    c.model.overrides = ml_collections.ConfigDict()   # VLMConfig fields, e.g. dtype="bfloat16"
+    c.model.init_from = ""              # a HF LLaVA directory (rftjax.models.hf.load_llava) instead of random init
+
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "digits"              # digits | shapes | grounding
+    c.data.source = "procedural"        # procedural (rendered on the fly) | tfds (array_record under data_dir)
+    c.data.data_dir = ""                # TFDS data dir (default WORKDIR/tfds)
+    c.data.max_prompt_len = 112         # P: prompts are left-padded to it; longer prompts raise
+    c.data.max_completion_len = 64      # C: SFT targets are cut/padded to it
+    c.data.sft_examples = 2000          # traced training examples for the cold start (train split 0..n-1)
+    c.data.val_examples = 200           # validation split, for the SFT early stopping
+    c.data.rl_examples = 50000          # answer-only training problems for RL (train split, after the SFT ones)
+    c.data.test_examples = 500          # held-out test problems (digit images never seen in training)
+    c.data.ood_examples = 300           # out-of-distribution test problems
+    c.data.augment = ""                 # "" | "noise:0.1" (NoisyRollout) | "crop:0.8", applied to RL prompts
+    c.data.num_workers = 0              # grain worker processes
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.enabled = True
+    c.sft.batch_size = 32
+    c.sft.lr = 1e-3
+    c.sft.warmup_steps = 50
+    c.sft.max_steps = 2000
+    c.sft.eval_every = 50               # validation loss every N steps ...
+    c.sft.patience = 3                  # ... stop after N evaluations without improvement (keeps the best params)
+    c.sft.weight_decay = 0.01
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.enabled = True
+    c.rl.algorithm = "grpo"             # rftjax.rl.PRESETS: grpo dr_grpo dapo gspo rloo reinforce_pp ppo
+    c.rl.algo = ml_collections.ConfigDict()   # AlgorithmConfig overrides (group_size, kl_coef, clip_eps_high, ...)
+    c.rl.steps = 200
+    c.rl.prompts_per_step = 8           # B prompts per step; N = B * group_size completions
+    c.rl.minibatch_size = 0             # rows per update; 0 = all N (one update per iteration)
+    c.rl.lr = 2e-5
+    c.rl.critic_lr = 1e-4
+    c.rl.warmup_steps = 0
+    c.rl.weight_decay = 0.0
+    c.rl.max_new_tokens = 48
+    c.rl.temperature = 1.0
+    c.rl.top_k = 0
+    c.rl.top_p = 1.0
+    c.rl.dynamic_sampling_rounds = 4    # DAPO: rollout rounds per step at most to fill the batch with signal
+    c.rl.control_sft_seconds = 0.0      # > 0: a control run: spend this long on more SFT instead of RL
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99
+    c.optim.grad_clip = 1.0
+    c.optim.grad_accum = 1
+    c.optim.lr_decay = "cosine"         # cosine | constant
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.accuracy_weight = 1.0
+    c.reward.format_weight = 0.2
+    c.reward.box_iou = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                    # -1: all devices not used by fsdp/tensor
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.num_devices = 0              # 0: all devices; else the first N (tests)
+    c.mesh.distributed = False          # jax.distributed.initialize() (multi-host TPU/GPU)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 50                   # RL steps between evaluations (also at the end of each stage)
+    c.eval.batch_size = 64
+    c.eval.pass_k = 4
+    c.eval.pass_n = 100                 # problems for pass@k
+    c.eval.during_rl_examples = 200     # test problems per intermediate evaluation (final: all)
+    c.eval.dataset = ""                 # python -m rftjax.evaluate: "mathv:PATH" | "easyr1:PATH"
+
+    c.log = ml_collections.ConfigDict()
+    c.log.samples_every = 25
+    c.log.num_samples = 4
+    c.log.tensorboard = True
+    c.log.progress = True
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 50
+    c.checkpoint.keep = 2
+    return c

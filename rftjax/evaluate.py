@@ -1,0 +1,133 @@
+"""Evaluation: greedy accuracy and pass@k on held-out data; `python -m rftjax.evaluate` for a run's latest
+checkpoint.
+
+    python -m rftjax.evaluate --config configs/digits_grpo.py --workdir runs/digits [--config.x=y]
+
+evaluates the latest checkpoint of the run in WORKDIR on the config's test and test_ood splits (or a user
+dataset: `--config.eval.dataset=mathv:PATH` / `easyr1:PATH`), prints a table and appends to
+WORKDIR/eval.jsonl with `stage="evaluate"`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from rftjax import rewards, sampling
+from rftjax.data.pipeline import Preprocess, make_dataset
+from rftjax.data.tokenizer import TextTokenizer
+from rftjax.models import VLMConfig
+
+
+def rollout_texts(params, config: VLMConfig, tokenizer: TextTokenizer, batch: dict, rng, *, group_size: int,
+                  max_new_tokens: int, greedy: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  put=lambda x: x):
+    """Generate for a host batch; returns `(SamplingOutput as numpy, decoded texts [N])`."""
+    out = sampling.generate(params, config, put(batch["pixel_values"]), put(batch["prompt_ids"]),
+                            put(batch["prompt_mask"]), rng, group_size=group_size, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=(tokenizer.eos_id,),
+                            greedy=greedy, pad_id=tokenizer.pad_id,
+                            suppress_ids=(config.image_token_id, tokenizer.pad_id, tokenizer.bos_id))
+    out = jax.tree.map(np.asarray, out)
+    texts = [tokenizer.decode(ids[:n]) for ids, n in zip(out.completion_ids, out.lengths)]
+    return out, texts
+
+
+def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, preprocess: Preprocess, *,
+             batch_size: int, max_new_tokens: int, rng, pass_k: int = 0, pass_n: int = 0,
+             reward_config: rewards.RewardConfig = rewards.RewardConfig(), put=lambda x: x,
+             num_examples: int | None = None) -> dict:
+    """Greedy accuracy (and format rate, mean length) on `source`, plus pass@k (k samples at temperature 1
+    on the first `pass_n` problems: solved if any sample is correct).
+
+    Returns a dict: `accuracy`, `format_rate`, `completion_len_mean`, `n`, and `pass_at_k`, `k` if asked.
+    The last partial batch is padded with repeats and the padding is not counted.
+    """
+    n_total = len(source) if num_examples is None else min(num_examples, len(source))
+    t0 = time.perf_counter()
+    correct, fmt, lengths, seen = [], [], [], 0
+    ds = make_dataset(source, preprocess, batch_size=batch_size, shuffle=False, num_epochs=None, num_threads=1)
+    it = iter(ds)
+    while seen < n_total:
+        batch = next(it)
+        take = min(batch_size, n_total - seen)
+        out, texts = rollout_texts(params, config, tokenizer, batch, rng, group_size=1,
+                                   max_new_tokens=max_new_tokens, greedy=True, put=put)
+        sc = rewards.score(texts[:take], list(batch["answer"][:take]), list(batch["answer_type"][:take]),
+                           config=reward_config)
+        correct += sc["correct"].tolist()
+        fmt += sc["format"].tolist()
+        lengths += out.lengths[:take].tolist()
+        seen += take
+    results = {"accuracy": float(np.mean(correct)), "format_rate": float(np.mean(fmt)),
+               "completion_len_mean": float(np.mean(lengths)), "n": n_total}
+    if pass_k > 0 and pass_n > 0:
+        solved, seen = [], 0
+        prompts_per_batch = max(1, batch_size // pass_k)
+        it = iter(make_dataset(source, preprocess, batch_size=prompts_per_batch, shuffle=False, num_threads=1))
+        key = jax.random.fold_in(rng, 1)
+        while seen < min(pass_n, n_total):
+            batch = next(it)
+            take = min(prompts_per_batch, min(pass_n, n_total) - seen)
+            key, sub = jax.random.split(key)
+            _, texts = rollout_texts(params, config, tokenizer, batch, sub, group_size=pass_k,
+                                     max_new_tokens=max_new_tokens, greedy=False, put=put)
+            answers = np.repeat(batch["answer"], pass_k)
+            types = np.repeat(batch["answer_type"], pass_k)
+            sc = rewards.score(texts, list(answers), list(types), config=reward_config)
+            solved += (sc["correct"].reshape(-1, pass_k).max(1) > 0)[:take].tolist()
+            seen += take
+        results.update({"pass_at_k": float(np.mean(solved)), "k": pass_k})
+    results["eval_time_s"] = time.perf_counter() - t0
+    return results
+
+
+def user_dataset(spec: str) -> list[dict]:
+    """Examples of `--config.eval.dataset`: `mathv:PATH.jsonl` or `easyr1:PATH.(jsonl|parquet)` (bad rows are
+    skipped and reported)."""
+    from rftjax.data import importers
+
+    kind, _, path = spec.partition(":")
+    loaders = {"mathv": importers.import_mathv, "easyr1": importers.import_easyr1}
+    if kind not in loaders or not path:
+        raise ValueError(f"eval.dataset={spec!r}: use mathv:PATH or easyr1:PATH")
+    examples, report = loaders[kind](path, on_error="skip")
+    print(report)
+    return examples
+
+
+def main(argv):
+    import json
+    import os
+
+    from rftjax.train import Trainer, setup_logging
+
+    setup_logging()
+    trainer = Trainer(FLAGS.config, FLAGS.workdir, restore=True)
+    if FLAGS.config.eval.dataset:
+        c = FLAGS.config
+        examples = user_dataset(c.eval.dataset)
+        pre = Preprocess(trainer.tokenizer, trainer.model_config.vision.image_size,
+                         trainer.model_config.num_image_tokens, c.data.max_prompt_len)
+        r = evaluate(trainer.params, trainer.model_config, trainer.tokenizer, examples, pre,
+                     batch_size=c.eval.batch_size, max_new_tokens=c.rl.max_new_tokens, rng=jax.random.key(c.seed),
+                     pass_k=c.eval.pass_k, pass_n=c.eval.pass_n, reward_config=trainer.reward_config, put=trainer.put)
+        trainer.logger.log_eval(trainer.meta["global_step"], "evaluate", {"split": c.eval.dataset, **r})
+        print(json.dumps(r, indent=2))
+    else:
+        trainer.evaluate_all("evaluate")
+    trainer.logger.close()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/NAME.py)")
+    flags.DEFINE_string("workdir", None, "run directory with checkpoints/")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,138 @@
+"""Run outputs: metrics.jsonl, eval.jsonl, samples.jsonl, TensorBoard events, PNG plots, summary.json.
+
+Every logged step is one JSON object with at least `step` (the global step), `stage` (`sft` / `rl`),
+and for RL `reward_mean` and `accuracy`. On resume the files are cut back to the restored step, so a run
+killed and rerun writes each step exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+TIMING_KEYS = ("time_per_step_s", "rollout_tokens_per_s", "update_time_s", "rollout_time_s", "elapsed_s",
+               "eval_time_s")
+
+
+def _clean(v: Any):
+    if isinstance(v, (np.generic, np.ndarray)):
+        v = v.item() if np.ndim(v) == 0 else v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _truncate_jsonl(path: str, max_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= max_step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RunLogger:
+    """Writes the run outputs under `workdir`. `resume_step`: drop records after it (a resumed run)."""
+
+    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.paths = {name: os.path.join(workdir, f"{name}.jsonl") for name in ("metrics", "eval", "samples")}
+        for path in self.paths.values():
+            _truncate_jsonl(path, resume_step)
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1 or None)
+
+    def _append(self, name: str, record: dict) -> None:
+        with open(self.paths[name], "a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in record.items()}, sort_keys=True) + "\n")
+
+    def log(self, step: int, stage: str, metrics: dict) -> None:
+        """One training step's metrics (scalars)."""
+        self._append("metrics", {"step": step, "stage": stage, **metrics})
+        if self.tb:
+            for k, v in metrics.items():
+                v = _clean(v)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{stage}/{k}", v, step)
+
+    def log_eval(self, step: int, stage: str, results: dict) -> None:
+        self._append("eval", {"step": step, "stage": stage, **results})
+        if self.tb:
+            for k, v in results.items():
+                if isinstance(_clean(v), (int, float)):
+                    self.tb.add_scalar(f"eval/{k}", _clean(v), step)
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """A few decoded completions with their rewards."""
+        self._append("samples", {"step": step, "samples": samples})
+        if self.tb:
+            text = "\n\n".join(f"**{s.get('answer')}** reward {s.get('reward')}: `{s.get('completion')}`"
+                               for s in samples)
+            self.tb.add_text("samples", text, step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+
+
+def plot_curves(workdir: str) -> list[str]:
+    """PNG plots of reward, accuracy, KL, completion length (RL) and eval accuracy vs step. Returns paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    evals = read_jsonl(os.path.join(workdir, "eval.jsonl"))
+    rl_rows = [m for m in metrics if m.get("stage") == "rl"]
+    sft_rows = [m for m in metrics if m.get("stage") == "sft"]
+    panels = [("reward_mean", "reward", rl_rows), ("accuracy", "train accuracy (rollouts)", rl_rows),
+              ("kl_ref", "KL to reference", rl_rows), ("completion_len_mean", "completion length", rl_rows),
+              ("sft_loss", "SFT loss", sft_rows), ("entropy", "entropy", rl_rows)]
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
+    for ax, (key, title, rows) in zip(axes.flat, panels):
+        pts = [(m["step"], m[key]) for m in rows if m.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    for ax, key in zip(axes.flat[len(panels):], ("accuracy", "pass_at_k")):
+        for split in sorted({e.get("split") for e in evals}):
+            pts = [(e["step"], e[key]) for e in evals if e.get("split") == split and e.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=split)
+        ax.set_title(f"eval {key}")
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, "curves.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [path]
+
+
+def summary_table(summary: dict) -> str:
+    """A small text table of the summary (printed at the end of a run)."""
+    lines = ["", f"{'metric':<40} value", "-" * 56]
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                lines.append(f"{k + '.' + kk:<40} {vv:.4f}" if isinstance(vv, float) else f"{k + '.' + kk:<40} {vv}")
+        else:
+            lines.append(f"{k:<40} {v:.4f}" if isinstance(v, float) else f"{k:<40} {v}")
+    return "\n".join(lines)

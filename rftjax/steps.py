@@ -1,0 +1,152 @@
+"""The pure, jitted pieces of training: completion log-probs, the SFT / RL / critic losses, the optimizer,
+and the update step `update(state, batch) -> (state, metrics)` that XLA compiles once per shape.
+
+Batches are dicts of arrays with N rows (one completion each):
+  pixel_values [N, H, W, C] · prompt_ids / prompt_mask [N, P] (left-padded) · completion_ids /
+  completion_mask [N, T] (right-padded) · for RL also advantages [N] or [N, T], old_logprobs [N, T]
+  (absent when on-policy), ref_logprobs [N, T] (absent without KL), old_values / returns [N, T] (PPO).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from rftjax import rl
+from rftjax.models import VLM, VLMConfig
+from rftjax.rl.advantages import masked_mean
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """`step` (int32 [], optimizer updates applied), `params`, `opt_state`; `tx` is static."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+
+
+def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, decay: str = "cosine"):
+    """Linear warm-up to `lr`, then cosine decay to `0.1 * lr` at `total_steps` (or constant)."""
+    if decay == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
+                                    [max(warmup_steps, 1)]) if warmup_steps else optax.constant_schedule(lr)
+    if decay != "cosine":
+        raise ValueError(f"unknown lr decay {decay!r}; choose cosine or constant")
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else lr, lr, warmup_steps,
+                                              max(total_steps, warmup_steps + 1), end_value=0.1 * lr)
+
+
+def _decay_mask(params):
+    """Weight decay on matrices and embedding tables (leaves of rank >= 2), not on norms and biases."""
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(schedule, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   grad_clip: float = 1.0, grad_accum: int = 1) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; updates whose gradients are not finite are skipped and counted
+    (`optax.apply_if_finite`, see `skipped_updates`); `grad_accum > 1` averages that many micro-batches per
+    update (`optax.MultiSteps`)."""
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(),
+                     optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=_decay_mask))
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
+    return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
+
+
+def skipped_updates(opt_state) -> Array:
+    """How many updates `apply_if_finite` skipped for non-finite gradients (int32 [])."""
+    found = [s.total_notfinite for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(
+        s, optax.ApplyIfFiniteState)) if isinstance(s, optax.ApplyIfFiniteState)]
+    return found[0] if found else jnp.zeros((), jnp.int32)
+
+
+def completion_logits(params, config: VLMConfig, batch: dict, return_hidden: bool = False) -> Array:
+    """Logits `[N, T, V]` (float32) predicting each completion token (or the hidden states `[N, T, D]` at
+    the same positions), from one forward pass over prompt + completion."""
+    ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
+    out = VLM(config).apply({"params": params}, batch["pixel_values"], ids, mask, return_hidden=return_hidden)
+    p, t = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
+    return out[:, p - 1:p - 1 + t]
+
+
+def completion_logprobs(params, config: VLMConfig, batch: dict, temperature: float = 1.0) -> tuple[Array, Array]:
+    """`(logprobs, entropy)`, float32 `[N, T]`, of the completion tokens under `softmax(logits / temperature)`
+    (0 where masked)."""
+    logits = completion_logits(params, config, batch) / temperature
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    lp = jnp.take_along_axis(logp_all, batch["completion_ids"][..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    m = batch["completion_mask"].astype(jnp.float32)
+    return lp * m, entropy * m
+
+
+def sft_loss(params, batch: dict, config: VLMConfig) -> tuple[Array, dict]:
+    """Cross-entropy of the completion tokens (token mean over the batch) - the SFT cold start."""
+    lp, _ = completion_logprobs(params, config, batch)
+    m = batch["completion_mask"].astype(jnp.float32)
+    loss = -masked_mean(lp, m)
+    return loss, {"sft_loss": loss, "tokens": m.sum()}
+
+
+def rl_loss(params, batch: dict, config: VLMConfig, algo: rl.AlgorithmConfig, temperature: float) -> tuple[Array, dict]:
+    """`rl.policy_loss` on freshly computed log-probs. Without `old_logprobs` in the batch the update is
+    on-policy (mu = 1, one minibatch): old = stop_gradient(current), ratio exactly 1, as TRL does."""
+    lp, entropy = completion_logprobs(params, config, batch, temperature)
+    old = batch.get("old_logprobs")
+    old = jax.lax.stop_gradient(lp) if old is None else old
+    return rl.policy_loss(lp, old, batch["advantages"], batch["completion_mask"], algo,
+                          ref_logprobs=batch.get("ref_logprobs"), entropy=entropy)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Critic (PPO): the VLM backbone with a scalar head on the final hidden states.
+
+
+def init_critic(policy_params, config: VLMConfig) -> dict:
+    """Critic params initialised from the policy backbone, value head zero (`V = 0` at the start)."""
+    return {"backbone": policy_params, "head": {"kernel": jnp.zeros((config.text.hidden_size,), jnp.float32),
+                                                "bias": jnp.zeros((), jnp.float32)}}
+
+
+def critic_values(critic_params, config: VLMConfig, batch: dict) -> Array:
+    """Values `[N, T]` (float32) of the states before each completion token; 0 where masked."""
+    h = completion_logits(critic_params["backbone"], config, batch, return_hidden=True).astype(jnp.float32)
+    v = h @ critic_params["head"]["kernel"] + critic_params["head"]["bias"]
+    return v * batch["completion_mask"].astype(jnp.float32)
+
+
+def critic_loss(critic_params, batch: dict, config: VLMConfig, algo: rl.AlgorithmConfig) -> tuple[Array, dict]:
+    values = critic_values(critic_params, config, batch)
+    loss, metrics = rl.value_loss(values, batch["old_values"], batch["returns"], batch["completion_mask"],
+                                  algo.clip_eps_value, algo.loss_agg_mode)
+    return algo.value_coef * loss, metrics
+
+
+def make_update(loss_fn: Callable[[Any, dict], tuple[Array, dict]], state_shardings=None):
+    """`update(state, batch) -> (state, metrics)`: gradients, optimizer, metrics (`loss`, `grad_norm`,
+    `skipped_updates`). Jitted with the state donated; `state_shardings` pins the output state's layout to
+    the input's (params/opt-state sharded by logical axes)."""
+
+    def update(state: TrainState, batch: dict):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+                   "skipped_updates": skipped_updates(opt_state)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    out = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(update, donate_argnums=0, out_shardings=out)
+
