@@ -20,9 +20,11 @@ def get_config(algorithm: str = "grpo"):
     c.rl.algorithm = algorithm
     c.rl.algo = {"group_size": 4}
     c.rl.steps, c.rl.prompts_per_step, c.rl.max_new_tokens = 3, 2, 12
-    if algorithm in ("dapo", "gspo"):
+    if algorithm in ("dapo", "gspo"):  # also exercise mu > 1 and minibatches
         c.rl.algo = {"group_size": 4, "num_iterations": 2}
         c.rl.minibatch_size = 4
+    if algorithm == "dapo":
+        c.rl.algo.overlong_buffer_len = 4
     c.eval.batch_size, c.eval.pass_k, c.eval.pass_n, c.eval.every = 8, 2, 4, 2
     c.eval.during_rl_examples = 8
     c.log.samples_every, c.log.progress, c.log.tensorboard = 2, False, True

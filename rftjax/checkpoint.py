@@ -30,9 +30,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data: dict, meta: dict) -> None:
-        """Save (overwriting nothing: a step that already exists is skipped)."""
+        """Save `step`, replacing an existing checkpoint of the same step (e.g. the end of a stage)."""
         if step in self.manager.all_steps():
-            return
+            self.manager.delete(step)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()

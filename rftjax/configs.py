@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.max_steps = 2000
     c.sft.eval_every = 50               # validation loss every N steps ...
     c.sft.patience = 3                  # ... stop after N evaluations without improvement (keeps the best params)
+    c.sft.min_delta_rel = 0.0           # an evaluation "improves" if it beats the best by this fraction
     c.sft.weight_decay = 0.01
 
     c.rl = ml_collections.ConfigDict()

@@ -65,6 +65,9 @@ def validate_config(c: ml_collections.ConfigDict, n_data_shards: int, algo: rl.A
     need(c.sft.enabled or c.rl.enabled, "enable at least one of sft and rl")
     need(c.data.sft_examples > 0 and c.data.val_examples > 0, "data.sft_examples and val_examples must be > 0")
     need(c.optim.grad_accum >= 1, "optim.grad_accum must be >= 1")
+    need(algo.overlong_buffer_len <= c.rl.max_new_tokens,
+         f"rl.algo.overlong_buffer_len={algo.overlong_buffer_len} (DAPO's L_cache) must be <= rl.max_new_tokens="
+         f"{c.rl.max_new_tokens}; lower it or raise max_new_tokens")
 
 
 def _parse_augment(spec: str):
@@ -129,6 +132,11 @@ class Trainer:
                                   config.data.max_prompt_len, with_completion=True,
                                   max_completion_len=config.data.max_completion_len)
         d = config.data
+        shortest = len(self.tokenizer.prompt_ids("", mc.num_image_tokens))
+        if d.max_prompt_len < shortest:
+            raise ValueError(f"bad config: data.max_prompt_len={d.max_prompt_len} cannot hold the chat template with its "
+                             f"{mc.num_image_tokens} image tokens ({shortest} tokens before any question text); raise "
+                             f"data.max_prompt_len to at least {shortest + 32}")
         self.sources = {"sft": self._source("train", d.sft_examples, 0), "val": self._source("validation", d.val_examples),
                         "rl": self._source("train", d.rl_examples, d.sft_examples),
                         "test": self._source("test", d.test_examples),
@@ -237,11 +245,11 @@ class Trainer:
     def save(self):
         data = {"sft": self.sft_iter.get_state(), "rl": self.rl_iter.get_state()}
         self.ckpt.save(self.meta["global_step"], self._ckpt_state(), json.loads(json.dumps(data, default=str)),
-                       {**self.meta, "config": self.c.to_json()})
+                       {**self.meta, "has_best": self.best_params is not None, "config": self.c.to_json()})
 
     def _restore(self, step: int):
         meta = self.ckpt.read_meta(step)
-        self.meta.update({k: v for k, v in meta.items() if k != "config"})
+        self.meta.update({k: v for k, v in meta.items() if k not in ("config", "has_best")})
         self._build_stage_state()
         if meta.get("has_best"):
             self.best_params = self.params
@@ -284,7 +292,7 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(self.sft_iter)
             self.policy, m = self.update(self.policy, self._device_batch(batch))
-            self.params = self.policy.params
+            self.params = jax.block_until_ready(self.policy.params)
             self.meta["sft_step"] += 1
             self.meta["global_step"] += 1
             m = {k: float(v) for k, v in m.items()}
@@ -294,8 +302,8 @@ class Trainer:
                 vl = self.val_loss(self.params)
                 m["val_loss"] = vl
                 best = self.meta["best_val_loss"]
-                if best is None or vl < best - 1e-4:
-                    self.meta.update(best_val_loss=vl, bad_evals=0, best_step=self.meta["global_step"], has_best=True)
+                if best is None or vl < best * (1 - c.sft.min_delta_rel) - 1e-6:
+                    self.meta.update(best_val_loss=vl, bad_evals=0, best_step=self.meta["global_step"])
                     self.best_params = jax.tree.map(jnp.copy, self.params)
                 else:
                     self.meta["bad_evals"] += 1
@@ -404,7 +412,7 @@ class Trainer:
                     self.critic, cm = self.critic_update(self.critic,
                                                          self._device_batch({k: full[k][idx] for k in critic_keys}))
                     cms.append(cm)
-        self.params = self.policy.params
+        self.params = jax.block_until_ready(self.policy.params)
         update_time = time.perf_counter() - t0
         m = _mean_metrics([{k: float(v) for k, v in x.items()} for x in ms])
         if cms:

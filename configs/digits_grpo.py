@@ -1,0 +1,34 @@
+"""The main job: digits (sum / count / largest of 1-4 handwritten digits), SFT cold start then GRPO.
+
+    python -m rftjax.train --config configs/digits_grpo.py --workdir runs/digits
+
+~19M-parameter VLM from scratch on 2 CPU cores in under 30 minutes: the cold start trains on 1,000 traced
+examples until the validation loss stops improving (by 2% per epoch), then GRPO trains on answer-only problems. Held-out
+accuracy is measured on 500 test problems whose digit images never appear in training, and on 300
+out-of-distribution problems (5-6 digits; training shows at most 4).
+Control run (same budget, more SFT instead of RL): add --config.rl.control_sft_seconds=SECONDS.
+"""
+
+from rftjax.configs import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.preset = "default"
+    # 16 px patches: one patch per digit cell of the 64 px canvas -> 16 image tokens per prompt.
+    c.model.overrides = {"dtype": "bfloat16", "vision": {"patch_size": 16}}
+    c.data.task = "digits"
+    c.data.max_prompt_len = 48
+    c.data.max_completion_len = 64
+    c.data.sft_examples, c.data.val_examples = 1000, 200
+    c.data.test_examples, c.data.ood_examples = 500, 300
+    c.sft.batch_size, c.sft.lr, c.sft.warmup_steps = 32, 1e-3, 50
+    c.sft.max_steps, c.sft.eval_every, c.sft.patience, c.sft.min_delta_rel = 800, 32, 2, 0.02
+    c.rl.algorithm = "grpo"
+    c.rl.algo = {"group_size": 8, "kl_coef": 0.0}
+    c.rl.steps, c.rl.prompts_per_step, c.rl.max_new_tokens = 150, 8, 56
+    c.rl.lr, c.rl.warmup_steps = 5e-5, 5
+    c.eval.batch_size, c.eval.pass_k, c.eval.pass_n, c.eval.every = 100, 4, 100, 50
+    c.eval.during_rl_examples = 200
+    c.checkpoint.every = 50
+    return c

@@ -1,0 +1,121 @@
+"""Update-step time and model FLOPs utilisation (MFU) against this machine's matmul peak, measured in the
+same run.
+
+The update step is `rftjax.steps.make_update` on the RL policy loss (GRPO, on-policy) over a batch of
+prompt + completion sequences: one forward and one backward pass (~3x the forward FLOPs of
+`rftjax.models.forward_flops`, the PaLM/MaxText convention; attention counted causally). The peak is a
+4096^3 matmul in float32 and in bfloat16 with float32 accumulation; MFU is reported against the peak of
+the step's compute dtype.
+
+    python experiments/bench_update.py [--presets default large] [--batch 16] [--repeats 5]
+
+Prints a table and writes experiments/results/bench_update{_gpu}.{md,json}. Needs only jax/flax/optax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rftjax import rl, steps
+from rftjax.models import forward_flops, get_preset, init_params, param_count
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def matmul_peak(dtype, n: int = 4096, repeats: int = 5) -> float:
+    """Achieved FLOP/s of an n^3 matmul (inputs in `dtype`, float32 accumulation)."""
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32))
+    jax.block_until_ready(f(x, x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x, x))
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times)
+
+
+def bench(preset: str, dtype: str, batch: int, prompt_len: int, completion_len: int, repeats: int) -> dict:
+    config = get_preset(preset, dtype=dtype)
+    params = init_params(config, jax.random.key(0))
+    algo = rl.get_algorithm("grpo", kl_coef=0.0)
+    sched = steps.make_schedule(1e-5, 1000)
+    state = steps.TrainState.create(params, steps.make_optimizer(sched))
+    update = steps.make_update(functools.partial(steps.rl_loss, config=config, algo=algo, temperature=1.0))
+    rng = np.random.default_rng(0)
+    p = config.num_image_tokens
+    prompt = np.concatenate([np.full((batch, p), config.image_token_id),
+                             rng.integers(10, config.text.vocab_size, (batch, prompt_len - p))], 1).astype(np.int32)
+    v = config.vision
+    batch_arrays = {
+        "pixel_values": jnp.asarray(rng.standard_normal((batch, v.image_size, v.image_size, 3)), jnp.float32),
+        "prompt_ids": jnp.asarray(prompt), "prompt_mask": jnp.ones((batch, prompt_len), bool),
+        "completion_ids": jnp.asarray(rng.integers(10, config.text.vocab_size, (batch, completion_len)), jnp.int32),
+        "completion_mask": jnp.ones((batch, completion_len), bool),
+        "advantages": jnp.asarray(rng.standard_normal(batch), jnp.float32)}
+    t0 = time.perf_counter()
+    state, m = update(state, batch_arrays)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, m = update(state, batch_arrays)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    flops = 3 * batch * forward_flops(config, prompt_len + completion_len, 1)
+    return dict(preset=preset, params_m=param_count(config) / 1e6, dtype=dtype, batch=batch,
+                seq_len=prompt_len + completion_len, compile_s=compile_s, step_s=step_s,
+                tflops_per_s=flops / step_s / 1e12, step_tflop=flops / 1e12)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["default", "large"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--completion-len", type=int, default=64)
+    ap.add_argument("--text-len", type=int, default=32, help="prompt text tokens after the image tokens")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    peaks = {"float32": matmul_peak(jnp.float32), "bfloat16": matmul_peak(jnp.bfloat16)}
+    print({k: f"{v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()}, flush=True)
+    rows = []
+    for preset in args.presets:
+        for dtype in args.dtypes:
+            p = get_preset(preset).num_image_tokens + args.text_len
+            r = bench(preset, dtype, args.batch, p, args.completion_len, args.repeats)
+            r["mfu"] = r["tflops_per_s"] * 1e12 / peaks[dtype]
+            rows.append(r)
+            print(r, flush=True)
+    device = jax.devices()[0]
+    meta = (f"jax {jax.__version__} on {device.platform} ({getattr(device, 'device_kind', '')}, "
+            f"{platform.machine()}, {os.cpu_count()} cores); matmul peak fp32 {peaks['float32'] / 1e12:.3f}, "
+            f"bf16 (fp32 accumulation) {peaks['bfloat16'] / 1e12:.3f} TFLOP/s; GRPO update (forward + backward + "
+            f"AdamW), median of {args.repeats}")
+    lines = ["| preset | params | dtype | batch x seq | compile s | step s | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['params_m']:.1f}M | {r['dtype']} | {r['batch']} x {r['seq_len']} | "
+              f"{r['compile_s']:.1f} | {r['step_s']:.3f} | {r['tflops_per_s']:.3f} | {100 * r['mfu']:.1f}% |" for r in rows]
+    table = meta + "\n\n" + "\n".join(lines)
+    print("\n" + table)
+    os.makedirs(RESULTS, exist_ok=True)
+    suffix = "" if device.platform == "cpu" else "_" + device.platform
+    with open(os.path.join(RESULTS, f"bench_update{suffix}.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(RESULTS, f"bench_update{suffix}.json"), "w") as f:
+        json.dump({"meta": meta, "peaks": peaks, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The trainer end to end on the smoke config: every algorithm preset, exact resume after SIGKILL, SIGTERM
+checkpoints, and sharded (8 virtual devices) vs single-device equivalence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from rftjax import rl
+from rftjax.checkpoint import Checkpointer
+from rftjax.metrics import TIMING_KEYS, read_jsonl
+from rftjax.train import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import smoke  # noqa: E402
+
+
+def _run(tmp_path, name, algorithm="grpo", **overrides):
+    config = smoke.get_config(algorithm)
+    overrides = {"mesh.num_devices": 1, **overrides}  # one device unless a test asks for a mesh
+    for key, value in overrides.items():
+        target = config
+        *parents, last = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[last] = value
+    workdir = str(tmp_path / name)
+    trainer = Trainer(config, workdir)
+    summary = trainer.run()
+    return trainer, workdir, summary
+
+
+@pytest.mark.parametrize("algorithm", sorted(rl.PRESETS))
+def test_every_preset_runs_the_smoke_config(tmp_path, algorithm):
+    trainer, workdir, summary = _run(tmp_path, algorithm, algorithm)
+    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    rl_rows = [r for r in rows if r["stage"] == "rl"]
+    assert len(rl_rows) == 3 and all(np.isfinite(r["loss"]) for r in rl_rows)
+    for key in ("reward_mean", "accuracy", "kl_ref", "entropy", "clip_frac_low", "clip_frac_high", "ratio_max",
+                "completion_len_mean", "truncation_rate", "grad_norm", "lr", "rollout_tokens_per_s", "update_time_s"):
+        assert key in rl_rows[0], key
+    evals = read_jsonl(os.path.join(workdir, "eval.jsonl"))
+    assert {e["stage"] for e in evals} >= {"sft_end", "rl_end"} and {e["split"] for e in evals} == {"test", "test_ood"}
+    for name in ("summary.json", "curves.png", "samples.jsonl"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert summary["rl_steps"] == 3 and os.listdir(os.path.join(workdir, "tensorboard"))
+    if algorithm == "ppo":
+        assert all("vf_loss" in r and "vf_clip_frac" in r for r in rl_rows)
+
+
+def test_ppo_critic_update_fits_the_returns():
+    """The value model trains: critic updates on a batch with returns 1 drive the value loss down."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from rftjax import steps
+    from rftjax.models import dummy_inputs, get_preset, init_params
+
+    config = get_preset("tiny")
+    algo = rl.get_algorithm("ppo", clip_eps_value=10.0)
+    critic = steps.TrainState.create(steps.init_critic(init_params(config, jax.random.key(0)), config),
+                                     steps.make_optimizer(steps.make_schedule(1e-2, 100)))
+    update = steps.make_update(functools.partial(steps.critic_loss, config=config, algo=algo))
+    pixels, prompt = dummy_inputs(config, 4)
+    batch = {"pixel_values": pixels, "prompt_ids": prompt, "prompt_mask": jnp.ones_like(prompt, bool),
+             "completion_ids": jnp.full((4, 5), 7, jnp.int32), "completion_mask": jnp.ones((4, 5), bool),
+             "returns": jnp.ones((4, 5)), "old_values": jnp.zeros((4, 5))}
+    losses = []
+    for _ in range(20):
+        critic, m = update(critic, batch)
+        losses.append(float(m["vf_loss"]))
+    assert losses[0] == pytest.approx(0.5, abs=1e-6)  # 0.5 * (0 - 1)^2 at init (zero value head)
+    assert losses[-1] < 0.05 * losses[0]
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def _cli(workdir, *extra):
+    return [sys.executable, "-m", "rftjax.train", "--config", os.path.join(ROOT, "configs", "smoke.py"),
+            "--workdir", workdir, "--config.checkpoint.every=1", "--config.rl.steps=4", *extra]
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        rows = read_jsonl(path) if os.path.exists(path) else []
+        if rows and rows[-1]["step"] >= step:
+            return rows[-1]["step"]
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early with {proc.returncode}")
+        time.sleep(0.05)
+    raise AssertionError("timeout")
+
+
+def _restore_params(workdir, trainer_config):
+    trainer = Trainer(trainer_config, workdir)
+    return trainer.meta, jax.tree.map(np.asarray, trainer.params)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": ""}
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    subprocess.run(_cli(full), check=True, env=env, capture_output=True, cwd=ROOT)
+    proc = subprocess.Popen(_cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    _wait_for_step(killed, 8, proc)  # mid-RL (SFT is 6 steps, RL 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "summary.json"))
+    subprocess.run(_cli(killed), check=True, env=env, capture_output=True, cwd=ROOT)
+    a = _strip(read_jsonl(os.path.join(full, "metrics.jsonl")))
+    b = _strip(read_jsonl(os.path.join(killed, "metrics.jsonl")))
+    assert [r["step"] for r in b] == list(range(1, 11))
+    assert a == b
+    config = smoke.get_config("grpo")
+    config.checkpoint.every, config.rl.steps, config.mesh.num_devices = 1, 4, 1
+    meta_a, params_a = _restore_params(full, config)
+    meta_b, params_b = _restore_params(killed, config)
+    assert meta_a["global_step"] == meta_b["global_step"] == 10 and meta_b["stage"] == "done"
+    for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+        np.testing.assert_array_equal(x, y)
+    ea = _strip(read_jsonl(os.path.join(full, "eval.jsonl")))
+    eb = _strip(read_jsonl(os.path.join(killed, "eval.jsonl")))
+    assert ea == eb
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": ""}
+    workdir = str(tmp_path / "term")
+    proc = subprocess.Popen(_cli(workdir, "--config.checkpoint.every=100"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    _wait_for_step(workdir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    last = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]["step"]
+    ckpt = Checkpointer(workdir)
+    assert ckpt.latest_step() == last  # saved at the step where it stopped (not a periodic one: every=100)
+    config = smoke.get_config("grpo")
+    config.mesh.num_devices = 1
+    trainer = Trainer(config, workdir)
+    assert trainer.meta["global_step"] == last
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices: see tests/conftest.py")
+def test_sharded_mesh_gives_single_device_losses(tmp_path):
+    kw = {"rl.prompts_per_step": 4, "sft.batch_size": 8, "eval.batch_size": 8}
+    _, one, _ = _run(tmp_path, "one", **{"mesh.num_devices": 1, "mesh.data": 1, **kw})
+    _, eight, _ = _run(tmp_path, "eight", **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                             **kw})
+    a = read_jsonl(os.path.join(one, "metrics.jsonl"))
+    b = read_jsonl(os.path.join(eight, "metrics.jsonl"))
+    assert [r["stage"] for r in a] == [r["stage"] for r in b] and sum(r["stage"] == "rl" for r in a) == 3
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) < 1e-4, (ra["step"], ra["loss"], rb["loss"])
+        if ra["stage"] == "rl":
+            assert ra["reward_mean"] == rb["reward_mean"] and ra["completion_len_mean"] == rb["completion_len_mean"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"rl.algorithm": "trpo"}, "unknown algorithm preset"),
+    ({"rl.algo": {"group_size": 1}}, "group_size >= 2"),
+    ({"mesh.num_devices": 8, "mesh.data": 8, "sft.batch_size": 4}, "not divisible by the mesh"),
+    ({"data.max_prompt_len": 12}, "max_prompt_len=12 cannot hold"),
+    ({"rl.minibatch_size": 3}, "must divide"),
+    ({"data.augment": "blur:1"}, "data.augment"),
+])
+def test_bad_configs_raise_actionable_errors(tmp_path, overrides, message):
+    if overrides.get("mesh.num_devices", 1) > jax.device_count():
+        pytest.skip("needs 8 devices")
+    with pytest.raises(ValueError, match=message):
+        _run(tmp_path, "bad", **overrides)
+
+
+def test_overlong_buffer_longer_than_the_budget_is_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match="overlong_buffer_len=64"):
+        _run(tmp_path, "bad", "dapo", **{"rl.algo": {"group_size": 4, "overlong_buffer_len": 64}})
