@@ -19,8 +19,8 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` (keeps the last `max_to_keep` checkpoints)."""
 
-    def __init__(self, workdir: str, max_to_keep: int = 2):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    def __init__(self, workdir: str, max_to_keep: int = 2, subdir: str = "checkpoints"):
+        self.directory = os.path.join(os.path.abspath(workdir), subdir)
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "data", "meta"),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -49,6 +49,10 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         """Only the `meta` item of `step` (to know which states to build before restoring them)."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def read_data(self, step: int) -> dict:
+        """Only the `data` item of `step` (the data-iterator states)."""
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
 
     def close(self) -> None:
         self.manager.close()

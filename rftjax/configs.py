@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.top_p = 1.0
     c.rl.dynamic_sampling_rounds = 4    # DAPO: rollout rounds per step at most to fill the batch with signal
     c.rl.control_sft_seconds = 0.0      # > 0: a control run: spend this long on more SFT instead of RL
+    c.rl.init_from_sft = ""             # another run's workdir: start from its cold-start result (sft_checkpoint/)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.b1 = 0.9

@@ -38,6 +38,7 @@ from rftjax.models import VLM, dummy_inputs, get_preset, param_count
 from rftjax.models import hf as rhf
 
 log = logging.getLogger("rftjax")
+SFT_CHECKPOINT = "sft_checkpoint"  # the cold-start result, kept for RL ablations (rl.init_from_sft)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,7 +171,9 @@ class Trainer:
         self._build_stage_state()
         restored = restore and self.ckpt.latest_step() is not None
         if restored:
-            self._restore(self.ckpt.latest_step())
+            self._restore(self.ckpt, self.ckpt.latest_step())
+        elif config.rl.init_from_sft:
+            self._start_from_sft(config.rl.init_from_sft)
         self.logger = run_metrics.RunLogger(self.workdir, self.meta["global_step"], config.log.tensorboard)
         self.stop_requested = False
         if restored:
@@ -242,18 +245,37 @@ class Trainer:
                 "critic": self.critic if self.critic is not None else {},
                 "best": self.best_params if self.best_params is not None else {}}
 
-    def save(self):
+    def save(self, ckpt: Checkpointer | None = None, state=None):
         data = {"sft": self.sft_iter.get_state(), "rl": self.rl_iter.get_state()}
-        self.ckpt.save(self.meta["global_step"], self._ckpt_state(), json.loads(json.dumps(data, default=str)),
+        state = self._ckpt_state() if state is None else state
+        (ckpt or self.ckpt).save(self.meta["global_step"], state, json.loads(json.dumps(data, default=str)),
                        {**self.meta, "has_best": self.best_params is not None, "config": self.c.to_json()})
 
-    def _restore(self, step: int):
-        meta = self.ckpt.read_meta(step)
+    def _start_from_sft(self, run_dir: str):
+        """Begin at another run's cold-start result: its `sft_checkpoint/` and its `sft_end` evaluations."""
+        src = Checkpointer(run_dir, subdir=SFT_CHECKPOINT)
+        if src.latest_step() is None:
+            raise ValueError(f"bad config: rl.init_from_sft={run_dir!r} has no {SFT_CHECKPOINT}/ (run its SFT stage)")
+        step = src.latest_step()
+        meta = src.read_meta(step)
+        self.meta.update({k: v for k, v in meta.items() if k not in ("config", "has_best")})
+        state, data, _ = src.restore(step, {"params": self.params})
+        self.params = state["params"]
+        self._build_stage_state()  # fresh RL optimizer; reference = the cold-start result
+        self.sft_iter.set_state(data["sft"])
+        self.rl_iter.set_state(data["rl"])
+        evals = [e for e in run_metrics.read_jsonl(os.path.join(run_dir, "eval.jsonl")) if e["stage"] == "sft_end"]
+        with open(os.path.join(self.workdir, "eval.jsonl"), "w") as f:
+            f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in evals)
+        log.info("starting from the cold start of %s (step %d)", run_dir, self.meta["global_step"])
+
+    def _restore(self, ckpt: Checkpointer, step: int):
+        meta = ckpt.read_meta(step)
         self.meta.update({k: v for k, v in meta.items() if k not in ("config", "has_best")})
         self._build_stage_state()
         if meta.get("has_best"):
             self.best_params = self.params
-        state, data, _ = self.ckpt.restore(step, self._ckpt_state())
+        state, data, _ = ckpt.restore(step, self._ckpt_state())
         self.policy = state["policy"]
         self.params = self.policy.params
         self.ref_params = state["ref"] or None
@@ -328,6 +350,8 @@ class Trainer:
         self.best_params = None
         self._build_stage_state()
         self.save()
+        # The cold-start result alone (params + data positions), kept for RL ablations (rl.init_from_sft).
+        self.save(Checkpointer(self.workdir, max_to_keep=1, subdir=SFT_CHECKPOINT), {"params": self.params})
 
     # ---- RL -----------------------------------------------------------------------------------------------
 
