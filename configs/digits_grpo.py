@@ -26,8 +26,8 @@ def get_config():
     c.sft.max_steps, c.sft.eval_every, c.sft.patience, c.sft.min_delta_rel = 800, 32, 2, 0.02
     c.rl.algorithm = "grpo"
     c.rl.algo = {"group_size": 8, "kl_coef": 0.0}
-    c.rl.steps, c.rl.prompts_per_step, c.rl.max_new_tokens = 250, 8, 56
-    c.rl.lr, c.rl.warmup_steps = 2e-4, 10
+    c.rl.steps, c.rl.prompts_per_step, c.rl.max_new_tokens = 150, 8, 56
+    c.rl.lr, c.rl.warmup_steps = 5e-5, 5
     c.eval.batch_size, c.eval.pass_k, c.eval.pass_n, c.eval.every = 100, 4, 100, 50
     c.eval.during_rl_examples = 200
     c.checkpoint.every = 50

@@ -99,3 +99,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 50
     c.checkpoint.keep = 2
     return c
+
+
+def run_cli(main, workdir_help: str) -> None:
+    """`--config configs/NAME.py[:arg] --workdir DIR [--config.a.b=value]` -> `main(config, workdir)`."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/NAME.py)")
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(lambda argv: main(flags.FLAGS.config, flags.FLAGS.workdir))

@@ -98,16 +98,15 @@ def user_dataset(spec: str) -> list[dict]:
     return examples
 
 
-def main(argv):
+def main(config, workdir):
     import json
-    import os
 
     from rftjax.train import Trainer, setup_logging
 
     setup_logging()
-    trainer = Trainer(FLAGS.config, FLAGS.workdir, restore=True)
-    if FLAGS.config.eval.dataset:
-        c = FLAGS.config
+    trainer = Trainer(config, workdir, restore=True)
+    if config.eval.dataset:
+        c = config
         examples = user_dataset(c.eval.dataset)
         pre = Preprocess(trainer.tokenizer, trainer.model_config.vision.image_size,
                          trainer.model_config.num_image_tokens, c.data.max_prompt_len)
@@ -119,15 +118,9 @@ def main(argv):
     else:
         trainer.evaluate_all("evaluate")
     trainer.logger.close()
-    os._exit(0)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from rftjax.configs import run_cli
 
-    FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/NAME.py)")
-    flags.DEFINE_string("workdir", None, "run directory with checkpoints/")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    run_cli(main, "run directory with checkpoints/")

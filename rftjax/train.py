@@ -593,18 +593,12 @@ def setup_logging() -> None:
     log.propagate = False
 
 
-def main(argv):
+def main(config, workdir):
     setup_logging()
-    trainer = Trainer(FLAGS.config, FLAGS.workdir)
-    trainer.run()
+    Trainer(config, workdir).run()
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from rftjax.configs import run_cli
 
-    FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/NAME.py)")
-    flags.DEFINE_string("workdir", None, "run directory (created; rerun to resume)")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    run_cli(main, "run directory (created; rerun to resume)")

@@ -185,3 +185,17 @@ def test_bad_configs_raise_actionable_errors(tmp_path, overrides, message):
 def test_overlong_buffer_longer_than_the_budget_is_a_config_error(tmp_path):
     with pytest.raises(ValueError, match="overlong_buffer_len=64"):
         _run(tmp_path, "bad", "dapo", **{"rl.algo": {"group_size": 4, "overlong_buffer_len": 64}})
+
+
+def test_evaluate_cli_on_a_user_dataset(tmp_path):
+    from rftjax import evaluate
+
+    _, workdir, _ = _run(tmp_path, "ev", **{"rl.steps": 1})
+    config = smoke.get_config("grpo")
+    config.mesh.num_devices = 1
+    config.data.max_prompt_len = 256
+    config.eval.dataset = "mathv:" + os.path.join(ROOT, "tests", "fixtures", "mathv", "data", "testmini.jsonl")
+    config.eval.batch_size, config.eval.pass_k, config.eval.pass_n = 8, 0, 0
+    evaluate.main(config, workdir)
+    rows = [e for e in read_jsonl(os.path.join(workdir, "eval.jsonl")) if e["stage"] == "evaluate"]
+    assert len(rows) == 1 and rows[0]["n"] == 7 and 0.0 <= rows[0]["accuracy"] <= 1.0
