@@ -35,6 +35,13 @@ def rollout_texts(params, config: VLMConfig, tokenizer: TextTokenizer, batch: di
     return out, texts
 
 
+def score_groups(texts: list[str], batch: dict, group_size: int, reward_config: rewards.RewardConfig,
+                 lengths=None) -> dict:
+    """Reward components of `len(batch) * group_size` completions, each prompt's answer repeated for its group."""
+    return rewards.score(texts, list(np.repeat(batch["answer"], group_size)),
+                         list(np.repeat(batch["answer_type"], group_size)), lengths, reward_config)
+
+
 def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, preprocess: Preprocess, *,
              batch_size: int, max_new_tokens: int, rng, pass_k: int = 0, pass_n: int = 0,
              reward_config: rewards.RewardConfig = rewards.RewardConfig(), put=lambda x: x,
@@ -74,9 +81,7 @@ def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, prepro
             key, sub = jax.random.split(key)
             _, texts = rollout_texts(params, config, tokenizer, batch, sub, group_size=pass_k,
                                      max_new_tokens=max_new_tokens, greedy=False, put=put)
-            answers = np.repeat(batch["answer"], pass_k)
-            types = np.repeat(batch["answer_type"], pass_k)
-            sc = rewards.score(texts, list(answers), list(types), config=reward_config)
+            sc = score_groups(texts, batch, pass_k, reward_config)
             solved += (sc["correct"].reshape(-1, pass_k).max(1) > 0)[:take].tolist()
             seen += take
         results.update({"pass_at_k": float(np.mean(solved)), "k": pass_k})

@@ -27,13 +27,13 @@ import numpy as np
 
 from rftjax import metrics as run_metrics
 from rftjax import rewards, rl, sharding, steps
+from rftjax.rl.dapo import groups_with_signal
 from rftjax.checkpoint import Checkpointer
 from rftjax.data import augment as augment_lib
-from rftjax.data import importers
-from rftjax.data.pipeline import Preprocess, TaskSource, make_dataset
+from rftjax.data.pipeline import Preprocess, TaskSource, iterator_state, make_dataset
 from rftjax.data.tasks import get_task
 from rftjax.data.tokenizer import TextTokenizer
-from rftjax.evaluate import evaluate, rollout_texts
+from rftjax.evaluate import evaluate, rollout_texts, score_groups
 from rftjax.models import VLM, dummy_inputs, get_preset, param_count
 from rftjax.models import hf as rhf
 
@@ -246,9 +246,9 @@ class Trainer:
                 "best": self.best_params if self.best_params is not None else {}}
 
     def save(self, ckpt: Checkpointer | None = None, state=None):
-        data = {"sft": self.sft_iter.get_state(), "rl": self.rl_iter.get_state()}
+        data = {"sft": iterator_state(self.sft_iter), "rl": iterator_state(self.rl_iter)}
         state = self._ckpt_state() if state is None else state
-        (ckpt or self.ckpt).save(self.meta["global_step"], state, json.loads(json.dumps(data, default=str)),
+        (ckpt or self.ckpt).save(self.meta["global_step"], state, data,
                        {**self.meta, "has_best": self.best_params is not None, "config": self.c.to_json()})
 
     def _start_from_sft(self, run_dir: str):
@@ -345,7 +345,7 @@ class Trainer:
             return
         if self.best_params is not None:  # keep the params with the best validation loss
             self.params = self.best_params
-        self.final_evaluation(stage="sft_end")
+        self.evaluate_all("sft_end")
         self.meta["stage"] = "rl" if c.rl.enabled else "done"
         self.best_params = None
         self._build_stage_state()
@@ -369,8 +369,8 @@ class Trainer:
                                        top_k=c.rl.top_k, top_p=c.rl.top_p, put=self.put)
             gen_time += time.perf_counter() - t0
             gen_tokens += int(out.lengths.sum())
-            sc = rewards.score(texts, list(np.repeat(batch["answer"], g)), list(np.repeat(batch["answer_type"], g)),
-                               out.lengths.tolist(), self.reward_config)
+            sc = score_groups(texts, batch, g, self.reward_config, out.lengths.tolist())
+            signal = groups_with_signal(sc["total"], g)
             for i in range(len(batch["answer"])):
                 rows = slice(i * g, (i + 1) * g)
                 group = {"pixel_values": np.repeat(batch["pixel_values"][i:i + 1], g, 0),
@@ -379,9 +379,8 @@ class Trainer:
                          "completion_ids": out.completion_ids[rows], "completion_mask": out.completion_mask[rows],
                          "truncated": out.truncated[rows], "lengths": out.lengths[rows],
                          **{f"r_{k}": v[rows] for k, v in sc.items()}, "texts": texts[rows],
-                         "answer": [batch["answer"][i]] * g}
-                has_signal = sc["total"][rows].max() > sc["total"][rows].min()
-                (kept if has_signal or not self.algo.dynamic_sampling else spare).append(group)
+                         "answer": [batch["answer"][i]] * g, "has_signal": [bool(signal[i])]}
+                (kept if signal[i] or not self.algo.dynamic_sampling else spare).append(group)
             rounds += 1
             if len(kept) >= b or not self.algo.dynamic_sampling or rounds >= c.rl.dynamic_sampling_rounds:
                 break
@@ -391,7 +390,7 @@ class Trainer:
                     else sum((gr[k] for gr in groups), [])) for k in groups[0]}
         info = {"rollout_time_s": gen_time, "rollout_tokens_per_s": gen_tokens / max(gen_time, 1e-9),
                 "rollout_rounds": rounds, "dynamic_sampling_filled": filled,
-                "groups_with_signal": float(np.mean([g_["r_total"].max() > g_["r_total"].min() for g_ in groups]))}
+                "groups_with_signal": float(np.mean(rows.pop("has_signal")))}
         return rows, info
 
     def rl_step(self):
@@ -477,7 +476,7 @@ class Trainer:
                 self.save()
         bar.close()
         if not self.stop_requested:
-            self.final_evaluation(stage="rl_end")
+            self.evaluate_all("rl_end")
             self.meta["stage"] = "done"
             self.save()
 
@@ -496,7 +495,7 @@ class Trainer:
             bar.update(1)
         bar.close()
         if not self.stop_requested:
-            self.final_evaluation(stage="control_end")
+            self.evaluate_all("control_end")
             self.meta["stage"] = "done"
             self.save()
 
@@ -517,9 +516,6 @@ class Trainer:
         log.info("eval (%s, step %d): test acc %.3f, ood acc %.3f", stage, self.meta["global_step"],
                  results["test"]["accuracy"], results["test_ood"]["accuracy"])
         return results
-
-    def final_evaluation(self, stage: str) -> dict:
-        return self.evaluate_all(stage)
 
     def run(self) -> dict:
         self._install_signal_handlers()

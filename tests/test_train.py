@@ -1,7 +1,6 @@
 """The trainer end to end on the smoke config: every algorithm preset, exact resume after SIGKILL, SIGTERM
 checkpoints, and sharded (8 virtual devices) vs single-device equivalence."""
 
-import json
 import os
 import signal
 import subprocess

@@ -5,15 +5,12 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from rftjax.data.tasks.base import Task, example_rng, make_example
 from rftjax.data.tasks.scenes import COLOURS, SHAPES, describe, render, sample_scene
 
 
 def _plural(shape: str) -> str:
     return shape + "s"
-
 
 class ShapesTask(Task):
     name = "shapes"
