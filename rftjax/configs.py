@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0
     c.optim.grad_accum = 1
     c.optim.lr_decay = "cosine"         # cosine | constant
+    c.optim.vision_lr_scale = 1.0       # ViT learning-rate multiplier (both stages); 0 freezes the vision tower
 
     c.reward = ml_collections.ConfigDict()
     c.reward.accuracy_weight = 1.0

@@ -53,13 +53,34 @@ def _decay_mask(params):
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+def _lr_scale(scales: dict[str, float]) -> optax.GradientTransformation:
+    """Multiply the updates of the params under each top-level module in `scales` by its factor
+    (`{"vision_tower": 0.1}`); other params are untouched. A factor of 0 freezes the module."""
+    scales = {k: float(v) for k, v in scales.items() if float(v) != 1.0}
+    if not scales:
+        return optax.identity()
+
+    def label(params):
+        missing = sorted(set(scales) - set(params))
+        if missing:
+            raise ValueError(f"lr scales for {missing}: no such top-level modules (have {sorted(params)})")
+        return {k: jax.tree.map(lambda _, k=k: k if k in scales else "rest", v) for k, v in params.items()}
+
+    transforms = {k: optax.scale(v) for k, v in scales.items()}
+    return optax.multi_transform({**transforms, "rest": optax.identity()}, label)
+
+
 def make_optimizer(schedule, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   grad_clip: float = 1.0, grad_accum: int = 1) -> optax.GradientTransformation:
+                   grad_clip: float = 1.0, grad_accum: int = 1,
+                   lr_scales: dict[str, float] | None = None) -> optax.GradientTransformation:
     """AdamW with global-norm clipping; updates whose gradients are not finite are skipped and counted
     (`optax.apply_if_finite`, see `skipped_updates`); `grad_accum > 1` averages that many micro-batches per
-    update (`optax.MultiSteps`)."""
+    update (`optax.MultiSteps`). `lr_scales` multiplies the learning rate (and decay) of top-level modules,
+    e.g. `{"vision_tower": 0.1}` for the lower ViT learning rate of Qwen2-VL / LLaVA-OneVision training;
+    unknown module names raise ValueError when the optimizer is initialised."""
     tx = optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(),
-                     optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=_decay_mask))
+                     optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=_decay_mask),
+                     _lr_scale(lr_scales or {}))
     tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
     return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
 

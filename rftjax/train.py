@@ -211,7 +211,7 @@ class Trainer:
     def _make_state(self, params, lr, warmup, total, weight_decay):
         sched = steps.make_schedule(lr, total, warmup, self.c.optim.lr_decay)
         tx = steps.make_optimizer(sched, weight_decay, self.c.optim.b1, self.c.optim.b2, self.c.optim.grad_clip,
-                                  self.c.optim.grad_accum)
+                                  self.c.optim.grad_accum, {"vision_tower": self.c.optim.vision_lr_scale})
         state = jax.jit(lambda p: steps.TrainState.create(p, tx))(params)
         return state, sched
 

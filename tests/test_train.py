@@ -80,6 +80,30 @@ def test_ppo_critic_update_fits_the_returns():
     assert losses[-1] < 0.05 * losses[0]
 
 
+def test_lr_scales_multiply_one_module_updates():
+    """`lr_scales`: the vision tower's AdamW update is exactly `scale` x the unscaled one (0 freezes it); other
+    modules are untouched; a module name that does not exist raises."""
+    import jax.numpy as jnp
+
+    from rftjax import steps
+
+    params = {"vision_tower": {"w": jnp.ones((3, 2))}, "language_model": {"w": jnp.ones((3, 2))}}
+    grads = jax.tree.map(lambda x: jnp.arange(6.0).reshape(3, 2) - 2.5, params)
+
+    def first_update(scales):
+        tx = steps.make_optimizer(steps.make_schedule(1e-2, 10), weight_decay=0.1, lr_scales=scales)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    base = first_update(None)
+    for scale in (0.1, 0.0):
+        up = first_update({"vision_tower": scale})
+        np.testing.assert_allclose(up["vision_tower"]["w"], scale * base["vision_tower"]["w"], rtol=1e-6)
+        np.testing.assert_array_equal(up["language_model"]["w"], base["language_model"]["w"])
+    assert np.abs(base["vision_tower"]["w"]).min() > 0
+    with pytest.raises(ValueError, match="no such top-level modules"):
+        first_update({"vison_tower": 0.1})
+
+
 def _strip(rows):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
