@@ -259,6 +259,7 @@ class Trainer:
         step = src.latest_step()
         meta = src.read_meta(step)
         self.meta.update({k: v for k, v in meta.items() if k not in ("config", "has_best")})
+        self.meta["stage"] = "rl"  # also when the source run had its RL stage disabled
         state, data, _ = src.restore(step, {"params": self.params})
         self.params = state["params"]
         self._build_stage_state()  # fresh RL optimizer; reference = the cold-start result

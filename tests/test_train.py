@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import smoke  # noqa: E402
 
 
-def _run(tmp_path, name, algorithm="grpo", **overrides):
+def _config(algorithm="grpo", **overrides):
     config = smoke.get_config(algorithm)
     overrides = {"mesh.num_devices": 1, **overrides}  # one device unless a test asks for a mesh
     for key, value in overrides.items():
@@ -30,8 +30,12 @@ def _run(tmp_path, name, algorithm="grpo", **overrides):
         for p in parents:
             target = target[p]
         target[last] = value
+    return config
+
+
+def _run(tmp_path, name, algorithm="grpo", **overrides):
     workdir = str(tmp_path / name)
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(_config(algorithm, **overrides), workdir)
     summary = trainer.run()
     return trainer, workdir, summary
 
@@ -52,6 +56,26 @@ def test_every_preset_runs_the_smoke_config(tmp_path, algorithm):
     assert summary["rl_steps"] == 3 and os.listdir(os.path.join(workdir, "tensorboard"))
     if algorithm == "ppo":
         assert all("vf_loss" in r and "vf_clip_frac" in r for r in rl_rows)
+
+
+def test_rl_and_control_start_from_another_runs_cold_start(tmp_path):
+    """rl.init_from_sft: an SFT-only run's cold start (RL disabled there) seeds an RL run and an SFT control run,
+    both beginning at its params, step and sft_end evaluations."""
+    from rftjax.checkpoint import Checkpointer as Ckpt
+    from rftjax.train import SFT_CHECKPOINT
+
+    _, src, summary = _run(tmp_path, "sft_only", **{"rl.enabled": False})
+    assert summary["rl_steps"] == 0
+    step = Ckpt(src, subdir=SFT_CHECKPOINT).latest_step()
+    for name, extra, stage in (("rl", {}, "rl"), ("control", {"rl.control_sft_seconds": 2.0}, "control_sft")):
+        trainer = Trainer(_config(**{"rl.init_from_sft": src, **extra}), str(tmp_path / name))
+        assert trainer.meta["global_step"] == step and trainer.meta["stage"] == "rl"
+        trainer.run()
+        rows = read_jsonl(os.path.join(trainer.workdir, "metrics.jsonl"))
+        assert rows and {r["stage"] for r in rows} == {stage} and rows[0]["step"] == step + 1
+        evals = read_jsonl(os.path.join(trainer.workdir, "eval.jsonl"))
+        assert [e for e in evals if e["stage"] == "sft_end"] == [e for e in read_jsonl(os.path.join(
+            src, "eval.jsonl")) if e["stage"] == "sft_end"]
 
 
 def test_ppo_critic_update_fits_the_returns():
