@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.top_k = 0
     c.rl.top_p = 1.0
     c.rl.dynamic_sampling_rounds = 4    # DAPO: rollout rounds per step at most to fill the batch with signal
+    c.rl.gen_prompts_per_round = 0      # DAPO: prompts generated per round (verl's gen_batch_size; a multiple of
+                                        # prompts_per_step); 0 = prompts_per_step
     c.rl.control_sft_seconds = 0.0      # > 0: a control run: spend this long on more SFT instead of RL
     c.rl.init_from_sft = ""             # another run's workdir: start from its cold-start result (sft_checkpoint/)
 

@@ -66,6 +66,10 @@ def validate_config(c: ml_collections.ConfigDict, n_data_shards: int, algo: rl.A
     need(c.sft.enabled or c.rl.enabled, "enable at least one of sft and rl")
     need(c.data.sft_examples > 0 and c.data.val_examples > 0, "data.sft_examples and val_examples must be > 0")
     need(c.optim.grad_accum >= 1, "optim.grad_accum must be >= 1")
+    gen = c.rl.gen_prompts_per_round
+    need(gen == 0 or algo.dynamic_sampling and gen % c.rl.prompts_per_step == 0,
+         f"rl.gen_prompts_per_round={gen} needs dynamic sampling (rl.algo.dynamic_sampling=True) and must be a "
+         f"multiple of rl.prompts_per_step={c.rl.prompts_per_step}; or set it to 0")
     need(algo.overlong_buffer_len <= c.rl.max_new_tokens,
          f"rl.algo.overlong_buffer_len={algo.overlong_buffer_len} (DAPO's L_cache) must be <= rl.max_new_tokens="
          f"{c.rl.max_new_tokens}; lower it or raise max_new_tokens")
@@ -360,9 +364,11 @@ class Trainer:
         """Rollout rows for one RL step (with DAPO's dynamic sampling when enabled): host arrays."""
         c, g = self.c, self.algo.group_size
         b = c.rl.prompts_per_step
-        kept, spare, rounds, gen_time, gen_tokens = [], [], 0, 0.0, 0
+        per_round = max(1, c.rl.gen_prompts_per_round // b)  # batches of prompts generated per round
+        kept, spare, rounds, gen_time, gen_tokens, generated, signal_seen = [], [], 0, 0.0, 0, 0, 0
         while True:
-            batch = next(self.rl_iter)
+            parts = [next(self.rl_iter) for _ in range(per_round)]
+            batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             t0 = time.perf_counter()
             out, texts = rollout_texts(self.params, self.model_config, self.tokenizer, batch,
                                        jax.random.fold_in(key, rounds), group_size=g,
@@ -372,6 +378,8 @@ class Trainer:
             gen_tokens += int(out.lengths.sum())
             sc = score_groups(texts, batch, g, self.reward_config, out.lengths.tolist())
             signal = groups_with_signal(sc["total"], g)
+            generated += len(signal)
+            signal_seen += int(np.sum(signal))
             for i in range(len(batch["answer"])):
                 rows = slice(i * g, (i + 1) * g)
                 group = {"pixel_values": np.repeat(batch["pixel_values"][i:i + 1], g, 0),
@@ -391,6 +399,7 @@ class Trainer:
                     else sum((gr[k] for gr in groups), [])) for k in groups[0]}
         info = {"rollout_time_s": gen_time, "rollout_tokens_per_s": gen_tokens / max(gen_time, 1e-9),
                 "rollout_rounds": rounds, "dynamic_sampling_filled": filled,
+                "rollout_groups_with_signal": signal_seen / generated,
                 "groups_with_signal": float(np.mean(rows.pop("has_signal")))}
         return rows, info
 

@@ -54,6 +54,8 @@ def test_every_preset_runs_the_smoke_config(tmp_path, algorithm):
     for name in ("summary.json", "curves.png", "samples.jsonl"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert summary["rl_steps"] == 3 and os.listdir(os.path.join(workdir, "tensorboard"))
+    if algorithm == "dapo":  # 2 batches of prompts generated per round (gen_prompts_per_round = 2 x 2)
+        assert all(0 <= r["rollout_groups_with_signal"] <= 1 for r in rl_rows)
     if algorithm == "ppo":
         assert all("vf_loss" in r and "vf_clip_frac" in r for r in rl_rows)
 
@@ -221,6 +223,7 @@ def test_sharded_mesh_gives_single_device_losses(tmp_path):
     ({"data.max_prompt_len": 12}, "max_prompt_len=12 cannot hold"),
     ({"rl.minibatch_size": 3}, "must divide"),
     ({"data.augment": "blur:1"}, "data.augment"),
+    ({"rl.gen_prompts_per_round": 4}, "needs dynamic sampling"),
 ])
 def test_bad_configs_raise_actionable_errors(tmp_path, overrides, message):
     if overrides.get("mesh.num_devices", 1) > jax.device_count():
