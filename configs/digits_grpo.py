@@ -25,7 +25,7 @@ def get_config():
     c.sft.batch_size, c.sft.lr, c.sft.warmup_steps = 32, 1e-3, 50
     c.sft.max_steps, c.sft.eval_every, c.sft.patience, c.sft.min_delta_rel = 800, 32, 2, 0.02
     c.rl.algorithm = "grpo"
-    c.rl.algo = {"group_size": 8, "kl_coef": 0.0}
+    c.rl.algo.update(group_size=8, kl_coef=0.0)
     c.rl.steps, c.rl.prompts_per_step, c.rl.max_new_tokens = 150, 8, 56
     c.rl.lr, c.rl.warmup_steps = 5e-5, 5
     c.eval.batch_size, c.eval.pass_k, c.eval.pass_n, c.eval.every = 100, 4, 100, 50

@@ -18,10 +18,10 @@ def get_config(algorithm: str = "grpo"):
     c.data.test_examples, c.data.ood_examples = 16, 8
     c.sft.batch_size, c.sft.max_steps, c.sft.eval_every, c.sft.warmup_steps = 8, 6, 3, 2
     c.rl.algorithm = algorithm
-    c.rl.algo = {"group_size": 4}
+    c.rl.algo.group_size = 4
     c.rl.steps, c.rl.prompts_per_step, c.rl.max_new_tokens = 3, 2, 12
     if algorithm in ("dapo", "gspo"):  # also exercise mu > 1 and minibatches
-        c.rl.algo = {"group_size": 4, "num_iterations": 2}
+        c.rl.algo.num_iterations = 2
         c.rl.minibatch_size = 4
     if algorithm == "dapo":
         c.rl.algo.overlong_buffer_len = 4

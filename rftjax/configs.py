@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict()
     c.rl.enabled = True
     c.rl.algorithm = "grpo"             # rftjax.rl.PRESETS: grpo dr_grpo dapo gspo rloo reinforce_pp ppo
-    c.rl.algo = ml_collections.ConfigDict()   # AlgorithmConfig overrides (group_size, kl_coef, clip_eps_high, ...)
+    c.rl.algo = algo_overrides()        # AlgorithmConfig overrides of the preset (group_size, kl_coef, ...)
     c.rl.steps = 200
     c.rl.prompts_per_step = 8           # B prompts per step; N = B * group_size completions
     c.rl.minibatch_size = 0             # rows per update; 0 = all N (one update per iteration)
@@ -102,6 +102,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 50
     c.checkpoint.keep = 2
     return c
+
+
+def algo_overrides() -> ml_collections.ConfigDict:
+    """Every `rftjax.rl.AlgorithmConfig` field as an unset placeholder, so that any of them can be set in a
+    config file (`c.rl.algo.update(group_size=16)`) or on the command line (`--config.rl.algo.kl_coef=0.01`);
+    fields left unset (None) keep the preset's value."""
+    import dataclasses
+
+    from rftjax.rl.config import AlgorithmConfig
+
+    optional = {"float | None": float, "int | None": int}
+    fields = {f.name: type(f.default) if f.default is not None else optional[f.type]
+              for f in dataclasses.fields(AlgorithmConfig) if f.name != "name"}
+    return ml_collections.ConfigDict({k: ml_collections.config_dict.placeholder(t) for k, t in fields.items()})
+
+
+def algorithm(c: ml_collections.ConfigDict):
+    """The run's `rftjax.rl.AlgorithmConfig`: preset `c.rl.algorithm` with the fields set in `c.rl.algo`
+    (raises ValueError for an unknown preset or an invalid combination)."""
+    from rftjax import rl
+
+    return rl.get_algorithm(c.rl.algorithm, **{k: v for k, v in c.rl.algo.to_dict().items() if v is not None})
 
 
 def run_cli(main, workdir_help: str) -> None:

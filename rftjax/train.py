@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from rftjax import metrics as run_metrics
-from rftjax import rewards, rl, sharding, steps
+from rftjax import configs, rewards, rl, sharding, steps
 from rftjax.rl.dapo import groups_with_signal
 from rftjax.checkpoint import Checkpointer
 from rftjax.data import augment as augment_lib
@@ -107,7 +107,7 @@ class Trainer:
         devices = jax.devices()[: config.mesh.num_devices or None]
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
         self.n_data = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.algo = rl.get_algorithm(config.rl.algorithm, **config.rl.algo.to_dict())
+        self.algo = configs.algorithm(config)
         validate_config(config, self.n_data, self.algo)
         self.tokenizer = TextTokenizer()
 

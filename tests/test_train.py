@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from rftjax import rl
+from rftjax import configs, rl
 from rftjax.checkpoint import Checkpointer
 from rftjax.metrics import TIMING_KEYS, read_jsonl
 from rftjax.train import Trainer
@@ -104,6 +104,30 @@ def test_ppo_critic_update_fits_the_returns():
         losses.append(float(m["vf_loss"]))
     assert losses[0] == pytest.approx(0.5, abs=1e-6)  # 0.5 * (0 - 1)^2 at init (zero value head)
     assert losses[-1] < 0.05 * losses[0]
+
+
+def test_every_algorithm_field_can_be_overridden_from_the_command_line(tmp_path):
+    """`--config.rl.algo.FIELD=...` works for every AlgorithmConfig field (typed placeholders); unset fields keep
+    the preset's values."""
+    import dataclasses
+
+    workdir = str(tmp_path / "cli")
+    out = subprocess.run([sys.executable, "-c", "import sys; from rftjax.configs import run_cli; "
+                          "run_cli(lambda c, w: print(c.rl.algo.to_json()), 'w')",
+                          "--config", os.path.join(ROOT, "configs", "smoke.py:dapo"), "--workdir", workdir,
+                          "--config.rl.algo.kl_coef=0.05", "--config.rl.algo.dynamic_sampling=False"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    import json
+
+    algo = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(algo) == {f.name for f in dataclasses.fields(rl.AlgorithmConfig)} - {"name"}
+    assert algo["kl_coef"] == 0.05 and algo["dynamic_sampling"] is False and algo["num_iterations"] == 2
+    config = smoke.get_config("dapo")
+    config.rl.algo.kl_coef = 0.05
+    trainer_algo = configs.algorithm(config)
+    assert trainer_algo.kl_coef == 0.05 and trainer_algo.clip_eps_high == rl.get_algorithm("dapo").clip_eps_high
+    with pytest.raises(TypeError):
+        config.rl.algo.group_size = "eight"
 
 
 def test_lr_scales_multiply_one_module_updates():
@@ -218,7 +242,7 @@ def test_sharded_mesh_gives_single_device_losses(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"rl.algorithm": "trpo"}, "unknown algorithm preset"),
-    ({"rl.algo": {"group_size": 1}}, "group_size >= 2"),
+    ({"rl.algo.group_size": 1}, "group_size >= 2"),
     ({"mesh.num_devices": 8, "mesh.data": 8, "sft.batch_size": 4}, "not divisible by the mesh"),
     ({"data.max_prompt_len": 12}, "max_prompt_len=12 cannot hold"),
     ({"rl.minibatch_size": 3}, "must divide"),
@@ -234,7 +258,7 @@ def test_bad_configs_raise_actionable_errors(tmp_path, overrides, message):
 
 def test_overlong_buffer_longer_than_the_budget_is_a_config_error(tmp_path):
     with pytest.raises(ValueError, match="overlong_buffer_len=64"):
-        _run(tmp_path, "bad", "dapo", **{"rl.algo": {"group_size": 4, "overlong_buffer_len": 64}})
+        _run(tmp_path, "bad", "dapo", **{"rl.algo.overlong_buffer_len": 64})
 
 
 def test_evaluate_cli_on_a_user_dataset(tmp_path):
