@@ -1,0 +1,112 @@
+"""Where a digits run's accuracy comes from: per question kind, greedy accuracy, how often the reasoning trace
+reads every digit right, per-digit reading accuracy, and whether the answer follows from the digits the trace
+read (the arithmetic: sum / max / count of what it read). For the cold start (`sft_checkpoint/`) and the end
+of the run, on the held-out test split.
+
+    python experiments/digits_breakdown.py --run runs/digits [--examples 500]
+
+Prints a table and writes experiments/results/digits_breakdown_<run name>.{md,json}. Uses the run's own config
+(stored in its checkpoint; the cold start of `rl.init_from_sft` for ablations); like `python -m rftjax.evaluate`, it opens the run with the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+
+import jax
+import ml_collections
+import numpy as np
+
+from rftjax.checkpoint import Checkpointer
+from rftjax.data.pipeline import make_dataset
+from rftjax.evaluate import rollout_texts
+from rftjax.train import SFT_CHECKPOINT, Trainer
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ANSWER = {"sum": sum, "largest": max, "count": len}
+
+
+def parse(text: str) -> tuple[list[int] | None, str | None]:
+    """`(digits listed in the trace or None, the answer or None)` of one completion."""
+    listed = re.search(r"digits?: ([\d, ]+)\.", text)
+    digits = [int(x) for x in listed.group(1).split(",") if x.strip().isdigit()] if listed else None
+    answer = re.search(r"<answer>(.*?)</answer>", text)
+    return digits, answer.group(1).strip() if answer else None
+
+
+def breakdown(trainer: Trainer, params, n: int) -> dict:
+    """Per question kind: n, accuracy, all_read (every digit right), per_digit, consistent (answer = f(read))."""
+    source, counts = trainer.sources["test"], collections.defaultdict(collections.Counter)
+    it = iter(make_dataset(source, trainer.pre, batch_size=trainer.c.eval.batch_size, shuffle=False, num_epochs=1,
+                           num_threads=1))
+    index = 0
+    for batch in it:
+        _, texts = rollout_texts(params, trainer.model_config, trainer.tokenizer, batch, jax.random.key(0),
+                                 group_size=1, max_new_tokens=trainer.c.rl.max_new_tokens, greedy=True, put=trainer.put)
+        for text in texts:
+            if index >= n:
+                break
+            ex = source[index]
+            index += 1
+            meta = json.loads(ex["meta"])
+            kind, truth = meta["question"], meta["digits"]
+            read, answer = parse(text)
+            s = counts[kind]
+            s["n"] += 1
+            s["correct"] += answer == ex["answer"]
+            if read:
+                s["all_read"] += read == truth
+                s["consistent"] += answer == str(ANSWER[kind](read))
+                if len(read) == len(truth):
+                    s["digits_right"] += sum(a == b for a, b in zip(read, truth))
+                    s["digits"] += len(truth)
+        if index >= n:
+            break
+    return {kind: {"n": s["n"], "accuracy": s["correct"] / s["n"], "all_read": s["all_read"] / s["n"],
+                   "per_digit": s["digits_right"] / max(s["digits"], 1), "consistent": s["consistent"] / s["n"]}
+            for kind, s in sorted(counts.items())}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a digits run's workdir")
+    ap.add_argument("--examples", type=int, default=500)
+    args = ap.parse_args()
+    ckpt = Checkpointer(args.run)
+    if ckpt.latest_step() is None:
+        raise SystemExit(f"{args.run} has no checkpoints/")
+    config = ml_collections.ConfigDict(json.loads(ckpt.read_meta(ckpt.latest_step())["config"]))
+    config.log.progress = False
+    trainer = Trainer(config, args.run, restore=True)
+    rows = {}
+    sft = Checkpointer(args.run, subdir=SFT_CHECKPOINT)
+    if sft.latest_step() is None and config.rl.init_from_sft:  # an ablation started from another run's cold start
+        sft = Checkpointer(config.rl.init_from_sft, subdir=SFT_CHECKPOINT)
+    if sft.latest_step() is not None:
+        state, _, _ = sft.restore(sft.latest_step(), {"params": trainer.params})
+        rows["cold start"] = breakdown(trainer, state["params"], args.examples)
+    rows[f"end ({trainer.meta['stage']}, step {trainer.meta['global_step']})"] = breakdown(trainer, trainer.params,
+                                                                                         args.examples)
+    lines = ["| params | question | n | accuracy | every digit read right | per-digit reading | answer follows "
+             "from the digits read |", "|---|---|---|---|---|---|---|"]
+    for name, kinds in rows.items():
+        for kind, r in kinds.items():
+            lines.append(f"| {name} | {kind} | {r['n']} | {r['accuracy']:.1%} | {r['all_read']:.1%} | "
+                         f"{r['per_digit']:.1%} | {r['consistent']:.1%} |")
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(RESULTS, exist_ok=True)
+    name = os.path.basename(os.path.normpath(args.run))
+    with open(os.path.join(RESULTS, f"digits_breakdown_{name}.md"), "w") as f:
+        f.write(f"# Digits accuracy breakdown: {args.run}\n\n`python experiments/digits_breakdown.py --run "
+                f"{args.run} --examples {args.examples}` (greedy, test split)\n\n{table}\n")
+    with open(os.path.join(RESULTS, f"digits_breakdown_{name}.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
