@@ -3,7 +3,12 @@
     python -m rftjax.train --config configs/digits_grpo.py --workdir runs/digits
 
 ~19M-parameter VLM from scratch on 2 CPU cores in under 30 minutes: the cold start trains on 1,000 traced
-examples until the validation loss stops improving (by 2% per epoch), then GRPO trains on answer-only problems. Held-out
+examples until the validation loss stops improving (by 2% per 32 steps), then GRPO trains on answer-only problems,
+with DAPO's dynamic sampling: 32 prompts x 8 samples generated per step, the first 8 groups whose rewards differ
+are trained on.
+The SFT learning rate matters: at 1e-3 the ViT's patch features grow ~100x in norm, digit identity drowns
+in them and the model never learns to read digits (per-digit reading at chance, test accuracy 42% from
+counting alone); at 3e-4 it reads ~95% of digits (experiments/digits_breakdown.py shows this per run). Held-out
 accuracy is measured on 500 test problems whose digit images never appear in training, and on 300
 out-of-distribution problems (5-6 digits; training shows at most 4).
 Control run (same budget, more SFT instead of RL): add --config.rl.control_sft_seconds=SECONDS.
@@ -22,12 +27,12 @@ def get_config():
     c.data.max_completion_len = 64
     c.data.sft_examples, c.data.val_examples = 1000, 200
     c.data.test_examples, c.data.ood_examples = 500, 300
-    c.sft.batch_size, c.sft.lr, c.sft.warmup_steps = 32, 1e-3, 50
+    c.sft.batch_size, c.sft.lr, c.sft.warmup_steps = 32, 3e-4, 50
     c.sft.max_steps, c.sft.eval_every, c.sft.patience, c.sft.min_delta_rel = 800, 32, 2, 0.02
     c.rl.algorithm = "grpo"
-    c.rl.algo.update(group_size=8, kl_coef=0.0)
-    c.rl.steps, c.rl.prompts_per_step, c.rl.max_new_tokens = 150, 8, 56
-    c.rl.lr, c.rl.warmup_steps = 5e-5, 5
+    c.rl.algo.update(group_size=8, kl_coef=0.0, dynamic_sampling=True)
+    c.rl.steps, c.rl.prompts_per_step, c.rl.gen_prompts_per_round, c.rl.max_new_tokens = 200, 8, 32, 56
+    c.rl.lr, c.rl.warmup_steps = 2e-5, 5
     c.eval.batch_size, c.eval.pass_k, c.eval.pass_n, c.eval.every = 100, 4, 100, 50
     c.eval.during_rl_examples = 200
     c.checkpoint.every = 50
