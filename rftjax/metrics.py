@@ -101,7 +101,7 @@ def plot_curves(workdir: str) -> list[str]:
     evals = read_jsonl(os.path.join(workdir, "eval.jsonl"))
     rl_rows = [m for m in metrics if m.get("stage") == "rl"]
     sft_rows = [m for m in metrics if m.get("stage") == "sft"]
-    panels = [("reward_mean", "reward", rl_rows), ("accuracy", "train accuracy (rollouts)", rl_rows),
+    panels = [("reward_mean", "reward", rl_rows), ("rollout_accuracy", "train accuracy (all rollouts)", rl_rows),
               ("kl_ref", "KL to reference", rl_rows), ("completion_len_mean", "completion length", rl_rows),
               ("sft_loss", "SFT loss", sft_rows), ("entropy", "entropy", rl_rows)]
     fig, axes = plt.subplots(2, 4, figsize=(18, 8))

@@ -365,7 +365,7 @@ class Trainer:
         c, g = self.c, self.algo.group_size
         b = c.rl.prompts_per_step
         per_round = max(1, c.rl.gen_prompts_per_round // b)  # batches of prompts generated per round
-        kept, spare, rounds, gen_time, gen_tokens, generated, signal_seen = [], [], 0, 0.0, 0, 0, 0
+        kept, spare, rounds, gen_time, gen_tokens, generated, signal_seen, correct = [], [], 0, 0.0, 0, 0, 0, 0.0
         while True:
             parts = [next(self.rl_iter) for _ in range(per_round)]
             batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -380,6 +380,7 @@ class Trainer:
             signal = groups_with_signal(sc["total"], g)
             generated += len(signal)
             signal_seen += int(np.sum(signal))
+            correct += float(np.sum(sc["correct"]))
             for i in range(len(batch["answer"])):
                 rows = slice(i * g, (i + 1) * g)
                 group = {"pixel_values": np.repeat(batch["pixel_values"][i:i + 1], g, 0),
@@ -400,6 +401,7 @@ class Trainer:
         info = {"rollout_time_s": gen_time, "rollout_tokens_per_s": gen_tokens / max(gen_time, 1e-9),
                 "rollout_rounds": rounds, "dynamic_sampling_filled": filled,
                 "rollout_groups_with_signal": signal_seen / generated,
+                "rollout_accuracy": correct / (generated * g),  # over every rollout, not only the groups kept
                 "groups_with_signal": float(np.mean(rows.pop("has_signal")))}
         return rows, info
 

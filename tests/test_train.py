@@ -55,7 +55,9 @@ def test_every_preset_runs_the_smoke_config(tmp_path, algorithm):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert summary["rl_steps"] == 3 and os.listdir(os.path.join(workdir, "tensorboard"))
     if algorithm == "dapo":  # 2 batches of prompts generated per round (gen_prompts_per_round = 2 x 2)
-        assert all(0 <= r["rollout_groups_with_signal"] <= 1 for r in rl_rows)
+        assert all(0 <= r["rollout_groups_with_signal"] <= 1 and 0 <= r["rollout_accuracy"] <= 1 for r in rl_rows)
+    else:  # without dynamic sampling every rollout is trained on
+        assert all(r["rollout_accuracy"] == pytest.approx(r["accuracy"], abs=1e-9) for r in rl_rows)
     if algorithm == "ppo":
         assert all("vf_loss" in r and "vf_clip_frac" in r for r in rl_rows)
 
