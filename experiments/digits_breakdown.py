@@ -6,7 +6,8 @@ of the run, on the held-out test split.
     python experiments/digits_breakdown.py --run runs/digits [--examples 500]
 
 Prints a table and writes experiments/results/digits_breakdown_<run name>.{md,json}. Uses the run's own config
-(stored in its checkpoint; the cold start of `rl.init_from_sft` for ablations); like `python -m rftjax.evaluate`, it opens the run with the trainer.
+(stored in its checkpoint; the cold start of `rl.init_from_sft` for ablations); like `python -m rftjax.evaluate`,
+it opens the run with the trainer. Answers are extracted and scored by `rftjax.rewards` (as the evaluation is).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from rftjax import rewards
 from rftjax.checkpoint import Checkpointer
 from rftjax.data.pipeline import make_dataset
 from rftjax.evaluate import rollout_texts
@@ -31,11 +33,10 @@ ANSWER = {"sum": sum, "largest": max, "count": len}
 
 
 def parse(text: str) -> tuple[list[int] | None, str | None]:
-    """`(digits listed in the trace or None, the answer or None)` of one completion."""
+    """`(digits listed in the trace or None, the extracted answer or None)` of one completion."""
     listed = re.search(r"digits?: ([\d, ]+)\.", text)
     digits = [int(x) for x in listed.group(1).split(",") if x.strip().isdigit()] if listed else None
-    answer = re.search(r"<answer>(.*?)</answer>", text)
-    return digits, answer.group(1).strip() if answer else None
+    return digits, rewards.extract_answer(text)
 
 
 def breakdown(trainer: Trainer, params, n: int) -> dict:
@@ -57,10 +58,10 @@ def breakdown(trainer: Trainer, params, n: int) -> dict:
             read, answer = parse(text)
             s = counts[kind]
             s["n"] += 1
-            s["correct"] += answer == ex["answer"]
+            s["correct"] += rewards.accuracy(answer, ex["answer"], "int") == 1.0
             if read:
                 s["all_read"] += read == truth
-                s["consistent"] += answer == str(ANSWER[kind](read))
+                s["consistent"] += rewards.accuracy(answer, str(ANSWER[kind](read)), "int") == 1.0
                 if len(read) == len(truth):
                     s["digits_right"] += sum(a == b for a, b in zip(read, truth))
                     s["digits"] += len(truth)

@@ -255,6 +255,10 @@ class Trainer:
         (ckpt or self.ckpt).save(self.meta["global_step"], state, data,
                        {**self.meta, "has_best": self.best_params is not None, "config": self.c.to_json()})
 
+    def _adopt_meta(self, meta: dict):
+        """Take the run counters of a checkpoint's `meta` (not its config or the has_best flag)."""
+        self.meta.update({k: v for k, v in meta.items() if k not in ("config", "has_best")})
+
     def _start_from_sft(self, run_dir: str):
         """Begin at another run's cold-start result: its `sft_checkpoint/` and its `sft_end` evaluations."""
         src = Checkpointer(run_dir, subdir=SFT_CHECKPOINT)
@@ -262,7 +266,7 @@ class Trainer:
             raise ValueError(f"bad config: rl.init_from_sft={run_dir!r} has no {SFT_CHECKPOINT}/ (run its SFT stage)")
         step = src.latest_step()
         meta = src.read_meta(step)
-        self.meta.update({k: v for k, v in meta.items() if k not in ("config", "has_best")})
+        self._adopt_meta(meta)
         self.meta["stage"] = "rl"  # also when the source run had its RL stage disabled
         state, data, _ = src.restore(step, {"params": self.params})
         self.params = state["params"]
@@ -276,7 +280,7 @@ class Trainer:
 
     def _restore(self, ckpt: Checkpointer, step: int):
         meta = ckpt.read_meta(step)
-        self.meta.update({k: v for k, v in meta.items() if k not in ("config", "has_best")})
+        self._adopt_meta(meta)
         self._build_stage_state()
         if meta.get("has_best"):
             self.best_params = self.params

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import set_by_path
 from hf_reference import hf_logits, left_padded_batch, make_hf_llava
 from rftjax.models import VLM, get_preset, init_params
 from rftjax.models import hf as rhf
@@ -102,11 +103,7 @@ def test_save_bfloat16_and_scanned(tmp_path):
 def _hf_config(**changes):
     cfg = rhf.config_to_hf(get_preset("tiny"))
     for key, value in changes.items():
-        target = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[last] = value
+        set_by_path(cfg, key, value)
     return cfg
 
 

@@ -15,6 +15,7 @@ from rftjax import configs, rl
 from rftjax.checkpoint import Checkpointer
 from rftjax.metrics import TIMING_KEYS, read_jsonl
 from rftjax.train import Trainer
+from helpers import set_by_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -25,11 +26,7 @@ def _config(algorithm="grpo", **overrides):
     config = smoke.get_config(algorithm)
     overrides = {"mesh.num_devices": 1, **overrides}  # one device unless a test asks for a mesh
     for key, value in overrides.items():
-        target = config
-        *parents, last = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[last] = value
+        set_by_path(config, key, value)
     return config
 
 

@@ -12,6 +12,7 @@ from rftjax.data.tasks.scenes import COLOURS, SHAPES, describe, render, sample_s
 def _plural(shape: str) -> str:
     return shape + "s"
 
+
 class ShapesTask(Task):
     name = "shapes"
 
