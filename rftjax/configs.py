@@ -120,10 +120,12 @@ def algo_overrides() -> ml_collections.ConfigDict:
 
 def algorithm(c: ml_collections.ConfigDict):
     """The run's `rftjax.rl.AlgorithmConfig`: preset `c.rl.algorithm` with the fields set in `c.rl.algo`
-    (raises ValueError for an unknown preset or an invalid combination)."""
+    (raises ValueError for an unknown preset or an invalid combination). `norm_len` (Dr.GRPO's constant) defaults
+    to `c.rl.max_new_tokens`, TRL's `max_completion_length`, not to the (trimmed) length of each update batch."""
     from rftjax import rl
 
-    return rl.get_algorithm(c.rl.algorithm, **{k: v for k, v in c.rl.algo.to_dict().items() if v is not None})
+    algo = rl.get_algorithm(c.rl.algorithm, **{k: v for k, v in c.rl.algo.to_dict().items() if v is not None})
+    return algo if algo.norm_len is not None else algo.replace(norm_len=c.rl.max_new_tokens)
 
 
 def run_cli(main, workdir_help: str) -> None:

@@ -86,6 +86,20 @@ def _parse_augment(spec: str):
     raise ValueError(f"bad config: data.augment={spec!r}; use 'noise:STD' or 'crop:MIN_SCALE'")
 
 
+def trim_completions(rows: dict, multiple: int = 16) -> dict:
+    """`rows` with `completion_ids` / `completion_mask` `[N, T]` cut to the batch's longest completion, rounded up
+    to `multiple` tokens (at most `T`), so the update step does not compute on padding past every row's end.
+
+    Rounding keeps the number of distinct shapes (each a compilation of the update step) at `T / multiple`.
+    Exact: positions past every row's end are masked out of every loss and metric.
+    """
+    mask = rows["completion_mask"]
+    t = mask.shape[1]
+    longest = int(mask.sum(1).max()) if mask.size else 0
+    keep = min(t, max(multiple, -(-longest // multiple) * multiple))
+    return {**rows, "completion_ids": rows["completion_ids"][:, :keep], "completion_mask": mask[:, :keep]}
+
+
 def _mean_metrics(ms: list[dict]) -> dict:
     keys = ms[0].keys()
     return {k: float(np.mean([float(m[k]) for m in ms])) for k in keys}
@@ -414,6 +428,7 @@ class Trainer:
         step = self.meta["global_step"] + 1
         key = jax.random.fold_in(self.base_key, step)
         rows, info = self._rollouts(key)
+        rows = trim_completions(rows)
         t0 = time.perf_counter()
         dev = self._device_batch({k: rows[k] for k in ("pixel_values", "prompt_ids", "prompt_mask", "completion_ids",
                                                        "completion_mask")})

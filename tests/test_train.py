@@ -129,6 +129,47 @@ def test_every_algorithm_field_can_be_overridden_from_the_command_line(tmp_path)
         config.rl.algo.group_size = "eight"
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "gspo"])
+def test_trimmed_completions_give_the_same_loss_and_gradient(algorithm):
+    """`trim_completions` cuts `[N, T]` completions to the longest row rounded up to 16: the RL loss and its
+    gradient are those of the padded batch (Dr.GRPO's constant norm_len fixed to the generation budget by
+    `configs.algorithm`, not the trimmed T). Rounding: longest 11 -> 16 columns, 17 -> all 24."""
+    import jax.numpy as jnp
+
+    from rftjax import steps
+    from rftjax.models import get_preset, init_params
+    from rftjax.train import trim_completions
+
+    model = get_preset("tiny")
+    params = init_params(model, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    n, t, v = 4, 24, model.vision
+    lengths = np.array([3, 11, 7, 1])
+    prompt = np.concatenate([np.full((n, model.num_image_tokens), model.image_token_id), rng.integers(4, 50, (n, 3))],
+                            axis=1).astype(np.int32)
+    mask = np.arange(t)[None] < lengths[:, None]
+    batch = {"pixel_values": rng.standard_normal((n, v.image_size, v.image_size, v.num_channels)).astype(np.float32),
+             "prompt_ids": prompt, "prompt_mask": np.ones_like(prompt, bool),
+             "completion_ids": np.where(mask, rng.integers(4, 50, (n, t)), 0).astype(np.int32),
+             "completion_mask": mask, "advantages": np.array([1.0, -0.5, 0.25, -0.75], np.float32)}
+    trimmed = trim_completions(batch)
+    assert trimmed["completion_ids"].shape == (n, 16) and trimmed["completion_mask"].sum() == mask.sum()
+    config = smoke.get_config(algorithm)
+    config.rl.max_new_tokens = t
+    algo = configs.algorithm(config)
+    assert algo.norm_len == t
+    ref = init_params(model, jax.random.key(1))  # the KL term (grpo's kl_coef > 0) against other params
+    with_ref = lambda b: {**b, "ref_logprobs": steps.completion_logprobs(ref, model, b)[0]}  # noqa: E731
+    grad = jax.value_and_grad(lambda p, b: steps.rl_loss(p, b, model, algo, 1.0)[0])
+    (want, want_g), (got, got_g) = grad(params, with_ref(batch)), grad(params, with_ref(trimmed))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(want_g)) > 1e-4  # not trivially zero
+    mask[0, :17] = True
+    assert trim_completions({**batch, "completion_mask": mask})["completion_ids"].shape == (n, t)
+
+
 def test_lr_scales_multiply_one_module_updates():
     """`lr_scales`: the vision tower's AdamW update is exactly `scale` x the unscaled one (0 freezes it); other
     modules are untouched; a module name that does not exist raises."""

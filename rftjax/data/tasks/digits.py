@@ -22,6 +22,20 @@ QUESTIONS = {
 }
 
 
+def running_sum(digits: list[int]) -> str:
+    """The sum written one two-operand addition at a time: `[8, 1, 9]` -> `"8 + 1 = 9. 9 + 9 = 18."`.
+
+    Each step adds one digit to the running total, so the model learns ~280 two-operand facts (total 0-27 plus
+    a digit) that every sum reuses, instead of a separate `a + b + c + d` fact per digit combination, and a
+    policy-gradient update credits the step that went wrong.
+    """
+    total, steps = digits[0], []
+    for d in digits[1:]:
+        steps.append(f"{total} + {d} = {total + d}.")
+        total += d
+    return " ".join(steps)
+
+
 @functools.lru_cache(maxsize=1)
 def digit_pool() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """`(images uint8 [1797, 16, 16], labels [1797], {split: source indices})`, pools disjoint by split."""
@@ -63,7 +77,7 @@ class DigitsTask(Task):
         seen = f"I see {n} digit{'s' if n > 1 else ''}: {listed}."
         if kind == "sum":
             answer = sum(digits)
-            thought = f"{seen} {' + '.join(map(str, digits))} = {answer}." if n > 1 else f"{seen} The sum is {answer}."
+            thought = f"{seen} {running_sum(digits)}" if n > 1 else f"{seen} The sum is {answer}."
         elif kind == "count":
             answer, thought = n, f"{seen} That is {n}."
         else:
