@@ -31,9 +31,10 @@ def get_config():
     c.sft.max_steps, c.sft.eval_every, c.sft.patience, c.sft.min_delta_rel = 800, 32, 2, 0.02
     c.rl.algorithm = "grpo"
     c.rl.algo.update(group_size=8, kl_coef=0.0, dynamic_sampling=True)
-    c.rl.steps, c.rl.prompts_per_step, c.rl.gen_prompts_per_round, c.rl.max_new_tokens = 200, 8, 32, 96
+    c.rl.steps, c.rl.prompts_per_step, c.rl.gen_prompts_per_round, c.rl.max_new_tokens = 100, 8, 32, 64
     c.rl.lr, c.rl.warmup_steps = 2e-5, 5
     c.eval.batch_size, c.eval.pass_k, c.eval.pass_n, c.eval.every = 100, 4, 100, 50
     c.eval.during_rl_examples = 200
+    c.eval.max_new_tokens = 96  # 5-6 digit OOD sums write up to 85 tokens of running sums
     c.checkpoint.every = 50
     return c

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rftjax import rewards
+from rftjax import configs, rewards
 from rftjax.checkpoint import Checkpointer
 from rftjax.data.pipeline import make_dataset
 from rftjax.evaluate import rollout_texts
@@ -47,7 +47,7 @@ def breakdown(trainer: Trainer, params, n: int) -> dict:
     index = 0
     for batch in it:
         _, texts = rollout_texts(params, trainer.model_config, trainer.tokenizer, batch, jax.random.key(0),
-                                 group_size=1, max_new_tokens=trainer.c.rl.max_new_tokens, greedy=True, put=trainer.put)
+                                 group_size=1, max_new_tokens=configs.eval_max_new_tokens(trainer.c), greedy=True, put=trainer.put)
         for text in texts:
             if index >= n:
                 break

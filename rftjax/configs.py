@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.pass_k = 4
     c.eval.pass_n = 100                 # problems for pass@k
     c.eval.during_rl_examples = 200     # test problems per intermediate evaluation (final: all)
+    c.eval.max_new_tokens = 0           # generation budget of evaluations (longer OOD traces); 0 = rl.max_new_tokens
     c.eval.dataset = ""                 # python -m rftjax.evaluate: "mathv:PATH" | "easyr1:PATH"
 
     c.log = ml_collections.ConfigDict()
@@ -126,6 +127,12 @@ def algorithm(c: ml_collections.ConfigDict):
 
     algo = rl.get_algorithm(c.rl.algorithm, **{k: v for k, v in c.rl.algo.to_dict().items() if v is not None})
     return algo if algo.norm_len is not None else algo.replace(norm_len=c.rl.max_new_tokens)
+
+
+def eval_max_new_tokens(c: ml_collections.ConfigDict) -> int:
+    """Tokens generated per evaluation completion: `c.eval.max_new_tokens`, or `c.rl.max_new_tokens` when 0
+    (or absent: configs saved by runs before the field existed)."""
+    return c.eval.get("max_new_tokens", 0) or c.rl.max_new_tokens
 
 
 def run_cli(main, workdir_help: str) -> None:

@@ -538,7 +538,7 @@ class Trainer:
         results = {}
         for split in ("test", "test_ood"):
             r = evaluate(self.params, self.model_config, self.tokenizer, self.sources[split], self.pre,
-                         batch_size=c.eval.batch_size, max_new_tokens=c.rl.max_new_tokens,
+                         batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
                          rng=jax.random.fold_in(self.base_key, 10_000_000 + self.meta["global_step"]),
                          pass_k=pass_k, pass_n=c.eval.pass_n, reward_config=self.reward_config, put=self.put,
                          num_examples=n)
