@@ -3,9 +3,10 @@
     python -m rftjax.train --config configs/digits_grpo.py --workdir runs/digits
 
 ~19M-parameter VLM from scratch on 2 CPU cores in under 30 minutes: the cold start trains on 1,000 traced
-examples until the validation loss stops improving (by 2% per 32 steps), then GRPO trains on answer-only problems,
+examples until the validation loss stops improving (by 2% per 32 steps), then 100 GRPO steps on answer-only problems,
 with DAPO's dynamic sampling: 32 prompts x 8 samples generated per step, the first 8 groups whose rewards differ
-are trained on.
+are trained on. Sum traces are running two-operand additions (up to 57 tokens; the 5-6 digit OOD problems need
+up to 85, hence the longer evaluation budget).
 The SFT learning rate matters: at 1e-3 the ViT's patch features grow ~100x in norm, digit identity drowns
 in them and the model never learns to read digits (per-digit reading at chance, test accuracy 42% from
 counting alone); at 3e-4 it reads ~95% of digits (experiments/digits_breakdown.py shows this per run). Held-out

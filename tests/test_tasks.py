@@ -46,6 +46,11 @@ def test_digits_answers_from_the_pixels():
             want = sum(digits) if "sum" in q else len(digits) if "How many" in q else max(digits)
             assert ex["answer"] == str(want), (ex["id"], digits, q)
             assert ex["reasoning"].endswith(f"<answer>{want}</answer>")
+            if "sum" in q and len(digits) > 1:  # running sums: one correct two-operand step per further digit
+                steps = [tuple(map(int, m)) for m in re.findall(r"(\d+) \+ (\d+) = (\d+)\.", ex["reasoning"])]
+                assert [b for _, b, _ in steps] == digits[1:] and steps[0][0] == digits[0], ex["reasoning"]
+                assert all(a + b == c for a, b, c in steps) and steps[-1][2] == want, ex["reasoning"]
+                assert all(steps[k][2] == steps[k + 1][0] for k in range(len(steps) - 1)), ex["reasoning"]
             n = len(digits)
             assert (5 <= n <= 6) if split == "test_ood" else (1 <= n <= 4)
     # Disjoint digit images: train never shares a source image with test.
