@@ -19,7 +19,6 @@ import os
 import re
 
 import jax
-import ml_collections
 import numpy as np
 
 from rftjax import configs, rewards
@@ -47,7 +46,8 @@ def breakdown(trainer: Trainer, params, n: int) -> dict:
     index = 0
     for batch in it:
         _, texts = rollout_texts(params, trainer.model_config, trainer.tokenizer, batch, jax.random.key(0),
-                                 group_size=1, max_new_tokens=configs.eval_max_new_tokens(trainer.c), greedy=True, put=trainer.put)
+                                 group_size=1, max_new_tokens=configs.eval_max_new_tokens(trainer.c), greedy=True,
+                                 put=trainer.put)
         for text in texts:
             if index >= n:
                 break
@@ -80,7 +80,8 @@ def main():
     ckpt = Checkpointer(args.run)
     if ckpt.latest_step() is None:
         raise SystemExit(f"{args.run} has no checkpoints/")
-    config = ml_collections.ConfigDict(json.loads(ckpt.read_meta(ckpt.latest_step())["config"]))
+    config = configs.base_config()  # fields added since the run was saved keep their defaults
+    config.update(json.loads(ckpt.read_meta(ckpt.latest_step())["config"]))
     config.log.progress = False
     trainer = Trainer(config, args.run, restore=True)
     rows = {}

@@ -130,9 +130,8 @@ def algorithm(c: ml_collections.ConfigDict):
 
 
 def eval_max_new_tokens(c: ml_collections.ConfigDict) -> int:
-    """Tokens generated per evaluation completion: `c.eval.max_new_tokens`, or `c.rl.max_new_tokens` when 0
-    (or absent: configs saved by runs before the field existed)."""
-    return c.eval.get("max_new_tokens", 0) or c.rl.max_new_tokens
+    """Tokens generated per evaluation completion: `c.eval.max_new_tokens`, or `c.rl.max_new_tokens` when 0."""
+    return c.eval.max_new_tokens or c.rl.max_new_tokens
 
 
 def run_cli(main, workdir_help: str) -> None:

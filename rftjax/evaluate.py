@@ -116,7 +116,8 @@ def main(config, workdir):
         pre = Preprocess(trainer.tokenizer, trainer.model_config.vision.image_size,
                          trainer.model_config.num_image_tokens, c.data.max_prompt_len)
         r = evaluate(trainer.params, trainer.model_config, trainer.tokenizer, examples, pre,
-                     batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c), rng=jax.random.key(c.seed),
+                     batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
+                     rng=jax.random.key(c.seed),
                      pass_k=c.eval.pass_k, pass_n=c.eval.pass_n, reward_config=trainer.reward_config, put=trainer.put)
         trainer.logger.log_eval(trainer.meta["global_step"], "evaluate", {"split": c.eval.dataset, **r})
         print(json.dumps(r, indent=2))
