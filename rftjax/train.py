@@ -153,20 +153,22 @@ class Trainer:
         d = config.data
         shortest = len(self.tokenizer.prompt_ids("", mc.num_image_tokens))
         if d.max_prompt_len < shortest:
-            raise ValueError(f"bad config: data.max_prompt_len={d.max_prompt_len} cannot hold the chat template with its "
-                             f"{mc.num_image_tokens} image tokens ({shortest} tokens before any question text); raise "
-                             f"data.max_prompt_len to at least {shortest + 32}")
-        self.sources = {"sft": self._source("train", d.sft_examples, 0), "val": self._source("validation", d.val_examples),
+            raise ValueError(f"bad config: data.max_prompt_len={d.max_prompt_len} cannot hold the chat template "
+                             f"with its {mc.num_image_tokens} image tokens ({shortest} tokens before any question "
+                             f"text); raise data.max_prompt_len to at least {shortest + 32}")
+        self.sources = {"sft": self._source("train", d.sft_examples, 0),
+                        "val": self._source("validation", d.val_examples),
                         "rl": self._source("train", d.rl_examples, d.sft_examples),
                         "test": self._source("test", d.test_examples),
                         "test_ood": self._source("test_ood", d.ood_examples)}
         pidx, pcount = jax.process_index(), jax.process_count()
         self.local = lambda n: n // pcount
-        self.sft_iter = iter(make_dataset(self.sources["sft"], self.pre_sft, batch_size=self.local(config.sft.batch_size),
-                                          seed=config.seed, process_index=pidx, process_count=pcount,
-                                          num_workers=d.num_workers))
-        self.rl_iter = iter(make_dataset(self.sources["rl"], self.pre, batch_size=self.local(config.rl.prompts_per_step),
-                                         seed=config.seed + 1, process_index=pidx, process_count=pcount,
+        self.sft_iter = iter(make_dataset(self.sources["sft"], self.pre_sft,
+                                          batch_size=self.local(config.sft.batch_size), seed=config.seed,
+                                          process_index=pidx, process_count=pcount, num_workers=d.num_workers))
+        self.rl_iter = iter(make_dataset(self.sources["rl"], self.pre,
+                                         batch_size=self.local(config.rl.prompts_per_step), seed=config.seed + 1,
+                                         process_index=pidx, process_count=pcount,
                                          augment=_parse_augment(d.augment), num_workers=d.num_workers))
         self.reward_config = rewards.RewardConfig(
             accuracy_weight=config.reward.accuracy_weight, format_weight=config.reward.format_weight,
@@ -476,7 +478,8 @@ class Trainer:
             "reward_mean": float(rows["r_total"].mean()), "reward_std": float(rows["r_total"].std()),
             "accuracy": float(rows["r_correct"].mean()), "format_rate": float(rows["r_format"].mean()),
             "reward_accuracy_mean": float(rows["r_accuracy"].mean()),
-            "reward_format_mean": float(rows["r_format"].mean()), "reward_overlong_mean": float(rows["r_overlong"].mean()),
+            "reward_format_mean": float(rows["r_format"].mean()),
+            "reward_overlong_mean": float(rows["r_overlong"].mean()),
             "completion_len_mean": float(mask.sum(1).mean()), "completion_len_max": int(mask.sum(1).max()),
             "truncation_rate": float(rows["truncated"].mean()), "lr": float(self.schedule(int(self.policy.step) - 1)),
             "update_time_s": update_time, **info})

@@ -9,5 +9,6 @@ from rftjax.models.vlm import VLM, abstract_params, cast_for_compute, check_imag
 __all__ = [
     "PRESETS", "TextConfig", "VisionConfig", "VLMConfig", "forward_flops", "get_preset", "param_count",
     "text_flops_per_token", "vision_flops_per_image", "DecoderLM", "KVCache", "init_cache",
-    "positions_from_mask", "VisionTransformer", "VLM", "abstract_params", "cast_for_compute", "check_image_tokens", "dummy_inputs", "init_params",
+    "positions_from_mask", "VisionTransformer", "VLM", "abstract_params", "cast_for_compute", "check_image_tokens",
+    "dummy_inputs", "init_params",
 ]

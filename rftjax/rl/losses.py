@@ -174,8 +174,9 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, complet
 
     ratio_tok = jnp.broadcast_to(ratio, m.shape)
     adv_b = jnp.broadcast_to(adv_tok, m.shape)
-    metrics["clip_frac_low"] = masked_mean(((ratio_tok < 1 - config.clip_eps_low) & (adv_b < 0)).astype(jnp.float32), m)
-    metrics["clip_frac_high"] = masked_mean(((ratio_tok > 1 + config.clip_eps_high) & (adv_b > 0)).astype(jnp.float32), m)
+    frac = lambda hit: masked_mean(hit.astype(jnp.float32), m)
+    metrics["clip_frac_low"] = frac((ratio_tok < 1 - config.clip_eps_low) & (adv_b < 0))
+    metrics["clip_frac_high"] = frac((ratio_tok > 1 + config.clip_eps_high) & (adv_b > 0))
     metrics["dual_clip_frac"] = masked_mean(jnp.broadcast_to(dual_clipped, m.shape).astype(jnp.float32), m)
     metrics["ppo_kl"] = masked_mean(old_logprobs.astype(jnp.float32) - logprobs.astype(jnp.float32), m)
     metrics["ratio_min"], metrics["ratio_mean"], metrics["ratio_max"] = _masked_stats(ratio_tok, m)
