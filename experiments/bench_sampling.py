@@ -136,8 +136,8 @@ def main():
         for r in rows]
     meta = (f"preset `{args.preset}` ({param_count(config) / 1e6:.1f}M params), prompt {ids.shape[1]} tokens "
             f"({config.num_image_tokens} image), {args.new_tokens} new tokens, temperature 1, median of "
-            f"{args.repeats}; jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores)")
+            f"{args.repeats}; jax {jax.__version__} on {jax.devices()[0].platform} "
+            f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     table = meta + "\n\n" + "\n".join(lines)
     print("\n" + table)
     os.makedirs(RESULTS, exist_ok=True)

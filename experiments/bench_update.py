@@ -104,9 +104,11 @@ def main():
             f"{platform.machine()}, {os.cpu_count()} cores); matmul peak fp32 {peaks['float32'] / 1e12:.3f}, "
             f"bf16 (fp32 accumulation) {peaks['bfloat16'] / 1e12:.3f} TFLOP/s; GRPO update (forward + backward + "
             f"AdamW), median of {args.repeats}")
-    lines = ["| preset | params | dtype | batch x seq | compile s | step s | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | params | dtype | batch x seq | compile s | step s | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['preset']} | {r['params_m']:.1f}M | {r['dtype']} | {r['batch']} x {r['seq_len']} | "
-              f"{r['compile_s']:.1f} | {r['step_s']:.3f} | {r['tflops_per_s']:.3f} | {100 * r['mfu']:.1f}% |" for r in rows]
+              f"{r['compile_s']:.1f} | {r['step_s']:.3f} | {r['tflops_per_s']:.3f} | {100 * r['mfu']:.1f}% |"
+              for r in rows]
     table = meta + "\n\n" + "\n".join(lines)
     print("\n" + table)
     os.makedirs(RESULTS, exist_ok=True)
