@@ -177,7 +177,7 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, complet
     frac = lambda hit: masked_mean(hit.astype(jnp.float32), m)
     metrics["clip_frac_low"] = frac((ratio_tok < 1 - config.clip_eps_low) & (adv_b < 0))
     metrics["clip_frac_high"] = frac((ratio_tok > 1 + config.clip_eps_high) & (adv_b > 0))
-    metrics["dual_clip_frac"] = masked_mean(jnp.broadcast_to(dual_clipped, m.shape).astype(jnp.float32), m)
+    metrics["dual_clip_frac"] = frac(jnp.broadcast_to(dual_clipped, m.shape))
     metrics["ppo_kl"] = masked_mean(old_logprobs.astype(jnp.float32) - logprobs.astype(jnp.float32), m)
     metrics["ratio_min"], metrics["ratio_mean"], metrics["ratio_max"] = _masked_stats(ratio_tok, m)
     if adv.ndim == 1:
