@@ -50,9 +50,5 @@ class Checkpointer:
         """Only the `meta` item of `step` (to know which states to build before restoring them)."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def read_data(self, step: int) -> dict:
-        """Only the `data` item of `step` (the data-iterator states)."""
-        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
-
     def close(self) -> None:
         self.manager.close()

@@ -18,7 +18,7 @@ import optax
 
 from rftjax import rl
 from rftjax.models import VLM, VLMConfig
-from rftjax.rl.advantages import masked_mean
+from rftjax.rl.masking import masked_mean
 
 Array = jax.Array
 

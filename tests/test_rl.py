@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rftjax import rl
+from rftjax import rewards, rl
 from rftjax.rl import advantages as A
-from rftjax.rl import dapo
+from rftjax.rl import dapo, masking
 
 ATOL = 1e-5
 
@@ -172,10 +172,9 @@ def test_kl_penalised_rewards_and_value_loss_by_hand():
 
 def test_dapo_helpers_by_hand():
     np.testing.assert_array_equal(dapo.groups_with_signal([1, 1, 0, 1, 0, 0], 2), [False, True, False])
-    np.testing.assert_array_equal(dapo.dynamic_sampling_rows([1, 1, 0, 1], 2), [False, False, True, True])
     # L_max 10, L_cache 4: free up to 6, linear to -1 at 10, -1 beyond.
-    np.testing.assert_allclose(dapo.overlong_penalty([5, 6, 8, 10, 12], 10, 4), [0, 0, -0.5, -1, -1])
-    np.testing.assert_allclose(dapo.overlong_penalty([50], 10, 0), [0])
+    np.testing.assert_allclose(rewards.overlong_penalty([5, 6, 8, 10, 12], 10, 4), [0, 0, -0.5, -1, -1])
+    np.testing.assert_allclose(rewards.overlong_penalty([50], 10, 0), [0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,7 +289,7 @@ def test_compute_advantages_dispatch():
     adv, ret = rl.compute_advantages(rl.get_algorithm("reinforce_pp"), r, mask, lp, ref)
     token_r = (A.outcome_token_rewards(r, mask) - 0.005) * mask
     np.testing.assert_allclose(ret, A.discounted_returns(token_r, mask), atol=1e-6)
-    np.testing.assert_allclose(adv, A.masked_whiten(ret, mask), atol=1e-6)
+    np.testing.assert_allclose(adv, masking.masked_whiten(ret, mask), atol=1e-6)
     with pytest.raises(ValueError, match="values"):
         rl.compute_advantages(rl.get_algorithm("ppo"), r, mask, lp, ref)
     with pytest.raises(ValueError, match="ref_logprobs"):

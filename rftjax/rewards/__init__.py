@@ -1,9 +1,10 @@
-"""Verifiable rewards: format, answer extraction, accuracy by answer type, IoU/GIoU, composition."""
+"""Verifiable rewards: format, answer extraction, accuracy by answer type, IoU/GIoU, overlong shaping, composition."""
 
 from rftjax.rewards.accuracy import accuracy, math_equal, parse_choice, parse_number
 from rftjax.rewards.boxes import giou, iou, parse_box
 from rftjax.rewards.compose import RewardConfig, score
+from rftjax.rewards.overlong import overlong_penalty
 from rftjax.rewards.parsing import extract_answer, format_ok
 
 __all__ = ["accuracy", "math_equal", "parse_choice", "parse_number", "giou", "iou", "parse_box", "RewardConfig",
-           "score", "extract_answer", "format_ok"]
+           "overlong_penalty", "score", "extract_answer", "format_ok"]

@@ -3,7 +3,7 @@
     total = accuracy_weight * accuracy + format_weight * format + overlong (DAPO soft punishment)
 
 Source of the recipe: R1-V / Visual-RFT (accuracy + format rewards), DAPO Eq. 13 (overlong shaping, see
-`rftjax.rl.dapo.overlong_penalty`).
+`rftjax.rewards.overlong_penalty`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 from rftjax.rewards.accuracy import accuracy
 from rftjax.rewards.parsing import extract_answer, format_ok
-from rftjax.rl.dapo import overlong_penalty
+from rftjax.rewards.overlong import overlong_penalty
 
 
 @dataclasses.dataclass(frozen=True)

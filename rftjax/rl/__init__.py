@@ -1,10 +1,10 @@
 """RL objectives: advantage estimators, policy/value losses, DAPO helpers, the algorithm config."""
 
-from rftjax.rl import advantages, dapo, kl, losses
+from rftjax.rl import advantages, dapo, kl, losses, masking
 from rftjax.rl.advantages import compute_advantages
 from rftjax.rl.config import PRESETS, AlgorithmConfig, get_algorithm
 from rftjax.rl.kl import kl_penalised_rewards, kl_penalty
 from rftjax.rl.losses import aggregate, policy_loss, value_loss
 
-__all__ = ["advantages", "dapo", "kl", "losses", "compute_advantages", "PRESETS", "AlgorithmConfig",
+__all__ = ["advantages", "dapo", "kl", "losses", "masking", "compute_advantages", "PRESETS", "AlgorithmConfig",
            "get_algorithm", "aggregate", "kl_penalised_rewards", "kl_penalty", "policy_loss", "value_loss"]

@@ -13,57 +13,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rftjax.rl.kl import kl_penalised_rewards
+from rftjax.rl.masking import check_like_mask, check_rewards, is_concrete, masked_whiten
 
 Array = jax.Array
 
 
-def _concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
-def check_rewards(rewards, group_size: int | None = None, min_group: int = 1) -> None:
-    """Raise a ValueError for rewards that are not a finite `[N]` vector split into groups of `group_size`."""
-    if rewards.ndim != 1:
-        raise ValueError(f"rewards must be [N] (one scalar per completion), got shape {tuple(rewards.shape)}")
-    if group_size is not None:
-        if group_size < min_group:
-            raise ValueError(f"group_size={group_size} but this estimator needs at least {min_group} samples per "
-                             f"prompt (set group_size >= {min_group})")
-        if rewards.shape[0] % group_size:
-            raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of group_size={group_size}")
-    if _concrete(rewards) and not np.all(np.isfinite(np.asarray(rewards))):
-        bad = np.nonzero(~np.isfinite(np.asarray(rewards)))[0]
-        raise ValueError(f"non-finite rewards at rows {bad[:10].tolist()}: a reward function returned NaN/inf")
-
-
-def _check_mask(x: Array, mask: Array, name: str = "values") -> None:
-    if x.shape != mask.shape:
-        raise ValueError(f"{name} {tuple(x.shape)} and completion_mask {tuple(mask.shape)} must have the same shape")
-
-
 def _groups(rewards: Array, group_size: int) -> Array:
     return rewards.astype(jnp.float32).reshape(-1, group_size)
-
-
-def masked_mean(x: Array, mask: Array, axis=None) -> Array:
-    """Mean of x over mask (0 where the mask is empty, never NaN)."""
-    m = mask.astype(jnp.float32)
-    return (x * m).sum(axis) / jnp.maximum(m.sum(axis), 1.0)
-
-
-def masked_whiten(x: Array, mask: Array, eps: float = 1e-8) -> Array:
-    """`(x - mean) / sqrt(var + eps)` over the masked entries, var Bessel-corrected (verl's `masked_whiten`).
-
-    Masked entries of the result are 0.
-    """
-    m = mask.astype(jnp.float32)
-    n = m.sum()
-    mean = (x * m).sum() / jnp.maximum(n, 1.0)
-    var = (jnp.square(x - mean) * m).sum() / jnp.maximum(n - 1.0, 1.0)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * m
 
 
 def grpo(rewards: Array, group_size: int, eps: float = 1e-6) -> Array:
@@ -72,7 +30,7 @@ def grpo(rewards: Array, group_size: int, eps: float = 1e-6) -> Array:
     Source: Shao et al. 2024 (DeepSeekMath), Sec. 4.1.2; verl `compute_grpo_outcome_advantage` (eps 1e-6);
     TRL uses eps 1e-4. A group whose rewards are all equal gets advantage 0.
     """
-    if _concrete(rewards):
+    if is_concrete(rewards):
         check_rewards(rewards, group_size, min_group=2)
     g = _groups(rewards, group_size)
     adv = (g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + eps)
@@ -84,7 +42,7 @@ def dr_grpo(rewards: Array, group_size: int) -> Array:
 
     Source: Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", Sec. 3.2.
     """
-    if _concrete(rewards):
+    if is_concrete(rewards):
         check_rewards(rewards, group_size, min_group=2)
     g = _groups(rewards, group_size)
     return (g - g.mean(1, keepdims=True)).reshape(-1)
@@ -96,7 +54,7 @@ def rloo(rewards: Array, group_size: int) -> Array:
     Source: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization", Eq. 7;
     Kool et al. 2019. verl `compute_rloo_outcome_advantage`.
     """
-    if _concrete(rewards):
+    if is_concrete(rewards):
         check_rewards(rewards, group_size, min_group=2)
     g = _groups(rewards, group_size)
     others = (g.sum(1, keepdims=True) - g) / (group_size - 1)
@@ -133,7 +91,7 @@ def reinforce_pp(token_rewards: Array, completion_mask: Array, gamma: float = 1.
     KL penalty folded into the reward: see `rftjax.rl.losses.kl_penalised_rewards`; global advantage
     normalisation); verl `compute_reinforce_plus_plus_outcome_advantage`.
     """
-    _check_mask(token_rewards, completion_mask, "token_rewards")
+    check_like_mask(completion_mask, token_rewards=token_rewards)
     returns = discounted_returns(token_rewards, completion_mask, gamma)
     return masked_whiten(returns, completion_mask), returns
 
@@ -142,7 +100,7 @@ def reinforce_pp_baseline(rewards: Array, completion_mask: Array, group_size: in
     """REINFORCE++-baseline advantages `[N, T]`: group-mean-centred outcome reward on every token, then
     whitened over the batch. Source: Hu 2025 (REINFORCE++-baseline); verl
     `compute_reinforce_plus_plus_baseline_outcome_advantage`."""
-    if _concrete(rewards):
+    if is_concrete(rewards):
         check_rewards(rewards, group_size, min_group=2)
     centred = dr_grpo(rewards, group_size)
     m = completion_mask.astype(jnp.float32)
@@ -158,8 +116,7 @@ def gae(token_rewards: Array, values: Array, completion_mask: Array, gamma: floa
     (verl's `compute_gae_advantage_return`). Source: Schulman et al. 2016, "High-Dimensional Continuous
     Control Using Generalized Advantage Estimation", Eq. 16.
     """
-    _check_mask(token_rewards, completion_mask, "token_rewards")
-    _check_mask(values, completion_mask, "values")
+    check_like_mask(completion_mask, token_rewards=token_rewards, values=values)
     m = completion_mask.astype(jnp.float32)
 
     def step(carry, xs):
@@ -210,7 +167,7 @@ def compute_advantages(config, rewards: Array, completion_mask: Array, old_logpr
         return rloo(rewards, g), None
     if name == "reinforce_pp_baseline":
         return reinforce_pp_baseline(rewards, completion_mask, g), None
-    if _concrete(rewards):
+    if is_concrete(rewards):
         check_rewards(rewards)
     token_rewards = outcome_token_rewards(rewards, completion_mask)
     if config.kl_in_reward and config.kl_coef > 0:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rftjax.rl.advantages import masked_mean
 from rftjax.rl.config import LOSS_AGG_MODES, AlgorithmConfig
 from rftjax.rl.kl import LOG_RATIO_CLAMP, kl_penalty
+from rftjax.rl.masking import check_like_mask, masked_mean
 
 Array = jax.Array
 
@@ -58,13 +58,6 @@ def aggregate(loss_mat: Array, completion_mask: Array, loss_agg_mode: str, norm_
         length = float(norm_len if norm_len is not None else m.shape[1])
         return lm.sum() / (n_rows * length if normalizer is None else normalizer)
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; choose one of {list(LOSS_AGG_MODES)}")
-
-
-def _check_shapes(mask: Array, **arrays) -> None:
-    for name, x in arrays.items():
-        if x is not None and x.shape != mask.shape:
-            raise ValueError(f"{name} has shape {tuple(x.shape)} but completion_mask has {tuple(mask.shape)}: "
-                             f"all per-token inputs must be [N, T]")
 
 
 def importance_log_ratio(logprobs: Array, old_logprobs: Array, completion_mask: Array, ratio_level: str) -> Array:
@@ -127,7 +120,7 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, complet
     Raises:
       ValueError: mismatched shapes; KL requested without ref_logprobs; entropy bonus without entropy.
     """
-    _check_shapes(completion_mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+    check_like_mask(completion_mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                   entropy=entropy)
     if advantages.shape not in ((completion_mask.shape[0],), completion_mask.shape):
         raise ValueError(f"advantages must be [N] or [N, T] = {tuple(completion_mask.shape)}, got "
@@ -201,7 +194,7 @@ def value_loss(values: Array, old_values: Array, returns: Array, completion_mask
     Raises:
       ValueError: mismatched shapes.
     """
-    _check_shapes(completion_mask, values=values, old_values=old_values, returns=returns)
+    check_like_mask(completion_mask, values=values, old_values=old_values, returns=returns)
     v, v_old, r = (x.astype(jnp.float32) for x in (values, old_values, returns))
     v_clipped = jnp.clip(v, v_old - clip_eps_value, v_old + clip_eps_value)
     l1, l2 = jnp.square(v - r), jnp.square(v_clipped - r)
