@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from rftjax.models import VLM, VLMConfig, cast_for_compute, check_image_tokens
+from rftjax.models.llm import KVCache
 
 Array = jax.Array
 NEG_INF = float("-inf")
@@ -43,6 +44,27 @@ class SamplingOutput:
     logprobs: Array
     lengths: Array
     truncated: Array
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The carry of the decode `lax.while_loop` (N = B * G rows, T = max_new_tokens).
+
+    Attributes:
+      step: int32 `[]`, tokens generated so far (the column the next token is written to).
+      tokens: int32 `[N, T]`, generated ids (`pad_id` after a row is done and in unwritten columns).
+      logprobs: float32 `[N, T]`, log-prob of each generated token under the sampling distribution.
+      done: bool `[N]`, rows that have emitted an EOS id.
+      cache: the decoder's `KVCache` with every prompt repeated G times.
+      last_logits: float32 `[N, V]`, logits of the next token of each row.
+    """
+
+    step: Array
+    tokens: Array
+    logprobs: Array
+    done: Array
+    cache: KVCache
+    last_logits: Array
 
 
 def filter_logits(logits: Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -118,34 +140,26 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
     last_logits = logits[:, -1]  # prompts are left-padded: the last column is every row's last real token
 
     # Repeat for the G samples of each group (rows b*G .. b*G+G-1 share prompt b).
-    def repeat(axis):
-        return lambda x: jnp.repeat(x, group_size, axis=axis)
-
-    batch_axis = 1 if config.scan_layers else 0  # scanned caches are [L, B, S, K, hd]
-    cache = cache.replace(layers=jax.tree.map(repeat(batch_axis), cache.layers), mask=repeat(0)(cache.mask),
-                          next_pos=repeat(0)(cache.next_pos))
-    last_logits = repeat(0)(last_logits)
+    state = DecodeState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((n, max_new_tokens), pad_id, jnp.int32),
+                        logprobs=jnp.zeros((n, max_new_tokens), jnp.float32), done=jnp.zeros((n,), bool),
+                        cache=cache.repeat(group_size), last_logits=jnp.repeat(last_logits, group_size, axis=0))
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-    def cond(state):
-        step, _, _, done, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def cond(s: DecodeState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
-    def body(state):
-        step, tokens, logps, done, cache, last_logits = state
-        token, logp = sample_tokens(jax.random.fold_in(rng, step), last_logits, temperature=temperature,
+    def body(s: DecodeState) -> DecodeState:
+        token, logp = sample_tokens(jax.random.fold_in(rng, s.step), s.last_logits, temperature=temperature,
                                     top_k=top_k, top_p=top_p, greedy=greedy, suppress_ids=suppress_ids)
-        live = ~done
+        live = ~s.done
         token = jnp.where(live, token, pad_id)
-        tokens = tokens.at[:, step].set(token)
-        logps = logps.at[:, step].set(jnp.where(live, logp, 0.0))
-        done = done | jnp.isin(token, eos)
-        logits, cache = model.apply(variables, None, token[:, None], live[:, None], cache=cache)
-        return step + 1, tokens, logps, done, cache, logits[:, 0]
+        logits, cache = model.apply(variables, None, token[:, None], live[:, None], cache=s.cache)
+        return DecodeState(step=s.step + 1, tokens=s.tokens.at[:, s.step].set(token),
+                           logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, logp, 0.0)),
+                           done=s.done | jnp.isin(token, eos), cache=cache, last_logits=logits[:, 0])
 
-    init = (jnp.zeros((), jnp.int32), jnp.full((n, max_new_tokens), pad_id, jnp.int32),
-            jnp.zeros((n, max_new_tokens), jnp.float32), jnp.zeros((n,), bool), cache, last_logits)
-    _, tokens, logps, done, _, _ = jax.lax.while_loop(cond, body, init)
+    final = jax.lax.while_loop(cond, body, state)
+    tokens, logps = final.tokens, final.logprobs
 
     # A row's mask runs up to and including its first EOS, or over the whole budget. (If the loop stopped
     # early, every row has an EOS, so unwritten columns are always after one.)

@@ -51,6 +51,17 @@ class KVCache:
         """Number of slots S."""
         return self.mask.shape[1]
 
+    def repeat(self, n: int) -> "KVCache":
+        """Each row repeated `n` times in place (rows `b*n .. b*n+n-1` copy row b): `B` rows become `B*n`.
+
+        Used to decode G samples of a group from one prefilled prompt. Works for both layouts of `layers`
+        (per-layer `[B, K, S, hd]`, or `[L, B, K, S, hd]` when the layers are scanned).
+        """
+        batch_axis = 1 if isinstance(self.layers, dict) else 0  # a dict of stacked arrays: the scanned layout
+        rep = lambda axis: lambda x: jnp.repeat(x, n, axis=axis)  # noqa: E731
+        return self.replace(layers=jax.tree.map(rep(batch_axis), self.layers), mask=rep(0)(self.mask),
+                            next_pos=rep(0)(self.next_pos))
+
 
 def init_cache(config: TextConfig, batch_size: int, max_len: int, dtype=jnp.float32,
                scan_layers: bool = False) -> KVCache:
