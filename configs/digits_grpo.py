@@ -34,8 +34,8 @@ def get_config():
     # 352 (test 36.6%, experiments/results/digits_seed2_premature_*).
     c.sft.max_steps, c.sft.eval_every, c.sft.patience, c.sft.min_delta_rel = 800, 32, 4, 0.02
     c.rl.algorithm = "grpo"
-    c.rl.algo.update(group_size=8, kl_coef=0.0, dynamic_sampling=True)
-    c.rl.steps, c.rl.prompts_per_step, c.rl.gen_prompts_per_round, c.rl.max_new_tokens = 100, 8, 32, 64
+    c.rl.algo.update(group_size=8, kl_coef=0.0, dynamic_sampling=True, gen_prompts_per_round=32)
+    c.rl.steps, c.rl.prompts_per_step, c.rl.max_new_tokens = 100, 8, 64
     c.rl.lr, c.rl.warmup_steps = 2e-5, 5
     c.eval.batch_size, c.eval.pass_k, c.eval.pass_n, c.eval.every = 100, 4, 100, 50
     c.eval.during_rl_examples = 200

@@ -1,10 +1,13 @@
 """Orbax checkpoints of a whole run: train state(s), data-iterator states, stage counters and the PRNG key.
 
 One `CheckpointManager` under `WORKDIR/checkpoints`, items:
-  state  the arrays: {"policy": TrainState, "ref": params | None, "critic": TrainState | None}
-  data   JSON: the grain iterator states (`get_state()`), one per pipeline
-  meta   JSON: stage, step counters, early-stopping bookkeeping, the PRNG key data, the config
+  state  the arrays: {"policy": TrainState, "ref": reference params or {}, "critic": TrainState or {},
+         "best": the best params of the SFT early stopping or {}}
+  data   JSON: the grain iterator states (`get_state()`), {"sft": ..., "rl": ...}
+  meta   JSON: the run counters (`rftjax.train.Counters`), `has_best`, the PRNG key data, the config as JSON
 A run resumes from the latest step; saving is synchronous (a SIGTERM handler can save then exit).
+The cold-start result of a run is kept apart under `WORKDIR/sft_checkpoint` (`SFT_CHECKPOINT`), with
+state {"params": params}, for RL ablations that start from it (`rl.init_from_sft`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+SFT_CHECKPOINT = "sft_checkpoint"  # subdir of the cold-start result, kept for RL ablations (rl.init_from_sft)
 
 
 class Checkpointer:
@@ -49,6 +55,22 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         """Only the `meta` item of `step` (to know which states to build before restoring them)."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_params(self, step: int, target_params: Any, path: tuple[str, ...] = ("policy", "params")) -> Any:
+        """Only the params at `path` of the `state` item of `step` (orbax partial restore: optimizer states and
+        the other trees are not read), into the structure, dtypes and shardings of `target_params`."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                                                                   dtype=x.dtype), abstract)
+        for key in reversed(path):
+            abstract, restore_args = {key: abstract}, {key: restore_args}
+        reader = ocp.CheckpointManager(self.directory, item_names=("state",),
+                                       item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+        state = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            abstract, restore_args=restore_args, partial_restore=True)))["state"]
+        for key in path:
+            state = state[key]
+        return state
 
     def close(self) -> None:
         self.manager.close()

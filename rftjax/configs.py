@@ -9,6 +9,10 @@ from __future__ import annotations
 import ml_collections
 
 
+RENAMED = {"dynamic_sampling_rounds": "dynamic_sampling_rounds", "gen_prompts_per_round": "gen_prompts_per_round"}
+"""Old `rl.NAME` settings -> their `rl.algo.NAME` (AlgorithmConfig) fields."""
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -58,9 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.temperature = 1.0
     c.rl.top_k = 0
     c.rl.top_p = 1.0
-    c.rl.dynamic_sampling_rounds = 4    # DAPO: rollout rounds per step at most to fill the batch with signal
-    c.rl.gen_prompts_per_round = 0      # DAPO: prompts generated per round (verl's gen_batch_size; a multiple of
-                                        # prompts_per_step); 0 = prompts_per_step
+    # DAPO's dynamic-sampling settings live in rl.algo (dynamic_sampling, gen_prompts_per_round,
+    # dynamic_sampling_rounds); the old names below still work, with a deprecation warning.
+    for old in RENAMED:
+        c.rl[old] = ml_collections.config_dict.placeholder(int)
     c.rl.control_sft_seconds = 0.0      # > 0: a control run: spend this long on more SFT instead of RL
     c.rl.init_from_sft = ""             # another run's workdir: start from its cold-start result (sft_checkpoint/)
 
@@ -120,12 +125,25 @@ def algo_overrides() -> ml_collections.ConfigDict:
 
 
 def algorithm(c: ml_collections.ConfigDict):
-    """The run's `rftjax.rl.AlgorithmConfig`: preset `c.rl.algorithm` with the fields set in `c.rl.algo`
-    (raises ValueError for an unknown preset or an invalid combination). `norm_len` (Dr.GRPO's constant) defaults
+    """The run's `rftjax.rl.AlgorithmConfig`: preset `c.rl.algorithm` with the fields set in `c.rl.algo` (and the
+    deprecated `rl.dynamic_sampling_rounds` / `rl.gen_prompts_per_round`, see `RENAMED`); raises ValueError for an
+    unknown preset or an invalid combination. `norm_len` (Dr.GRPO's constant) defaults
     to `c.rl.max_new_tokens`, TRL's `max_completion_length`, not to the (trimmed) length of each update batch."""
+    import warnings
+
     from rftjax import rl
 
-    algo = rl.get_algorithm(c.rl.algorithm, **{k: v for k, v in c.rl.algo.to_dict().items() if v is not None})
+    overrides = {k: v for k, v in c.rl.algo.to_dict().items() if v is not None}
+    for old, new in RENAMED.items():
+        value = c.rl.get(old)
+        if value is None:
+            continue
+        warnings.warn(f"--config.rl.{old} is deprecated: use --config.rl.algo.{new}", DeprecationWarning, stacklevel=2)
+        if overrides.get(new, value) != value:
+            raise ValueError(f"bad config: rl.{old}={value} and rl.algo.{new}={overrides[new]} disagree; set only "
+                             f"rl.algo.{new}")
+        overrides[new] = value
+    algo = rl.get_algorithm(c.rl.algorithm, **overrides)
     return algo if algo.norm_len is not None else algo.replace(norm_len=c.rl.max_new_tokens)
 
 
@@ -134,12 +152,35 @@ def eval_max_new_tokens(c: ml_collections.ConfigDict) -> int:
     return c.eval.max_new_tokens or c.rl.max_new_tokens
 
 
+def setup_logging() -> None:
+    """rftjax's own INFO logs on stdout; absl/orbax chatter only from WARNING up."""
+    import logging
+    import sys
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    log = logging.getLogger("rftjax")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def run_cli(main, workdir_help: str) -> None:
-    """`--config configs/NAME.py[:arg] --workdir DIR [--config.a.b=value]` -> `main(config, workdir)`."""
+    """`--config configs/NAME.py[:arg] --workdir DIR [--config.a.b=value]` -> `main(config, workdir)`, with
+    `setup_logging()` done first."""
     from absl import app, flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/NAME.py)")
     flags.DEFINE_string("workdir", None, workdir_help)
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: main(flags.FLAGS.config, flags.FLAGS.workdir))
+
+    def run(argv):
+        setup_logging()
+        main(flags.FLAGS.config, flags.FLAGS.workdir)
+
+    app.run(run)

@@ -10,36 +10,24 @@ WORKDIR/eval.jsonl with `stage="evaluate"`.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 
 import jax
 import numpy as np
 
-from rftjax import configs, rewards, sampling
+from rftjax import configs, rewards
+from rftjax.build import Run, build_run
+from rftjax.checkpoint import Checkpointer
 from rftjax.data.pipeline import Preprocess, make_dataset
 from rftjax.data.tokenizer import TextTokenizer
+from rftjax.metrics import RunLogger
 from rftjax.models import VLMConfig
+from rftjax.rollout import generate_texts, score_groups
 
-
-def rollout_texts(params, config: VLMConfig, tokenizer: TextTokenizer, batch: dict, rng, *, group_size: int,
-                  max_new_tokens: int, greedy: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  put=lambda x: x):
-    """Generate for a host batch; returns `(SamplingOutput as numpy, decoded texts [N])`."""
-    out = sampling.generate(params, config, put(batch["pixel_values"]), put(batch["prompt_ids"]),
-                            put(batch["prompt_mask"]), rng, group_size=group_size, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=(tokenizer.eos_id,),
-                            greedy=greedy, pad_id=tokenizer.pad_id,
-                            suppress_ids=(config.image_token_id, tokenizer.pad_id, tokenizer.bos_id))
-    out = jax.tree.map(np.asarray, out)
-    texts = [tokenizer.decode(ids[:n]) for ids, n in zip(out.completion_ids, out.lengths)]
-    return out, texts
-
-
-def score_groups(texts: list[str], batch: dict, group_size: int, reward_config: rewards.RewardConfig,
-                 lengths=None) -> dict:
-    """Reward components of `len(batch) * group_size` completions, each prompt's answer repeated for its group."""
-    return rewards.score(texts, list(np.repeat(batch["answer"], group_size)),
-                         list(np.repeat(batch["answer_type"], group_size)), lengths, reward_config)
+log = logging.getLogger("rftjax")
+EVAL_STREAM = 10_000_000  # evaluations sample with fold_in(run key, EVAL_STREAM + global step)
 
 
 def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, preprocess: Preprocess, *,
@@ -60,7 +48,7 @@ def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, prepro
     while seen < n_total:
         batch = next(it)
         take = min(batch_size, n_total - seen)
-        out, texts = rollout_texts(params, config, tokenizer, batch, rng, group_size=1,
+        out, texts = generate_texts(params, config, tokenizer, batch, rng, group_size=1,
                                    max_new_tokens=max_new_tokens, greedy=True, put=put)
         sc = rewards.score(texts[:take], list(batch["answer"][:take]), list(batch["answer_type"][:take]),
                            config=reward_config)
@@ -79,7 +67,7 @@ def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, prepro
             batch = next(it)
             take = min(prompts_per_batch, min(pass_n, n_total) - seen)
             key, sub = jax.random.split(key)
-            _, texts = rollout_texts(params, config, tokenizer, batch, sub, group_size=pass_k,
+            _, texts = generate_texts(params, config, tokenizer, batch, sub, group_size=pass_k,
                                      max_new_tokens=max_new_tokens, greedy=False, put=put)
             sc = score_groups(texts, batch, pass_k, reward_config)
             solved += (sc["correct"].reshape(-1, pass_k).max(1) > 0)[:take].tolist()
@@ -103,27 +91,58 @@ def user_dataset(spec: str) -> list[dict]:
     return examples
 
 
-def main(config, workdir):
-    import json
-
-    from rftjax.train import Trainer, setup_logging
-
-    setup_logging()
-    trainer = Trainer(config, workdir, restore=True)
-    if config.eval.dataset:
-        c = config
-        examples = user_dataset(c.eval.dataset)
-        pre = Preprocess(trainer.tokenizer, trainer.model_config.vision.image_size,
-                         trainer.model_config.num_image_tokens, c.data.max_prompt_len)
-        r = evaluate(trainer.params, trainer.model_config, trainer.tokenizer, examples, pre,
+def evaluate_splits(run: Run, params, logger: RunLogger, step: int, stage: str, n: int | None = None,
+                    pass_k: int | None = None) -> dict:
+    """`evaluate` on the run's `test` and `test_ood` sources (the first `n` problems of each, default all;
+    pass@k with `eval.pass_k` unless `pass_k` is given), logged to eval.jsonl under `stage` at `step`.
+    Returns `{split: results}`."""
+    c = run.config
+    pass_k = c.eval.pass_k if pass_k is None else pass_k
+    results = {}
+    for split in ("test", "test_ood"):
+        r = evaluate(params, run.model_config, run.tokenizer, run.sources[split], run.prompt_pre,
                      batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
-                     rng=jax.random.key(c.seed),
-                     pass_k=c.eval.pass_k, pass_n=c.eval.pass_n, reward_config=trainer.reward_config, put=trainer.put)
-        trainer.logger.log_eval(trainer.meta["global_step"], "evaluate", {"split": c.eval.dataset, **r})
-        print(json.dumps(r, indent=2))
-    else:
-        trainer.evaluate_all("evaluate")
-    trainer.logger.close()
+                     rng=jax.random.fold_in(run.key, EVAL_STREAM + step), pass_k=pass_k, pass_n=c.eval.pass_n,
+                     reward_config=run.reward_config, put=run.put, num_examples=n)
+        logger.log_eval(step, stage, {"split": split, **r})
+        results[split] = r
+    log.info("eval (%s, step %d): test acc %.3f, ood acc %.3f", stage, step, results["test"]["accuracy"],
+             results["test_ood"]["accuracy"])
+    return results
+
+
+def latest_params(run: Run) -> tuple[object, int]:
+    """`(params, step)` of the run's latest checkpoint (only the policy params are read).
+
+    Raises:
+      ValueError: the workdir has no checkpoint.
+    """
+    ckpt = Checkpointer(run.workdir)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ValueError(f"{run.workdir} has no checkpoints/: train first (python -m rftjax.train ...)")
+    return ckpt.restore_params(step, run.params), step
+
+
+def main(config, workdir):
+    run = build_run(config, workdir)
+    params, step = latest_params(run)
+    logger = RunLogger(run.workdir, step, config.log.tensorboard)
+    try:
+        if config.eval.dataset:
+            c = config
+            pre = Preprocess(run.tokenizer, run.model_config.vision.image_size, run.model_config.num_image_tokens,
+                             c.data.max_prompt_len)
+            r = evaluate(params, run.model_config, run.tokenizer, user_dataset(c.eval.dataset), pre,
+                         batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
+                         rng=jax.random.key(c.seed), pass_k=c.eval.pass_k, pass_n=c.eval.pass_n,
+                         reward_config=run.reward_config, put=run.put)
+            logger.log_eval(step, "evaluate", {"split": c.eval.dataset, **r})
+            print(json.dumps(r, indent=2))
+        else:
+            evaluate_splits(run, params, logger, step, "evaluate")
+    finally:
+        logger.close()
 
 
 if __name__ == "__main__":

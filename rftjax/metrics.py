@@ -126,6 +126,30 @@ def plot_curves(workdir: str) -> list[str]:
     return [path]
 
 
+def write_summary(workdir: str, counters: dict, algorithm: str, end_stage: str) -> dict:
+    """summary.json of a finished run: its counters (`global_step`, `sft_step`, `rl_step`, `sft_time_s`,
+    `rl_time_s`, `best_val_loss`), test / OOD accuracy and test pass@k after the cold start (`sft_end`) and at
+    `end_stage` (`rl_end` or `control_end`), read back from eval.jsonl, and the test accuracy gain. Returns it."""
+    evals = read_jsonl(os.path.join(workdir, "eval.jsonl"))
+
+    def last(stage, split, key="accuracy"):
+        hits = [e.get(key) for e in evals if e["stage"] == stage and e["split"] == split]
+        return hits[-1] if hits else None
+
+    summary = {"global_step": counters["global_step"], "sft_steps": counters["sft_step"],
+               "rl_steps": counters["rl_step"], "sft_time_s": counters["sft_time_s"],
+               "rl_time_s": counters["rl_time_s"], "best_val_loss": counters["best_val_loss"],
+               "test_accuracy_after_sft": last("sft_end", "test"), "test_accuracy_final": last(end_stage, "test"),
+               "ood_accuracy_after_sft": last("sft_end", "test_ood"), "ood_accuracy_final": last(end_stage, "test_ood"),
+               "test_pass_at_k_after_sft": last("sft_end", "test", "pass_at_k"),
+               "test_pass_at_k_final": last(end_stage, "test", "pass_at_k"), "algorithm": algorithm}
+    if summary["test_accuracy_after_sft"] is not None and summary["test_accuracy_final"] is not None:
+        summary["test_accuracy_gain"] = summary["test_accuracy_final"] - summary["test_accuracy_after_sft"]
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
 def summary_table(summary: dict) -> str:
     """A small text table of the summary (printed at the end of a run)."""
     lines = ["", f"{'metric':<40} value", "-" * 56]

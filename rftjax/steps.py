@@ -1,14 +1,13 @@
 """The pure, jitted pieces of training: completion log-probs, the SFT / RL / critic losses, the optimizer,
 and the update step `update(state, batch) -> (state, metrics)` that XLA compiles once per shape.
 
-Batches are dicts of arrays with N rows (one completion each):
-  pixel_values [N, H, W, C] · prompt_ids / prompt_mask [N, P] (left-padded) · completion_ids /
-  completion_mask [N, T] (right-padded) · for RL also advantages [N] or [N, T], old_logprobs [N, T]
-  (absent when on-policy), ref_logprobs [N, T] (absent without KL), old_values / returns [N, T] (PPO).
+Batches are typed pytrees with N rows (one completion each): `SequenceBatch` (prompt + completion, what SFT
+and every forward pass reads) and `UpdateBatch` (a `SequenceBatch` plus what the RL losses need).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -21,6 +20,53 @@ from rftjax.models import VLM, VLMConfig
 from rftjax.rl.masking import masked_mean
 
 Array = jax.Array
+
+
+@flax.struct.dataclass
+class SequenceBatch:
+    """N rows of prompt + completion.
+
+    Attributes:
+      pixel_values: float32 `[N, H, W, C]`, one image per row.
+      prompt_ids: int32 `[N, P]`, left-padded, with the image placeholders.
+      prompt_mask: bool `[N, P]`, False on padding.
+      completion_ids: int32 `[N, T]`, right-padded.
+      completion_mask: bool `[N, T]`, True on completion tokens (the EOS included).
+    """
+
+    pixel_values: Array
+    prompt_ids: Array
+    prompt_mask: Array
+    completion_ids: Array
+    completion_mask: Array
+
+    @classmethod
+    def from_dict(cls, batch: dict) -> "SequenceBatch":
+        """The five arrays of a pipeline batch (a dict that also holds strings such as `answer`)."""
+        return cls(**{f: batch[f] for f in ("pixel_values", "prompt_ids", "prompt_mask", "completion_ids",
+                                           "completion_mask")})
+
+
+@flax.struct.dataclass
+class UpdateBatch:
+    """What one RL update reads: the sequences and their advantages, log-probs and critic targets.
+
+    Attributes:
+      seq: the `SequenceBatch` of N rows.
+      advantages: float32 `[N]` (outcome estimators) or `[N, T]` (token-level estimators).
+      old_logprobs: float32 `[N, T]` under the rollout policy; None when the update is on-policy (one pass,
+        one minibatch: then old = stop_gradient(current) and the ratio is exactly 1, as TRL does).
+      ref_logprobs: float32 `[N, T]` under the frozen reference; None without a KL term in the loss.
+      old_values: float32 `[N, T]` of the critic at rollout time (PPO), else None.
+      returns: float32 `[N, T]`, the critic's targets (PPO), else None.
+    """
+
+    seq: SequenceBatch
+    advantages: Array
+    old_logprobs: Array | None = None
+    ref_logprobs: Array | None = None
+    old_values: Array | None = None
+    returns: Array | None = None
 
 
 @flax.struct.dataclass
@@ -92,43 +138,44 @@ def skipped_updates(opt_state) -> Array:
     return found[0] if found else jnp.zeros((), jnp.int32)
 
 
-def completion_logits(params, config: VLMConfig, batch: dict, return_hidden: bool = False) -> Array:
+def completion_logits(params, config: VLMConfig, batch: SequenceBatch, return_hidden: bool = False) -> Array:
     """Logits `[N, T, V]` (float32) predicting each completion token (or the hidden states `[N, T, D]` at
     the same positions), from one forward pass over prompt + completion."""
-    ids = jnp.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=1)
-    mask = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
-    out = VLM(config).apply({"params": params}, batch["pixel_values"], ids, mask, return_hidden=return_hidden)
-    p, t = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
+    ids = jnp.concatenate([batch.prompt_ids, batch.completion_ids], axis=1)
+    mask = jnp.concatenate([batch.prompt_mask, batch.completion_mask], axis=1)
+    out = VLM(config).apply({"params": params}, batch.pixel_values, ids, mask, return_hidden=return_hidden)
+    p, t = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     return out[:, p - 1:p - 1 + t]
 
 
-def completion_logprobs(params, config: VLMConfig, batch: dict, temperature: float = 1.0) -> tuple[Array, Array]:
+def completion_logprobs(params, config: VLMConfig, batch: SequenceBatch,
+                        temperature: float = 1.0) -> tuple[Array, Array]:
     """`(logprobs, entropy)`, float32 `[N, T]`, of the completion tokens under `softmax(logits / temperature)`
     (0 where masked)."""
     logits = completion_logits(params, config, batch) / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1)
-    lp = jnp.take_along_axis(logp_all, batch["completion_ids"][..., None], axis=-1)[..., 0]
+    lp = jnp.take_along_axis(logp_all, batch.completion_ids[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    m = batch["completion_mask"].astype(jnp.float32)
+    m = batch.completion_mask.astype(jnp.float32)
     return lp * m, entropy * m
 
 
-def sft_loss(params, batch: dict, config: VLMConfig) -> tuple[Array, dict]:
+def sft_loss(params, batch: SequenceBatch, config: VLMConfig) -> tuple[Array, dict]:
     """Cross-entropy of the completion tokens (token mean over the batch) - the SFT cold start."""
     lp, _ = completion_logprobs(params, config, batch)
-    m = batch["completion_mask"].astype(jnp.float32)
+    m = batch.completion_mask.astype(jnp.float32)
     loss = -masked_mean(lp, m)
     return loss, {"sft_loss": loss, "tokens": m.sum()}
 
 
-def rl_loss(params, batch: dict, config: VLMConfig, algo: rl.AlgorithmConfig, temperature: float) -> tuple[Array, dict]:
-    """`rl.policy_loss` on freshly computed log-probs. Without `old_logprobs` in the batch the update is
-    on-policy (mu = 1, one minibatch): old = stop_gradient(current), ratio exactly 1, as TRL does."""
-    lp, entropy = completion_logprobs(params, config, batch, temperature)
-    old = batch.get("old_logprobs")
-    old = jax.lax.stop_gradient(lp) if old is None else old
-    return rl.policy_loss(lp, old, batch["advantages"], batch["completion_mask"], algo,
-                          ref_logprobs=batch.get("ref_logprobs"), entropy=entropy)
+def rl_loss(params, batch: UpdateBatch, config: VLMConfig, algo: rl.AlgorithmConfig,
+            temperature: float) -> tuple[Array, dict]:
+    """`rl.policy_loss` on freshly computed log-probs. Without `old_logprobs` the update is on-policy
+    (mu = 1, one minibatch): old = stop_gradient(current), ratio exactly 1, as TRL does."""
+    lp, entropy = completion_logprobs(params, config, batch.seq, temperature)
+    old = jax.lax.stop_gradient(lp) if batch.old_logprobs is None else batch.old_logprobs
+    return rl.policy_loss(lp, old, batch.advantages, batch.seq.completion_mask, algo,
+                          ref_logprobs=batch.ref_logprobs, entropy=entropy)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,33 +188,36 @@ def init_critic(policy_params, config: VLMConfig) -> dict:
                                                 "bias": jnp.zeros((), jnp.float32)}}
 
 
-def critic_values(critic_params, config: VLMConfig, batch: dict) -> Array:
+def critic_values(critic_params, config: VLMConfig, batch: SequenceBatch) -> Array:
     """Values `[N, T]` (float32) of the states before each completion token; 0 where masked."""
     h = completion_logits(critic_params["backbone"], config, batch, return_hidden=True).astype(jnp.float32)
     v = h @ critic_params["head"]["kernel"] + critic_params["head"]["bias"]
-    return v * batch["completion_mask"].astype(jnp.float32)
+    return v * batch.completion_mask.astype(jnp.float32)
 
 
-def critic_loss(critic_params, batch: dict, config: VLMConfig, algo: rl.AlgorithmConfig) -> tuple[Array, dict]:
-    values = critic_values(critic_params, config, batch)
-    loss, metrics = rl.value_loss(values, batch["old_values"], batch["returns"], batch["completion_mask"],
+def critic_loss(critic_params, batch: UpdateBatch, config: VLMConfig, algo: rl.AlgorithmConfig) -> tuple[Array, dict]:
+    """`algo.value_coef` x the clipped value loss (`rl.value_loss`) of the critic on `batch.returns`."""
+    values = critic_values(critic_params, config, batch.seq)
+    loss, metrics = rl.value_loss(values, batch.old_values, batch.returns, batch.seq.completion_mask,
                                   algo.clip_eps_value, algo.loss_agg_mode)
     return algo.value_coef * loss, metrics
 
 
-def make_update(loss_fn: Callable[[Any, dict], tuple[Array, dict]], state_shardings=None):
-    """`update(state, batch) -> (state, metrics)`: gradients, optimizer, metrics (`loss`, `grad_norm`,
-    `skipped_updates`). Jitted with the state donated; `state_shardings` pins the output state's layout to
-    the input's (params/opt-state sharded by logical axes)."""
+def apply_gradients(loss_fn: Callable[[Any, Any], tuple[Array, dict]], state: TrainState, batch) -> tuple[
+        TrainState, dict]:
+    """One optimizer update (pure): gradients of `loss_fn(params, batch) -> (loss, metrics)`, the optimizer
+    step, and the metrics plus `loss`, `grad_norm` and `skipped_updates` (float32 / int32 scalars)."""
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+               "skipped_updates": skipped_updates(opt_state)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def update(state: TrainState, batch: dict):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
-                   "skipped_updates": skipped_updates(opt_state)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
+def make_update(loss_fn: Callable[[Any, Any], tuple[Array, dict]], state_shardings=None):
+    """`update(state, batch) -> (state, metrics)`: `apply_gradients` jitted with the state donated;
+    `state_shardings` pins the output state's layout to the input's (params/opt-state sharded by logical axes)."""
     out = None if state_shardings is None else (state_shardings, None)
-    return jax.jit(update, donate_argnums=0, out_shardings=out)
+    return jax.jit(functools.partial(apply_gradients, loss_fn), donate_argnums=0, out_shardings=out)
 

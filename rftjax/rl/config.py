@@ -39,7 +39,11 @@ class AlgorithmConfig:
       loss_agg_mode: one of `LOSS_AGG_MODES`.
       norm_len: the constant length of `seq-mean-token-sum-norm` (Dr.GRPO); None uses the padded T.
       num_iterations: mu, optimisation passes over each batch of rollouts.
-      dynamic_sampling: DAPO's filter: drop groups whose rewards are all equal.
+      dynamic_sampling: DAPO's filter: drop groups whose rewards are all equal (Yu et al. 2025, Sec. 3.2).
+      gen_prompts_per_round: with dynamic sampling, prompts generated per rollout round (verl's
+        `data.gen_batch_size`; a multiple of the prompts trained on per step); 0: as many as are trained on.
+      dynamic_sampling_rounds: rollout rounds per step at most to fill the batch with groups that carry signal
+        (verl's `max_num_gen_batches`); a batch still short is filled with groups without signal.
       overlong_buffer_len: DAPO's L_cache for soft overlong punishment (0 disables).
       gamma, lam: discount and GAE lambda (token-level estimators).
       clip_eps_value: value clipping of the critic loss (PPO).
@@ -63,6 +67,8 @@ class AlgorithmConfig:
     norm_len: int | None = None
     num_iterations: int = 1
     dynamic_sampling: bool = False
+    gen_prompts_per_round: int = 0
+    dynamic_sampling_rounds: int = 4
     overlong_buffer_len: int = 0
     gamma: float = 1.0
     lam: float = 1.0
@@ -97,6 +103,12 @@ class AlgorithmConfig:
             raise ValueError(f"AlgorithmConfig.num_iterations={self.num_iterations} must be >= 1")
         if self.norm_len is not None and self.norm_len < 1:
             raise ValueError(f"AlgorithmConfig.norm_len={self.norm_len} must be >= 1 (or None for the padded T)")
+        if self.gen_prompts_per_round < 0 or self.dynamic_sampling_rounds < 1:
+            raise ValueError(f"gen_prompts_per_round={self.gen_prompts_per_round} must be >= 0 and "
+                             f"dynamic_sampling_rounds={self.dynamic_sampling_rounds} >= 1")
+        if self.gen_prompts_per_round and not self.dynamic_sampling:
+            raise ValueError(f"gen_prompts_per_round={self.gen_prompts_per_round} oversamples for dynamic sampling: it "
+                             f"needs dynamic sampling (rl.algo.dynamic_sampling=True); or set it to 0")
         if self.overlong_buffer_len < 0:
             raise ValueError(f"AlgorithmConfig.overlong_buffer_len={self.overlong_buffer_len} must be >= 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):

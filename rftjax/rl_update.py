@@ -1,0 +1,96 @@
+"""The RL update: a `RolloutBatch` already on the devices -> new policy (and critic) params, in one jitted call.
+
+    RolloutBatch (device) ──prepare──► UpdateBatch: advantages, old/ref log-probs, critic values and returns
+                          ──num_iterations x minibatches──► apply_gradients (policy, then critic), lax.scan
+
+PureJaxRL style: the minibatch permutations are drawn on the device from the step's key and the minibatches
+are gathered on the device, so an RL step moves its rollouts host -> device exactly once (the trainer's
+`put` of the `RolloutBatch`; tests/test_rl_update.py runs this function under
+`jax.transfer_guard_host_to_device("disallow")`).
+
+Why the sampler's log-probs are not used as `old_logprobs`: the sampler scores tokens under the *sampling*
+distribution (temperature, top-k/top-p filtering, suppressed ids, the cached decode path in the compute
+dtype), while the ratio `pi / pi_old` must compare two evaluations of the same function, the training
+forward pass at `rl.temperature` without filtering. So `old_logprobs` (and `ref_logprobs`, values) are
+recomputed here with the trainer's forward pass; on-policy updates (mu = 1, one minibatch) skip them:
+old = stop_gradient(current), as TRL does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from rftjax import rl, steps
+from rftjax.models import VLMConfig
+from rftjax.rollout import RolloutBatch
+from rftjax.steps import TrainState, UpdateBatch
+
+Array = jax.Array
+UPDATE_STREAM = 1 << 30  # fold_in data of the update's key; rollout rounds use 0, 1, ... of the same step key
+
+
+def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, *, config: VLMConfig,
+            algo: rl.AlgorithmConfig, temperature: float, on_policy: bool) -> UpdateBatch:
+    """The `UpdateBatch` of a rollout batch: advantages by `algo` (`rl.compute_advantages`), `old_logprobs`
+    under the current params (unless `on_policy`; also needed for a KL penalty in the reward),
+    `ref_logprobs` under `ref_params` (when `algo` has a KL term), critic values and returns (PPO).
+    Rewards are not checked here (inside jit): `rftjax.rollout.collect_rollouts` checks them on the host."""
+    seq = batch.seq
+    logprobs = functools.partial(steps.completion_logprobs, config=config, batch=seq, temperature=temperature)
+    old = logprobs(policy_params)[0] if not on_policy or algo.kl_in_reward else None
+    ref = logprobs(ref_params)[0] if algo.uses_reference else None
+    values = steps.critic_values(critic_params, config, seq) if algo.uses_critic else None
+    advantages, returns = rl.compute_advantages(algo, batch.rewards, seq.completion_mask, old, ref, values)
+    return UpdateBatch(seq=seq, advantages=advantages, old_logprobs=None if on_policy else old,
+                       ref_logprobs=None if algo.kl_in_reward else ref, old_values=values, returns=returns)
+
+
+def minibatch_indices(key: Array, n_rows: int, minibatch_size: int, num_iterations: int) -> Array:
+    """int32 `[num_iterations * n_rows / minibatch_size, minibatch_size]`: the rows of each update, a fresh
+    permutation per pass (`fold_in(key, pass)`); rows in order when one minibatch holds them all."""
+    passes = [jax.random.permutation(jax.random.fold_in(key, i), n_rows) if minibatch_size < n_rows
+              else jnp.arange(n_rows) for i in range(num_iterations)]
+    return jnp.concatenate(passes).reshape(-1, minibatch_size)
+
+
+def make_rl_update(config: VLMConfig, algo: rl.AlgorithmConfig, temperature: float, minibatch_size: int,
+                   policy_shardings=None, critic_shardings=None) -> Callable:
+    """`rl_update(policy, critic, ref_params, batch, key) -> (policy, critic, (policy_metrics, critic_metrics))`,
+    jitted, `policy` and `critic` donated.
+
+    Args (of the returned function):
+      policy: the policy `TrainState`; critic: the critic's (PPO) or None; ref_params: the frozen reference
+        params or None; batch: a `RolloutBatch` of N rows on the devices; key: the step's PRNG key (the
+        minibatch permutations come from `fold_in(key, UPDATE_STREAM)`).
+    `minibatch_size` (0 = N) must divide N. Returns the metrics of every update stacked, float32
+    `[num_iterations * N / minibatch_size]` per key (critic metrics empty without a critic).
+    """
+    policy_loss = functools.partial(steps.rl_loss, config=config, algo=algo, temperature=temperature)
+    critic_loss = functools.partial(steps.critic_loss, config=config, algo=algo)
+
+    def rl_update(policy: TrainState, critic: TrainState | None, ref_params: Any, batch: RolloutBatch, key: Array):
+        n = batch.rewards.shape[0]
+        mb = minibatch_size or n
+        on_policy = algo.num_iterations == 1 and mb == n
+        full = prepare(policy.params, ref_params, None if critic is None else critic.params, batch, config=config,
+                       algo=algo, temperature=temperature, on_policy=on_policy)
+
+        def one_update(states, rows):
+            policy, critic = states
+            part = full if mb == n else jax.tree.map(lambda x: x[rows], full)
+            policy, metrics = steps.apply_gradients(policy_loss, policy, part)
+            critic_metrics = {}
+            if critic is not None:
+                critic, critic_metrics = steps.apply_gradients(critic_loss, critic, part)
+            return (policy, critic), (metrics, critic_metrics)
+
+        rows = minibatch_indices(jax.random.fold_in(key, UPDATE_STREAM), n, mb, algo.num_iterations)
+        (policy, critic), metrics = jax.lax.scan(one_update, (policy, critic), rows)
+        return policy, critic, metrics
+
+    out = None if policy_shardings is None else (policy_shardings, critic_shardings, None)
+    return jax.jit(rl_update, donate_argnums=(0, 1), out_shardings=out)

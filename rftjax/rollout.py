@@ -1,0 +1,179 @@
+"""Rollouts: generate completions for prompt batches, decode and score them, and assemble one RL step's batch.
+
+    prompts (host) ──generate_texts──► completions + texts ──score_groups──► reward components
+          └─ collect_rollouts: DAPO's dynamic sampling (oversample, keep groups with signal, refill)
+                               ──► Rollouts (host): a RolloutBatch of arrays + texts, rewards, statistics
+
+The `RolloutBatch` is the only thing an RL update reads from the rollouts; the trainer moves it to the
+devices in one transfer (`rftjax.rl_update`). Evaluation generates through `generate_texts` too, so training
+and evaluation decode and score the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import flax
+import jax
+import numpy as np
+
+from rftjax import rewards, sampling
+from rftjax.data.tokenizer import TextTokenizer
+from rftjax.models import VLMConfig
+from rftjax.rl.dapo import groups_with_signal
+from rftjax.rl.masking import check_rewards
+from rftjax.steps import SequenceBatch
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class RolloutBatch:
+    """One RL step's rollouts as arrays (numpy on the host, global arrays after the trainer's one transfer).
+
+    Attributes:
+      seq: `SequenceBatch` of `N = B * G` rows; rows `b*G .. b*G+G-1` are the G samples of prompt b (the
+        prompt and image repeated), completions trimmed by `trim_completions`.
+      rewards: float32 `[N]`, the total reward of each completion (finite: checked on the host).
+    """
+
+    seq: SequenceBatch
+    rewards: Array
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """A `RolloutBatch` and what stays on the host: per-row reward components (`accuracy`, `correct`,
+    `format`, `overlong`, `total`, float32 `[N]`), `lengths` int `[N]`, `truncated` bool `[N]`, decoded
+    `texts` and gold `answers` (`[N]` lists), and `stats` (the `rollout_*` metrics of the step)."""
+
+    batch: RolloutBatch
+    rewards: dict[str, np.ndarray]
+    lengths: np.ndarray
+    truncated: np.ndarray
+    texts: list[str]
+    answers: list[str]
+    stats: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How one RL step samples.
+
+    Attributes:
+      group_size: G, samples per prompt.
+      prompts_per_step: B, prompts (groups) trained on per step.
+      max_new_tokens: the generation budget per completion.
+      temperature, top_k, top_p: the sampling distribution (`rftjax.sampling.filter_logits`).
+      dynamic_sampling: DAPO's filter: keep only groups whose rewards differ (Yu et al. 2025, Sec. 3.2).
+      gen_prompts_per_round: prompts generated per round with dynamic sampling (verl's `gen_batch_size`, a
+        multiple of `prompts_per_step`); 0 = `prompts_per_step`.
+      dynamic_sampling_rounds: rounds at most; a batch still short of B groups is filled with groups without
+        signal (counted in `dynamic_sampling_filled`).
+    """
+
+    group_size: int
+    prompts_per_step: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    dynamic_sampling: bool = False
+    gen_prompts_per_round: int = 0
+    dynamic_sampling_rounds: int = 4
+
+
+def generate_texts(params, config: VLMConfig, tokenizer: TextTokenizer, batch: dict, rng, *, group_size: int,
+                   max_new_tokens: int, greedy: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   put=lambda x: x) -> tuple[sampling.SamplingOutput, list[str]]:
+    """Generate `group_size` completions for each prompt of a host batch (`pixel_values`, `prompt_ids`,
+    `prompt_mask`); `put` moves the prompt arrays to the devices. Returns `(SamplingOutput as numpy, decoded
+    texts [N])`. The image placeholder, pad and BOS ids are never sampled."""
+    out = sampling.generate(params, config, *put((batch["pixel_values"], batch["prompt_ids"], batch["prompt_mask"])),
+                            rng, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, eos_ids=(tokenizer.eos_id,), greedy=greedy,
+                            pad_id=tokenizer.pad_id,
+                            suppress_ids=(config.image_token_id, tokenizer.pad_id, tokenizer.bos_id))
+    out = jax.tree.map(np.asarray, out)
+    texts = [tokenizer.decode(ids[:n]) for ids, n in zip(out.completion_ids, out.lengths)]
+    return out, texts
+
+
+def score_groups(texts: list[str], batch: dict, group_size: int, reward_config: rewards.RewardConfig,
+                 lengths=None) -> dict[str, np.ndarray]:
+    """Reward components (`rftjax.rewards.score`) of `len(batch) * group_size` completions, each prompt's
+    answer repeated for its group."""
+    return rewards.score(texts, list(np.repeat(batch["answer"], group_size)),
+                         list(np.repeat(batch["answer_type"], group_size)), lengths, reward_config)
+
+
+def trim_completions(seq: SequenceBatch, multiple: int = 16) -> SequenceBatch:
+    """`seq` with completions `[N, T]` cut to the batch's longest completion, rounded up to `multiple` tokens
+    (at most `T`), so the update does not compute on padding past every row's end.
+
+    Rounding keeps the number of distinct shapes (each a compilation of the update) at `T / multiple`.
+    Exact: positions past every row's end are masked out of every loss and metric (Dr.GRPO's constant
+    `norm_len` is the generation budget, not T: see `rftjax.configs.algorithm`).
+    """
+    mask = np.asarray(seq.completion_mask)
+    t = mask.shape[1]
+    longest = int(mask.sum(1).max()) if mask.size else 0
+    keep = min(t, max(multiple, -(-longest // multiple) * multiple))
+    return seq.replace(completion_ids=seq.completion_ids[:, :keep], completion_mask=seq.completion_mask[:, :keep])
+
+
+def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, prompts, key,
+                     config: RolloutConfig, reward_config: rewards.RewardConfig, put=lambda x: x) -> Rollouts:
+    """One RL step's rollouts: generate and score G samples per prompt from the `prompts` iterator (host
+    batches), with DAPO's dynamic sampling when `config.dynamic_sampling` (rounds of
+    `gen_prompts_per_round` prompts until B groups with differing rewards are kept; kept groups first, then
+    groups without signal fill a short batch). Round r samples with `fold_in(key, r)`.
+
+    Raises:
+      ValueError: non-finite rewards (a reward function returned NaN/inf).
+    """
+    g, b = config.group_size, config.prompts_per_step
+    per_round = max(1, config.gen_prompts_per_round // b)  # batches of prompts generated per round
+    kept, spare, rounds, gen_time, gen_tokens, generated, signal_seen, correct = [], [], 0, 0.0, 0, 0, 0, 0.0
+    while True:
+        parts = [next(prompts) for _ in range(per_round)]
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        t0 = time.perf_counter()
+        out, texts = generate_texts(params, model_config, tokenizer, batch, jax.random.fold_in(key, rounds),
+                                    group_size=g, max_new_tokens=config.max_new_tokens, greedy=False,
+                                    temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, put=put)
+        gen_time += time.perf_counter() - t0
+        gen_tokens += int(out.lengths.sum())
+        scores = score_groups(texts, batch, g, reward_config, out.lengths.tolist())
+        check_rewards(scores["total"], g)
+        has_signal = groups_with_signal(scores["total"], g)
+        generated += len(has_signal)
+        signal_seen += int(np.sum(has_signal))
+        correct += float(np.sum(scores["correct"]))
+        for i in range(len(batch["answer"])):
+            rows = slice(i * g, (i + 1) * g)
+            group = {"pixel_values": np.repeat(batch["pixel_values"][i:i + 1], g, 0),
+                     "prompt_ids": np.repeat(batch["prompt_ids"][i:i + 1], g, 0),
+                     "prompt_mask": np.repeat(batch["prompt_mask"][i:i + 1], g, 0),
+                     "completion_ids": out.completion_ids[rows], "completion_mask": out.completion_mask[rows],
+                     "truncated": out.truncated[rows], "lengths": out.lengths[rows],
+                     **{f"reward_{k}": v[rows] for k, v in scores.items()}, "texts": texts[rows],
+                     "answers": [batch["answer"][i]] * g, "has_signal": [bool(has_signal[i])]}
+            (kept if has_signal[i] or not config.dynamic_sampling else spare).append(group)
+        rounds += 1
+        if len(kept) >= b or not config.dynamic_sampling or rounds >= config.dynamic_sampling_rounds:
+            break
+    groups = (kept + spare)[:b]
+    rows = {k: (np.concatenate([gr[k] for gr in groups]) if not isinstance(groups[0][k], list)
+                else sum((gr[k] for gr in groups), [])) for k in groups[0]}
+    stats = {"rollout_time_s": gen_time, "rollout_tokens_per_s": gen_tokens / max(gen_time, 1e-9),
+             "rollout_rounds": rounds, "dynamic_sampling_filled": max(0, b - len(kept)),
+             "rollout_groups_with_signal": signal_seen / generated,
+             "rollout_accuracy": correct / (generated * g),  # over every rollout, not only the groups kept
+             "groups_with_signal": float(np.mean(rows["has_signal"]))}
+    seq = trim_completions(SequenceBatch.from_dict(rows))
+    return Rollouts(batch=RolloutBatch(seq=seq, rewards=rows["reward_total"]),
+                    rewards={k[len("reward_"):]: v for k, v in rows.items() if k.startswith("reward_")},
+                    lengths=rows["lengths"], truncated=rows["truncated"], texts=rows["texts"],
+                    answers=rows["answers"], stats=stats)
