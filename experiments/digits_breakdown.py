@@ -7,7 +7,8 @@ of the run, on the held-out test split.
 
 Prints a table and writes experiments/results/digits_breakdown_<run name>.{md,json}. Uses the run's own config
 (stored in its checkpoint; the cold start of `rl.init_from_sft` for ablations); like `python -m rftjax.evaluate`,
-it opens the run with the trainer. Answers are extracted and scored by `rftjax.rewards` (as the evaluation is).
+it builds the run with `rftjax.build.build_run` and reads only the params of its checkpoints. Answers are generated
+with `rftjax.rollout.generate_texts` and scored by `rftjax.rewards` (as the evaluation does).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import jax
 import numpy as np
 
 from rftjax import configs, rewards
-from rftjax.checkpoint import Checkpointer
+from rftjax.build import Run, build_run
+from rftjax.checkpoint import SFT_CHECKPOINT, Checkpointer
 from rftjax.data.pipeline import make_dataset
-from rftjax.evaluate import rollout_texts
-from rftjax.train import SFT_CHECKPOINT, Trainer
+from rftjax.evaluate import latest_params
+from rftjax.rollout import generate_texts
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ANSWER = {"sum": sum, "largest": max, "count": len}
@@ -38,16 +40,15 @@ def parse(text: str) -> tuple[list[int] | None, str | None]:
     return digits, rewards.extract_answer(text)
 
 
-def breakdown(trainer: Trainer, params, n: int) -> dict:
+def breakdown(run: Run, params, n: int) -> dict:
     """Per question kind: n, accuracy, all_read (every digit right), per_digit, consistent (answer = f(read))."""
-    source, counts = trainer.sources["test"], collections.defaultdict(collections.Counter)
-    it = iter(make_dataset(source, trainer.pre, batch_size=trainer.c.eval.batch_size, shuffle=False, num_epochs=1,
-                           num_threads=1))
+    source, counts = run.sources["test"], collections.defaultdict(collections.Counter)
+    it = iter(make_dataset(source, run.prompt_pre, batch_size=run.config.eval.batch_size, shuffle=False,
+                           num_epochs=1, num_threads=1))
     index = 0
     for batch in it:
-        _, texts = rollout_texts(params, trainer.model_config, trainer.tokenizer, batch, jax.random.key(0),
-                                 group_size=1, max_new_tokens=configs.eval_max_new_tokens(trainer.c), greedy=True,
-                                 put=trainer.put)
+        _, texts = generate_texts(params, run.model_config, run.tokenizer, batch, jax.random.key(0), group_size=1,
+                                  max_new_tokens=configs.eval_max_new_tokens(run.config), greedy=True, put=run.put)
         for text in texts:
             if index >= n:
                 break
@@ -83,16 +84,17 @@ def main():
     config = configs.base_config()  # fields added since the run was saved keep their defaults
     config.update(json.loads(ckpt.read_meta(ckpt.latest_step())["config"]))
     config.log.progress = False
-    trainer = Trainer(config, args.run, restore=True)
+    run = build_run(config, args.run)
     rows = {}
     sft = Checkpointer(args.run, subdir=SFT_CHECKPOINT)
     if sft.latest_step() is None and config.rl.init_from_sft:  # an ablation started from another run's cold start
         sft = Checkpointer(config.rl.init_from_sft, subdir=SFT_CHECKPOINT)
     if sft.latest_step() is not None:
-        state, _, _ = sft.restore(sft.latest_step(), {"params": trainer.params})
-        rows["cold start"] = breakdown(trainer, state["params"], args.examples)
-    rows[f"end ({trainer.meta['stage']}, step {trainer.meta['global_step']})"] = breakdown(trainer, trainer.params,
-                                                                                         args.examples)
+        rows["cold start"] = breakdown(run, sft.restore_params(sft.latest_step(), run.params, ("params",)),
+                                       args.examples)
+    params, step = latest_params(run)
+    stage = ckpt.read_meta(step)["stage"]
+    rows[f"end ({stage}, step {step})"] = breakdown(run, params, args.examples)
     lines = ["| params | question | n | accuracy | every digit read right | per-digit reading | answer follows "
              "from the digits read |", "|---|---|---|---|---|---|---|"]
     for name, kinds in rows.items():

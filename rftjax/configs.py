@@ -129,7 +129,7 @@ def algorithm(c: ml_collections.ConfigDict):
     deprecated `rl.dynamic_sampling_rounds` / `rl.gen_prompts_per_round`, see `RENAMED`); raises ValueError for an
     unknown preset or an invalid combination. `norm_len` (Dr.GRPO's constant) defaults
     to `c.rl.max_new_tokens`, TRL's `max_completion_length`, not to the (trimmed) length of each update batch."""
-    import warnings
+    import logging
 
     from rftjax import rl
 
@@ -138,7 +138,7 @@ def algorithm(c: ml_collections.ConfigDict):
         value = c.rl.get(old)
         if value is None:
             continue
-        warnings.warn(f"--config.rl.{old} is deprecated: use --config.rl.algo.{new}", DeprecationWarning, stacklevel=2)
+        logging.getLogger("rftjax").warning("config rl.%s is deprecated: use rl.algo.%s", old, new)
         if overrides.get(new, value) != value:
             raise ValueError(f"bad config: rl.{old}={value} and rl.algo.{new}={overrides[new]} disagree; set only "
                              f"rl.algo.{new}")

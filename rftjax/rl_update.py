@@ -67,7 +67,8 @@ def make_rl_update(config: VLMConfig, algo: rl.AlgorithmConfig, temperature: flo
         params or None; batch: a `RolloutBatch` of N rows on the devices; key: the step's PRNG key (the
         minibatch permutations come from `fold_in(key, UPDATE_STREAM)`).
     `minibatch_size` (0 = N) must divide N. Returns the metrics of every update stacked, float32
-    `[num_iterations * N / minibatch_size]` per key (critic metrics empty without a critic).
+    `[num_iterations * N / minibatch_size]` per key; the critic's (empty without a critic) are `vf_loss`,
+    `vf_clip_frac`, `value_mean` and its `critic_loss`, `critic_grad_norm`, `critic_skipped_updates`.
     """
     policy_loss = functools.partial(steps.rl_loss, config=config, algo=algo, temperature=temperature)
     critic_loss = functools.partial(steps.critic_loss, config=config, algo=algo)
@@ -86,6 +87,8 @@ def make_rl_update(config: VLMConfig, algo: rl.AlgorithmConfig, temperature: flo
             critic_metrics = {}
             if critic is not None:
                 critic, critic_metrics = steps.apply_gradients(critic_loss, critic, part)
+                # loss, grad_norm, skipped_updates: the critic's get a prefix, the policy's keep their names
+                critic_metrics = {f"critic_{k}" if k in metrics else k: v for k, v in critic_metrics.items()}
             return (policy, critic), (metrics, critic_metrics)
 
         rows = minibatch_indices(jax.random.fold_in(key, UPDATE_STREAM), n, mb, algo.num_iterations)

@@ -296,8 +296,7 @@ class Trainer:
         policy_metrics, critic_metrics = jax.device_get(metrics)
         update_time = time.perf_counter() - t0
         m = {**_mean(policy_metrics), **_mean(critic_metrics), **rollout_metrics(rollouts)}
-        m.update(lr=float(s.schedule(int(s.policy.step) - 1)), update_time_s=update_time,
-                 time_per_step_s=rollouts.stats["rollout_time_s"] + update_time)
+        m.update(update_time_s=update_time, time_per_step_s=rollouts.stats["rollout_time_s"] + update_time)
         return m
 
     def _rl_step(self, n: int) -> tuple[dict, bool]:
@@ -306,6 +305,7 @@ class Trainer:
         rollouts = collect_rollouts(self.params, run.model_config, run.tokenizer, self.rl_iter, key,
                                     run.rollout_config, run.reward_config, run.put)
         m = self.rl_update_step(rollouts, key)
+        m["lr"] = float(self.state.schedule(int(self.state.policy.step) - 1))
         if n % c.log.samples_every == 0:
             self.logger.log_samples(self.counters.global_step, [
                 {"completion": text, "answer": answer, "reward": float(reward)} for text, answer, reward in

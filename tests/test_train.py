@@ -55,15 +55,19 @@ def test_every_preset_runs_the_smoke_config(tmp_path, algorithm):
         assert all(0 <= r["rollout_groups_with_signal"] <= 1 and 0 <= r["rollout_accuracy"] <= 1 for r in rl_rows)
     else:  # without dynamic sampling every rollout is trained on
         assert all(r["rollout_accuracy"] == pytest.approx(r["accuracy"], abs=1e-9) for r in rl_rows)
-    if algorithm == "ppo":
+    if algorithm == "ppo":  # the critic's loss is logged beside the policy's (= value_coef x vf_loss), not over it
         assert all("vf_loss" in r and "vf_clip_frac" in r for r in rl_rows)
+        algo = rl.get_algorithm("ppo")
+        assert all(r["critic_loss"] == pytest.approx(algo.value_coef * r["vf_loss"], rel=1e-5, abs=1e-8)
+                   for r in rl_rows)
+        assert all(r["loss"] == pytest.approx(r["pg_loss"], rel=1e-5, abs=1e-8) for r in rl_rows)
 
 
 def test_rl_and_control_start_from_another_runs_cold_start(tmp_path):
     """rl.init_from_sft: an SFT-only run's cold start (RL disabled there) seeds an RL run and an SFT control run,
     both beginning at its params, step and sft_end evaluations."""
+    from rftjax.checkpoint import SFT_CHECKPOINT
     from rftjax.checkpoint import Checkpointer as Ckpt
-    from rftjax.train import SFT_CHECKPOINT
 
     _, src, summary = _run(tmp_path, "sft_only", **{"rl.enabled": False})
     assert summary["rl_steps"] == 0
@@ -94,9 +98,9 @@ def test_ppo_critic_update_fits_the_returns():
                                      steps.make_optimizer(steps.make_schedule(1e-2, 100)))
     update = steps.make_update(functools.partial(steps.critic_loss, config=config, algo=algo))
     pixels, prompt = dummy_inputs(config, 4)
-    batch = {"pixel_values": pixels, "prompt_ids": prompt, "prompt_mask": jnp.ones_like(prompt, bool),
-             "completion_ids": jnp.full((4, 5), 7, jnp.int32), "completion_mask": jnp.ones((4, 5), bool),
-             "returns": jnp.ones((4, 5)), "old_values": jnp.zeros((4, 5))}
+    seq = steps.SequenceBatch(pixel_values=pixels, prompt_ids=prompt, prompt_mask=jnp.ones_like(prompt, bool),
+                              completion_ids=jnp.full((4, 5), 7, jnp.int32), completion_mask=jnp.ones((4, 5), bool))
+    batch = steps.UpdateBatch(seq=seq, advantages=jnp.zeros(4), returns=jnp.ones((4, 5)), old_values=jnp.zeros((4, 5)))
     losses = []
     for _ in range(20):
         critic, m = update(critic, batch)
@@ -138,7 +142,7 @@ def test_trimmed_completions_give_the_same_loss_and_gradient(algorithm):
 
     from rftjax import steps
     from rftjax.models import get_preset, init_params
-    from rftjax.train import trim_completions
+    from rftjax.rollout import trim_completions
 
     model = get_preset("tiny")
     params = init_params(model, jax.random.key(0))
@@ -148,26 +152,28 @@ def test_trimmed_completions_give_the_same_loss_and_gradient(algorithm):
     prompt = np.concatenate([np.full((n, model.num_image_tokens), model.image_token_id), rng.integers(4, 50, (n, 3))],
                             axis=1).astype(np.int32)
     mask = np.arange(t)[None] < lengths[:, None]
-    batch = {"pixel_values": rng.standard_normal((n, v.image_size, v.image_size, v.num_channels)).astype(np.float32),
-             "prompt_ids": prompt, "prompt_mask": np.ones_like(prompt, bool),
-             "completion_ids": np.where(mask, rng.integers(4, 50, (n, t)), 0).astype(np.int32),
-             "completion_mask": mask, "advantages": np.array([1.0, -0.5, 0.25, -0.75], np.float32)}
-    trimmed = trim_completions(batch)
-    assert trimmed["completion_ids"].shape == (n, 16) and trimmed["completion_mask"].sum() == mask.sum()
+    seq = steps.SequenceBatch(
+        pixel_values=rng.standard_normal((n, v.image_size, v.image_size, v.num_channels)).astype(np.float32),
+        prompt_ids=prompt, prompt_mask=np.ones_like(prompt, bool),
+        completion_ids=np.where(mask, rng.integers(4, 50, (n, t)), 0).astype(np.int32), completion_mask=mask)
+    trimmed = trim_completions(seq)
+    assert trimmed.completion_ids.shape == (n, 16) and trimmed.completion_mask.sum() == mask.sum()
     config = smoke.get_config(algorithm)
     config.rl.max_new_tokens = t
     algo = configs.algorithm(config)
     assert algo.norm_len == t
     ref = init_params(model, jax.random.key(1))  # the KL term (grpo's kl_coef > 0) against other params
-    with_ref = lambda b: {**b, "ref_logprobs": steps.completion_logprobs(ref, model, b)[0]}  # noqa: E731
+    advantages = np.array([1.0, -0.5, 0.25, -0.75], np.float32)
+    with_ref = lambda s: steps.UpdateBatch(seq=s, advantages=advantages,  # noqa: E731
+                                           ref_logprobs=steps.completion_logprobs(ref, model, s)[0])
     grad = jax.value_and_grad(lambda p, b: steps.rl_loss(p, b, model, algo, 1.0)[0])
-    (want, want_g), (got, got_g) = grad(params, with_ref(batch)), grad(params, with_ref(trimmed))
+    (want, want_g), (got, got_g) = grad(params, with_ref(seq)), grad(params, with_ref(trimmed))
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(want_g)) > 1e-4  # not trivially zero
     mask[0, :17] = True
-    assert trim_completions({**batch, "completion_mask": mask})["completion_ids"].shape == (n, t)
+    assert trim_completions(seq.replace(completion_mask=mask)).completion_ids.shape == (n, t)
 
 
 def test_lr_scales_multiply_one_module_updates():
