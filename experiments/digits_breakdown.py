@@ -20,7 +20,6 @@ import os
 import re
 
 import jax
-import numpy as np
 
 from rftjax import configs, rewards
 from rftjax.build import Run, build_run

@@ -56,6 +56,16 @@ class Rollouts:
     answers: list[str]
     stats: dict[str, float]
 
+    def metrics(self) -> dict[str, float]:
+        """Rewards, accuracy, lengths and truncation of the rows trained on, plus the rollout statistics."""
+        r, lengths = self.rewards, self.batch.seq.completion_mask.sum(1)
+        return {"reward_mean": float(r["total"].mean()), "reward_std": float(r["total"].std()),
+                "accuracy": float(r["correct"].mean()), "format_rate": float(r["format"].mean()),
+                "reward_accuracy_mean": float(r["accuracy"].mean()), "reward_format_mean": float(r["format"].mean()),
+                "reward_overlong_mean": float(r["overlong"].mean()), "completion_len_mean": float(lengths.mean()),
+                "completion_len_max": int(lengths.max()), "truncation_rate": float(self.truncated.mean()),
+                **self.stats}
+
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:

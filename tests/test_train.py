@@ -138,8 +138,6 @@ def test_trimmed_completions_give_the_same_loss_and_gradient(algorithm):
     """`trim_completions` cuts `[N, T]` completions to the longest row rounded up to 16: the RL loss and its
     gradient are those of the padded batch (Dr.GRPO's constant norm_len fixed to the generation budget by
     `configs.algorithm`, not the trimmed T). Rounding: longest 11 -> 16 columns, 17 -> all 24."""
-    import jax.numpy as jnp
-
     from rftjax import steps
     from rftjax.models import get_preset, init_params
     from rftjax.rollout import trim_completions

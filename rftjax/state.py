@@ -1,0 +1,182 @@
+"""The mutable state of a run and its checkpoints: run counters, the device states of the current stage, the data
+iterators; save, restore (resume) and starting from another run's cold start (`rl.init_from_sft`).
+
+Checkpoint layout: `rftjax.checkpoint`. A resumed run restores counters, train states, reference / critic / best
+params and both data-iterator positions, so it computes exactly what an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rftjax import metrics as run_metrics
+from rftjax import steps
+from rftjax.build import Run, train_iterators
+from rftjax.checkpoint import SFT_CHECKPOINT, Checkpointer
+from rftjax.data.pipeline import iterator_state
+from rftjax.rl_update import make_rl_update
+from rftjax.steps import TrainState
+
+log = logging.getLogger("rftjax")
+
+
+@dataclasses.dataclass
+class Counters:
+    """Where a run is; the checkpoint's `meta` holds them and a resumed run starts from them.
+
+    Attributes:
+      stage: `sft`, `rl` (the RL stage or the SFT control) or `done`.
+      global_step, sft_step, rl_step: steps taken in all, in the cold start, in the RL stage (or control).
+      best_val_loss, best_step, bad_evals: the cold start's early stopping (best validation loss, the global
+        step it was reached at, evaluations since without improvement).
+      sft_time_s, rl_time_s: wall seconds spent in each stage (evaluations included).
+    """
+
+    stage: str = "sft"
+    global_step: int = 0
+    sft_step: int = 0
+    rl_step: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    sft_time_s: float = 0.0
+    rl_time_s: float = 0.0
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Counters":
+        """The counters in a checkpoint's `meta` (other keys, and counters it lacks, are ignored)."""
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta})
+
+
+@dataclasses.dataclass
+class StageState:
+    """The device state of the current stage and its jitted functions.
+
+    Attributes:
+      policy: the policy's `TrainState`; schedule: its learning rate by update step.
+      update: `update(policy, SequenceBatch) -> (policy, metrics)`, the SFT step (cold start and control).
+      rl_update: `rftjax.rl_update.make_rl_update`'s function in the RL stage, else None.
+      critic: the critic's `TrainState` (PPO); ref: the frozen reference params (a KL term); best: the params
+        of the best validation loss in the cold start. None when not used.
+    """
+
+    policy: TrainState
+    schedule: Callable[[int], Any]
+    update: Callable | None = None
+    rl_update: Callable | None = None
+    critic: TrainState | None = None
+    ref: Any = None
+    best: Any = None
+
+
+def _shardings(tree):
+    return None if tree is None else jax.tree.map(lambda x: x.sharding, tree)
+
+
+class RunState:
+    """Counters, stage states and data iterators of one run, restored from its latest checkpoint when there is
+    one (`restore`), else started from `rl.init_from_sft` when set, else fresh from `setup.params`."""
+
+    def __init__(self, setup: Run, restore: bool = True):
+        self.setup, self.c = setup, setup.config
+        self.sft_iter, self.rl_iter = train_iterators(setup)
+        self.counters = Counters(stage="sft" if self.c.sft.enabled else "rl")
+        self.ckpt = Checkpointer(setup.workdir, self.c.checkpoint.keep)
+        self.enter_stage(setup.params)
+        if restore and self.ckpt.latest_step() is not None:
+            self.restore(self.ckpt.latest_step())
+            log.info("resumed from step %d (stage %s)", self.counters.global_step, self.counters.stage)
+        elif self.c.rl.init_from_sft:
+            self.start_from_sft(self.c.rl.init_from_sft)
+
+    @property
+    def control(self) -> bool:
+        """Whether the RL stage is the SFT control (`rl.control_sft_seconds > 0`)."""
+        return self.c.rl.control_sft_seconds > 0
+
+    def _train_state(self, params, lr: float, warmup: int, total: int, weight_decay: float):
+        o = self.c.optim
+        schedule = steps.make_schedule(lr, total, warmup, o.lr_decay)
+        tx = steps.make_optimizer(schedule, weight_decay, o.b1, o.b2, o.grad_clip, o.grad_accum,
+                                  {"vision_tower": o.vision_lr_scale})
+        return jax.jit(lambda p: TrainState.create(p, tx))(params), schedule
+
+    def enter_stage(self, params):
+        """Fresh states and update functions of the current stage, starting from `params`: the SFT optimizer
+        (cold start, control, or a finished run), or the RL one with the critic and the reference it needs."""
+        c, mc, algo = self.c, self.setup.model_config, self.setup.algo
+        if self.counters.stage != "rl" or self.control:
+            policy, schedule = self._train_state(params, c.sft.lr, c.sft.warmup_steps, c.sft.max_steps,
+                                                 c.sft.weight_decay)
+            update = steps.make_update(functools.partial(steps.sft_loss, config=mc), _shardings(policy))
+            self.stage = StageState(policy, schedule, update)
+            return
+        n_rows = c.rl.prompts_per_step * algo.group_size
+        n_updates = c.rl.steps * algo.num_iterations * (n_rows // (c.rl.minibatch_size or n_rows))
+        policy, schedule = self._train_state(params, c.rl.lr, c.rl.warmup_steps, n_updates, c.rl.weight_decay)
+        critic = self._train_state(steps.init_critic(params, mc), c.rl.critic_lr, 0, n_updates, 0.0)[0] \
+            if algo.uses_critic else None
+        rl_update = make_rl_update(mc, algo, c.rl.temperature, c.rl.minibatch_size, _shardings(policy),
+                                   _shardings(critic))
+        self.stage = StageState(policy, schedule, rl_update=rl_update, critic=critic,
+                                ref=jax.tree.map(jnp.copy, params) if algo.uses_reference else None)
+
+    def finish_stage(self, params, next_stage: str):
+        """Move to `next_stage` from `params`: its fresh states, or for `done` the policy's state alone."""
+        self.counters.stage = next_stage
+        if next_stage == "done":  # nothing left to train: no reference, critic or best params to keep
+            self.stage = StageState(self.stage.policy.replace(params=params), self.stage.schedule)
+        else:
+            self.enter_stage(params)
+
+    def _ckpt_state(self) -> dict:
+        s = self.stage
+        return {"policy": s.policy, "ref": {} if s.ref is None else s.ref,
+                "critic": {} if s.critic is None else s.critic, "best": {} if s.best is None else s.best}
+
+    def save(self, ckpt: Checkpointer | None = None, state=None):
+        """Checkpoint at the global step: the stage's states (or `state`), iterator positions, counters, config."""
+        data = {"sft": iterator_state(self.sft_iter), "rl": iterator_state(self.rl_iter)}
+        meta = {**dataclasses.asdict(self.counters), "has_best": self.stage.best is not None,
+                "config": self.c.to_json(), "key_data": np.asarray(jax.random.key_data(self.setup.key)).tolist()}
+        (ckpt or self.ckpt).save(self.counters.global_step, self._ckpt_state() if state is None else state, data, meta)
+
+    def restore(self, step: int):
+        meta = self.ckpt.read_meta(step)
+        self.counters = Counters.from_meta(meta)
+        if self.counters.stage == "done":  # nothing left to train: the params are all a finished run needs
+            self.enter_stage(self.ckpt.restore_params(step, self.setup.params))
+            return
+        self.enter_stage(self.setup.params)
+        if meta.get("has_best"):
+            self.stage.best = self.setup.params
+        state, data, _ = self.ckpt.restore(step, self._ckpt_state())
+        self.stage = dataclasses.replace(self.stage, policy=state["policy"], ref=state["ref"] or None,
+                                         critic=state["critic"] or None, best=state["best"] or None)
+        self.sft_iter.set_state(data["sft"])
+        self.rl_iter.set_state(data["rl"])
+
+    def start_from_sft(self, run_dir: str):
+        """Begin at another run's cold-start result: its `sft_checkpoint/` and its `sft_end` evaluations."""
+        src = Checkpointer(run_dir, subdir=SFT_CHECKPOINT)
+        step = src.latest_step()
+        if step is None:
+            raise ValueError(f"bad config: rl.init_from_sft={run_dir!r} has no {SFT_CHECKPOINT}/ (run its SFT stage)")
+        self.counters = dataclasses.replace(Counters.from_meta(src.read_meta(step)), stage="rl")
+        state, data, _ = src.restore(step, {"params": self.setup.params})
+        self.enter_stage(state["params"])  # fresh RL optimizer; reference = the cold-start result
+        self.sft_iter.set_state(data["sft"])
+        self.rl_iter.set_state(data["rl"])
+        evals = [e for e in run_metrics.read_jsonl(os.path.join(run_dir, "eval.jsonl")) if e["stage"] == "sft_end"]
+        with open(os.path.join(self.setup.workdir, "eval.jsonl"), "w") as f:
+            f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in evals)
+        log.info("starting from the cold start of %s (step %d)", run_dir, self.counters.global_step)
