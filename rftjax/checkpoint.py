@@ -4,7 +4,7 @@ One `CheckpointManager` under `WORKDIR/checkpoints`, items:
   state  the arrays: {"policy": TrainState, "ref": reference params or {}, "critic": TrainState or {},
          "best": the best params of the SFT early stopping or {}}
   data   JSON: the grain iterator states (`get_state()`), {"sft": ..., "rl": ...}
-  meta   JSON: the run counters (`rftjax.train.Counters`), `has_best`, the PRNG key data, the config as JSON
+  meta   JSON: the run counters (`rftjax.state.Counters`), `has_best`, the PRNG key data, the config as JSON
 A run resumes from the latest step; saving is synchronous (a SIGTERM handler can save then exit).
 The cold-start result of a run is kept apart under `WORKDIR/sft_checkpoint` (`SFT_CHECKPOINT`), with
 state {"params": params}, for RL ablations that start from it (`rl.init_from_sft`).

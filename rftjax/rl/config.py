@@ -18,7 +18,7 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
-    """Every knob of the objective. Field names follow the field (DESIGN.md).
+    """Every knob of the objective and of DAPO's sampling. Field names are the field's (TRL, verl, the papers).
 
     Attributes:
       name: preset name, for logs.
