@@ -35,7 +35,7 @@ def test_one_rl_step_moves_its_rollouts_to_the_devices_once(tmp_path, monkeypatc
         set_by_path(config, key, value)
     trainer = Trainer(config, str(tmp_path / algorithm))
     setup, key = trainer.setup, jax.random.key(3)
-    rollouts = collect_rollouts(trainer.params, setup.model_config, setup.tokenizer, trainer.rl_iter, key,
+    rollouts = collect_rollouts(trainer.params, setup.model_config, setup.tokenizer, trainer.state.rl_iter, key,
                                 setup.rollout_config, setup.reward_config, setup.put)
     before = jax.tree.map(np.asarray, trainer.params)
     puts = []
