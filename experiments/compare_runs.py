@@ -34,7 +34,8 @@ def compare(a_dir: str, b_dir: str) -> float:
                     elif v != rb[k]:
                         print(f"{arm:14s} {name:14s} {k} differs at step {ra.get('step')}: {v!r} vs {rb[k]!r}")
             worst_all = max(worst_all, worst)
-            print(f"{arm:14s} {name:14s} rows={len(a)} max|diff|={worst:.3g} at {where} keys only in one: {sorted(keys)}")
+            print(f"{arm:14s} {name:14s} rows={len(a)} max|diff|={worst:.3g} at {where} "
+                  f"keys only in one: {sorted(keys)}")
     print(json.dumps({"max_abs_diff": worst_all}))
     return worst_all
 

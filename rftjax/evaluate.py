@@ -131,9 +131,7 @@ def main(config, workdir):
     try:
         if config.eval.dataset:
             c = config
-            pre = Preprocess(run.tokenizer, run.model_config.vision.image_size, run.model_config.num_image_tokens,
-                             c.data.max_prompt_len)
-            r = evaluate(params, run.model_config, run.tokenizer, user_dataset(c.eval.dataset), pre,
+            r = evaluate(params, run.model_config, run.tokenizer, user_dataset(c.eval.dataset), run.prompt_pre,
                          batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
                          rng=jax.random.key(c.seed), pass_k=c.eval.pass_k, pass_n=c.eval.pass_n,
                          reward_config=run.reward_config, put=run.put)

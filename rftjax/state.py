@@ -91,12 +91,13 @@ class RunState:
         self.sft_iter, self.rl_iter = train_iterators(setup)
         self.counters = Counters(stage="sft" if self.c.sft.enabled else "rl")
         self.ckpt = Checkpointer(setup.workdir, self.c.checkpoint.keep)
-        self.enter_stage(setup.params)
         if restore and self.ckpt.latest_step() is not None:
             self.restore(self.ckpt.latest_step())
             log.info("resumed from step %d (stage %s)", self.counters.global_step, self.counters.stage)
         elif self.c.rl.init_from_sft:
             self.start_from_sft(self.c.rl.init_from_sft)
+        else:
+            self.enter_stage(setup.params)
 
     @property
     def control(self) -> bool:
@@ -143,6 +144,11 @@ class RunState:
         return {"policy": s.policy, "ref": {} if s.ref is None else s.ref,
                 "critic": {} if s.critic is None else s.critic, "best": {} if s.best is None else s.best}
 
+    def _set_iterator_states(self, data: dict):
+        """Resume both data pipelines at the positions `save` wrote."""
+        self.sft_iter.set_state(data["sft"])
+        self.rl_iter.set_state(data["rl"])
+
     def save(self, ckpt: Checkpointer | None = None, state=None):
         """Checkpoint at the global step: the stage's states (or `state`), iterator positions, counters, config."""
         data = {"sft": iterator_state(self.sft_iter), "rl": iterator_state(self.rl_iter)}
@@ -162,8 +168,7 @@ class RunState:
         state, data, _ = self.ckpt.restore(step, self._ckpt_state())
         self.stage = dataclasses.replace(self.stage, policy=state["policy"], ref=state["ref"] or None,
                                          critic=state["critic"] or None, best=state["best"] or None)
-        self.sft_iter.set_state(data["sft"])
-        self.rl_iter.set_state(data["rl"])
+        self._set_iterator_states(data)
 
     def start_from_sft(self, run_dir: str):
         """Begin at another run's cold-start result: its `sft_checkpoint/` and its `sft_end` evaluations."""
@@ -174,8 +179,7 @@ class RunState:
         self.counters = dataclasses.replace(Counters.from_meta(src.read_meta(step)), stage="rl")
         state, data, _ = src.restore(step, {"params": self.setup.params})
         self.enter_stage(state["params"])  # fresh RL optimizer; reference = the cold-start result
-        self.sft_iter.set_state(data["sft"])
-        self.rl_iter.set_state(data["rl"])
+        self._set_iterator_states(data)
         evals = [e for e in run_metrics.read_jsonl(os.path.join(run_dir, "eval.jsonl")) if e["stage"] == "sft_end"]
         with open(os.path.join(self.setup.workdir, "eval.jsonl"), "w") as f:
             f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in evals)

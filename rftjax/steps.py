@@ -7,6 +7,7 @@ and every forward pass reads) and `UpdateBatch` (a `SequenceBatch` plus what the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -43,8 +44,7 @@ class SequenceBatch:
     @classmethod
     def from_dict(cls, batch: dict) -> "SequenceBatch":
         """The five arrays of a pipeline batch (a dict that also holds strings such as `answer`)."""
-        return cls(**{f: batch[f] for f in ("pixel_values", "prompt_ids", "prompt_mask", "completion_ids",
-                                           "completion_mask")})
+        return cls(**{f.name: batch[f.name] for f in dataclasses.fields(cls)})
 
 
 @flax.struct.dataclass

@@ -108,12 +108,17 @@ class Trainer:
         return float(np.mean([float(self.sft_eval_fn(params, self.setup.put(SequenceBatch.from_dict(b)))[0])
                               for b in it]))
 
+    def _sft_update(self) -> dict:
+        """One SFT update on the next traced batch (cold start and control); its metrics as floats (which waits
+        for the update)."""
+        s = self.state.stage
+        s.policy, m = s.update(s.policy, self.setup.put(SequenceBatch.from_dict(next(self.state.sft_iter))))
+        return {k: float(v) for k, v in m.items()}
+
     def _sft_step(self, n: int) -> tuple[dict, bool]:
         c, s, counters = self.c.sft, self.state.stage, self.state.counters
         t0 = time.perf_counter()
-        s.policy, m = s.update(s.policy, self.setup.put(SequenceBatch.from_dict(next(self.state.sft_iter))))
-        jax.block_until_ready(s.policy.params)
-        m = {k: float(v) for k, v in m.items()}
+        m = self._sft_update()
         m.update(lr=float(s.schedule(n - 1)), time_per_step_s=time.perf_counter() - t0)
         if n % c.eval_every:
             return m, False
@@ -131,9 +136,10 @@ class Trainer:
 
     def run_sft(self):
         c = self.c
-        if not self._loop("sft", "sft_step", "sft_time_s", lambda: self.state.counters.sft_step < c.sft.max_steps,
+        counters = self.state.counters
+        if not self._loop("sft", "sft_step", "sft_time_s", lambda: counters.sft_step < c.sft.max_steps,
                           self._sft_step, c.sft.max_steps, postfix=lambda m: {
-                              "loss": f"{m['sft_loss']:.3f}", "val": m.get("val_loss", self.state.counters.best_val_loss)}):
+                              "loss": f"{m['sft_loss']:.3f}", "val": m.get("val_loss", counters.best_val_loss)}):
             return
         params = self.params if self.state.stage.best is None else self.state.stage.best  # best validation loss
         self._end_stage("sft_end", params, "rl" if c.rl.enabled else "done")
@@ -177,15 +183,11 @@ class Trainer:
                                                              "s_per_step": f"{m['time_per_step_s']:.1f}"}):
             self._end_stage("rl_end", self.params)
 
-    def _control_step(self, n: int) -> tuple[dict, bool]:
-        s = self.state.stage
-        s.policy, m = s.update(s.policy, self.setup.put(SequenceBatch.from_dict(next(self.state.sft_iter))))
-        return {k: float(v) for k, v in m.items()}, False
-
     def run_control_sft(self):
         """Control: spend `rl.control_sft_seconds` on more SFT over the same traced set (no early stopping)."""
         if self._loop("control_sft", "rl_step", "rl_time_s",
-                      lambda: self.state.counters.rl_time_s < self.c.rl.control_sft_seconds, self._control_step,
+                      lambda: self.state.counters.rl_time_s < self.c.rl.control_sft_seconds,
+                      lambda n: (self._sft_update(), False),
                       desc="control sft"):
             self._end_stage("control_end", self.params)
 
