@@ -1,8 +1,9 @@
 """Update-step time and model FLOPs utilisation (MFU) against this machine's matmul peak, measured in the
 same run.
 
-The update step is `rftjax.steps.make_update` on the RL policy loss (GRPO, on-policy) over a batch of
-prompt + completion sequences: one forward and one backward pass (~3x the forward FLOPs of
+The update step is the trainer's `rftjax.rl_update.make_rl_update` (GRPO, on-policy, no KL: group advantages
+from the rewards, then one `apply_gradients` of the policy loss) over a `RolloutBatch` of prompt + completion
+sequences already on the device: one forward and one backward pass (~3x the forward FLOPs of
 `rftjax.models.forward_flops`, the PaLM/MaxText convention; attention counted causally). The peak is a
 4096^3 matmul in float32 and in bfloat16 with float32 accumulation; MFU is reported against the peak of
 the step's compute dtype.
@@ -15,7 +16,6 @@ Prints a table and writes experiments/results/bench_update{_gpu}.{md,json}. Need
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -28,6 +28,8 @@ import numpy as np
 
 from rftjax import rl, steps
 from rftjax.models import forward_flops, get_preset, init_params, param_count
+from rftjax.rl_update import make_rl_update
+from rftjax.steps import RolloutBatch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -48,21 +50,27 @@ def matmul_peak(dtype, n: int = 4096, repeats: int = 5) -> float:
 def bench(preset: str, dtype: str, batch: int, prompt_len: int, completion_len: int, repeats: int) -> dict:
     config = get_preset(preset, dtype=dtype)
     params = init_params(config, jax.random.key(0))
-    algo = rl.get_algorithm("grpo", kl_coef=0.0)
+    algo = rl.get_algorithm("grpo", kl_coef=0.0, group_size=4)
     sched = steps.make_schedule(1e-5, 1000)
     state = steps.TrainState.create(params, steps.make_optimizer(sched))
-    update = steps.make_update(functools.partial(steps.rl_loss, config=config, algo=algo, temperature=1.0))
+    rl_update = make_rl_update(config, algo, temperature=1.0, minibatch_size=0)
+    key = jax.random.key(1)
+
+    def update(state, batch):
+        state, _, (metrics, _) = rl_update(state, None, None, batch, key)
+        return state, metrics
+
     rng = np.random.default_rng(0)
     p = config.num_image_tokens
     prompt = np.concatenate([np.full((batch, p), config.image_token_id),
                              rng.integers(10, config.text.vocab_size, (batch, prompt_len - p))], 1).astype(np.int32)
     v = config.vision
-    batch_arrays = {
-        "pixel_values": jnp.asarray(rng.standard_normal((batch, v.image_size, v.image_size, 3)), jnp.float32),
-        "prompt_ids": jnp.asarray(prompt), "prompt_mask": jnp.ones((batch, prompt_len), bool),
-        "completion_ids": jnp.asarray(rng.integers(10, config.text.vocab_size, (batch, completion_len)), jnp.int32),
-        "completion_mask": jnp.ones((batch, completion_len), bool),
-        "advantages": jnp.asarray(rng.standard_normal(batch), jnp.float32)}
+    batch_arrays = RolloutBatch(seq=steps.SequenceBatch(
+        pixel_values=jnp.asarray(rng.standard_normal((batch, v.image_size, v.image_size, 3)), jnp.float32),
+        prompt_ids=jnp.asarray(prompt), prompt_mask=jnp.ones((batch, prompt_len), bool),
+        completion_ids=jnp.asarray(rng.integers(10, config.text.vocab_size, (batch, completion_len)), jnp.int32),
+        completion_mask=jnp.ones((batch, completion_len), bool)),
+        rewards=jnp.asarray(rng.standard_normal(batch), jnp.float32))
     t0 = time.perf_counter()
     state, m = update(state, batch_arrays)
     jax.block_until_ready(m)

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 
 from rftjax import rl, steps
 from rftjax.models import VLMConfig
-from rftjax.rollout import RolloutBatch
-from rftjax.steps import TrainState, UpdateBatch
+from rftjax.steps import RolloutBatch, TrainState, UpdateBatch
 
 Array = jax.Array
 UPDATE_STREAM = 1 << 30  # fold_in data of the update's key; rollout rounds use 0, 1, ... of the same step key

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import flax
 import jax
 import numpy as np
 
@@ -23,23 +22,7 @@ from rftjax.data.tokenizer import TextTokenizer
 from rftjax.models import VLMConfig
 from rftjax.rl.dapo import groups_with_signal
 from rftjax.rl.masking import check_rewards
-from rftjax.steps import SequenceBatch
-
-Array = jax.Array
-
-
-@flax.struct.dataclass
-class RolloutBatch:
-    """One RL step's rollouts as arrays (numpy on the host, global arrays after the trainer's one transfer).
-
-    Attributes:
-      seq: `SequenceBatch` of `N = B * G` rows; rows `b*G .. b*G+G-1` are the G samples of prompt b (the
-        prompt and image repeated), completions trimmed by `trim_completions`.
-      rewards: float32 `[N]`, the total reward of each completion (finite: checked on the host).
-    """
-
-    seq: SequenceBatch
-    rewards: Array
+from rftjax.steps import RolloutBatch, SequenceBatch
 
 
 @dataclasses.dataclass

@@ -2,7 +2,8 @@
 and the update step `update(state, batch) -> (state, metrics)` that XLA compiles once per shape.
 
 Batches are typed pytrees with N rows (one completion each): `SequenceBatch` (prompt + completion, what SFT
-and every forward pass reads) and `UpdateBatch` (a `SequenceBatch` plus what the RL losses need).
+and every forward pass reads), `RolloutBatch` (sequences + rewards, what `rftjax.rollout` hands the RL update)
+and `UpdateBatch` (a `SequenceBatch` plus what the RL losses need).
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ class SequenceBatch:
     def from_dict(cls, batch: dict) -> "SequenceBatch":
         """The five arrays of a pipeline batch (a dict that also holds strings such as `answer`)."""
         return cls(**{f.name: batch[f.name] for f in dataclasses.fields(cls)})
+
+
+@flax.struct.dataclass
+class RolloutBatch:
+    """One RL step's rollouts as arrays (numpy on the host, global arrays after the trainer's one transfer).
+
+    Attributes:
+      seq: `SequenceBatch` of `N = B * G` rows; rows `b*G .. b*G+G-1` are the G samples of prompt b (the
+        prompt and image repeated), completions trimmed by `rftjax.rollout.trim_completions`.
+      rewards: float32 `[N]`, the total reward of each completion (finite: checked on the host).
+    """
+
+    seq: SequenceBatch
+    rewards: Array
 
 
 @flax.struct.dataclass
