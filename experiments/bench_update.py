@@ -34,6 +34,15 @@ from rftjax.steps import RolloutBatch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def matmul_peak(dtype, n: int = 4096, repeats: int = 5) -> float:
     """Achieved FLOP/s of an n^3 matmul (inputs in `dtype`, float32 accumulation)."""
     x = jnp.ones((n, n), dtype)
@@ -108,7 +117,7 @@ def main():
             rows.append(r)
             print(r, flush=True)
     device = jax.devices()[0]
-    meta = (f"jax {jax.__version__} on {device.platform} ({getattr(device, 'device_kind', '')}, "
+    meta = (f"jax {jax.__version__} on {device.platform} ({getattr(device, 'device_kind', '')}, {cpu_model()}, "
             f"{platform.machine()}, {os.cpu_count()} cores); matmul peak fp32 {peaks['float32'] / 1e12:.3f}, "
             f"bf16 (fp32 accumulation) {peaks['bfloat16'] / 1e12:.3f} TFLOP/s; GRPO update (forward + backward + "
             f"AdamW), median of {args.repeats}")
