@@ -19,7 +19,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from rftjax.models import VLM, VLMConfig, cast_for_compute, check_image_tokens
+from rftjax.models import (QwenVLConfig, VLMConfig, cast_for_compute, check_image_tokens, model_for, num_rows,
+                           placeholder_ids)
 from rftjax.models.llm import KVCache
 
 Array = jax.Array
@@ -110,8 +111,8 @@ def _validate(config: VLMConfig, pixel_values, prompt_ids, prompt_mask, group_si
     if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids and prompt_mask must both be [B, P], got {prompt_ids.shape} and "
                          f"{prompt_mask.shape}")
-    if pixel_values is not None and pixel_values.shape[0] != prompt_ids.shape[0]:
-        raise ValueError(f"{pixel_values.shape[0]} images for {prompt_ids.shape[0]} prompts: give one per prompt")
+    if pixel_values is not None and num_rows(pixel_values) != prompt_ids.shape[0]:
+        raise ValueError(f"{num_rows(pixel_values)} images for {prompt_ids.shape[0]} prompts: give one per prompt")
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError(f"group_size={group_size} and max_new_tokens={max_new_tokens} must be >= 1")
     if temperature <= 0:
@@ -126,7 +127,7 @@ def _validate(config: VLMConfig, pixel_values, prompt_ids, prompt_mask, group_si
                                              "top_p", "eos_ids", "greedy", "pad_id", "suppress_ids"))
 def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, group_size, max_new_tokens,
               temperature, top_k, top_p, eos_ids, greedy, pad_id, suppress_ids) -> SamplingOutput:
-    model = VLM(config)
+    model = model_for(config)
     b, p = prompt_ids.shape
     n = b * group_size
     variables = {"params": cast_for_compute(params, config)}  # cast once, not once per decode step
@@ -134,7 +135,7 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
     # Prefill: each image encoded and each prompt processed once.
     features = None
     if pixel_values is not None:
-        features = model.apply(variables, pixel_values, method=VLM.encode_images)
+        features = model.apply(variables, pixel_values, method="encode_images")
     cache = model.init_cache(b, p + max_new_tokens)
     logits, cache = model.apply(variables, None, prompt_ids, prompt_mask, cache=cache, image_features=features)
     last_logits = logits[:, -1]  # prompts are left-padded: the last column is every row's last real token
@@ -171,17 +172,20 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
                           truncated=~jnp.any(is_eos & mask, axis=1))
 
 
-def generate(params, config: VLMConfig, pixel_values: Array | None, prompt_ids: Array, prompt_mask: Array,
+def generate(params, config: VLMConfig | QwenVLConfig, pixel_values, prompt_ids: Array, prompt_mask: Array,
              rng: Array, *, group_size: int = 1, max_new_tokens: int = 64, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (), greedy: bool = False,
              pad_id: int = 0, suppress_ids: Sequence[int] | None = None) -> SamplingOutput:
     """Sample `group_size` completions for each of B left-padded prompts.
 
     Args:
-      params: `VLM(config)` params (may be sharded; the batch may be sharded over the mesh's data axes).
-      config: the model config (static).
-      pixel_values: float `[B, H, W, C]` images, one per prompt, or None for text-only prompts.
-      prompt_ids: int32 `[B, P]`, left-padded, with `config.num_image_tokens` image placeholders per row.
+      params: `model_for(config)` params (may be sharded; the batch may be sharded over the mesh's data axes).
+      config: the model config (static): `VLMConfig` (LLaVA) or `QwenVLConfig` (Qwen2-VL / Qwen2.5-VL).
+      pixel_values: one image per prompt, or None for text-only prompts: float `[B, H, W, C]` (LLaVA) or
+        `QwenImages` (padded patches + `grid_thw`; the M-RoPE positions continue past the image while
+        decoding).
+      prompt_ids: int32 `[B, P]`, left-padded, with each row's image placeholders (LLaVA:
+        `config.num_image_tokens`; Qwen-VL: `t*h*w/4` for its grid).
       prompt_mask: bool `[B, P]`, False on padding.
       rng: PRNG key. Same key and inputs, same output; the left padding of a prompt does not matter.
       group_size: G, samples per prompt; output rows are `N = B * G`, grouped contiguously.
@@ -190,7 +194,7 @@ def generate(params, config: VLMConfig, pixel_values: Array | None, prompt_ids: 
       eos_ids: ids that end a completion (the EOS token is kept and masked in).
       greedy: argmax decoding.
       pad_id: id written after a row ends.
-      suppress_ids: ids never generated; default `(config.image_token_id,)`. Pass the pad id here too if
+      suppress_ids: ids never generated; default the image (and video) placeholders. Pass the pad id here too if
         it is not a real token of your vocabulary.
 
     Returns:
@@ -203,9 +207,9 @@ def generate(params, config: VLMConfig, pixel_values: Array | None, prompt_ids: 
     _validate(config, pixel_values, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_k,
               top_p, pad_id)
     if suppress_ids is None:
-        suppress_ids = (config.image_token_id,)
-    if not isinstance(prompt_ids, jax.core.Tracer):
-        check_image_tokens(prompt_ids, config, pixel_values is not None)
+        suppress_ids = placeholder_ids(config)
+    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((prompt_ids, pixel_values))):
+        check_image_tokens(prompt_ids, config, pixel_values)
     return _generate(params, pixel_values, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool),
                      rng, config=config, group_size=int(group_size), max_new_tokens=int(max_new_tokens),
                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from rftjax import rl
-from rftjax.models import VLM, VLMConfig
+from rftjax.models import VLMConfig, model_for
 from rftjax.rl.masking import masked_mean
 
 Array = jax.Array
@@ -158,7 +158,7 @@ def completion_logits(params, config: VLMConfig, batch: SequenceBatch, return_hi
     the same positions), from one forward pass over prompt + completion."""
     ids = jnp.concatenate([batch.prompt_ids, batch.completion_ids], axis=1)
     mask = jnp.concatenate([batch.prompt_mask, batch.completion_mask], axis=1)
-    out = VLM(config).apply({"params": params}, batch.pixel_values, ids, mask, return_hidden=return_hidden)
+    out = model_for(config).apply({"params": params}, batch.pixel_values, ids, mask, return_hidden=return_hidden)
     p, t = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     return out[:, p - 1:p - 1 + t]
 

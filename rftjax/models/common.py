@@ -142,6 +142,15 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return out.reshape(b, kvh, r, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
 
 
+def merge_image_features(embeds: Array, is_image: Array, features: Array) -> Array:
+    """Token embeddings `[B, T, D]` with the image placeholders (`is_image` bool `[B, T]`) replaced by the row's
+    image features `[B, P, D]` in order: the j-th placeholder of row b takes `features[b, j]`. Equals HF's
+    `masked_scatter` whenever each row holds as many placeholders as its image has features."""
+    idx = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    gathered = jnp.take_along_axis(features.astype(embeds.dtype), idx[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered, embeds)
+
+
 def gelu_tanh(x: Array) -> Array:
     """GELU with the tanh approximation (HF `gelu_pytorch_tanh`, SigLIP's MLP)."""
     return jax.nn.gelu(x, approximate=True)

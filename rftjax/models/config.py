@@ -21,6 +21,24 @@ def _check_positive(obj: Any, *names: str) -> None:
             raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
 
 
+class _DtypeMixin:
+    """Compute/param dtype names shared by the model configs (validated by `_check_dtypes`)."""
+
+    def _check_dtypes(self) -> None:
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}; choose one of "
+                                 f"{sorted(_DTYPES)}")
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """SigLIP-style ViT encoder (HF `SiglipVisionConfig`).
@@ -64,6 +82,8 @@ class TextConfig:
 
     `head_dim` defaults to `hidden_size // num_heads`. `qkv_bias` is Qwen2's bias on q/k/v; `o_bias` together
     with `qkv_bias` is Llama's `attention_bias=True`. `rope_theta` is the RoPE base (Llama 1e4, Qwen2 1e6).
+    `mrope_section`: Qwen2-VL's multimodal RoPE (M-RoPE): how many of the `head_dim / 2` rotary frequencies
+    take the temporal, height and width position (HF `rope_parameters["mrope_section"]`); None: 1-D RoPE.
     """
 
     vocab_size: int = 512
@@ -79,10 +99,16 @@ class TextConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     max_position_embeddings: int = 4096
+    mrope_section: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
+        if self.mrope_section is not None:
+            object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+            if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
+                raise ValueError(f"TextConfig.mrope_section={self.mrope_section} must be 3 ints (temporal, height, "
+                                 f"width) summing to head_dim / 2 = {self.head_dim // 2}")
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                         "num_kv_heads", "head_dim", "max_position_embeddings")
         if self.num_kv_heads > self.num_heads or self.num_heads % self.num_kv_heads:
@@ -95,7 +121,7 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class VLMConfig:
+class VLMConfig(_DtypeMixin):
     """LLaVA layout: vision encoder + 2-layer GELU projector + decoder LM.
 
     Attributes:
@@ -130,17 +156,7 @@ class VLMConfig:
         if not -n_states <= self.vision_feature_layer < n_states:
             raise ValueError(f"VLMConfig.vision_feature_layer={self.vision_feature_layer} is out of range for "
                              f"{n_states} ViT hidden states (embeddings + {self.vision.num_layers} blocks)")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"VLMConfig.{name}={getattr(self, name)!r}; choose one of {sorted(_DTYPES)}")
-
-    @property
-    def compute_dtype(self):
-        return _DTYPES[self.dtype]
-
-    @property
-    def params_dtype(self):
-        return _DTYPES[self.param_dtype]
+        self._check_dtypes()
 
     @property
     def num_image_tokens(self) -> int:
@@ -163,7 +179,191 @@ class VLMConfig:
         return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
 
 
-PRESETS: dict[str, VLMConfig] = {
+@dataclasses.dataclass(frozen=True)
+class QwenVisionConfig:
+    """Qwen2-VL / Qwen2.5-VL vision tower (HF `Qwen2_5_VLVisionConfig`, `Qwen2VLVisionConfig`).
+
+    An image resized to multiples of `patch_size * spatial_merge_size` px is cut into `grid_h x grid_w` patches of
+    `temporal_patch_size x patch_size x patch_size x in_channels` values (a still image repeated over the
+    temporal patch); `spatial_merge_size ** 2` neighbouring patches merge into one LM token.
+
+    Attributes:
+      depth, hidden_size, intermediate_size, num_heads: the ViT blocks (Qwen2-VL: `embed_dim`, and
+        `intermediate_size = embed_dim * mlp_ratio`).
+      out_hidden_size: width of the merged tokens fed to the LM (the LM's hidden size).
+      window_size: side in pixels of the attention windows (Qwen2.5-VL 112 px = 4 x 4 merged tokens); None:
+        every block attends over the whole image (Qwen2-VL).
+      fullatt_block_indexes: blocks that attend over the whole image when windows are on.
+      norm: `"rms"` (Qwen2.5-VL RMSNorm) or `"layer"` (Qwen2-VL LayerNorm), in the blocks and the merger's `ln_q`.
+      gated_mlp: `down(act(gate(x)) * up(x))` (Qwen2.5-VL) or `fc2(act(fc1(x)))` (Qwen2-VL); both with biases.
+      hidden_act: `"silu"` (Qwen2.5-VL) or `"quick_gelu"` (Qwen2-VL) or `"gelu"`.
+      rope_theta: base of the 2-D rotary embedding over (row, column) of each patch.
+    """
+
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    out_hidden_size: int = 2048
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    window_size: int | None = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    norm: str = "rms"
+    gated_mlp: bool = True
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
+        _check_positive(self, "depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
+                        "patch_size", "temporal_patch_size", "spatial_merge_size", "in_channels")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"QwenVisionConfig.hidden_size={self.hidden_size} / num_heads={self.num_heads} must "
+                             f"be a head_dim divisible by 4 (2-D RoPE rotates head_dim/4 frequencies per axis)")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"QwenVisionConfig.norm={self.norm!r}; choose 'rms' or 'layer'")
+        if self.hidden_act not in _VISION_ACTS:
+            raise ValueError(f"QwenVisionConfig.hidden_act={self.hidden_act!r}; choose one of {sorted(_VISION_ACTS)}")
+        unit = self.patch_size * self.spatial_merge_size
+        if self.window_size is not None and (self.window_size <= 0 or self.window_size % unit):
+            raise ValueError(f"QwenVisionConfig.window_size={self.window_size} must be a positive multiple of "
+                             f"patch_size * spatial_merge_size = {unit} px, or None (no windows)")
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"QwenVisionConfig.fullatt_block_indexes has {bad} outside [0, depth={self.depth})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch: `in_channels * temporal_patch_size * patch_size ** 2` (1176 for the published models)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches per LM token (`spatial_merge_size ** 2`)."""
+        return self.spatial_merge_size ** 2
+
+    @property
+    def window_units(self) -> int | None:
+        """Side of an attention window in merged tokens (`window_size / patch_size / spatial_merge_size`)."""
+        return None if self.window_size is None else self.window_size // self.patch_size // self.spatial_merge_size
+
+    def is_windowed(self, block: int) -> bool:
+        """Whether block `block` attends within windows (else over its whole image)."""
+        return self.window_size is not None and block not in self.fullatt_block_indexes
+
+
+_VISION_ACTS = ("silu", "quick_gelu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVLConfig(_DtypeMixin):
+    """Qwen2-VL / Qwen2.5-VL: dynamic-resolution vision tower + patch merger + Qwen2 decoder with M-RoPE.
+
+    Attributes:
+      vision, text: the two towers (`text.mrope_section` set: the decoder uses 3-D positions).
+      model_type: `"qwen2_5_vl"` or `"qwen2_vl"` (the HF family written on export).
+      image_token_id, video_token_id, vision_start_token_id, vision_end_token_id: special token ids; each
+        image is `<|vision_start|>` + `grid_t * grid_h * grid_w / 4` image tokens + `<|vision_end|>`.
+      max_image_tokens: the largest image a batch can hold, in LM tokens (merged patches): the static patch
+        budget per row is `max_image_tokens * spatial_merge_size ** 2`. Images are resized (aspect ratio kept)
+        to at most `max_image_tokens * (patch_size * spatial_merge_size) ** 2` pixels.
+      image_token_buckets: smaller budgets a batch may be padded to (each a separate compilation); the batch
+        takes the smallest bucket that holds its largest image. Empty: always `max_image_tokens`.
+      dtype, param_dtype, scan_layers, remat: as `VLMConfig` (scan/remat apply to the decoder).
+    """
+
+    vision: QwenVisionConfig = dataclasses.field(default_factory=QwenVisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=lambda: TextConfig(mrope_section=(16, 24, 24)))
+    model_type: str = "qwen2_5_vl"
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    max_image_tokens: int = 1024
+    image_token_buckets: tuple[int, ...] = ()
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_token_buckets", tuple(int(b) for b in self.image_token_buckets))
+        if self.model_type not in ("qwen2_5_vl", "qwen2_vl"):
+            raise ValueError(f"QwenVLConfig.model_type={self.model_type!r}; choose 'qwen2_5_vl' or 'qwen2_vl'")
+        if self.text.mrope_section is None:
+            raise ValueError("QwenVLConfig.text.mrope_section is None; Qwen-VL decoders use M-RoPE (3 ints summing "
+                             "to head_dim / 2, e.g. (16, 24, 24))")
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(f"QwenVLConfig.vision.out_hidden_size={self.vision.out_hidden_size} must equal "
+                             f"text.hidden_size={self.text.hidden_size}")
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if not 0 <= getattr(self, name) < self.text.vocab_size:
+                raise ValueError(f"QwenVLConfig.{name}={getattr(self, name)} must be a token id in "
+                                 f"[0, text.vocab_size={self.text.vocab_size})")
+        _check_positive(self, "max_image_tokens")
+        bad = [b for b in self.image_token_buckets if not 0 < b <= self.max_image_tokens]
+        if bad:
+            raise ValueError(f"QwenVLConfig.image_token_buckets has {bad} outside (0, max_image_tokens="
+                             f"{self.max_image_tokens}]")
+        self._check_dtypes()
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Image-token budgets a batch may be padded to, ascending (the last is `max_image_tokens`)."""
+        return tuple(sorted(set(self.image_token_buckets) | {self.max_image_tokens}))
+
+    @property
+    def max_pixels(self) -> int:
+        """Largest image area (px) that fits `max_image_tokens`."""
+        return self.max_image_tokens * (self.vision.patch_size * self.vision.spatial_merge_size) ** 2
+
+    def replace(self, **kwargs) -> "QwenVLConfig":
+        """A copy with fields replaced (`vision=`/`text=` may be dicts of their fields)."""
+        for name, cls in (("vision", QwenVisionConfig), ("text", TextConfig)):
+            if isinstance(kwargs.get(name), dict):
+                kwargs[name] = dataclasses.replace(getattr(self, name), **kwargs[name])
+        return dataclasses.replace(self, **kwargs)
+
+    def to_dict(self) -> dict:
+        return {"family": "qwen_vl", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QwenVLConfig":
+        d = {k: v for k, v in d.items() if k != "family"}
+        return cls(vision=QwenVisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
+
+
+def config_from_dict(d: dict) -> "VLMConfig | QwenVLConfig":
+    """The model config a `to_dict()` wrote (either family)."""
+    return QwenVLConfig.from_dict(d) if d.get("family") == "qwen_vl" else VLMConfig.from_dict(d)
+
+
+def _qwen2_5_vl(out: int, text: TextConfig) -> QwenVLConfig:
+    return QwenVLConfig(vision=QwenVisionConfig(out_hidden_size=out), text=text)
+
+
+def _qwen2_vl(text: TextConfig) -> QwenVLConfig:
+    vision = QwenVisionConfig(hidden_size=1280, intermediate_size=5120, num_heads=16, depth=32,
+                              out_hidden_size=text.hidden_size, window_size=None, fullatt_block_indexes=(),
+                              norm="layer", gated_mlp=False, hidden_act="quick_gelu")
+    return QwenVLConfig(vision=vision, text=text, model_type="qwen2_vl")
+
+
+def _qwen_text(vocab, hidden, inter, layers, heads, kv, tie) -> TextConfig:
+    return TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                      num_heads=heads, num_kv_heads=kv, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                      qkv_bias=True, max_position_embeddings=128000, mrope_section=(16, 24, 24))
+
+
+PRESETS: dict[str, VLMConfig | QwenVLConfig] = {
     # For unit tests: compiles in seconds; GQA (4 heads, 2 kv heads).
     "tiny": VLMConfig(
         vision=VisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -181,11 +381,24 @@ PRESETS: dict[str, VLMConfig] = {
         text=TextConfig(vocab_size=2048, hidden_size=768, intermediate_size=2048, num_layers=16, num_heads=12,
                         num_kv_heads=4),
     ),
+    # The published Qwen shapes (HF Qwen/Qwen2.5-VL-3B-Instruct, -7B-Instruct, Qwen/Qwen2-VL-2B/7B-Instruct).
+    "qwen2_5_vl_3b": _qwen2_5_vl(2048, _qwen_text(151936, 2048, 11008, 36, 16, 2, True)),
+    "qwen2_5_vl_7b": _qwen2_5_vl(3584, _qwen_text(152064, 3584, 18944, 28, 28, 4, False)),
+    "qwen2_vl_2b": _qwen2_vl(_qwen_text(151936, 1536, 8960, 28, 12, 2, True)),
+    "qwen2_vl_7b": _qwen2_vl(_qwen_text(152064, 3584, 18944, 28, 28, 4, False)),
+    # A Qwen2.5-VL for unit tests: 2 vision blocks (one windowed, one full), 4 x 4-token windows; 112 px images.
+    "qwen_vl_tiny": QwenVLConfig(
+        vision=QwenVisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32,
+                                window_size=56, fullatt_block_indexes=(1,)),
+        text=TextConfig(vocab_size=160, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, qkv_bias=True, rope_theta=1e6, mrope_section=(1, 1, 2)),
+        image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
+        max_image_tokens=64),
 }
 
 
-def get_preset(name: str, **overrides) -> VLMConfig:
-    """The preset `name` (`tiny`, `default`, `large`), with fields replaced by `overrides`.
+def get_preset(name: str, **overrides) -> VLMConfig | QwenVLConfig:
+    """The preset `name` (`tiny`, `default`, `large`, the Qwen presets), with fields replaced by `overrides`.
 
     Raises:
       ValueError: unknown preset name.
@@ -225,8 +438,20 @@ def projector_param_count(c: VLMConfig) -> int:
     return dv * d + d * d + (2 * d if c.projector_bias else 0)
 
 
-def param_count(c: VLMConfig) -> int:
-    """Total number of parameters of `VLM(c)` (embeddings included)."""
+def qwen_vision_param_count(v: QwenVisionConfig) -> int:
+    """Parameters of the Qwen-VL vision tower incl. the patch merger."""
+    d, m, merged = v.hidden_size, v.intermediate_size, v.hidden_size * v.merge_unit
+    norm = d if v.norm == "rms" else 2 * d
+    mlp = 2 * (d * m + m) + (m * d + d) if v.gated_mlp else (d * m + m) + (m * d + d)
+    block = 2 * norm + (d * 3 * d + 3 * d) + (d * d + d) + mlp
+    merger = norm + (merged * merged + merged) + (merged * v.out_hidden_size + v.out_hidden_size)
+    return v.patch_dim * d + v.depth * block + merger
+
+
+def param_count(c: VLMConfig | QwenVLConfig) -> int:
+    """Total number of parameters of the model of `c` (embeddings included)."""
+    if isinstance(c, QwenVLConfig):
+        return qwen_vision_param_count(c.vision) + text_param_count(c.text)
     return vision_param_count(c.vision) + projector_param_count(c) + text_param_count(c.text)
 
 
@@ -253,7 +478,28 @@ def vision_flops_per_image(c: VLMConfig) -> float:
     return float(patch + v.num_layers * block + proj)
 
 
-def forward_flops(c: VLMConfig, seq_len: int, num_images: int = 1) -> float:
+def qwen_vision_flops(v: QwenVisionConfig, image_tokens: int) -> float:
+    """Forward FLOPs of the Qwen-VL vision tower + merger for one image of `image_tokens` LM tokens.
+
+    Matmuls only: patch embedding, per block the qkv/proj/MLP weights and attention (`4 * P * context * D`
+    with context the whole image in full-attention blocks and one window, `(window_size / patch_size) ** 2`
+    patches or the image if smaller, in windowed blocks: the work a windowed kernel does, not the dense
+    masked attention rftjax runs today), and the merger MLP.
+    """
+    p, d, m = image_tokens * v.merge_unit, v.hidden_size, v.intermediate_size
+    window = p if v.window_size is None else min(p, (v.window_size // v.patch_size) ** 2)
+    linear = 2 * p * (4 * d * d + (3 if v.gated_mlp else 2) * d * m)
+    attn = sum(4 * p * (window if v.is_windowed(i) else p) * d for i in range(v.depth))
+    merged = d * v.merge_unit
+    merger = 2 * image_tokens * (merged * merged + merged * v.out_hidden_size)
+    return float(2 * p * v.patch_dim * d + v.depth * linear + attn + merger)
+
+
+def forward_flops(c: VLMConfig | QwenVLConfig, seq_len: int, num_images: int = 1,
+                  image_tokens: int | None = None) -> float:
     """Forward FLOPs of one sequence of `seq_len` tokens (causal: mean context `(seq_len + 1) / 2`) with
-    `num_images` images."""
-    return seq_len * text_flops_per_token(c.text, (seq_len + 1) / 2) + num_images * vision_flops_per_image(c)
+    `num_images` images (Qwen-VL: of `image_tokens` LM tokens each, default `max_image_tokens`)."""
+    text = seq_len * text_flops_per_token(c.text, (seq_len + 1) / 2)
+    if isinstance(c, QwenVLConfig):
+        return text + num_images * qwen_vision_flops(c.vision, image_tokens or c.max_image_tokens)
+    return text + num_images * vision_flops_per_image(c)

@@ -1,6 +1,11 @@
-"""Hugging Face interop: read and write `transformers.LlavaForConditionalGeneration` directories.
+"""Hugging Face interop: read and write `LlavaForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration` and
+`Qwen2VLForConditionalGeneration` directories, dispatching on `config.json`'s `model_type` (`load_pretrained`,
+`save_pretrained`; `load_llava`/`save_llava`, `load_qwen_vl`/`save_qwen_vl` for one family).
 
-Supported: a SigLIP vision tower (`siglip_vision_model`), the 2-layer GELU projector, a Llama or Qwen2 text
+Each family is one `Family` entry: its config parser/writer, its tensor-name map (canonical HF name, rftjax
+param path, conversion kind) and the on-disk name prefixes it accepts and writes.
+
+LLaVA: a SigLIP vision tower (`siglip_vision_model`), the 2-layer GELU projector, a Llama or Qwen2 text
 model, `vision_feature_select_strategy="full"` with one int `vision_feature_layer`, default RoPE.
 Anything else raises a ValueError naming the config field.
 
@@ -8,14 +13,21 @@ Files: `config.json` plus `model.safetensors`, or shards `model-0000i-of-0000n.s
 `model.safetensors.index.json`. Tensor names follow the Hub layout (`language_model.model.layers.0...`,
 `vision_tower.vision_model.encoder...`, `multi_modal_projector.linear_1...`); reading also accepts the
 in-memory layout of transformers 5 (`model.language_model...`, `model.vision_tower...`, `lm_head...`).
+
+Qwen-VL: both layouts in the wild: the Hub's (`model.layers...`, `model.embed_tokens`, `visual.blocks...`,
+`visual.merger...`, `lm_head`; what we write) and transformers 5's (`model.language_model...`, `model.visual...`).
+Config fields rftjax does not implement (rope scaling other than default/mrope, sliding-window attention, other
+activations) raise a ValueError naming the field; video inputs are not supported (the weights load, but the
+model takes images only).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import dataclasses
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,92 +35,134 @@ import numpy as np
 import safetensors
 import safetensors.flax
 
-from rftjax.models.config import TextConfig, VisionConfig, VLMConfig
-from rftjax.models.vlm import abstract_params
+from rftjax.models.config import QwenVisionConfig, QwenVLConfig, TextConfig, VisionConfig, VLMConfig
+from rftjax.models.family import abstract_params
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 # ----------------------------------------------------------------------------------------------------------
-# Name mapping. Each entry: (canonical HF name, rftjax param path, kind). Kinds: "linear" (HF [out, in]
-# weight <-> kernel [*in, *out]), "bias", "conv" (HF [D, C, p, p] <-> [p, p, C, D]), "copy".
-# Canonical HF names drop the model-level prefixes: "vision.", "projector.", "text." stand for them.
+# Name mapping. Kinds: "linear" (HF [out, in] weight <-> kernel [*in, *out]), "bias", "conv" (HF [D, C, p, p]
+# <-> [p, p, C, D]), "patch" (HF Conv3d [D, C, t, p, p] <-> kernel [C*t*p*p, D]), "copy".
+# Canonical HF names drop the model-level prefixes: "vision.", "projector.", "text.", "visual." stand for them.
+
+
+class Entry(NamedTuple):
+    """One tensor: canonical HF name, rftjax param path, conversion kind, HF shape (only for "patch")."""
+
+    name: str
+    path: tuple[str, ...]
+    kind: str
+    hf_shape: tuple[int, ...] | None = None
+
+
+def _norm_entries(hf: str, ours: tuple[str, ...], with_bias: bool):
+    yield Entry(hf + ".weight", (*ours, "scale"), "copy")
+    if with_bias:
+        yield Entry(hf + ".bias", (*ours, "bias"), "copy")
+
+
+def _linear_entries(hf: str, ours: tuple[str, ...], with_bias: bool):
+    yield Entry(hf + ".weight", (*ours, "kernel"), "linear")
+    if with_bias:
+        yield Entry(hf + ".bias", (*ours, "bias"), "bias")
 
 
 def _vision_entries(v: VisionConfig):
-    yield "vision.embeddings.patch_embedding.weight", ("vision_tower", "patch_embedding", "kernel"), "conv"
-    yield "vision.embeddings.patch_embedding.bias", ("vision_tower", "patch_embedding", "bias"), "bias"
-    yield "vision.embeddings.position_embedding.weight", ("vision_tower", "position_embedding"), "copy"
+    yield Entry("vision.embeddings.patch_embedding.weight", ("vision_tower", "patch_embedding", "kernel"), "conv")
+    yield Entry("vision.embeddings.patch_embedding.bias", ("vision_tower", "patch_embedding", "bias"), "bias")
+    yield Entry("vision.embeddings.position_embedding.weight", ("vision_tower", "position_embedding"), "copy")
     for i in range(v.num_layers):
         hf, ours = f"vision.encoder.layers.{i}.", ("vision_tower", f"layers_{i}")
         for ln in ("layer_norm1", "layer_norm2"):
-            yield hf + ln + ".weight", (*ours, ln, "scale"), "copy"
-            yield hf + ln + ".bias", (*ours, ln, "bias"), "copy"
+            yield from _norm_entries(hf + ln, (*ours, ln), True)
         for name, hf_name in (("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"),
                               ("v_proj", "self_attn.v_proj"), ("out_proj", "self_attn.out_proj"),
                               ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
-            yield hf + hf_name + ".weight", (*ours, name, "kernel"), "linear"
-            yield hf + hf_name + ".bias", (*ours, name, "bias"), "bias"
-    yield "vision.post_layernorm.weight", ("vision_tower", "post_layernorm", "scale"), "copy"
-    yield "vision.post_layernorm.bias", ("vision_tower", "post_layernorm", "bias"), "copy"
+            yield from _linear_entries(hf + hf_name, (*ours, name), True)
+    yield from _norm_entries("vision.post_layernorm", ("vision_tower", "post_layernorm"), True)
 
 
 def _projector_entries(c: VLMConfig):
     for lin in ("linear_1", "linear_2"):
-        yield f"projector.{lin}.weight", ("multi_modal_projector", lin, "kernel"), "linear"
-        if c.projector_bias:
-            yield f"projector.{lin}.bias", ("multi_modal_projector", lin, "bias"), "bias"
+        yield from _linear_entries(f"projector.{lin}", ("multi_modal_projector", lin), c.projector_bias)
 
 
 def _text_entries(t: TextConfig):
-    yield "text.embed_tokens.weight", ("language_model", "embed_tokens"), "copy"
+    yield Entry("text.embed_tokens.weight", ("language_model", "embed_tokens"), "copy")
     for i in range(t.num_layers):
         hf, ours = f"text.layers.{i}.", ("language_model", f"layers_{i}")
-        yield hf + "input_layernorm.weight", (*ours, "input_layernorm", "scale"), "copy"
-        yield hf + "post_attention_layernorm.weight", (*ours, "post_attention_layernorm", "scale"), "copy"
+        yield from _norm_entries(hf + "input_layernorm", (*ours, "input_layernorm"), False)
+        yield from _norm_entries(hf + "post_attention_layernorm", (*ours, "post_attention_layernorm"), False)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            yield hf + f"self_attn.{proj}.weight", (*ours, proj, "kernel"), "linear"
-            if (t.qkv_bias and proj != "o_proj") or (t.o_bias and proj == "o_proj"):
-                yield hf + f"self_attn.{proj}.bias", (*ours, proj, "bias"), "bias"
+            bias = (t.qkv_bias and proj != "o_proj") or (t.o_bias and proj == "o_proj")
+            yield from _linear_entries(hf + f"self_attn.{proj}", (*ours, proj), bias)
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            yield hf + f"mlp.{proj}.weight", (*ours, proj, "kernel"), "linear"
-    yield "text.norm.weight", ("language_model", "norm", "scale"), "copy"
+            yield from _linear_entries(hf + f"mlp.{proj}", (*ours, proj), False)
+    yield from _norm_entries("text.norm", ("language_model", "norm"), False)
     if not t.tie_word_embeddings:
-        yield "text.lm_head.weight", ("language_model", "lm_head", "kernel"), "linear"
+        yield Entry("text.lm_head.weight", ("language_model", "lm_head", "kernel"), "linear")
 
 
-def _entries(c: VLMConfig) -> Iterator[tuple[str, tuple[str, ...], str]]:
+def _llava_entries(c: VLMConfig) -> Iterator[Entry]:
     yield from _vision_entries(c.vision)
     yield from _projector_entries(c)
     yield from _text_entries(c.text)
 
 
-# Accepted on-disk prefixes -> canonical prefix (first match wins).
-_PREFIXES = [
+def _qwen_entries(c: QwenVLConfig) -> Iterator[Entry]:
+    v = c.vision
+    hf_patch = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    yield Entry("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch", hf_patch)
+    layer_norm = v.norm == "layer"
+    mlp = ("gate_proj", "up_proj", "down_proj") if v.gated_mlp else ("fc1", "fc2")
+    for i in range(v.depth):
+        hf, ours = f"visual.blocks.{i}.", ("visual", f"blocks_{i}")
+        for norm in ("norm1", "norm2"):
+            yield from _norm_entries(hf + norm, (*ours, norm), layer_norm)
+        for proj in ("qkv", "proj"):
+            yield from _linear_entries(hf + f"attn.{proj}", (*ours, proj), True)
+        for proj in mlp:
+            yield from _linear_entries(hf + f"mlp.{proj}", (*ours, proj), True)
+    yield from _norm_entries("visual.merger.ln_q", ("visual", "merger", "ln_q"), layer_norm)
+    for i in (0, 2):
+        yield from _linear_entries(f"visual.merger.mlp.{i}", ("visual", "merger", f"mlp_{i}"), True)
+    yield from _text_entries(c.text)
+
+
+# Accepted on-disk prefixes -> canonical prefix (first match wins), and canonical prefix -> the Hub layout we
+# write (longest canonical prefix first).
+_LLAVA_PREFIXES = [
     (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision."),
     (r"^(?:model\.)?multi_modal_projector\.", "projector."),
     (r"^language_model\.lm_head\.", "text.lm_head."),
     (r"^lm_head\.", "text.lm_head."),
     (r"^(?:model\.)?language_model\.(?:model\.)?", "text."),
 ]
-# Canonical prefix -> the Hub layout we write.
-_HUB_PREFIXES = {"vision.": "vision_tower.vision_model.", "projector.": "multi_modal_projector.",
-                 "text.lm_head.": "language_model.lm_head.", "text.": "language_model.model."}
+_LLAVA_HUB = {"text.lm_head.": "language_model.lm_head.", "vision.": "vision_tower.vision_model.",
+              "projector.": "multi_modal_projector.", "text.": "language_model.model."}
+_QWEN_PREFIXES = [
+    (r"^(?:model\.)?visual\.", "visual."),
+    (r"^lm_head\.", "text.lm_head."),
+    (r"^model\.language_model\.", "text."),
+    (r"^model\.", "text."),
+]
+_QWEN_HUB = {"text.lm_head.": "lm_head.", "visual.": "visual.", "text.": "model."}
 
 
-def canonical_name(key: str) -> str | None:
+def canonical_name(key: str, prefixes=_LLAVA_PREFIXES) -> str | None:
     """Canonical name of an on-disk tensor name, or None for tensors rftjax does not use."""
-    for pattern, repl in _PREFIXES:
+    for pattern, repl in prefixes:
         if re.match(pattern, key):
             return re.sub(pattern, repl, key, count=1)
     return None
 
 
-def _hub_name(canonical: str) -> str:
-    for prefix in ("text.lm_head.", "vision.", "projector.", "text."):
+def _hub_name(canonical: str, hub: dict[str, str]) -> str:
+    for prefix, on_disk in hub.items():
         if canonical.startswith(prefix):
-            return _HUB_PREFIXES[prefix] + canonical[len(prefix):]
+            return on_disk + canonical[len(prefix):]
     raise AssertionError(canonical)
 
 
@@ -116,8 +170,51 @@ def _hub_name(canonical: str) -> str:
 # Config conversion
 
 
-def _unsupported(field: str, value: Any, supported: str) -> ValueError:
-    return ValueError(f"unsupported LLaVA config: {field}={value!r}; rftjax supports {supported}")
+def _unsupported(field: str, value: Any, supported: str, family: str = "LLaVA") -> ValueError:
+    return ValueError(f"unsupported {family} config: {field}={value!r}; rftjax supports {supported}")
+
+
+def _text_from_hf(tc: dict, root: dict, qkv_bias: bool, o_bias: bool, family: str, prefix: str) -> TextConfig:
+    """`TextConfig` from a text-config dict `tc` (a nested `text_config`, or the root of older Qwen-VL files);
+    `root` supplies fields some files keep at the top level (tie_word_embeddings). M-RoPE is read when the
+    rope parameters carry an `mrope_section` (rope type `default` or `mrope`)."""
+    def bad(field, value, supported):
+        return _unsupported(prefix + field, value, supported, family)
+
+    if tc.get("hidden_act", "silu") != "silu":
+        raise bad("hidden_act", tc.get("hidden_act"), "'silu' (SwiGLU)")
+    if tc.get("mlp_bias"):
+        raise bad("mlp_bias", True, "False")
+    if tc.get("use_sliding_window"):
+        raise bad("use_sliding_window", True, "False (no sliding-window attention)")
+    rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    mrope = rope.get("mrope_section")
+    if rope_type not in ("default", "mrope") or (rope_type == "mrope" and mrope is None):
+        raise bad("rope_parameters.rope_type (rope scaling)", rope_type, "'default' or 'mrope'")
+    theta = rope.get("rope_theta", tc.get("rope_theta", 10000.0))
+    tie = tc.get("tie_word_embeddings", root.get("tie_word_embeddings", False))
+    return TextConfig(
+        vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], intermediate_size=tc["intermediate_size"],
+        num_layers=tc["num_hidden_layers"], num_heads=tc["num_attention_heads"],
+        num_kv_heads=tc.get("num_key_value_heads") or tc["num_attention_heads"], head_dim=tc.get("head_dim"),
+        rope_theta=float(theta), rms_norm_eps=tc.get("rms_norm_eps", 1e-6), tie_word_embeddings=bool(tie),
+        qkv_bias=qkv_bias, o_bias=o_bias, max_position_embeddings=tc.get("max_position_embeddings", 4096),
+        mrope_section=None if mrope is None else tuple(mrope))
+
+
+def _text_to_hf(t: TextConfig, model_type: str) -> dict:
+    rope = {"rope_type": "default", "rope_theta": t.rope_theta}
+    if t.mrope_section is not None:
+        rope["mrope_section"] = list(t.mrope_section)
+    return {
+        "model_type": model_type,
+        "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.num_kv_heads, "head_dim": t.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": t.rms_norm_eps, "rope_theta": t.rope_theta, "rope_parameters": rope,
+        "max_position_embeddings": t.max_position_embeddings, "tie_word_embeddings": t.tie_word_embeddings,
+    }
 
 
 def config_from_hf(hf: dict, **overrides) -> VLMConfig:
@@ -144,33 +241,18 @@ def config_from_hf(hf: dict, **overrides) -> VLMConfig:
     text_type = tc.get("model_type", "llama")
     if text_type not in ("llama", "qwen2"):
         raise _unsupported("text_config.model_type", text_type, "'llama' or 'qwen2'")
-    if tc.get("hidden_act", "silu") != "silu":
-        raise _unsupported("text_config.hidden_act", tc.get("hidden_act"), "'silu' (SwiGLU)")
-    if tc.get("mlp_bias"):
-        raise _unsupported("text_config.mlp_bias", True, "False")
-    if tc.get("use_sliding_window"):
-        raise _unsupported("text_config.use_sliding_window", True, "False")
-    rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise _unsupported("text_config.rope_parameters.rope_type (rope scaling)", rope_type, "'default'")
-    theta = rope.get("rope_theta", tc.get("rope_theta", 10000.0))
     if text_type == "qwen2":
         qkv_bias, o_bias = True, False
     else:
         qkv_bias = o_bias = bool(tc.get("attention_bias", False))
-    tie = tc.get("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    text = _text_from_hf(tc, hf, qkv_bias, o_bias, "LLaVA", "text_config.")
+    if text.mrope_section is not None:
+        raise _unsupported("text_config.rope_parameters.mrope_section", text.mrope_section, "None for LLaVA")
     vision = VisionConfig(
         image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 16),
         num_channels=vc.get("num_channels", 3), hidden_size=vc.get("hidden_size", 768),
         intermediate_size=vc.get("intermediate_size", 3072), num_layers=vc.get("num_hidden_layers", 12),
         num_heads=vc.get("num_attention_heads", 12), layer_norm_eps=vc.get("layer_norm_eps", 1e-6))
-    text = TextConfig(
-        vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], intermediate_size=tc["intermediate_size"],
-        num_layers=tc["num_hidden_layers"], num_heads=tc["num_attention_heads"],
-        num_kv_heads=tc.get("num_key_value_heads") or tc["num_attention_heads"], head_dim=tc.get("head_dim"),
-        rope_theta=float(theta), rms_norm_eps=tc.get("rms_norm_eps", 1e-6), tie_word_embeddings=bool(tie),
-        qkv_bias=qkv_bias, o_bias=o_bias, max_position_embeddings=tc.get("max_position_embeddings", 4096))
     config = VLMConfig(vision=vision, text=text,
                        image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)),
                        vision_feature_layer=layer,
@@ -192,15 +274,7 @@ def config_to_hf(config: VLMConfig) -> dict:
     if t.o_bias and not t.qkv_bias:
         raise ValueError("text.o_bias without text.qkv_bias has no HF equivalent (Llama: both, Qwen2: qkv only)")
     qwen2 = t.qkv_bias and not t.o_bias
-    text = {
-        "model_type": "qwen2" if qwen2 else "llama",
-        "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-        "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
-        "num_key_value_heads": t.num_kv_heads, "head_dim": t.head_dim, "hidden_act": "silu",
-        "rms_norm_eps": t.rms_norm_eps, "rope_theta": t.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
-        "max_position_embeddings": t.max_position_embeddings, "tie_word_embeddings": t.tie_word_embeddings,
-    }
+    text = _text_to_hf(t, "qwen2" if qwen2 else "llama")
     text.update({"use_sliding_window": False} if qwen2 else {"attention_bias": t.qkv_bias, "mlp_bias": False})
     vision = {
         "model_type": "siglip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
@@ -218,16 +292,117 @@ def config_to_hf(config: VLMConfig) -> dict:
     }
 
 
+_QWEN_ARCH = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+
+
+def qwen_config_from_hf(hf: dict, **overrides) -> QwenVLConfig:
+    """`QwenVLConfig` from a Qwen2.5-VL or Qwen2-VL `config.json` dict (text fields nested in `text_config`, as
+    transformers 5 writes, or at the top level, as older files do); `overrides` replace QwenVLConfig fields
+    (`dtype`, `max_image_tokens`, ...).
+
+    Raises:
+      ValueError: a field rftjax does not implement (names the field and what is supported).
+    """
+    model_type = hf.get("model_type")
+    if model_type not in _QWEN_ARCH:
+        raise _unsupported("model_type", model_type, "'qwen2_5_vl' or 'qwen2_vl'", "Qwen-VL")
+    family = "Qwen2.5-VL" if model_type == "qwen2_5_vl" else "Qwen2-VL"
+    vc = hf.get("vision_config") or {}
+    tc = hf.get("text_config") or hf
+    text = _text_from_hf(tc, hf, True, False, family, "text_config." if "text_config" in hf else "")
+    if text.mrope_section is None:
+        raise _unsupported("text_config.rope_parameters.mrope_section", None, "3 ints (M-RoPE)", family)
+    act = vc.get("hidden_act", "silu" if model_type == "qwen2_5_vl" else "quick_gelu")
+    if act not in ("silu", "quick_gelu", "gelu"):
+        raise _unsupported("vision_config.hidden_act", act, "'silu', 'quick_gelu' or 'gelu'", family)
+    vrope = vc.get("rope_parameters") or {}
+    common = dict(depth=vc.get("depth", 32), num_heads=vc.get("num_heads", 16),
+                  patch_size=vc.get("patch_size", 14), temporal_patch_size=vc.get("temporal_patch_size", 2),
+                  spatial_merge_size=vc.get("spatial_merge_size", 2),
+                  in_channels=vc.get("in_channels", vc.get("in_chans", 3)), hidden_act=act,
+                  rope_theta=float(vrope.get("rope_theta", 10000.0)))
+    if model_type == "qwen2_5_vl":
+        vision = QwenVisionConfig(hidden_size=vc.get("hidden_size", 1280), intermediate_size=vc.get(
+            "intermediate_size", 3420), out_hidden_size=vc.get("out_hidden_size", text.hidden_size),
+            window_size=vc.get("window_size", 112),
+            fullatt_block_indexes=tuple(vc.get("fullatt_block_indexes", (7, 15, 23, 31))), **common)
+    else:
+        embed = vc.get("embed_dim", 1280)
+        vision = QwenVisionConfig(hidden_size=embed, intermediate_size=int(embed * vc.get("mlp_ratio", 4)),
+                                  out_hidden_size=vc.get("hidden_size", text.hidden_size), window_size=None,
+                                  fullatt_block_indexes=(), norm="layer", gated_mlp=False, **common)
+    ids = {name: hf[name] for name in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                       "vision_end_token_id") if name in hf}
+    return QwenVLConfig(vision=vision, text=text, model_type=model_type, **ids).replace(**overrides)
+
+
+def qwen_config_to_hf(config: QwenVLConfig) -> dict:
+    """`config.json` dict of `Qwen2_5_VLForConditionalGeneration` / `Qwen2VLForConditionalGeneration` for
+    `config` (transformers 5 layout: `text_config` and `vision_config` nested; the token ids at the top)."""
+    v, t = config.vision, config.text
+    text = _text_to_hf(t, config.model_type + "_text")
+    text.update({"use_sliding_window": False, "sliding_window": None})
+    vision = {"model_type": config.model_type + ("" if config.model_type == "qwen2_vl" else "_vision"),
+              "depth": v.depth, "num_heads": v.num_heads, "patch_size": v.patch_size,
+              "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
+              "in_channels": v.in_channels, "hidden_act": v.hidden_act,
+              "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}}
+    if config.model_type == "qwen2_5_vl":
+        vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                      out_hidden_size=v.out_hidden_size, window_size=v.window_size,
+                      fullatt_block_indexes=list(v.fullatt_block_indexes))
+    else:
+        vision.update(model_type="qwen2_vl_vision", embed_dim=v.hidden_size, hidden_size=v.out_hidden_size,
+                      mlp_ratio=v.intermediate_size / v.hidden_size)
+    return {"architectures": [_QWEN_ARCH[config.model_type]], "model_type": config.model_type,
+            "image_token_id": config.image_token_id, "video_token_id": config.video_token_id,
+            "vision_start_token_id": config.vision_start_token_id, "vision_end_token_id": config.vision_end_token_id,
+            "tie_word_embeddings": t.tie_word_embeddings, "text_config": text, "vision_config": vision}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one HF model family maps onto rftjax: config parser/writer, tensor map, on-disk name prefixes."""
+
+    config_from_hf: Callable[..., Any]
+    config_to_hf: Callable[[Any], dict]
+    entries: Callable[[Any], Iterator[Entry]]
+    prefixes: list
+    hub: dict
+    skip: tuple[str, ...] = ()  # canonical prefixes of tensors rftjax does not use
+
+
+LLAVA = Family(config_from_hf, config_to_hf, _llava_entries, _LLAVA_PREFIXES, _LLAVA_HUB, ("vision.head.",))
+QWEN_VL = Family(qwen_config_from_hf, qwen_config_to_hf, _qwen_entries, _QWEN_PREFIXES, _QWEN_HUB)
+FAMILIES: dict[str, Family] = {"llava": LLAVA, "qwen2_5_vl": QWEN_VL, "qwen2_vl": QWEN_VL}
+
+
+def family_of(model_type: str | None) -> Family:
+    """The `Family` of a `config.json` `model_type`.
+
+    Raises:
+      ValueError: a model type rftjax does not support (lists the supported ones).
+    """
+    if model_type not in FAMILIES:
+        raise ValueError(f"config.json model_type={model_type!r} is not supported; rftjax loads {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Tensor conversion
 
 
 def _num_in(path: tuple[str, ...]) -> int:
     """Number of leading kernel dims that are input dims (2 for the `[H, hd, D]` output projections)."""
-    return 2 if path[-2] in ("o_proj", "out_proj") else 1
+    return 2 if path[-2] in ("o_proj", "out_proj", "proj") else 1
 
 
 def _to_ours(kind: str, path, x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    if kind == "patch":
+        if x.ndim != 5 or (x.shape[0], int(np.prod(x.shape[1:]))) != (shape[1], shape[0]):
+            raise ValueError(f"tensor {name} has shape {x.shape}, expected [{shape[1]}, C, t, p, p] with C*t*p*p = "
+                             f"{shape[0]} from config.json")
+        return x.reshape(x.shape[0], -1).T
     if kind == "linear":
         n_in = _num_in(path)
         want = (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in])))
@@ -244,7 +419,9 @@ def _to_ours(kind: str, path, x: np.ndarray, shape: tuple[int, ...], name: str) 
     return x.reshape(shape)
 
 
-def _to_hf(kind: str, path, x: np.ndarray) -> np.ndarray:
+def _to_hf(kind: str, path, x: np.ndarray, hf_shape=None) -> np.ndarray:
+    if kind == "patch":
+        return x.T.reshape(hf_shape)
     if kind == "linear":
         n_in = _num_in(path)
         return x.reshape(int(np.prod(x.shape[:n_in])), -1).T
@@ -294,52 +471,75 @@ def _weight_files(path: str) -> list[str]:
     raise ValueError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}: not a safetensors checkpoint directory")
 
 
-def load_llava(path: str, **overrides) -> tuple[VLMConfig, dict]:
-    """Read a `LlavaForConditionalGeneration` directory (config.json + safetensors, single or sharded).
-
-    Args:
-      path: the directory.
-      **overrides: VLMConfig fields to set on the loaded config (`dtype="bfloat16"`, `scan_layers=True`).
-
-    Returns:
-      `(config, params)`: params as a nested dict of `jax.Array` in `config.param_dtype` (float32 by
-      default), laid out as `VLM(config).init` makes them (stacked when `scan_layers`). SigLIP's pooling
-      head, unused by LLaVA, is skipped.
-
-    Raises:
-      ValueError: unsupported config field; missing or misshapen tensor (names it).
-    """
+def _read_config(path: str) -> dict:
     with open(os.path.join(path, CONFIG_NAME)) as f:
-        config = config_from_hf(json.load(f), **overrides)
+        return json.load(f)
+
+
+def _load(path: str, family: Family, hf_config: dict, overrides: dict):
+    config = family.config_from_hf(hf_config, **overrides)
     tensors: dict[str, Any] = {}
     for fname in _weight_files(path):
         with safetensors.safe_open(os.path.join(path, fname), framework="flax") as f:
             for key in f.keys():
-                canonical = canonical_name(key)
-                if canonical is not None and not canonical.startswith("vision.head."):
+                canonical = canonical_name(key, family.prefixes)
+                if canonical is not None and not canonical.startswith(family.skip or ("\0",)):
                     tensors[canonical] = (key, f.get_tensor(key))
     shapes = abstract_params(config.replace(scan_layers=False))
     params: dict = {}
-    for canonical, ours, kind in _entries(config):
-        if canonical not in tensors:
-            raise ValueError(f"checkpoint {path} lacks tensor {_hub_name(canonical)!r} that its config.json needs")
-        key, x = tensors[canonical]
-        shape = tuple(_get(shapes, ours).shape)
-        value = _to_ours(kind, ours, np.asarray(x.astype(jnp.float32)), shape, key)
-        _set(params, ours, jnp.asarray(value, config.params_dtype))
+    for e in family.entries(config):
+        if e.name not in tensors:
+            raise ValueError(f"checkpoint {path} lacks tensor {_hub_name(e.name, family.hub)!r} that its "
+                             f"config.json needs")
+        key, x = tensors[e.name]
+        value = _to_ours(e.kind, e.path, np.asarray(x.astype(jnp.float32)), tuple(_get(shapes, e.path).shape), key)
+        _set(params, e.path, jnp.asarray(value, config.params_dtype))
     if config.scan_layers:
         params = stack_layers(params, config.text.num_layers)
     return config, params
 
 
-def save_llava(path: str, config: VLMConfig, params: dict, max_shard_size: int | None = None,
-               dtype: str | None = None) -> None:
-    """Write `params` as a `LlavaForConditionalGeneration` directory that transformers loads.
+def load_pretrained(path: str, **overrides) -> tuple[VLMConfig | QwenVLConfig, dict]:
+    """Read a Hugging Face model directory of any supported family (by `config.json`'s `model_type`: `llava`,
+    `qwen2_5_vl`, `qwen2_vl`): config.json + safetensors, single or sharded, float32/bf16, tied or untied.
+
+    Args:
+      path: the directory.
+      **overrides: config fields to set on the loaded config (`dtype="bfloat16"`, `scan_layers=True`,
+        Qwen-VL's `max_image_tokens`).
+
+    Returns:
+      `(config, params)`: params as a nested dict of `jax.Array` in `config.param_dtype` (float32 by
+      default), laid out as `model_for(config).init` makes them (stacked when `scan_layers`). Tensors rftjax
+      does not use (SigLIP's pooling head) are skipped.
+
+    Raises:
+      ValueError: unsupported model type or config field; missing or misshapen tensor (names it).
+    """
+    hf_config = _read_config(path)
+    return _load(path, family_of(hf_config.get("model_type")), hf_config, overrides)
+
+
+def load_llava(path: str, **overrides) -> tuple[VLMConfig, dict]:
+    """`load_pretrained` for a `LlavaForConditionalGeneration` directory (ValueError for any other family)."""
+    return _load(path, LLAVA, _read_config(path), overrides)
+
+
+def load_qwen_vl(path: str, **overrides) -> tuple[QwenVLConfig, dict]:
+    """`load_pretrained` for a Qwen2.5-VL / Qwen2-VL directory (ValueError for any other family)."""
+    return _load(path, QWEN_VL, _read_config(path), overrides)
+
+
+def save_pretrained(path: str, config: VLMConfig | QwenVLConfig, params: dict, max_shard_size: int | None = None,
+                    dtype: str | None = None) -> None:
+    """Write `params` as a Hugging Face directory transformers loads: `LlavaForConditionalGeneration` for a
+    `VLMConfig`, `Qwen2_5_VLForConditionalGeneration` / `Qwen2VLForConditionalGeneration` for a `QwenVLConfig`
+    (by its `model_type`), in the Hub's tensor-name layout.
 
     Args:
       path: output directory (created).
       config: the model config.
-      params: params of `VLM(config)` (scanned or not, any param dtype).
+      params: params of `model_for(config)` (scanned or not, any param dtype).
       max_shard_size: bytes per safetensors shard; None writes one `model.safetensors`, otherwise shards
         `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`.
       dtype: tensor dtype on disk (`float32`, `bfloat16`); default the params' own.
@@ -347,18 +547,23 @@ def save_llava(path: str, config: VLMConfig, params: dict, max_shard_size: int |
     Raises:
       ValueError: a config with no HF equivalent (see `config_to_hf`).
     """
-    hf_config = config_to_hf(config)
+    family = QWEN_VL if isinstance(config, QwenVLConfig) else LLAVA
+    hf_config = family.config_to_hf(config)
     if config.scan_layers:
         params = unstack_layers(params, config.text.num_layers)
     tensors = {}
-    for canonical, ours, kind in _entries(config):
-        x = np.asarray(jax.device_get(_get(params, ours)))
-        x = np.ascontiguousarray(_to_hf(kind, ours, x))
-        tensors[_hub_name(canonical)] = jnp.asarray(x, dtype) if dtype else jnp.asarray(x)
+    for e in family.entries(config):
+        x = np.asarray(jax.device_get(_get(params, e.path)))
+        x = np.ascontiguousarray(_to_hf(e.kind, e.path, x, e.hf_shape))
+        tensors[_hub_name(e.name, family.hub)] = jnp.asarray(x, dtype) if dtype else jnp.asarray(x)
     os.makedirs(path, exist_ok=True)
-    hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(next(iter(tensors.values())).dtype)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(hf_config, f, indent=2)
+    _write_tensors(path, tensors, max_shard_size)
+
+
+def _write_tensors(path: str, tensors: dict, max_shard_size: int | None) -> None:
     meta = {"format": "pt"}
     if max_shard_size is None:
         safetensors.flax.save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata=meta)
@@ -379,3 +584,15 @@ def save_llava(path: str, config: VLMConfig, params: dict, max_shard_size: int |
     index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))}, "weight_map": weight_map}
     with open(os.path.join(path, INDEX_NAME), "w") as f:
         json.dump(index, f, indent=2)
+
+
+def save_llava(path: str, config: VLMConfig, params: dict, max_shard_size: int | None = None,
+               dtype: str | None = None) -> None:
+    """`save_pretrained` for a LLaVA-layout model (`LlavaForConditionalGeneration`)."""
+    save_pretrained(path, config, params, max_shard_size, dtype)
+
+
+def save_qwen_vl(path: str, config: QwenVLConfig, params: dict, max_shard_size: int | None = None,
+                 dtype: str | None = None) -> None:
+    """`save_pretrained` for a Qwen2.5-VL / Qwen2-VL model."""
+    save_pretrained(path, config, params, max_shard_size, dtype)

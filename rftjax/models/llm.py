@@ -17,6 +17,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rftjax.models.common import Linear, RMSNorm, dot_product_attention, normal_init
 from rftjax.models.config import TextConfig
@@ -92,15 +93,33 @@ def positions_from_mask(attention_mask: Array, start: Array | int = 0) -> Array:
     return start + jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def apply_rope(x: Array, positions: Array, theta: float, mrope_section: tuple[int, ...] | None = None) -> Array:
     """Rotary embedding (HF `rotate_half` layout: dims `[0, hd/2)` pair with `[hd/2, hd)`).
 
-    x `[B, T, H, hd]`, positions int `[B, T]`; computed in float32, returned in x's dtype.
+    x `[B, T, H, hd]`; positions int `[B, T]` (1-D RoPE) or `[3, B, T]` (M-RoPE: temporal, height, width
+    positions; Qwen2-VL, Wang et al. 2024 sec. 2.1). With M-RoPE, rotary frequency `f` (of `hd/2`) takes its
+    position from axis 0 for the first `mrope_section[0]` frequencies, axis 1 for the next `mrope_section[1]`
+    and axis 2 for the rest, as HF's `apply_multimodal_rotary_pos_emb`; `[B, T]` positions with M-RoPE mean
+    all three axes equal (text), which is plain RoPE. Computed in float32, returned in x's dtype.
     """
     hd = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
-    cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+    if positions.ndim == 3:
+        if mrope_section is None:
+            raise ValueError("3-D positions [3, B, T] need mrope_section (TextConfig.mrope_section)")
+        axis = np.repeat(np.arange(3), mrope_section)  # [hd/2]: which position axis each frequency uses
+        pos = jnp.moveaxis(positions.astype(jnp.float32), 0, -1)[..., axis]  # [B, T, hd/2]
+        freqs = pos * inv_freq
+    else:
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    return rotate(x, freqs)
+
+
+def rotate(x: Array, angles: Array) -> Array:
+    """Rotate x `[B, T, H, hd]` by `angles` float32 `[B, T, hd/2]` (HF `rotate_half` layout: dim i pairs with
+    dim `i + hd/2`, both turned by `angles[..., i]`). Computed in float32, returned in x's dtype."""
+    hd = x.shape[-1]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., : hd // 2], xf[..., hd // 2:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -113,7 +132,7 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
 class DecoderLayer(nn.Module):
     """One decoder block: `x + attn(rmsnorm(x))`, then `x + swiglu(rmsnorm(x))`.
 
-    Call: `(x [B, T, D], layer_cache, positions [B, T], mask [B, T, S], cache_index [])`
+    Call: `(x [B, T, D], layer_cache, positions [B, T] or [3, B, T], mask [B, T, S], cache_index [])`
     -> `(x [B, T, D], new layer_cache)`. With `layer_cache=None` the keys are the T new tokens (S = T);
     otherwise the new keys/values are written at slots `[cache_index, cache_index + T)` and the query
     attends over all S cached slots.
@@ -134,8 +153,8 @@ class DecoderLayer(nn.Module):
                    name="k_proj", **kw)(h)
         v = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias,
                    name="v_proj", **kw)(h)
-        q = apply_rope(q, positions, c.rope_theta)
-        k = apply_rope(k, positions, c.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, hd]
+        q = apply_rope(q, positions, c.rope_theta, c.mrope_section)
+        k = apply_rope(k, positions, c.rope_theta, c.mrope_section).transpose(0, 2, 1, 3)  # [B, K, T, hd]
         v = v.transpose(0, 2, 1, 3)
         if layer_cache is not None:
             start = (0, 0, cache_index, 0)
@@ -156,14 +175,20 @@ class DecoderLM(nn.Module):
     """Decoder-only LM.
 
     Call: `(input_ids int [B, T] | None, attention_mask [B, T], inputs_embeds [B, T, D] | None,
-    cache: KVCache | None, return_hidden=False)` -> `(logits float32 [B, T, V], new cache | None)`; with
-    `return_hidden` (no cache) the final normalised hidden states `[B, T, D]` instead of logits.
+    cache: KVCache | None, return_hidden=False, positions=None)` -> `(logits float32 [B, T, V], new cache |
+    None)`; with `return_hidden` (no cache) the final normalised hidden states `[B, T, D]` instead of logits.
     Give exactly one of `input_ids` / `inputs_embeds` (the VLM passes embeddings with image features merged
     in; use `embed` to get token embeddings).
 
     Attention: query t sees key s iff s is at or before t and s is a real token (mask). With a cache, the T
     new tokens are appended at slots `[cache.index, cache.index + T)`, their positions continue from
     `cache.next_pos`, and masked (padding) new tokens are never attended to later.
+
+    Positions: by default `cumsum(mask) - 1` from `cache.next_pos` (left padding does not shift them). Explicit
+    `positions` int `[B, T]` or `[3, B, T]` (M-RoPE, see `apply_rope`) override that; the cache then records
+    `next_pos = max(position) + 1` over each row's real tokens, so the text decoded after a Qwen-VL prompt
+    continues from its largest 3-D position: `next_pos` plays the role of HF's `rope_deltas`
+    (`next_pos = cache length + rope_delta`).
 
     Layer params live under `layers_{i}` (or one stacked `layers` when `scan_layers`).
     """
@@ -201,7 +226,7 @@ class DecoderLM(nn.Module):
         return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
 
     def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, cache: KVCache | None = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, positions: Array | None = None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
@@ -209,12 +234,13 @@ class DecoderLM(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
+        explicit = positions is not None
         if cache is None:
-            positions = positions_from_mask(attention_mask)
+            positions = positions_from_mask(attention_mask) if positions is None else positions
             key_valid, index, layer_caches = attention_mask, jnp.zeros((), jnp.int32), None
             key_slot = jnp.arange(t)
         else:
-            positions = positions_from_mask(attention_mask, cache.next_pos)
+            positions = positions_from_mask(attention_mask, cache.next_pos) if positions is None else positions
             index = cache.index
             key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
             key_slot = jnp.arange(cache.max_len) - index  # slot relative to the first new token
@@ -240,7 +266,10 @@ class DecoderLM(nn.Module):
             logits = self.lm_head(x)
         if cache is None:
             return logits, None
-        new_cache = KVCache(layers=new_layers, mask=key_valid,
-                            next_pos=cache.next_pos + attention_mask.sum(1).astype(jnp.int32),
-                            index=index + t)
+        if explicit:  # the largest position of each row's real tokens, + 1 (rows without any keep theirs)
+            top = positions.max(0) if positions.ndim == 3 else positions
+            next_pos = jnp.maximum(cache.next_pos, jnp.max(jnp.where(attention_mask, top + 1, 0), axis=1))
+        else:
+            next_pos = cache.next_pos + attention_mask.sum(1)
+        new_cache = KVCache(layers=new_layers, mask=key_valid, next_pos=next_pos.astype(jnp.int32), index=index + t)
         return logits, new_cache

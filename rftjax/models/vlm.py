@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rftjax.models.common import Linear, gelu_exact
+from rftjax.models.common import Linear, gelu_exact, merge_image_features
 from rftjax.models.config import VLMConfig
 from rftjax.models.llm import DecoderLM, KVCache, init_cache
 from rftjax.models.vit import VisionTransformer
@@ -103,10 +103,7 @@ class VLM(nn.Module):
         embeds = self.language_model.embed(input_ids)
         if image_features is None:
             return embeds
-        is_img = input_ids == self.config.image_token_id
-        idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, image_features.shape[1] - 1)
-        gathered = jnp.take_along_axis(image_features.astype(embeds.dtype), idx[..., None], axis=1)
-        return jnp.where(is_img[..., None], gathered, embeds)
+        return merge_image_features(embeds, input_ids == self.config.image_token_id, image_features)
 
     def __call__(self, pixel_values, input_ids, attention_mask=None, cache: KVCache | None = None,
                  image_features=None, return_hidden: bool = False):
@@ -140,39 +137,3 @@ def dummy_inputs(config: VLMConfig, batch_size: int = 1, text_len: int = 4):
     ids = jnp.concatenate([jnp.full((batch_size, config.num_image_tokens), config.image_token_id, jnp.int32),
                            jnp.zeros((batch_size, text_len), jnp.int32)], axis=1)
     return pixels, ids
-
-
-def init_params(config: VLMConfig, rng: Array) -> dict:
-    """Randomly initialised, unboxed params of `VLM(config)` (float32 leaves unless `param_dtype`).
-
-    For sharded initialisation use `rftjax.sharding.init_sharded_params`.
-    """
-    return nn.unbox(VLM(config).init(rng, *dummy_inputs(config))["params"])
-
-
-def abstract_params(config: VLMConfig):
-    """Shapes and dtypes of `init_params(config, ...)` as a pytree of `jax.ShapeDtypeStruct` (no compute)."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-
-
-# Leaves the model itself casts to the compute dtype before use (Linear kernels, embedding tables); norms
-# and biases are used in float32 and stay as they are.
-_CAST_LEAVES = ("kernel", "embed_tokens", "position_embedding")
-
-
-def cast_for_compute(params: dict, config: VLMConfig) -> dict:
-    """Params with the weights the model casts to `config.dtype` anyway cast once, up front.
-
-    Numerically identical to passing the float32 params (the model would do the same casts inside every
-    call), but a decode loop then reads half the bytes per step and skips a cast of every weight per
-    token. A no-op when compute and param dtypes agree.
-    """
-    dtype = config.compute_dtype
-    if dtype == config.params_dtype:
-        return params
-
-    def cast(path, x):
-        name = getattr(path[-1], "key", None)
-        return x.astype(dtype) if name in _CAST_LEAVES else x
-
-    return jax.tree_util.tree_map_with_path(cast, params)

@@ -1,0 +1,339 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution vision tower, patch merger, and the Qwen2 decoder with M-RoPE.
+
+Sources: Wang et al. 2024, "Qwen2-VL" (naive dynamic resolution, 2-D RoPE in the ViT, M-RoPE in the LM);
+Bai et al. 2025, "Qwen2.5-VL Technical Report" (window attention, RMSNorm + SwiGLU in the ViT). Numerics and
+tensor layout follow transformers' `modeling_qwen2_5_vl.py` / `modeling_qwen2_vl.py`; one module serves both
+families through `QwenVisionConfig` switches (norm, gated MLP, windows).
+
+Static shapes under jit. HF concatenates the patches of all images into one `[sum(t*h*w), 1176]` array and
+runs variable-length attention; XLA needs fixed shapes, so here each row carries one image padded to a patch
+budget: `QwenImages.patches [B, P, patch_dim]` (the image's `t*h*w` patches first, in HF's order where each
+2x2 merge unit is contiguous, then zeros) and `QwenImages.grid_thw [B, 3]`. Every attention masks the padding
+out; window and full-image attention are masks over the row's patches (attention with a mask does not depend
+on token order, so HF's reordering into window order and back is not needed; the merger groups the same 4
+patches in both orders). A model call compiles once per `(B, P, T)`: with `QwenVLConfig.image_token_buckets`
+of k budgets and one prompt length, a run triggers at most k compilations of each jitted function, whatever
+the image sizes (a batch with other sizes in the same bucket reuses the program).
+
+Cost note: window attention runs as dense `[P, P]` masked attention per row (exact, but `P / 64` times the
+FLOPs of a windowed kernel in the windowed blocks); `config.qwen_vision_flops` counts the windowed work.
+
+Limits: one image per row (or none); images only (no video inputs).
+"""
+
+from __future__ import annotations
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rftjax.models.common import LayerNorm, Linear, RMSNorm, dot_product_attention, gelu_exact, merge_image_features
+from rftjax.models.config import QwenVisionConfig, QwenVLConfig
+from rftjax.models.llm import DecoderLM, KVCache, init_cache, rotate
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class QwenImages:
+    """One image per row in the Qwen-VL patch layout, padded to a static patch budget.
+
+    Attributes:
+      patches: float `[B, P, patch_dim]`: row b's `t*h*w` normalised patches first (HF's
+        `Qwen2VLImageProcessor` order and values), zeros after. `P` is a multiple of `spatial_merge_size ** 2`.
+      grid_thw: int32 `[B, 3]`: `(t, h, w)` patch grid of row b's image (t = 1 for images); `(0, 0, 0)` for a
+        row without an image.
+    """
+
+    patches: Array
+    grid_thw: Array
+
+
+@flax.struct.dataclass
+class QwenImageFeatures:
+    """Merged image features (the vision tower's output) with the grids the M-RoPE positions need.
+
+    Attributes:
+      features: `[B, P / merge_unit, D]` in the compute dtype; row b's first `t*h*w / merge_unit` are its image.
+      grid_thw: int32 `[B, 3]`, as in `QwenImages`.
+    """
+
+    features: Array
+    grid_thw: Array
+
+
+def _activation(name: str):
+    return {"silu": nn.silu, "gelu": gelu_exact, "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}[name]
+
+
+def _norm(v: QwenVisionConfig):
+    return RMSNorm if v.norm == "rms" else LayerNorm
+
+
+def patch_layout(grid_thw: Array, num_patches: int, v: QwenVisionConfig) -> dict[str, Array]:
+    """Geometry of every patch slot of every row, int32 `[B, P]` each (computed under jit from `grid_thw`).
+
+    Keys: `valid` (bool: slot holds a patch of the row's image), `frame` (temporal index), `row`, `col`
+    (patch coordinates in the image, the 2-D RoPE positions), `window` (attention window id within the row;
+    windows are `window_units x window_units` merged tokens, counted per frame as HF's `get_window_index`).
+    Slot i of a frame holds merge unit `i // merge_unit` (row-major over the merged grid), sub-patch
+    `i % merge_unit` (row-major within the unit), HF's patch order.
+    """
+    m = v.spatial_merge_size
+    i = jnp.arange(num_patches, dtype=jnp.int32)[None]
+    t, h, w = (grid_thw[:, k:k + 1].astype(jnp.int32) for k in range(3))
+    valid = i < t * h * w
+    frame, j = i // jnp.maximum(h * w, 1), i % jnp.maximum(h * w, 1)
+    unit, sub = j // (m * m), j % (m * m)
+    merged_w = jnp.maximum(w // m, 1)
+    unit_row, unit_col = unit // merged_w, unit % merged_w
+    out = {"valid": valid, "frame": frame, "row": unit_row * m + sub // m, "col": unit_col * m + sub % m}
+    if v.window_units is not None:
+        wu = v.window_units
+        windows_w = (merged_w + wu - 1) // wu
+        windows_h = (jnp.maximum(h // m, 1) + wu - 1) // wu
+        out["window"] = (frame * windows_h + unit_row // wu) * windows_w + unit_col // wu
+    return out
+
+
+def vision_rope_angles(row: Array, col: Array, v: QwenVisionConfig) -> Array:
+    """2-D rotary angles float32 `[B, P, head_dim / 2]`: the first `head_dim / 4` frequencies rotate by the
+    patch row, the rest by its column (HF `Qwen2_5_VLVisionRotaryEmbedding`, theta `v.rope_theta`)."""
+    quarter = v.head_dim // 2
+    inv_freq = 1.0 / (v.rope_theta ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter))
+    return jnp.concatenate([row[..., None] * inv_freq, col[..., None] * inv_freq], axis=-1).astype(jnp.float32)
+
+
+class QwenVisionBlock(nn.Module):
+    """Pre-norm ViT block: `x + proj(attn(rope(qkv(norm1(x)))))`, then `x + mlp(norm2(x))`.
+
+    Call: `(x [B, P, D], angles float32 [B, P, hd/2], mask bool [B, P, P]) -> [B, P, D]`. Fused qkv with bias
+    (kernel `[D, 3, H, hd]`), output projection with bias, MLP gated (SwiGLU-style with `hidden_act`) or plain.
+    """
+
+    config: QwenVisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, angles: Array, mask: Array) -> Array:
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+        norm = _norm(c)
+        h = norm(c.norm_eps, self.dtype, self.param_dtype, name="norm1")(x)
+        qkv = Linear((3, c.num_heads, c.head_dim), ("embed", None, "heads", "head_dim"), name="qkv", **kw)(h)
+        q, k, vv = (qkv[:, :, i] for i in range(3))
+        q, k = rotate(q, angles), rotate(k, angles)
+        a = dot_product_attention(q, k.transpose(0, 2, 1, 3), vv.transpose(0, 2, 1, 3), mask)
+        x = x + Linear(c.hidden_size, ("heads", "head_dim", "embed"), num_in=2, name="proj", **kw)(a)
+        h = norm(c.norm_eps, self.dtype, self.param_dtype, name="norm2")(x)
+        act = _activation(c.hidden_act)
+        if c.gated_mlp:
+            gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(h)
+            up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(h)
+            return x + Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(act(gate) * up)
+        h = act(Linear(c.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(h))
+        return x + Linear(c.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)
+
+
+class PatchMerger(nn.Module):
+    """`ln_q`, then each `merge_unit` consecutive patches concatenated (`[B, P, D] -> [B, P/4, 4D]`), then
+    Linear-GELU(erf)-Linear to `out_hidden_size` (HF `Qwen2_5_VLPatchMerger` / `PatchMerger`)."""
+
+    config: QwenVisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+        x = _norm(c)(c.norm_eps, self.dtype, self.param_dtype, name="ln_q")(x)
+        b, p, d = x.shape
+        x = x.reshape(b, p // c.merge_unit, d * c.merge_unit)
+        x = gelu_exact(Linear(d * c.merge_unit, ("embed", "mlp"), name="mlp_0", **kw)(x))
+        return Linear(c.out_hidden_size, ("mlp", "embed"), name="mlp_2", **kw)(x)
+
+
+class QwenVisionTower(nn.Module):
+    """Qwen-VL vision encoder: patch embedding, `depth` blocks (windowed or full attention), patch merger.
+
+    Call: `(patches float [B, P, patch_dim], grid_thw int [B, 3])` -> merged features `[B, P / merge_unit,
+    out_hidden_size]` (compute dtype; zero on padding slots). The patch embedding is a bias-free linear map of
+    the flattened `(C, temporal_patch_size, patch_size, patch_size)` patch, equal to HF's Conv3d. Attention
+    never crosses frames, images (rows) or into padding; windowed blocks attend within their window only.
+
+    Raises:
+      ValueError: patches whose last dim is not `patch_dim` or whose count is not a multiple of `merge_unit`.
+    """
+
+    config: QwenVisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, patches: Array, grid_thw: Array) -> Array:
+        c = self.config
+        b, p = patches.shape[:2]
+        if patches.ndim != 3 or patches.shape[2] != c.patch_dim or p % c.merge_unit:
+            raise ValueError(f"patches must be [B, P, {c.patch_dim}] with P a multiple of {c.merge_unit}, got "
+                             f"{tuple(patches.shape)}")
+        layout = patch_layout(grid_thw, p, c)
+        valid = layout["valid"]
+        both_valid = valid[:, :, None] & valid[:, None, :]
+        same = lambda key: layout[key][:, :, None] == layout[key][:, None, :]  # noqa: E731
+        full_mask = both_valid & same("frame")
+        window_mask = full_mask & same("window") if c.window_units is not None else full_mask
+        angles = vision_rope_angles(layout["row"], layout["col"], c)
+        x = Linear(c.hidden_size, (None, "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="patch_embed")(patches)
+        block = nn.remat(QwenVisionBlock) if self.remat else QwenVisionBlock
+        for i in range(c.depth):
+            mask = window_mask if c.is_windowed(i) else full_mask
+            x = block(c, self.dtype, self.param_dtype, name=f"blocks_{i}")(x, angles, mask)
+        out = PatchMerger(c, self.dtype, self.param_dtype, name="merger")(x)
+        token_valid = valid.reshape(b, p // c.merge_unit, c.merge_unit)[:, :, 0]
+        return jnp.where(token_valid[..., None], out, 0).astype(self.dtype)
+
+
+def mrope_positions(input_ids: Array, attention_mask: Array, grid_thw: Array | None, config: QwenVLConfig) -> Array:
+    """M-RoPE position ids int32 `[3, B, T]` (temporal, height, width) of left-padded rows with <= 1 image each.
+
+    Over each row's real tokens (mask True): text tokens count up from 0 on all three axes; the image tokens
+    (a contiguous run of `t*h*w/4` ids `config.image_token_id`) get `start + (frame, merged row, merged
+    column)` with `start` the number of text tokens before them; text after the image continues from
+    `start + max(h, w) / 2`. Padding gets 0. Equal to HF's `Qwen2_5_VLModel.get_rope_index` for images.
+    With `grid_thw=None` (no images) every axis is `cumsum(mask) - 1`, plain 1-D RoPE.
+    """
+    mask = attention_mask.astype(bool)
+    is_img = (input_ids == config.image_token_id) & mask
+    is_text = mask & ~is_img
+    text_before = jnp.cumsum(is_text, axis=1, dtype=jnp.int32) - is_text
+    if grid_thw is None:
+        return jnp.broadcast_to(jnp.where(mask, text_before, 0), (3, *input_ids.shape)).astype(jnp.int32)
+    m = config.vision.spatial_merge_size
+    gt, gh, gw = (grid_thw[:, k:k + 1].astype(jnp.int32) for k in range(3))
+    gh, gw = gh // m, gw // m
+    k = jnp.cumsum(is_img, axis=1, dtype=jnp.int32) - 1  # ordinal of each image token
+    per_frame = jnp.maximum(gh * gw, 1)
+    img = jnp.stack([k // per_frame, (k % per_frame) // jnp.maximum(gw, 1), k % jnp.maximum(gw, 1)])
+    image_seen = (k >= 0) & ~is_img  # text after the image
+    text = text_before + jnp.where(image_seen, jnp.maximum(gh, gw), 0)
+    pos = jnp.where(is_img[None], text_before[None] + img, text[None])
+    return jnp.where(mask[None], pos, 0).astype(jnp.int32)
+
+
+def image_token_counts(grid_thw, config: QwenVLConfig) -> np.ndarray:
+    """LM tokens per image `t*h*w / merge_unit`, int `[B]`, from a concrete `grid_thw` `[B, 3]`."""
+    g = np.asarray(grid_thw).astype(np.int64)
+    return g.prod(axis=1) // config.vision.merge_unit
+
+
+def check_image_tokens(input_ids, config: QwenVLConfig, grid_thw) -> None:
+    """Raise a ValueError unless every row of `input_ids` `[B, T]` holds one contiguous run of exactly
+    `t*h*w / 4` image tokens for its `grid_thw` row (or none, for a row without an image / `grid_thw=None`).
+
+    Call it on host data before jitting (the model calls it itself when `input_ids` is concrete). The usual
+    cause of a mismatch is a prompt truncated through its image tokens, or a grid from another resize.
+    """
+    ids = np.asarray(input_ids)
+    is_img = ids == config.image_token_id
+    counts = is_img.sum(axis=1)
+    want = np.zeros(len(ids), np.int64) if grid_thw is None else image_token_counts(grid_thw, config)
+    for row in np.nonzero(counts != want)[0]:
+        raise ValueError(
+            f"image tokens and image features do not match: row {row} of input_ids has {int(counts[row])} image "
+            f"tokens (id {config.image_token_id}) but its image gives {int(want[row])} features (grid_thw "
+            f"{None if grid_thw is None else np.asarray(grid_thw)[row].tolist()} / {config.vision.merge_unit}). "
+            f"A prompt truncated through its image tokens does this: raise the maximum prompt length, or "
+            f"shorten the text.")
+    runs = (np.diff(is_img.astype(np.int8), axis=1) == 1).sum(axis=1) + is_img[:, 0]
+    for row in np.nonzero(runs > 1)[0]:
+        raise ValueError(f"row {row} of input_ids has {int(runs[row])} separate runs of image tokens; rftjax's "
+                         f"Qwen-VL takes one image per row")
+
+
+class QwenVL(nn.Module):
+    """Qwen2-VL / Qwen2.5-VL policy model: `visual` (vision tower + merger) and `language_model` (Qwen2
+    decoder with M-RoPE). Same call contract as `VLM`, with images as `QwenImages`.
+
+    Call:
+      `QwenVL(config).apply({'params': params}, images, input_ids, attention_mask=None, cache=None,
+      image_features=None, return_hidden=False)`
+
+      - images: `QwenImages` (one image per row, padded patches + grids) or None (text only).
+      - input_ids: int32 `[B, T]`, left-padded; row b holds `t*h*w/4` image tokens for its image (between
+        `<|vision_start|>` and `<|vision_end|>` in the chat template).
+      - attention_mask: `[B, T]`, False on padding.
+      - cache: a `KVCache` to append to (then returns `(logits, new_cache)`); the prompt with its image is
+        written from the cache's `next_pos`, and later tokens continue from its largest M-RoPE position + 1.
+      - image_features: `QwenImageFeatures` from `encode_images` instead of images.
+      - return_hidden: the decoder's final hidden states `[B, T, D]` instead of logits.
+
+    Returns:
+      logits float32 `[B, T, V]`; with a cache, `(logits, new_cache)`.
+
+    Raises:
+      ValueError: (when input_ids is concrete) image tokens that do not match the image grids; both images
+        and image_features given.
+    """
+
+    config: QwenVLConfig
+
+    def setup(self):
+        c = self.config
+        dt, pdt = c.compute_dtype, c.params_dtype
+        self.visual = QwenVisionTower(c.vision, dt, pdt, remat=c.remat)
+        self.language_model = DecoderLM(c.text, dt, pdt, scan_layers=c.scan_layers, remat=c.remat)
+
+    def encode_images(self, images: QwenImages) -> QwenImageFeatures:
+        """Merged image features of `images` (see `QwenImageFeatures`)."""
+        return QwenImageFeatures(self.visual(images.patches, images.grid_thw), images.grid_thw)
+
+    def __call__(self, pixel_values: QwenImages | None, input_ids, attention_mask=None, cache: KVCache | None = None,
+                 image_features: QwenImageFeatures | None = None, return_hidden: bool = False):
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("give pixel_values or image_features, not both")
+        source = pixel_values if pixel_values is not None else image_features
+        grid = None if source is None else source.grid_thw
+        if not isinstance(input_ids, jax.core.Tracer) and not isinstance(grid, jax.core.Tracer):
+            check_image_tokens(input_ids, self.config, grid)
+        if pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        embeds = self.language_model.embed(input_ids)
+        positions = None
+        if image_features is not None:
+            embeds = merge_image_features(embeds, input_ids == self.config.image_token_id, image_features.features)
+            positions = mrope_positions(input_ids, attention_mask, image_features.grid_thw, self.config)
+            if cache is not None:
+                positions = positions + cache.next_pos[None, :, None]
+        if return_hidden:
+            if cache is not None:
+                raise ValueError("return_hidden does not take a cache")
+            return self.language_model(None, attention_mask, inputs_embeds=embeds, return_hidden=True,
+                                       positions=positions)[0]
+        logits, new_cache = self.language_model(None, attention_mask, inputs_embeds=embeds, cache=cache,
+                                                positions=positions)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        """Empty `KVCache` for this model (see `rftjax.models.llm.init_cache`); dtype defaults to compute."""
+        c = self.config
+        return init_cache(c.text, batch_size, max_len, dtype or c.compute_dtype, c.scan_layers)
+
+
+def dummy_inputs(config: QwenVLConfig, batch_size: int = 1, text_len: int = 4):
+    """`(images, input_ids)` for `QwenVL.init`: one 2x2-token image (4 x 4 patches) + `text_len` text tokens."""
+    v = config.vision
+    n = 4 * v.merge_unit
+    images = QwenImages(jnp.zeros((batch_size, n, v.patch_dim), jnp.float32),
+                        jnp.tile(jnp.asarray([[1, 2 * v.spatial_merge_size, 2 * v.spatial_merge_size]], jnp.int32),
+                                 (batch_size, 1)))
+    ids = jnp.concatenate([jnp.full((batch_size, 4), config.image_token_id, jnp.int32),
+                           jnp.zeros((batch_size, text_len), jnp.int32)], axis=1)
+    return images, ids
