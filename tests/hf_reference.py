@@ -61,3 +61,81 @@ def left_padded_batch(n_patches: int, image_token: int, vocab: int, rng: np.rand
         ids[row, offset:] = content
         mask[row, offset:] = 1
     return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen2.5-VL / Qwen2-VL
+
+QWEN_IDS = dict(image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153)
+
+
+def make_hf_qwen_vl(tmp_path, *, family="qwen2_5_vl", tie=False, seed=0, vocab=160, hidden=32, heads=4, kv_heads=2,
+                    mrope=(1, 1, 2)):
+    """A random `Qwen2_5_VLForConditionalGeneration` (or Qwen2-VL) with noise on every tensor, saved under
+    tmp_path; returns `(model, path)`. Qwen2.5-VL: 2 vision blocks, block 0 windowed (56 px windows = 2x2
+    merged tokens), block 1 full attention; GQA in the decoder (4 heads, 2 kv heads)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                tie_word_embeddings=tie,
+                rope_parameters=dict(rope_type="default", mrope_section=list(mrope), rope_theta=1e6))
+    if family == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=hidden,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1])
+        cfg, cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=2, hidden_size=hidden, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        cfg, cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    config = cfg(vision_config=vision, text_config=text, tie_word_embeddings=tie, **QWEN_IDS)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = str(tmp_path / f"hf_{family}_{'tied' if tie else 'untied'}")
+    model.save_pretrained(path)
+    return model, path
+
+
+def qwen_batch(rng: np.random.Generator, sizes=((112, 84), (56, 140)), pad=(0, 3), text_before=(3, 2),
+               text_after=(4, 2), vocab=150, budget_tokens=16):
+    """A left-padded batch, one image per row (sizes in px, kept: multiples of 28): rows are
+    `[pad][text][<vision_start>][image tokens][<vision_end>][text]`. Returns a dict with `input_ids`,
+    `attention_mask`, `mm_token_type_ids` `[B, T]`, HF's `pixel_values` `[sum(thw), 1176]` and `image_grid_thw`
+    `[B, 3]`, and rftjax's padded `patches` `[B, 4 * budget_tokens, 1176]` / `grid_thw`."""
+    from PIL import Image
+
+    from rftjax.data.qwen_image import QwenImageProcessor, pad_images
+
+    proc = QwenImageProcessor(min_pixels=28 * 28, max_pixels=28 * 28 * budget_tokens)
+    images = [proc(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))) for h, w in sizes]
+    rows = []
+    for (patches, grid), p, before, after in zip(images, pad, text_before, text_after):
+        n_img = int(np.prod(grid)) // 4
+        rows.append((p, np.concatenate([rng.integers(4, vocab, before), [QWEN_IDS["vision_start_token_id"]],
+                                        np.full(n_img, QWEN_IDS["image_token_id"]),
+                                        [QWEN_IDS["vision_end_token_id"]], rng.integers(4, vocab, after)])))
+    length = max(p + len(r) for p, r in rows)
+    ids = np.zeros((len(rows), length), np.int64)
+    mask = np.zeros_like(ids)
+    for b, (p, r) in enumerate(rows):
+        ids[b, length - len(r):] = r
+        mask[b, length - len(r):] = 1
+    padded = pad_images(images, [budget_tokens])
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == QWEN_IDS["image_token_id"]) * 1,
+            "pixel_values": np.concatenate([p for p, _ in images]), "image_grid_thw": np.stack([g for _, g in images]),
+            "patches": padded["patches"], "grid_thw": padded["grid_thw"]}
+
+
+def hf_qwen_logits(model, batch: dict) -> np.ndarray:
+    """HF logits `[B, T, V]` (M-RoPE positions from HF's own `get_rope_index`)."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
+                    pixel_values=torch.tensor(batch["pixel_values"]),
+                    image_grid_thw=torch.tensor(batch["image_grid_thw"]),
+                    mm_token_type_ids=torch.tensor(batch["mm_token_type_ids"]))
+    return out.logits.float().numpy()

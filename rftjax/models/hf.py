@@ -338,7 +338,11 @@ def qwen_config_from_hf(hf: dict, **overrides) -> QwenVLConfig:
 
 def qwen_config_to_hf(config: QwenVLConfig) -> dict:
     """`config.json` dict of `Qwen2_5_VLForConditionalGeneration` / `Qwen2VLForConditionalGeneration` for
-    `config` (transformers 5 layout: `text_config` and `vision_config` nested; the token ids at the top)."""
+    `config` (transformers 5 layout: `text_config` and `vision_config` nested; the token ids at the top).
+
+    Raises:
+      ValueError: a Qwen2-VL vision MLP width that is not an integer multiple of its hidden size.
+    """
     v, t = config.vision, config.text
     text = _text_to_hf(t, config.model_type + "_text")
     text.update({"use_sliding_window": False, "sliding_window": None})
@@ -352,8 +356,11 @@ def qwen_config_to_hf(config: QwenVLConfig) -> dict:
                       out_hidden_size=v.out_hidden_size, window_size=v.window_size,
                       fullatt_block_indexes=list(v.fullatt_block_indexes))
     else:
+        if v.intermediate_size % v.hidden_size:
+            raise ValueError(f"Qwen2-VL's vision MLP width is embed_dim * an int mlp_ratio; vision.intermediate_size="
+                             f"{v.intermediate_size} is not a multiple of vision.hidden_size={v.hidden_size}")
         vision.update(model_type="qwen2_vl_vision", embed_dim=v.hidden_size, hidden_size=v.out_hidden_size,
-                      mlp_ratio=v.intermediate_size / v.hidden_size)
+                      mlp_ratio=v.intermediate_size // v.hidden_size)
     return {"architectures": [_QWEN_ARCH[config.model_type]], "model_type": config.model_type,
             "image_token_id": config.image_token_id, "video_token_id": config.video_token_id,
             "vision_start_token_id": config.vision_start_token_id, "vision_end_token_id": config.vision_end_token_id,
@@ -483,7 +490,7 @@ def _load(path: str, family: Family, hf_config: dict, overrides: dict):
         with safetensors.safe_open(os.path.join(path, fname), framework="flax") as f:
             for key in f.keys():
                 canonical = canonical_name(key, family.prefixes)
-                if canonical is not None and not canonical.startswith(family.skip or ("\0",)):
+                if canonical is not None and not canonical.startswith(family.skip):
                     tensors[canonical] = (key, f.get_tensor(key))
     shapes = abstract_params(config.replace(scan_layers=False))
     params: dict = {}
