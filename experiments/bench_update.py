@@ -30,30 +30,9 @@ from rftjax import rl, steps
 from rftjax.models import forward_flops, get_preset, init_params, param_count
 from rftjax.rl_update import make_rl_update
 from rftjax.steps import RolloutBatch
+from roofline import cpu_model, matmul_rate
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def matmul_peak(dtype, n: int = 4096, repeats: int = 5) -> float:
-    """Achieved FLOP/s of an n^3 matmul (inputs in `dtype`, float32 accumulation)."""
-    x = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32))
-    jax.block_until_ready(f(x, x))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x, x))
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / min(times)
 
 
 def bench(preset: str, dtype: str, batch: int, prompt_len: int, completion_len: int, repeats: int) -> dict:
@@ -106,7 +85,7 @@ def main():
     ap.add_argument("--text-len", type=int, default=32, help="prompt text tokens after the image tokens")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    peaks = {"float32": matmul_peak(jnp.float32), "bfloat16": matmul_peak(jnp.bfloat16)}
+    peaks = {"float32": matmul_rate(4096, 4096, 4096, jnp.float32), "bfloat16": matmul_rate(4096, 4096, 4096, jnp.bfloat16)}
     print({k: f"{v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()}, flush=True)
     rows = []
     for preset in args.presets:

@@ -18,6 +18,7 @@ from typing import Sequence
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rftjax.models import (QwenVLConfig, VLMConfig, cast_for_compute, check_image_tokens, model_for, num_rows,
                            placeholder_ids)
@@ -77,8 +78,10 @@ def filter_logits(logits: Array, temperature: float = 1.0, top_k: int = 0, top_p
     Ties at a top-k / top-p threshold are all kept. Always keeps at least one token.
     """
     x = logits.astype(jnp.float32)
-    if suppress_ids:
-        x = x.at[:, jnp.asarray(list(suppress_ids))].set(NEG_INF)
+    if suppress_ids:  # a constant mask (fuses with what follows), not a scatter
+        banned = np.zeros(x.shape[-1], bool)
+        banned[list(suppress_ids)] = True
+        x = jnp.where(banned, NEG_INF, x)
     x = x / temperature
     if 0 < top_k < x.shape[-1]:
         kth = jax.lax.top_k(x, top_k)[0][:, -1:]
@@ -93,15 +96,25 @@ def filter_logits(logits: Array, temperature: float = 1.0, top_k: int = 0, top_p
     return x
 
 
+def first_argmax(x: Array) -> Array:
+    """Index of the first maximum along the last axis, int32 `[N]` for x `[N, V]` (`jnp.argmax`'s result).
+
+    Written as two plain reductions: XLA CPU runs argmax's variadic (value, index) reduce several times
+    slower at decode shapes (0.7 ms of a 13 ms decode step at `[32, 8192]`).
+    """
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == x.max(-1, keepdims=True), iota, x.shape[-1]), axis=-1)
+
+
 def sample_tokens(key: Array, logits: Array, *, temperature: float, top_k: int, top_p: float, greedy: bool,
                   suppress_ids: Sequence[int]) -> tuple[Array, Array]:
     """One token per row from logits `[N, V]`: `(tokens int32 [N], logprobs float32 [N])`."""
     if greedy:
         x = filter_logits(logits, 1.0, 0, 1.0, suppress_ids)
-        tokens = jnp.argmax(x, axis=-1)
+        tokens = first_argmax(x)
     else:
         x = filter_logits(logits, temperature, top_k, top_p, suppress_ids)
-        tokens = jax.random.categorical(key, x, axis=-1)
+        tokens = first_argmax(x + jax.random.gumbel(key, x.shape))  # = jax.random.categorical(key, x), same draws
     logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), logp
 

@@ -1,0 +1,204 @@
+"""Qwen2.5-VL prefill and decode throughput: rftjax vs transformers on the same weights, with this machine's
+roofline measured in the same run.
+
+Model: a Qwen2.5-VL with a 4-layer 256-wide decoder (4 heads, 2 kv heads, vocab 8192, M-RoPE) and a 4-block
+256-wide vision tower (blocks 0-2 windowed, block 3 full attention), random weights written by transformers
+and loaded by `rftjax.models.hf.load_qwen_vl`. Prompts: 16 text tokens, an image, 16 text tokens; the rows
+alternate two image sizes (224x224 px = 64 image tokens, 168x336 px = 72), left-padded to one length.
+
+- prefill: a 1-token greedy generate (image encoding + the prompt's forward pass), prompt tokens/s.
+- decode: greedy generate of `--new-tokens` (no EOS) minus the 1-token run, generated tokens/s.
+- roofline of one decode step: every matmul of the step at the FLOP rate measured for its own shape in this
+  run, plus the KV cache read at the measured bandwidth (mean context); "x roofline" = measured / roofline.
+
+    python experiments/bench_qwen_vl.py [--decode-batch 32] [--prefill-batch 8] [--new-tokens 64] [--no-hf]
+
+Prints a table and writes experiments/results/bench_qwen_vl.{md,json}. Needs torch + transformers (the test
+extra) for the transformers rows and to write the weights; importable without grain/TFDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from rftjax import sampling
+from rftjax.data.qwen_image import QwenImageProcessor, pad_images
+from rftjax.models import QwenImages, param_count
+from rftjax.models import hf as rhf
+from rftjax.models.config import QwenVisionConfig, QwenVLConfig, TextConfig
+from roofline import describe, matmul_rate, median_time, memory_bandwidth
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+IDS = dict(image_token_id=8000, video_token_id=8001, vision_start_token_id=8002, vision_end_token_id=8003)
+SIZES = ((224, 224), (168, 336))
+
+
+def bench_config() -> QwenVLConfig:
+    vision = QwenVisionConfig(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=256,
+                              window_size=112, fullatt_block_indexes=(3,))
+    text = TextConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
+                      num_kv_heads=2, qkv_bias=True, rope_theta=1e6, tie_word_embeddings=False,
+                      mrope_section=(8, 12, 12))
+    return QwenVLConfig(vision=vision, text=text, max_image_tokens=80, **IDS)
+
+
+def write_hf_model(config: QwenVLConfig, path: str):
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    hf = rhf.qwen_config_to_hf(config)
+    hf.pop("architectures"), hf.pop("model_type")
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(path)
+
+
+def make_batch(config: QwenVLConfig, batch: int, text: int = 16, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    proc = QwenImageProcessor.for_model(config)
+    images = [proc(Image.fromarray(rng.integers(0, 256, (*SIZES[b % 2], 3), dtype=np.uint8))) for b in range(batch)]
+    rows = [np.concatenate([rng.integers(10, 7900, text), [config.vision_start_token_id],
+                            np.full(int(g.prod()) // 4, config.image_token_id), [config.vision_end_token_id],
+                            rng.integers(10, 7900, text)]) for _, g in images]
+    length = max(len(r) for r in rows)
+    ids = np.zeros((batch, length), np.int64)
+    mask = np.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r):], mask[b, length - len(r):] = r, 1
+    padded = pad_images(images, config.buckets)
+    return {"ids": ids, "mask": mask, "patches": padded["patches"], "grid": padded["grid_thw"],
+            "hf_pixels": np.concatenate([p for p, _ in images]), "hf_grid": np.stack([g for _, g in images])}
+
+
+def rftjax_generate_time(config, params, b, new_tokens: int, repeats: int) -> float:
+    images = QwenImages(jnp.asarray(b["patches"]), jnp.asarray(b["grid"]))
+    ids, mask = jnp.asarray(b["ids"], jnp.int32), jnp.asarray(b["mask"], bool)
+
+    def run():
+        out = sampling.generate(params, config, images, ids, mask, jax.random.key(0), max_new_tokens=new_tokens,
+                                greedy=True)
+        jax.block_until_ready(out.completion_ids)
+    return median_time(run, repeats)
+
+
+def hf_generate_time(model, b, new_tokens: int, repeats: int) -> float:
+    import torch
+
+    inputs = dict(input_ids=torch.tensor(b["ids"]), attention_mask=torch.tensor(b["mask"]),
+                  pixel_values=torch.tensor(b["hf_pixels"]), image_grid_thw=torch.tensor(b["hf_grid"]),
+                  mm_token_type_ids=torch.tensor((b["ids"] == IDS["image_token_id"]) * 1))
+
+    def run():
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           suppress_tokens=[IDS["image_token_id"], IDS["video_token_id"]], pad_token_id=0,
+                           eos_token_id=None)
+    return median_time(run, repeats)
+
+
+def decode_matmuls(config: QwenVLConfig, batch: int) -> list[tuple[int, int, int]]:
+    """The `(m, k, n)` matmuls of one decode step of `batch` rows: per layer q, k, v, o, gate, up, down; the LM head."""
+    t = config.text
+    d, q, kv, i = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
+    layer = [(batch, d, q), (batch, d, kv), (batch, d, kv), (batch, q, d), (batch, d, i), (batch, d, i),
+             (batch, i, d)]
+    return layer * t.num_layers + [(batch, d, t.vocab_size)]
+
+
+def decode_roofline(config: QwenVLConfig, batch: int, context: float, rates: dict, bandwidth: float) -> float:
+    """Seconds of one decode step at this machine's roofline: every matmul at the FLOP rate measured for its own
+    shape (which includes reading its weights), plus the KV cache (float32, mean `context` slots) read at the
+    measured bandwidth. Softmax, norms, RoPE and sampling count as free."""
+    t = config.text
+    matmuls = sum(2 * m * k * n / rates[(m, k, n)] for m, k, n in decode_matmuls(config, batch))
+    kv_bytes = t.num_layers * 2 * batch * context * t.num_kv_heads * t.head_dim * 4
+    return matmuls + kv_bytes / bandwidth
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--prefill-batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows (torch is still used to write the weights)")
+    args = ap.parse_args()
+
+    config = bench_config()
+    t = config.text
+    bandwidth = memory_bandwidth()
+    rates = {shape: matmul_rate(*shape) for shape in set(decode_matmuls(config, args.decode_batch))}
+    prefill = make_batch(config, args.prefill_batch)
+    rate_prefill = matmul_rate(prefill["ids"].size, t.hidden_size, t.intermediate_size)
+    rate_text = ", ".join(f"[{m}x{k}]@[{k}x{n}] {r / 1e9:.0f}" for (m, k, n), r in sorted(rates.items()))
+    print(describe(), flush=True)
+    print(f"roofline: bandwidth {bandwidth / 1e9:.1f} GB/s; fp32 matmul GFLOP/s at the decode shapes: {rate_text}; "
+          f"{rate_prefill / 1e9:.0f} at the prefill MLP shape", flush=True)
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf_model(config, tmp)
+        loaded, params = rhf.load_qwen_vl(tmp, max_image_tokens=config.max_image_tokens)
+        assert loaded == config, (loaded, config)
+        hf_model = None if args.no_hf else Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp).eval()
+        decode = make_batch(config, args.decode_batch, seed=1)
+        n = args.new_tokens
+        impls = [("rftjax (jit, float32)", lambda b, k: rftjax_generate_time(config, params, b, k, args.repeats))]
+        if hf_model is not None:
+            impls.append((f"transformers (torch {torch.__version__}, {torch.get_num_threads()} threads, float32)",
+                          lambda b, k: hf_generate_time(hf_model, b, k, args.repeats)))
+        context = decode["mask"].sum(1).mean() + n / 2
+        roof = decode_roofline(config, args.decode_batch, context, rates, bandwidth)
+        for name, timer in impls:
+            t_prefill = timer(prefill, 1)
+            t1, tn = timer(decode, 1), timer(decode, n)
+            step = (tn - t1) / (n - 1)
+            rows.append(dict(impl=name, prefill_batch=args.prefill_batch, prefill_tokens=int(prefill["ids"].size),
+                             prefill_s=t_prefill, prefill_tokens_per_s=prefill["ids"].size / t_prefill,
+                             decode_batch=args.decode_batch, decode_ms_per_step=1e3 * step,
+                             decode_tokens_per_s=args.decode_batch / step, roofline_ms_per_step=1e3 * roof,
+                             x_roofline=step / roof))
+            print(rows[-1], flush=True)
+    if len(rows) == 2:
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            rows[0][key.replace("tokens_per_s", "x_transformers")] = rows[0][key] / rows[1][key]
+
+    meta = (f"{describe()}; memory bandwidth {bandwidth / 1e9:.1f} GB/s; fp32 matmul GFLOP/s at the decode shapes: "
+            f"{rate_text}; {rate_prefill / 1e9:.0f} at the prefill MLP shape. Model: "
+            f"{param_count(config) / 1e6:.1f}M params (4-layer 256-wide decoder, 4-block vision tower); prompts "
+            f"of {prefill['ids'].shape[1]} tokens with 64- and 72-token images; {n} new tokens, greedy.")
+    header = ("| implementation | prefill tokens/s (batch {pb}) | decode tokens/s (batch {db}) | decode ms/step | "
+              "roofline ms/step | x roofline |\n|---|---|---|---|---|---|").format(pb=args.prefill_batch,
+                                                                               db=args.decode_batch)
+    lines = [header] + [f"| {r['impl']} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} | "
+                        f"{r['decode_ms_per_step']:.2f} | {r['roofline_ms_per_step']:.2f} | {r['x_roofline']:.2f} |"
+                        for r in rows]
+    if "decode_x_transformers" in rows[0]:
+        lines.append(f"\nrftjax / transformers: prefill {rows[0]['prefill_x_transformers']:.2f}x, decode "
+                     f"{rows[0]['decode_x_transformers']:.2f}x.")
+    text = "\n".join([meta, "", *lines])
+    print(text)
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "bench_qwen_vl.md"), "w") as f:
+        f.write(f"# Qwen2.5-VL prefill/decode: rftjax vs transformers\n\n`python experiments/bench_qwen_vl.py`\n\n"
+                f"{text}\n")
+    with open(os.path.join(RESULTS, "bench_qwen_vl.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
