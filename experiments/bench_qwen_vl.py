@@ -132,7 +132,8 @@ def main():
     ap.add_argument("--prefill-batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows (torch is still used to write the weights)")
+    ap.add_argument("--no-hf", action="store_true",
+                    help="skip the transformers rows (torch is still used to write the weights)")
     args = ap.parse_args()
 
     config = bench_config()

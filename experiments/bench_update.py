@@ -85,7 +85,8 @@ def main():
     ap.add_argument("--text-len", type=int, default=32, help="prompt text tokens after the image tokens")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    peaks = {"float32": matmul_rate(4096, 4096, 4096, jnp.float32), "bfloat16": matmul_rate(4096, 4096, 4096, jnp.bfloat16)}
+    peaks = {name: matmul_rate(4096, 4096, 4096, dtype) for name, dtype in (("float32", jnp.float32),
+                                                                           ("bfloat16", jnp.bfloat16))}
     print({k: f"{v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()}, flush=True)
     rows = []
     for preset in args.presets:

@@ -24,7 +24,7 @@ from rftjax.data import augment as augment_lib
 from rftjax.data.pipeline import Preprocess, TaskSource, make_dataset
 from rftjax.data.tasks import get_task
 from rftjax.data.tokenizer import TextTokenizer
-from rftjax.models import VLM, VLMConfig, dummy_inputs, get_preset, param_count
+from rftjax.models import VLM, QwenVLConfig, VLMConfig, dummy_inputs, get_preset, param_count
 from rftjax.models import hf as rhf
 from rftjax.rollout import RolloutConfig
 
@@ -150,6 +150,14 @@ def _model(c: ml_collections.ConfigDict, tokenizer: TextTokenizer, mesh: Mesh, k
     """`(model_config, params, param_shardings)`: the preset (or HF directory) with `model.overrides`, params
     created in their shardings (or loaded and placed there)."""
     overrides = c.model.overrides.to_dict()
+    if c.model.init_from:
+        qwen = rhf.read_hf_config(c.model.init_from).get("model_type") in ("qwen2_5_vl", "qwen2_vl")
+    else:
+        qwen = isinstance(get_preset(c.model.preset), QwenVLConfig)
+    if qwen:
+        raise ValueError(f"bad config: {c.model.init_from or c.model.preset!r} is a Qwen-VL model, and the trainer's "
+                         f"data pipeline (square images, the packaged tokenizer) does not feed Qwen-VL yet; use "
+                         f"rftjax.models.model_for / rftjax.sampling.generate directly, or a LLaVA-layout model")
     if c.model.init_from:
         model_config, loaded = rhf.load_llava(c.model.init_from, **overrides)
     else:

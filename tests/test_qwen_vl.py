@@ -309,3 +309,19 @@ def test_config_dict_round_trip():
     assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
     llava = get_preset("tiny")
     assert config_from_dict(llava.to_dict()) == llava
+
+
+def test_trainer_refuses_qwen_presets_with_a_clear_error(tmp_path):
+    import importlib.util
+
+    from rftjax.build import build_run
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py")
+    spec = importlib.util.spec_from_file_location("smoke_config", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    config = smoke.get_config()
+    config.model.preset = "qwen_vl_tiny"
+    config.mesh.num_devices = 1
+    with pytest.raises(ValueError, match="does not feed Qwen-VL yet"):
+        build_run(config, str(tmp_path))

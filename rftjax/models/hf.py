@@ -478,7 +478,8 @@ def _weight_files(path: str) -> list[str]:
     raise ValueError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}: not a safetensors checkpoint directory")
 
 
-def _read_config(path: str) -> dict:
+def read_hf_config(path: str) -> dict:
+    """The `config.json` of a Hugging Face model directory, as a dict."""
     with open(os.path.join(path, CONFIG_NAME)) as f:
         return json.load(f)
 
@@ -523,18 +524,18 @@ def load_pretrained(path: str, **overrides) -> tuple[VLMConfig | QwenVLConfig, d
     Raises:
       ValueError: unsupported model type or config field; missing or misshapen tensor (names it).
     """
-    hf_config = _read_config(path)
+    hf_config = read_hf_config(path)
     return _load(path, family_of(hf_config.get("model_type")), hf_config, overrides)
 
 
 def load_llava(path: str, **overrides) -> tuple[VLMConfig, dict]:
     """`load_pretrained` for a `LlavaForConditionalGeneration` directory (ValueError for any other family)."""
-    return _load(path, LLAVA, _read_config(path), overrides)
+    return _load(path, LLAVA, read_hf_config(path), overrides)
 
 
 def load_qwen_vl(path: str, **overrides) -> tuple[QwenVLConfig, dict]:
     """`load_pretrained` for a Qwen2.5-VL / Qwen2-VL directory (ValueError for any other family)."""
-    return _load(path, QWEN_VL, _read_config(path), overrides)
+    return _load(path, QWEN_VL, read_hf_config(path), overrides)
 
 
 def save_pretrained(path: str, config: VLMConfig | QwenVLConfig, params: dict, max_shard_size: int | None = None,
