@@ -21,8 +21,9 @@ def _check_positive(obj: Any, *names: str) -> None:
             raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
 
 
-class _DtypeMixin:
-    """Compute/param dtype names shared by the model configs (validated by `_check_dtypes`)."""
+class _ModelConfig:
+    """What the two model configs share: compute/param dtype names (validated by `_check_dtypes`) and
+    `replace` with nested `vision=`/`text=` dicts."""
 
     def _check_dtypes(self) -> None:
         for name in ("dtype", "param_dtype"):
@@ -37,6 +38,13 @@ class _DtypeMixin:
     @property
     def params_dtype(self):
         return _DTYPES[self.param_dtype]
+
+    def replace(self, **kwargs):
+        """A copy with fields replaced (`vision=`/`text=` may be dicts of their fields)."""
+        for name in ("vision", "text"):
+            if isinstance(kwargs.get(name), dict):
+                kwargs[name] = dataclasses.replace(getattr(self, name), **kwargs[name])
+        return dataclasses.replace(self, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +129,7 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class VLMConfig(_DtypeMixin):
+class VLMConfig(_ModelConfig):
     """LLaVA layout: vision encoder + 2-layer GELU projector + decoder LM.
 
     Attributes:
@@ -162,13 +170,6 @@ class VLMConfig(_DtypeMixin):
     def num_image_tokens(self) -> int:
         """Image placeholder tokens per image (= ViT patches)."""
         return self.vision.num_patches
-
-    def replace(self, **kwargs) -> "VLMConfig":
-        """A copy with fields replaced (`vision=`/`text=` may be dicts of their fields)."""
-        for name, cls in (("vision", VisionConfig), ("text", TextConfig)):
-            if isinstance(kwargs.get(name), dict):
-                kwargs[name] = dataclasses.replace(getattr(self, name), **kwargs[name])
-        return dataclasses.replace(self, **kwargs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -264,7 +265,7 @@ _VISION_ACTS = ("silu", "quick_gelu", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenVLConfig(_DtypeMixin):
+class QwenVLConfig(_ModelConfig):
     """Qwen2-VL / Qwen2.5-VL: dynamic-resolution vision tower + patch merger + Qwen2 decoder with M-RoPE.
 
     Attributes:
@@ -324,13 +325,6 @@ class QwenVLConfig(_DtypeMixin):
     def max_pixels(self) -> int:
         """Largest image area (px) that fits `max_image_tokens`."""
         return self.max_image_tokens * (self.vision.patch_size * self.vision.spatial_merge_size) ** 2
-
-    def replace(self, **kwargs) -> "QwenVLConfig":
-        """A copy with fields replaced (`vision=`/`text=` may be dicts of their fields)."""
-        for name, cls in (("vision", QwenVisionConfig), ("text", TextConfig)):
-            if isinstance(kwargs.get(name), dict):
-                kwargs[name] = dataclasses.replace(getattr(self, name), **kwargs[name])
-        return dataclasses.replace(self, **kwargs)
 
     def to_dict(self) -> dict:
         return {"family": "qwen_vl", **dataclasses.asdict(self)}

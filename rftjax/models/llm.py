@@ -82,6 +82,16 @@ def init_cache(config: TextConfig, batch_size: int, max_len: int, dtype=jnp.floa
                    next_pos=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
+class ModelCacheMixin:
+    """`init_cache` for a model module (`VLM`, `QwenVL`) whose `config` has `text`, `compute_dtype` and
+    `scan_layers`."""
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        """Empty `KVCache` for this model (see `init_cache`); dtype defaults to the compute dtype."""
+        c = self.config
+        return init_cache(c.text, batch_size, max_len, dtype or c.compute_dtype, c.scan_layers)
+
+
 def positions_from_mask(attention_mask: Array, start: Array | int = 0) -> Array:
     """Position ids `[B, T]` int32: `start + cumsum(mask) - 1`, clipped at `start` for leading padding.
 

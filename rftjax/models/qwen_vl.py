@@ -31,7 +31,7 @@ import numpy as np
 
 from rftjax.models.common import LayerNorm, Linear, RMSNorm, dot_product_attention, gelu_exact, merge_image_features
 from rftjax.models.config import QwenVisionConfig, QwenVLConfig
-from rftjax.models.llm import DecoderLM, KVCache, init_cache, rotate
+from rftjax.models.llm import DecoderLM, KVCache, ModelCacheMixin, rotate
 
 Array = jax.Array
 
@@ -256,7 +256,7 @@ def check_image_tokens(input_ids, config: QwenVLConfig, grid_thw) -> None:
                          f"Qwen-VL takes one image per row")
 
 
-class QwenVL(nn.Module):
+class QwenVL(ModelCacheMixin, nn.Module):
     """Qwen2-VL / Qwen2.5-VL policy model: `visual` (vision tower + merger) and `language_model` (Qwen2
     decoder with M-RoPE). Same call contract as `VLM`, with images as `QwenImages`.
 
@@ -320,11 +320,6 @@ class QwenVL(nn.Module):
         logits, new_cache = self.language_model(None, attention_mask, inputs_embeds=embeds, cache=cache,
                                                 positions=positions)
         return logits if cache is None else (logits, new_cache)
-
-    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
-        """Empty `KVCache` for this model (see `rftjax.models.llm.init_cache`); dtype defaults to compute."""
-        c = self.config
-        return init_cache(c.text, batch_size, max_len, dtype or c.compute_dtype, c.scan_layers)
 
 
 def dummy_inputs(config: QwenVLConfig, batch_size: int = 1, text_len: int = 4):

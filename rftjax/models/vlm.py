@@ -15,7 +15,7 @@ import numpy as np
 
 from rftjax.models.common import Linear, gelu_exact, merge_image_features
 from rftjax.models.config import VLMConfig
-from rftjax.models.llm import DecoderLM, KVCache, init_cache
+from rftjax.models.llm import DecoderLM, KVCache, ModelCacheMixin
 from rftjax.models.vit import VisionTransformer
 
 Array = jax.Array
@@ -59,7 +59,7 @@ def check_image_tokens(input_ids, config: VLMConfig, has_images: bool = True) ->
             f"image tokens (id {config.image_token_id}) but no image was given (0 features)")
 
 
-class VLM(nn.Module):
+class VLM(ModelCacheMixin, nn.Module):
     """Vision-language policy model (LLaVA layout).
 
     Call:
@@ -123,11 +123,6 @@ class VLM(nn.Module):
             return self.language_model(None, attention_mask, inputs_embeds=embeds, return_hidden=True)[0]
         logits, new_cache = self.language_model(None, attention_mask, inputs_embeds=embeds, cache=cache)
         return logits if cache is None else (logits, new_cache)
-
-    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
-        """Empty `KVCache` for this model (see `rftjax.models.llm.init_cache`); dtype defaults to compute."""
-        c = self.config
-        return init_cache(c.text, batch_size, max_len, dtype or c.compute_dtype, c.scan_layers)
 
 
 def dummy_inputs(config: VLMConfig, batch_size: int = 1, text_len: int = 4):
