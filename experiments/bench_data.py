@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from rftjax.data import tfds_builders
-from rftjax.data.pipeline import Preprocess, TaskSource, make_dataset
+from rftjax.data.pipeline import Preprocess, TaskSource, image_input_for, make_dataset
 from rftjax.data.tasks import TASKS, get_task
 from rftjax.data.tokenizer import TextTokenizer
 from rftjax.models import get_preset
@@ -47,8 +47,7 @@ def main():
 
     tfds.disable_progress_bar()
     config = get_preset("default")
-    pp = Preprocess(TextTokenizer(), config.vision.image_size, config.num_image_tokens, max_prompt_len=128,
-                    with_completion=True)
+    pp = Preprocess(TextTokenizer(), image_input_for(config), max_prompt_len=128, with_completion=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in sorted(TASKS):

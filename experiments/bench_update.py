@@ -58,7 +58,8 @@ def bench(preset: str, dtype: str, batch: int, prompt_len: int, completion_len: 
         prompt_ids=jnp.asarray(prompt), prompt_mask=jnp.ones((batch, prompt_len), bool),
         completion_ids=jnp.asarray(rng.integers(10, config.text.vocab_size, (batch, completion_len)), jnp.int32),
         completion_mask=jnp.ones((batch, completion_len), bool)),
-        rewards=jnp.asarray(rng.standard_normal(batch), jnp.float32))
+        rewards=jnp.asarray(rng.standard_normal(batch), jnp.float32),
+        sampler_logprobs=jnp.zeros((batch, completion_len), jnp.float32))
     t0 = time.perf_counter()
     state, m = update(state, batch_arrays)
     jax.block_until_ready(m)

@@ -21,11 +21,13 @@ from jax.sharding import Mesh
 
 from rftjax import configs, rewards, rl, sharding
 from rftjax.data import augment as augment_lib
-from rftjax.data.pipeline import Preprocess, TaskSource, make_dataset
+from rftjax.data import importers
+from rftjax.data.pipeline import Preprocess, TaskSource, image_input_for, make_dataset
 from rftjax.data.tasks import get_task
 from rftjax.data.tokenizer import TextTokenizer
-from rftjax.models import VLM, QwenVLConfig, VLMConfig, dummy_inputs, get_preset, param_count
+from rftjax.models import QwenVLConfig, VLMConfig, dummy_inputs, get_preset, model_for, param_count
 from rftjax.models import hf as rhf
+from rftjax.rewards.parsing import INSTRUCTIONS
 from rftjax.rollout import RolloutConfig
 
 log = logging.getLogger("rftjax")
@@ -49,6 +51,13 @@ def validate_config(c: ml_collections.ConfigDict, n_data_shards: int, algo: rl.A
          (c.eval.batch_size // c.eval.pass_k) % n_data_shards == 0,
          f"eval.batch_size={c.eval.batch_size} / eval.pass_k={c.eval.pass_k} must be a multiple of {n_data_shards}")
     need(c.data.source in ("procedural", "tfds"), f"data.source={c.data.source!r}: choose procedural or tfds")
+    need(c.reward.answer_format in INSTRUCTIONS, f"reward.answer_format={c.reward.answer_format!r}: choose one of "
+                                                 f"{sorted(INSTRUCTIONS)}")
+    if c.data.train:
+        need(not c.sft.enabled and c.rl.control_sft_seconds == 0,
+             f"data.train={c.data.train!r} has no reasoning traces for an SFT cold start or control: set "
+             f"sft.enabled=False and rl.control_sft_seconds=0 (start from a checkpoint: model.checkpoint=DIR)")
+        need(bool(c.data.test), "data.train is a file dataset: set data.test=KIND:PATH too (held-out evaluation)")
     need(c.sft.enabled or c.rl.enabled, "enable at least one of sft and rl")
     need(c.data.sft_examples > 0 and c.data.val_examples > 0, "data.sft_examples and val_examples must be > 0")
     need(c.optim.grad_accum >= 1, "optim.grad_accum must be >= 1")
@@ -98,10 +107,14 @@ class Run:
     Attributes:
       config: the run's `ml_collections.ConfigDict`; workdir: absolute path of the run directory.
       mesh: the `(data, fsdp, tensor)` device mesh.
-      model_config: the `VLMConfig`; algo: the `rl.AlgorithmConfig` (preset + `rl.algo` overrides).
-      params: the initial params (random init or `model.init_from`), sharded by `param_shardings`.
+      model_config: the `VLMConfig` or `QwenVLConfig`; algo: the `rl.AlgorithmConfig` (preset + `rl.algo`
+        overrides).
+      params: the initial params (random init or `model.checkpoint`), sharded by `param_shardings`.
       key: the run's base PRNG key (`config.seed`).
-      tokenizer: the text tokenizer; sources: random-access data sources `sft`, `val`, `rl`, `test`, `test_ood`.
+      tokenizer: the packaged `TextTokenizer`, or the checkpoint's `rftjax.data.chat.CheckpointTokenizer`.
+      sources: random-access data sources: `rl`, `test`, and for procedural tasks `sft`, `val`, `test_ood`
+        (file datasets: `test_ood` when `data.test_ood` is set); `EVAL_SPLITS` that are present get evaluated.
+      reports: the `ImportReport` of each file dataset (rows kept, bad rows, over-long prompts dropped).
       prompt_pre, sft_pre: preprocessors of prompts (RL, evaluation) and of prompt + traced completion (SFT).
       reward_config: the reward weights and shaping; rollout_config: how an RL step samples.
     """
@@ -109,7 +122,7 @@ class Run:
     config: ml_collections.ConfigDict
     workdir: str
     mesh: Mesh
-    model_config: VLMConfig
+    model_config: VLMConfig | QwenVLConfig
     algo: rl.AlgorithmConfig
     params: Any
     param_shardings: Any
@@ -120,6 +133,7 @@ class Run:
     sft_pre: Preprocess
     reward_config: rewards.RewardConfig
     rollout_config: RolloutConfig
+    reports: dict[str, importers.ImportReport] = dataclasses.field(default_factory=dict)
 
     def put(self, tree):
         """A pytree of host batch arrays `[B, ...]` -> global arrays sharded over the mesh's data axes, in one
@@ -146,31 +160,90 @@ def _source(c: ml_collections.ConfigDict, workdir: str, task, split: str, n: int
     return TaskSource(task, split, n, offset)
 
 
-def _model(c: ml_collections.ConfigDict, tokenizer: TextTokenizer, mesh: Mesh, key: jax.Array):
-    """`(model_config, params, param_shardings)`: the preset (or HF directory) with `model.overrides`, params
-    created in their shardings (or loaded and placed there)."""
+EVAL_SPLITS = ("test", "test_ood")
+
+
+def model_config_of(c: ml_collections.ConfigDict):
+    """The run's model config: `model.checkpoint`'s config.json (any family `rftjax.models.hf` reads) or the
+    preset, with `model.overrides`."""
     overrides = c.model.overrides.to_dict()
-    if c.model.init_from:
-        qwen = rhf.read_hf_config(c.model.init_from).get("model_type") in ("qwen2_5_vl", "qwen2_vl")
-    else:
-        qwen = isinstance(get_preset(c.model.preset), QwenVLConfig)
-    if qwen:
-        raise ValueError(f"bad config: {c.model.init_from or c.model.preset!r} is a Qwen-VL model, and the trainer's "
-                         f"data pipeline (square images, the packaged tokenizer) does not feed Qwen-VL yet; use "
-                         f"rftjax.models.model_for / rftjax.sampling.generate directly, or a LLaVA-layout model")
-    if c.model.init_from:
-        model_config, loaded = rhf.load_llava(c.model.init_from, **overrides)
-    else:
-        model_config, loaded = get_preset(c.model.preset, **overrides), None
-    if tokenizer.vocab_size > model_config.text.vocab_size or model_config.image_token_id != tokenizer.image_id:
-        raise ValueError(f"bad config: the tokenizer ({tokenizer.vocab_size} tokens, image id {tokenizer.image_id}) "
-                         f"does not fit the model (vocab {model_config.text.vocab_size}, image id "
-                         f"{model_config.image_token_id}); set model.overrides.text.vocab_size / image_token_id")
-    params, shardings = sharding.init_sharded_params(VLM(model_config), jax.random.fold_in(key, 0),
+    if c.model.checkpoint:
+        return rhf.load_config(c.model.checkpoint, **overrides)
+    return get_preset(c.model.preset, **overrides)
+
+
+def _model(c: ml_collections.ConfigDict, mesh: Mesh, key: jax.Array):
+    """`(model_config, params, param_shardings)`: the preset with `model.overrides` and random params created
+    in their shardings, or the `model.checkpoint` directory's model placed in them."""
+    if c.model.checkpoint:
+        model_config, loaded = rhf.load_pretrained(c.model.checkpoint, **c.model.overrides.to_dict())
+        shardings = sharding.param_shardings(model_for(model_config), *dummy_inputs(model_config), mesh=mesh)
+        return model_config, jax.device_put(loaded, shardings), shardings
+    model_config = model_config_of(c)
+    params, shardings = sharding.init_sharded_params(model_for(model_config), jax.random.fold_in(key, 0),
                                                      *dummy_inputs(model_config), mesh=mesh)
-    if loaded is not None:
-        params = jax.device_put(loaded, shardings)
     return model_config, params, shardings
+
+
+def tokenizer_of(c: ml_collections.ConfigDict, model_config) -> TextTokenizer:
+    """The checkpoint's own tokenizer and chat template (`model.checkpoint`), else the packaged tokenizer; with
+    the format instruction of `reward.answer_format`.
+
+    Raises:
+      ValueError: the tokenizer does not fit the model (vocabulary, image placeholder id).
+    """
+    instruction = INSTRUCTIONS[c.reward.answer_format]
+    if c.model.checkpoint:
+        from rftjax.data.chat import CheckpointTokenizer
+
+        tokenizer = CheckpointTokenizer(c.model.checkpoint, model_config.image_token_id, instruction)
+    else:
+        if isinstance(model_config, QwenVLConfig):
+            raise ValueError(f"bad config: model.preset={c.model.preset!r} is a Qwen-VL model, which needs its own "
+                             f"tokenizer and chat template: set model.checkpoint=DIR (an HF Qwen2-VL/2.5-VL "
+                             f"directory), or use a LLaVA-layout preset")
+        tokenizer = TextTokenizer(instruction=instruction)
+        if model_config.image_token_id != tokenizer.image_id:
+            raise ValueError(f"bad config: the packaged tokenizer's image id is {tokenizer.image_id}, the model's "
+                             f"{model_config.image_token_id}; set model.overrides.image_token_id")
+    if tokenizer.vocab_size > model_config.text.vocab_size:
+        raise ValueError(f"bad config: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
+                         f"{model_config.text.vocab_size}; set model.overrides.text.vocab_size")
+    return tokenizer
+
+
+def file_source(spec: str, name: str, pre: Preprocess, max_prompt_len: int, reports: dict | None = None):
+    """The examples of a dataset spec (`rftjax.data.importers.load_dataset`) without the rows whose prompt would
+    not fit `max_prompt_len` (`drop_long_prompts`); the report is logged, printed and stored in `reports[name]`.
+
+    Raises:
+      ValueError: a bad spec, or no row that fits.
+    """
+    source, report = importers.load_dataset(spec)
+    source = importers.drop_long_prompts(source, pre.prompt_len, max_prompt_len, report)
+    if reports is not None:
+        reports[name] = report
+    log.info("data %s: %s", name, report)
+    print(f"data {name}: {report}", flush=True)
+    if not len(source):
+        raise ValueError(f"bad config: no row of {spec} fits data.max_prompt_len={max_prompt_len}; raise it")
+    return source
+
+
+def _sources(c: ml_collections.ConfigDict, workdir: str, model_config, pre: Preprocess, reports: dict) -> dict:
+    """The run's data sources: file datasets (`data.train`, `data.test`, `data.test_ood`) or the procedural
+    task's splits."""
+    d = c.data
+    if d.train:
+        specs = {"rl": d.train, "test": d.test, "test_ood": d.test_ood}
+        return {name: file_source(spec, name, pre, d.max_prompt_len, reports) for name, spec in specs.items()
+                if spec}
+    # Procedural images are square; a dynamic-resolution (Qwen-VL) model sees them at the tasks' native 64 px.
+    task = get_task(d.task, seed=c.seed, image_size=getattr(model_config.vision, "image_size", 64))
+    splits = {"sft": ("train", d.sft_examples, 0), "val": ("validation", d.val_examples, 0),
+              "rl": ("train", d.rl_examples, d.sft_examples), "test": ("test", d.test_examples, 0),
+              "test_ood": ("test_ood", d.ood_examples, 0)}
+    return {name: _source(c, workdir, task, *split) for name, split in splits.items()}
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -179,7 +252,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
     Raises:
       ValueError: a config that cannot work (see `validate_config`), a tokenizer that does not fit the model,
-        a `data.max_prompt_len` too short for the chat template and the image tokens.
+        a `data.max_prompt_len` too short for the chat template and the image tokens, a dataset without a row
+        that fits.
     """
     c = config
     workdir = os.path.abspath(workdir)
@@ -189,45 +263,50 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, jax.devices()[: c.mesh.num_devices or None])
     algo = configs.algorithm(c)
     validate_config(c, mesh.shape["data"] * mesh.shape["fsdp"], algo)
-    tokenizer = TextTokenizer()
     key = jax.random.key(c.seed)
-    model_config, params, shardings = _model(c, tokenizer, mesh, key)
-    log.info("model: %s, %.1fM params, mesh %s", c.model.preset, param_count(model_config) / 1e6, dict(mesh.shape))
+    model_config, params, shardings = _model(c, mesh, key)
+    tokenizer = tokenizer_of(c, model_config)
+    log.info("model: %s, %.1fM params, mesh %s", c.model.checkpoint or c.model.preset,
+             param_count(model_config) / 1e6, dict(mesh.shape))
+    if isinstance(model_config, QwenVLConfig) and c.data.augment:
+        raise ValueError("bad config: data.augment works on square LLaVA images; set data.augment='' for Qwen-VL")
 
-    d, image_size, n_image = c.data, model_config.vision.image_size, model_config.num_image_tokens
-    shortest = len(tokenizer.prompt_ids("", n_image))
+    d, images = c.data, image_input_for(model_config)
+    prompt_pre = Preprocess(tokenizer, images, d.max_prompt_len)
+    shortest = prompt_pre.prompt_len("", 28, 28)
     if d.max_prompt_len < shortest:
-        raise ValueError(f"bad config: data.max_prompt_len={d.max_prompt_len} cannot hold the chat template with its "
-                         f"{n_image} image tokens ({shortest} tokens before any question text); raise "
+        raise ValueError(f"bad config: data.max_prompt_len={d.max_prompt_len} cannot hold the chat template with the "
+                         f"image tokens of the smallest image ({shortest} tokens before any question text); raise "
                          f"data.max_prompt_len to at least {shortest + 32}")
-    task = get_task(d.task, seed=c.seed, image_size=image_size)
-    splits = {"sft": ("train", d.sft_examples, 0), "val": ("validation", d.val_examples, 0),
-              "rl": ("train", d.rl_examples, d.sft_examples), "test": ("test", d.test_examples, 0),
-              "test_ood": ("test_ood", d.ood_examples, 0)}
+    reports = {}
     return Run(
         config=c, workdir=workdir, mesh=mesh, model_config=model_config, algo=algo, params=params,
         param_shardings=shardings, key=key, tokenizer=tokenizer,
-        sources={name: _source(c, workdir, task, *split) for name, split in splits.items()},
-        prompt_pre=Preprocess(tokenizer, image_size, n_image, d.max_prompt_len),
-        sft_pre=Preprocess(tokenizer, image_size, n_image, d.max_prompt_len, with_completion=True,
-                           max_completion_len=d.max_completion_len),
+        sources=_sources(c, workdir, model_config, prompt_pre, reports), prompt_pre=prompt_pre,
+        sft_pre=dataclasses.replace(prompt_pre, with_completion=True, max_completion_len=d.max_completion_len),
         reward_config=rewards.RewardConfig(
             accuracy_weight=c.reward.accuracy_weight, format_weight=c.reward.format_weight,
-            overlong_buffer_len=algo.overlong_buffer_len, max_len=c.rl.max_new_tokens, box_iou=c.reward.box_iou),
+            overlong_buffer_len=algo.overlong_buffer_len, max_len=c.rl.max_new_tokens, box_iou=c.reward.box_iou,
+            answer_format=c.reward.answer_format),
         rollout_config=RolloutConfig(
             group_size=algo.group_size, prompts_per_step=c.rl.prompts_per_step, max_new_tokens=c.rl.max_new_tokens,
             temperature=c.rl.temperature, top_k=c.rl.top_k, top_p=c.rl.top_p,
             dynamic_sampling=algo.dynamic_sampling, gen_prompts_per_round=algo.gen_prompts_per_round,
-            dynamic_sampling_rounds=algo.dynamic_sampling_rounds))
+            dynamic_sampling_rounds=algo.dynamic_sampling_rounds),
+        reports=reports)
 
 
 def train_iterators(run: Run):
-    """`(sft_iter, rl_iter)`: the shuffled, repeating grain iterators of the SFT traces and the RL prompts, each
-    process reading its share (checkpointable: `get_state()` / `set_state()`)."""
+    """`(sft_iter, rl_iter)`: the shuffled, repeating grain iterators of the SFT traces (None for file datasets,
+    which have no traces) and the RL prompts, each process reading its share (checkpointable: `get_state()` /
+    `set_state()`)."""
     c, d = run.config, run.config.data
     pidx, pcount = jax.process_index(), jax.process_count()
     common = dict(process_index=pidx, process_count=pcount, num_workers=d.num_workers)
-    sft = make_dataset(run.sources["sft"], run.sft_pre, batch_size=c.sft.batch_size // pcount, seed=c.seed, **common)
+    sft = None
+    if "sft" in run.sources:
+        sft = iter(make_dataset(run.sources["sft"], run.sft_pre, batch_size=c.sft.batch_size // pcount, seed=c.seed,
+                                **common))
     rl_ = make_dataset(run.sources["rl"], run.prompt_pre, batch_size=c.rl.prompts_per_step // pcount,
                        seed=c.seed + 1, augment=parse_augment(d.augment), **common)
-    return iter(sft), iter(rl_)
+    return sft, iter(rl_)

@@ -20,13 +20,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = "default"          # rftjax.models.PRESETS: tiny | default (~19M) | large
     c.model.overrides = ml_collections.ConfigDict()   # VLMConfig fields, e.g. dtype="bfloat16"
-    c.model.init_from = ""              # a HF LLaVA directory (rftjax.models.hf.load_llava) instead of random init
+    c.model.checkpoint = ""             # an HF directory (LLaVA, Qwen2-VL, Qwen2.5-VL): its weights, tokenizer.json
+                                        # and chat template instead of the preset, random init and packaged tokenizer
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "digits"              # digits | shapes | grounding
+    c.data.train = ""                   # a dataset file instead of the task: easyr1:PATH.(jsonl|parquet) (RL prompts)
+    c.data.test = ""                    # ... its held-out evaluation set: easyr1:PATH or mathv:PATH (MATH-V jsonl)
+    c.data.test_ood = ""                # ... an optional second evaluation set
     c.data.source = "procedural"        # procedural (rendered on the fly) | tfds (array_record under data_dir)
     c.data.data_dir = ""                # TFDS data dir (default WORKDIR/tfds)
-    c.data.max_prompt_len = 112         # P: prompts are left-padded to it; longer prompts raise
+    c.data.max_prompt_len = 112         # P: prompts are left-padded to it; longer task prompts raise, longer
+                                        # dataset rows are dropped (counted in the data report)
     c.data.max_completion_len = 64      # C: SFT targets are cut/padded to it
     c.data.sft_examples = 2000          # traced training examples for the cold start (train split 0..n-1)
     c.data.val_examples = 200           # validation split, for the SFT early stopping
@@ -81,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward.accuracy_weight = 1.0
     c.reward.format_weight = 0.2
     c.reward.box_iou = True
+    c.reward.answer_format = "tags"     # tags: <answer>X</answer> | boxed: \boxed{X}; the prompt asks for it
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                    # -1: all devices not used by fsdp/tensor

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from rftjax import configs, rewards
-from rftjax.build import Run, build_run
+from rftjax.build import EVAL_SPLITS, Run, build_run, file_source
 from rftjax.checkpoint import Checkpointer
 from rftjax.data.pipeline import Preprocess, make_dataset
 from rftjax.data.tokenizer import TextTokenizer
@@ -77,37 +77,23 @@ def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, prepro
     return results
 
 
-def user_dataset(spec: str) -> list[dict]:
-    """Examples of `--config.eval.dataset`: `mathv:PATH.jsonl` or `easyr1:PATH.(jsonl|parquet)` (bad rows are
-    skipped and reported)."""
-    from rftjax.data import importers
-
-    kind, _, path = spec.partition(":")
-    loaders = {"mathv": importers.import_mathv, "easyr1": importers.import_easyr1}
-    if kind not in loaders or not path:
-        raise ValueError(f"eval.dataset={spec!r}: use mathv:PATH or easyr1:PATH")
-    examples, report = loaders[kind](path, on_error="skip")
-    print(report)
-    return examples
-
-
 def evaluate_splits(run: Run, params, logger: RunLogger, step: int, stage: str, n: int | None = None,
                     pass_k: int | None = None) -> dict:
-    """`evaluate` on the run's `test` and `test_ood` sources (the first `n` problems of each, default all;
-    pass@k with `eval.pass_k` unless `pass_k` is given), logged to eval.jsonl under `stage` at `step`.
-    Returns `{split: results}`."""
+    """`evaluate` on the run's evaluation sources (`test`, and `test_ood` when the run has one; the first `n`
+    problems of each, default all; pass@k with `eval.pass_k` unless `pass_k` is given), logged to eval.jsonl
+    under `stage` at `step`. Returns `{split: results}`."""
     c = run.config
     pass_k = c.eval.pass_k if pass_k is None else pass_k
     results = {}
-    for split in ("test", "test_ood"):
+    for split in (s for s in EVAL_SPLITS if s in run.sources):
         r = evaluate(params, run.model_config, run.tokenizer, run.sources[split], run.prompt_pre,
                      batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
                      rng=jax.random.fold_in(run.key, EVAL_STREAM + step), pass_k=pass_k, pass_n=c.eval.pass_n,
                      reward_config=run.reward_config, put=run.put, num_examples=n)
         logger.log_eval(step, stage, {"split": split, **r})
         results[split] = r
-    log.info("eval (%s, step %d): test acc %.3f, ood acc %.3f", stage, step, results["test"]["accuracy"],
-             results["test_ood"]["accuracy"])
+    log.info("eval (%s, step %d): %s", stage, step,
+             ", ".join(f"{split} acc {r['accuracy']:.3f}" for split, r in results.items()))
     return results
 
 
@@ -131,7 +117,8 @@ def main(config, workdir):
     try:
         if config.eval.dataset:
             c = config
-            r = evaluate(params, run.model_config, run.tokenizer, user_dataset(c.eval.dataset), run.prompt_pre,
+            source = file_source(c.eval.dataset, "eval", run.prompt_pre, c.data.max_prompt_len)
+            r = evaluate(params, run.model_config, run.tokenizer, source, run.prompt_pre,
                          batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
                          rng=jax.random.key(c.seed), pass_k=c.eval.pass_k, pass_n=c.eval.pass_n,
                          reward_config=run.reward_config, put=run.put)

@@ -36,7 +36,8 @@ def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, *, co
             algo: rl.AlgorithmConfig, temperature: float, on_policy: bool) -> UpdateBatch:
     """The `UpdateBatch` of a rollout batch: advantages by `algo` (`rl.compute_advantages`), `old_logprobs`
     under the current params (unless `on_policy`; also needed for a KL penalty in the reward),
-    `ref_logprobs` under `ref_params` (when `algo` has a KL term), critic values and returns (PPO).
+    `ref_logprobs` under `ref_params` (when `algo` has a KL term), critic values and returns (PPO); on-policy, the
+    sampler's log-probs pass through for the loss to report `steps.logprob_gap`.
     Rewards are not checked here (inside jit): `rftjax.rollout.collect_rollouts` checks them on the host."""
     seq = batch.seq
     logprobs = functools.partial(steps.completion_logprobs, config=config, batch=seq, temperature=temperature)
@@ -45,7 +46,8 @@ def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, *, co
     values = steps.critic_values(critic_params, config, seq) if algo.uses_critic else None
     advantages, returns = rl.compute_advantages(algo, batch.rewards, seq.completion_mask, old, ref, values)
     return UpdateBatch(seq=seq, advantages=advantages, old_logprobs=None if on_policy else old,
-                       ref_logprobs=None if algo.kl_in_reward else ref, old_values=values, returns=returns)
+                       ref_logprobs=None if algo.kl_in_reward else ref, old_values=values, returns=returns,
+                       sampler_logprobs=batch.sampler_logprobs if on_policy else None)
 
 
 def minibatch_indices(key: Array, n_rows: int, minibatch_size: int, num_iterations: int) -> Array:
@@ -66,7 +68,8 @@ def make_rl_update(config: VLMConfig, algo: rl.AlgorithmConfig, temperature: flo
         params or None; batch: a `RolloutBatch` of N rows on the devices; key: the step's PRNG key (the
         minibatch permutations come from `fold_in(key, UPDATE_STREAM)`).
     `minibatch_size` (0 = N) must divide N. Returns the metrics of every update stacked, float32
-    `[num_iterations * N / minibatch_size]` per key; the critic's (empty without a critic) are `vf_loss`,
+    `[num_iterations * N / minibatch_size]` per key, among them `sampler_logprob_gap_mean/max` (`steps.logprob_gap`
+    of the trainer's log-probs at the rollout params); the critic's (empty without a critic) are `vf_loss`,
     `vf_clip_frac`, `value_mean` and its `critic_loss`, `critic_grad_norm`, `critic_skipped_updates`.
     """
     policy_loss = functools.partial(steps.rl_loss, config=config, algo=algo, temperature=temperature)
@@ -91,8 +94,11 @@ def make_rl_update(config: VLMConfig, algo: rl.AlgorithmConfig, temperature: flo
             return (policy, critic), (metrics, critic_metrics)
 
         rows = minibatch_indices(jax.random.fold_in(key, UPDATE_STREAM), n, mb, algo.num_iterations)
-        (policy, critic), metrics = jax.lax.scan(one_update, (policy, critic), rows)
-        return policy, critic, metrics
+        (policy, critic), (policy_metrics, critic_metrics) = jax.lax.scan(one_update, (policy, critic), rows)
+        if not on_policy:  # the trainer's log-probs at the rollout params are old_logprobs
+            gap = steps.logprob_gap(full.old_logprobs, batch.sampler_logprobs, batch.seq.completion_mask)
+            policy_metrics.update({k: jnp.full(rows.shape[:1], v) for k, v in gap.items()})
+        return policy, critic, (policy_metrics, critic_metrics)
 
     out = None if policy_shardings is None else (policy_shardings, critic_shardings, None)
     return jax.jit(rl_update, donate_argnums=(0, 1), out_shardings=out)

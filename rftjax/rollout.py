@@ -19,7 +19,7 @@ import numpy as np
 
 from rftjax import rewards, sampling
 from rftjax.data.tokenizer import TextTokenizer
-from rftjax.models import VLMConfig
+from rftjax.models import VLMConfig, placeholder_ids
 from rftjax.rl.dapo import groups_with_signal
 from rftjax.rl.masking import check_rewards
 from rftjax.steps import RolloutBatch, SequenceBatch
@@ -82,12 +82,12 @@ def generate_texts(params, config: VLMConfig, tokenizer: TextTokenizer, batch: d
                    put=lambda x: x) -> tuple[sampling.SamplingOutput, list[str]]:
     """Generate `group_size` completions for each prompt of a host batch (`pixel_values`, `prompt_ids`,
     `prompt_mask`); `put` moves the prompt arrays to the devices. Returns `(SamplingOutput as numpy, decoded
-    texts [N])`. The image placeholder, pad and BOS ids are never sampled."""
+    texts [N])`. The image placeholders and the tokenizer's `never_ids` (pad, BOS) are never sampled; any of its
+    `eos_ids` ends a completion."""
     out = sampling.generate(params, config, *put((batch["pixel_values"], batch["prompt_ids"], batch["prompt_mask"])),
                             rng, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, eos_ids=(tokenizer.eos_id,), greedy=greedy,
-                            pad_id=tokenizer.pad_id,
-                            suppress_ids=(config.image_token_id, tokenizer.pad_id, tokenizer.bos_id))
+                            top_k=top_k, top_p=top_p, eos_ids=tokenizer.eos_ids, greedy=greedy,
+                            pad_id=tokenizer.pad_id, suppress_ids=placeholder_ids(config) + tokenizer.never_ids)
     out = jax.tree.map(np.asarray, out)
     texts = [tokenizer.decode(ids[:n]) for ids, n in zip(out.completion_ids, out.lengths)]
     return out, texts
@@ -131,7 +131,7 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
     kept, spare, rounds, gen_time, gen_tokens, generated, signal_seen, correct = [], [], 0, 0.0, 0, 0, 0, 0.0
     while True:
         parts = [next(prompts) for _ in range(per_round)]
-        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        batch = {k: jax.tree.map(lambda *x: np.concatenate(x), *[p[k] for p in parts]) for k in parts[0]}
         t0 = time.perf_counter()
         out, texts = generate_texts(params, model_config, tokenizer, batch, jax.random.fold_in(key, rounds),
                                     group_size=g, max_new_tokens=config.max_new_tokens, greedy=False,
@@ -146,10 +146,10 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
         correct += float(np.sum(scores["correct"]))
         for i in range(len(batch["answer"])):
             rows = slice(i * g, (i + 1) * g)
-            group = {"pixel_values": np.repeat(batch["pixel_values"][i:i + 1], g, 0),
-                     "prompt_ids": np.repeat(batch["prompt_ids"][i:i + 1], g, 0),
-                     "prompt_mask": np.repeat(batch["prompt_mask"][i:i + 1], g, 0),
+            group = {**{k: jax.tree.map(lambda x: np.repeat(x[i:i + 1], g, 0), batch[k])
+                        for k in ("pixel_values", "prompt_ids", "prompt_mask")},
                      "completion_ids": out.completion_ids[rows], "completion_mask": out.completion_mask[rows],
+                     "sampler_logprobs": out.model_logprobs[rows],
                      "truncated": out.truncated[rows], "lengths": out.lengths[rows],
                      **{f"reward_{k}": v[rows] for k, v in scores.items()}, "texts": texts[rows],
                      "answers": [batch["answer"][i]] * g, "has_signal": [bool(has_signal[i])]}
@@ -158,15 +158,16 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
         if len(kept) >= b or not config.dynamic_sampling or rounds >= config.dynamic_sampling_rounds:
             break
     groups = (kept + spare)[:b]
-    rows = {k: (np.concatenate([gr[k] for gr in groups]) if not isinstance(groups[0][k], list)
-                else sum((gr[k] for gr in groups), [])) for k in groups[0]}
+    rows = {k: (jax.tree.map(lambda *x: np.concatenate(x), *[gr[k] for gr in groups])
+                if not isinstance(groups[0][k], list) else sum((gr[k] for gr in groups), [])) for k in groups[0]}
     stats = {"rollout_time_s": gen_time, "rollout_tokens_per_s": gen_tokens / max(gen_time, 1e-9),
              "rollout_rounds": rounds, "dynamic_sampling_filled": max(0, b - len(kept)),
              "rollout_groups_with_signal": signal_seen / generated,
              "rollout_accuracy": correct / (generated * g),  # over every rollout, not only the groups kept
              "groups_with_signal": float(np.mean(rows["has_signal"]))}
     seq = trim_completions(SequenceBatch.from_dict(rows))
-    return Rollouts(batch=RolloutBatch(seq=seq, rewards=rows["reward_total"]),
+    sampler_logprobs = rows["sampler_logprobs"][:, :seq.completion_ids.shape[1]]
+    return Rollouts(batch=RolloutBatch(seq=seq, rewards=rows["reward_total"], sampler_logprobs=sampler_logprobs),
                     rewards={k[len("reward_"):]: v for k, v in rows.items() if k.startswith("reward_")},
                     lengths=rows["lengths"], truncated=rows["truncated"], texts=rows["texts"],
                     answers=rows["answers"], stats=stats)

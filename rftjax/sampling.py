@@ -37,6 +37,10 @@ class SamplingOutput:
       completion_mask: bool `[N, T]`, True on generated tokens (the EOS token included).
       logprobs: float32 `[N, T]`, log-prob of each sampled token under the sampling distribution
         (temperature, top-k, top-p applied; for greedy, the untempered model distribution); 0 where masked.
+      model_logprobs: float32 `[N, T]`, log-prob of each sampled token under `softmax(logits / temperature)`
+        without filtering or suppression (temperature 1 when greedy): the quantity the trainer's forward pass
+        computes (`rftjax.steps.completion_logprobs`), so `|model_logprobs - trainer log-probs|` measures
+        sampler/trainer disagreement (verl#2996). 0 where masked.
       lengths: int32 `[N]`, number of generated tokens (= completion_mask.sum(1)).
       truncated: bool `[N]`, True where the row spent the whole budget without emitting an EOS id.
     """
@@ -44,6 +48,7 @@ class SamplingOutput:
     completion_ids: Array
     completion_mask: Array
     logprobs: Array
+    model_logprobs: Array
     lengths: Array
     truncated: Array
 
@@ -56,6 +61,7 @@ class DecodeState:
       step: int32 `[]`, tokens generated so far (the column the next token is written to).
       tokens: int32 `[N, T]`, generated ids (`pad_id` after a row is done and in unwritten columns).
       logprobs: float32 `[N, T]`, log-prob of each generated token under the sampling distribution.
+      model_logprobs: float32 `[N, T]`, the same under the unfiltered tempered model distribution.
       done: bool `[N]`, rows that have emitted an EOS id.
       cache: the decoder's `KVCache` with every prompt repeated G times.
       last_logits: float32 `[N, V]`, logits of the next token of each row.
@@ -64,6 +70,7 @@ class DecodeState:
     step: Array
     tokens: Array
     logprobs: Array
+    model_logprobs: Array
     done: Array
     cache: KVCache
     last_logits: Array
@@ -107,16 +114,22 @@ def first_argmax(x: Array) -> Array:
 
 
 def sample_tokens(key: Array, logits: Array, *, temperature: float, top_k: int, top_p: float, greedy: bool,
-                  suppress_ids: Sequence[int]) -> tuple[Array, Array]:
-    """One token per row from logits `[N, V]`: `(tokens int32 [N], logprobs float32 [N])`."""
+                  suppress_ids: Sequence[int]) -> tuple[Array, Array, Array]:
+    """One token per row from logits `[N, V]`: `(tokens int32 [N], logprobs float32 [N], model_logprobs float32
+    [N])`: the log-prob under the sampling distribution and under the unfiltered `softmax(logits / temperature)`
+    (temperature 1 when greedy)."""
+    temperature = 1.0 if greedy else temperature
     if greedy:
         x = filter_logits(logits, 1.0, 0, 1.0, suppress_ids)
         tokens = first_argmax(x)
     else:
         x = filter_logits(logits, temperature, top_k, top_p, suppress_ids)
         tokens = first_argmax(x + jax.random.gumbel(key, x.shape))  # = jax.random.categorical(key, x), same draws
-    logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    return tokens.astype(jnp.int32), logp
+
+    def logp(z):
+        return jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tokens[:, None], axis=-1)[:, 0]
+
+    return tokens.astype(jnp.int32), logp(x), logp(logits.astype(jnp.float32) / temperature)
 
 
 def _validate(config: VLMConfig, pixel_values, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature,
@@ -155,7 +168,8 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
 
     # Repeat for the G samples of each group (rows b*G .. b*G+G-1 share prompt b).
     state = DecodeState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((n, max_new_tokens), pad_id, jnp.int32),
-                        logprobs=jnp.zeros((n, max_new_tokens), jnp.float32), done=jnp.zeros((n,), bool),
+                        logprobs=jnp.zeros((n, max_new_tokens), jnp.float32),
+                        model_logprobs=jnp.zeros((n, max_new_tokens), jnp.float32), done=jnp.zeros((n,), bool),
                         cache=cache.repeat(group_size), last_logits=jnp.repeat(last_logits, group_size, axis=0))
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
@@ -163,17 +177,18 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
-        token, logp = sample_tokens(jax.random.fold_in(rng, s.step), s.last_logits, temperature=temperature,
+        token, logp, model_logp = sample_tokens(jax.random.fold_in(rng, s.step), s.last_logits, temperature=temperature,
                                     top_k=top_k, top_p=top_p, greedy=greedy, suppress_ids=suppress_ids)
         live = ~s.done
         token = jnp.where(live, token, pad_id)
         logits, cache = model.apply(variables, None, token[:, None], live[:, None], cache=s.cache)
         return DecodeState(step=s.step + 1, tokens=s.tokens.at[:, s.step].set(token),
                            logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, logp, 0.0)),
+                           model_logprobs=s.model_logprobs.at[:, s.step].set(jnp.where(live, model_logp, 0.0)),
                            done=s.done | jnp.isin(token, eos), cache=cache, last_logits=logits[:, 0])
 
     final = jax.lax.while_loop(cond, body, state)
-    tokens, logps = final.tokens, final.logprobs
+    tokens = final.tokens
 
     # A row's mask runs up to and including its first EOS, or over the whole budget. (If the loop stopped
     # early, every row has an EOS, so unwritten columns are always after one.)
@@ -181,7 +196,8 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
     mask = (jnp.cumsum(is_eos, axis=1) - is_eos) == 0
     lengths = mask.sum(1).astype(jnp.int32)
     return SamplingOutput(completion_ids=jnp.where(mask, tokens, pad_id), completion_mask=mask,
-                          logprobs=jnp.where(mask, logps, 0.0), lengths=lengths,
+                          logprobs=jnp.where(mask, final.logprobs, 0.0),
+                          model_logprobs=jnp.where(mask, final.model_logprobs, 0.0), lengths=lengths,
                           truncated=~jnp.any(is_eos & mask, axis=1))
 
 

@@ -85,14 +85,17 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
                         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def param_shardings(model: nn.Module, *init_args, mesh: Mesh, rules=LOGICAL_RULES):
+    """The `NamedSharding` of every param of `model` (a pytree like its unboxed params), from the logical axes
+    of an abstract `model.init(key, *init_args)` (`jax.eval_shape`: nothing is allocated)."""
+    return logical_shardings(jax.eval_shape(lambda: model.init(jax.random.key(0), *init_args)["params"]), mesh, rules)
+
+
 def init_sharded_params(model: nn.Module, rng: jax.Array, *init_args, mesh: Mesh, rules=LOGICAL_RULES):
     """`model.init(rng, *init_args)['params']`, unboxed, with every leaf created directly in its sharding
     (nothing is materialised on one device first). Returns `(params, shardings)`."""
-    def init():
-        return model.init(rng, *init_args)["params"]
-
-    shardings = logical_shardings(jax.eval_shape(init), mesh, rules)
-    params = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+    shardings = param_shardings(model, *init_args, mesh=mesh, rules=rules)
+    params = jax.jit(lambda: nn.unbox(model.init(rng, *init_args)["params"]), out_shardings=shardings)()
     return params, shardings
 
 

@@ -146,12 +146,14 @@ class RunState:
 
     def _set_iterator_states(self, data: dict):
         """Resume both data pipelines at the positions `save` wrote."""
-        self.sft_iter.set_state(data["sft"])
+        if self.sft_iter is not None:
+            self.sft_iter.set_state(data["sft"])
         self.rl_iter.set_state(data["rl"])
 
     def save(self, ckpt: Checkpointer | None = None, state=None):
         """Checkpoint at the global step: the stage's states (or `state`), iterator positions, counters, config."""
-        data = {"sft": iterator_state(self.sft_iter), "rl": iterator_state(self.rl_iter)}
+        data = {"sft": None if self.sft_iter is None else iterator_state(self.sft_iter),
+                "rl": iterator_state(self.rl_iter)}
         meta = {**dataclasses.asdict(self.counters), "has_best": self.stage.best is not None,
                 "config": self.c.to_json(), "key_data": np.asarray(jax.random.key_data(self.setup.key)).tolist()}
         (ckpt or self.ckpt).save(self.counters.global_step, self._ckpt_state() if state is None else state, data, meta)

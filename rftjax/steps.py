@@ -56,10 +56,14 @@ class RolloutBatch:
       seq: `SequenceBatch` of `N = B * G` rows; rows `b*G .. b*G+G-1` are the G samples of prompt b (the
         prompt and image repeated), completions trimmed by `rftjax.rollout.trim_completions`.
       rewards: float32 `[N]`, the total reward of each completion (finite: checked on the host).
+      sampler_logprobs: float32 `[N, T]`, the sampler's log-prob of each completion token under the unfiltered
+        tempered model distribution (`SamplingOutput.model_logprobs`); the update reports how far the trainer's
+        own log-probs are from it (`logprob_gap`), never trains on it.
     """
 
     seq: SequenceBatch
     rewards: Array
+    sampler_logprobs: Array
 
 
 @flax.struct.dataclass
@@ -74,6 +78,8 @@ class UpdateBatch:
       ref_logprobs: float32 `[N, T]` under the frozen reference; None without a KL term in the loss.
       old_values: float32 `[N, T]` of the critic at rollout time (PPO), else None.
       returns: float32 `[N, T]`, the critic's targets (PPO), else None.
+      sampler_logprobs: float32 `[N, T]` of the sampler, on on-policy updates only (then the loss's log-probs
+        are the trainer's at the rollout params, and it reports `logprob_gap` of the two).
     """
 
     seq: SequenceBatch
@@ -82,6 +88,7 @@ class UpdateBatch:
     ref_logprobs: Array | None = None
     old_values: Array | None = None
     returns: Array | None = None
+    sampler_logprobs: Array | None = None
 
 
 @flax.struct.dataclass
@@ -175,6 +182,16 @@ def completion_logprobs(params, config: VLMConfig, batch: SequenceBatch,
     return lp * m, entropy * m
 
 
+def logprob_gap(trainer_logprobs: Array, sampler_logprobs: Array, completion_mask: Array) -> dict[str, Array]:
+    """Sampler/trainer agreement over completion tokens, float32 scalars: `sampler_logprob_gap_mean` and
+    `sampler_logprob_gap_max` of `|trainer - sampler|` (nats), both `[N, T]`; the rollout engine vs trainer
+    mismatch that verl#2996 reports. Equal functions in float32 give ~1e-6; larger values mean the sampler
+    computes a different distribution (dtype, cache path, a bug), which biases every ratio `pi / pi_old`."""
+    m = completion_mask.astype(bool)
+    gap = jnp.where(m, jnp.abs(jax.lax.stop_gradient(trainer_logprobs) - sampler_logprobs), 0.0)
+    return {"sampler_logprob_gap_mean": masked_mean(gap, m.astype(jnp.float32)), "sampler_logprob_gap_max": gap.max()}
+
+
 def sft_loss(params, batch: SequenceBatch, config: VLMConfig) -> tuple[Array, dict]:
     """Cross-entropy of the completion tokens (token mean over the batch) - the SFT cold start."""
     lp, _ = completion_logprobs(params, config, batch)
@@ -186,11 +203,15 @@ def sft_loss(params, batch: SequenceBatch, config: VLMConfig) -> tuple[Array, di
 def rl_loss(params, batch: UpdateBatch, config: VLMConfig, algo: rl.AlgorithmConfig,
             temperature: float) -> tuple[Array, dict]:
     """`rl.policy_loss` on freshly computed log-probs. Without `old_logprobs` the update is on-policy
-    (mu = 1, one minibatch): old = stop_gradient(current), ratio exactly 1, as TRL does."""
+    (mu = 1, one minibatch): old = stop_gradient(current), ratio exactly 1, as TRL does; with
+    `sampler_logprobs` the metrics include `logprob_gap`."""
     lp, entropy = completion_logprobs(params, config, batch.seq, temperature)
     old = jax.lax.stop_gradient(lp) if batch.old_logprobs is None else batch.old_logprobs
-    return rl.policy_loss(lp, old, batch.advantages, batch.seq.completion_mask, algo,
-                          ref_logprobs=batch.ref_logprobs, entropy=entropy)
+    loss, metrics = rl.policy_loss(lp, old, batch.advantages, batch.seq.completion_mask, algo,
+                                   ref_logprobs=batch.ref_logprobs, entropy=entropy)
+    if batch.sampler_logprobs is not None:
+        metrics = {**metrics, **logprob_gap(lp, batch.sampler_logprobs, batch.seq.completion_mask)}
+    return loss, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -139,3 +139,67 @@ def hf_qwen_logits(model, batch: dict) -> np.ndarray:
                     image_grid_thw=torch.tensor(batch["image_grid_thw"]),
                     mm_token_type_ids=torch.tensor(batch["mm_token_type_ids"]))
     return out.logits.float().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny tokenizers with each family's special tokens and its published chat template
+
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+"""Qwen2-VL-7B-Instruct's chat template (Qwen2.5-VL ships the same)."""
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in "
+    "message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ 'ASSISTANT:' }}{% endif %}")
+"""llava-hf/llava-1.5-7b-hf's chat template (with HF's `{% generation %}` markers)."""
+
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>")
+QWEN_TOKEN_IDS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
+LLAVA_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<extra>", "<image>")  # <image> = make_hf_llava's id 5
+
+
+def make_tokenizer_dir(path, family: str, vocab: int = 320) -> str:
+    """A byte-level BPE of `vocab` tokens trained on a few sentences, with `family`'s special tokens first
+    (Qwen: `<|endoftext|>` = 0 ... `<|image_pad|>` = 5; LLaVA: `<unk>` = 0, `<s>`, `</s>`, `<pad>`, `<image>` = 5)
+    and its chat template, saved as `tokenizer.json` + `tokenizer_config.json` under `path`; returns `path`."""
+    import json
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = QWEN_SPECIALS if family == "qwen" else LLAVA_SPECIALS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["How many red cubes are there? Reason in <think></think>, then answer.",
+                             "system user assistant You are a helpful assistant. USER: ASSISTANT:"] * 20, trainer)
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    if family == "qwen":
+        config = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
+                      chat_template=QWEN_CHAT_TEMPLATE)
+    else:
+        config = dict(eos_token="</s>", pad_token="<pad>", bos_token="<s>", unk_token="<unk>",
+                      chat_template=LLAVA_CHAT_TEMPLATE)
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=4096,
+                  clean_up_tokenization_spaces=False)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return str(path)

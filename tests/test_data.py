@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from rftjax.data import augment, importers, tfds_builders
-from rftjax.data.pipeline import Preprocess, TaskSource, make_dataset
+from rftjax.data.pipeline import Preprocess, TaskSource, image_input_for, make_dataset
 from rftjax.data.tasks import get_task
 from rftjax.data.tokenizer import ASSET, SPECIAL_TOKENS, PromptTooLongError, TextTokenizer, build
 from rftjax.models import get_preset
@@ -22,7 +22,7 @@ CONFIG = get_preset("default")
 
 
 def _pp(with_completion=False, max_prompt_len=128):
-    return Preprocess(TOK, CONFIG.vision.image_size, CONFIG.num_image_tokens, max_prompt_len, with_completion)
+    return Preprocess(TOK, image_input_for(CONFIG), max_prompt_len, with_completion)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -69,7 +69,9 @@ def test_scanned_minibatch_updates_equal_a_plain_loop():
         prompt_ids=jnp.asarray(prompt), prompt_mask=jnp.ones_like(prompt, bool),
         completion_ids=jnp.asarray(np.where(mask, rng.integers(4, 50, (n, t)), 0), jnp.int32),
         completion_mask=jnp.asarray(mask))
-    batch = RolloutBatch(seq=seq, rewards=jnp.asarray([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.2]))
+    sampler_lp = jnp.asarray(np.where(mask, -rng.random((n, t)), 0.0), jnp.float32)
+    batch = RolloutBatch(seq=seq, rewards=jnp.asarray([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.2]),
+                         sampler_logprobs=sampler_lp)
     params, ref = init_params(model, jax.random.key(0)), init_params(model, jax.random.key(1))
     tx = steps.make_optimizer(steps.make_schedule(1e-2, 10))
     key = jax.random.key(5)
@@ -87,6 +89,10 @@ def test_scanned_minibatch_updates_equal_a_plain_loop():
         state, m = single(state, jax.tree.map(lambda x: x[rows], full))
         losses.append(float(m["loss"]))
     np.testing.assert_allclose(np.asarray(metrics["loss"]), losses, rtol=1e-5, atol=1e-6)
+    # The sampler/trainer gap is measured against the trainer's log-probs at the rollout params (old_logprobs).
+    gap = np.abs(np.asarray(full.old_logprobs) - np.asarray(sampler_lp))[mask]
+    np.testing.assert_allclose(np.asarray(metrics["sampler_logprob_gap_max"]), gap.max(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(metrics["sampler_logprob_gap_mean"]), gap.mean(), rtol=1e-5)
     # Params after 4 Adam steps of ~lr = 1e-2 each: float32 rounding of the scanned vs the separately jitted
     # program, divided by Adam's sqrt(v) where a gradient is near 0, reaches ~3e-6 (1e-3 of one step); a wrong row,
     # order or pass would move params by a whole step.

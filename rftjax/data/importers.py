@@ -11,6 +11,11 @@
 Bad rows (missing image file, unreadable image bytes, empty answer, wrong types, several images) raise a
 ValueError naming the file, line and field, or with `on_error="skip"` are left out and listed in the
 returned `ImportReport`. Nothing is silently wrong.
+
+For training, `load_dataset("easyr1:PATH")` imports lazily (`decode=False`: each image's header is read, its
+pixels only when the row is used: `LazyExamples`) and `drop_long_prompts` leaves out the rows whose rendered
+prompt (with the image's token count) exceeds `max_prompt_len`, counted in the report, so that no prompt is
+ever cut through its image span and no over-long row stops a run.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from rftjax.data.tasks import make_example
+from rftjax.data.tokenizer import PLACEHOLDER
 from rftjax.data.tasks.grounding import format_box
 from rftjax.rewards.accuracy import parse_choice, parse_number
 from rftjax.rewards.boxes import parse_box
@@ -40,9 +46,65 @@ class ImportReport:
     total: int = 0
     kept: int = 0
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    too_long: int = 0  # rows left out by `drop_long_prompts` (also in `skipped`)
 
     def __str__(self):
-        return f"{self.source}: kept {self.kept} of {self.total} rows, skipped {len(self.skipped)}"
+        bad = len(self.skipped) - self.too_long
+        return (f"{self.source}: kept {self.kept} of {self.total} rows; dropped {bad} bad rows and {self.too_long} "
+                f"whose prompt exceeds max_prompt_len")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRef:
+    """An image not decoded yet: `value` (an absolute path or encoded bytes) and its size in px (from the
+    file header). `load()` decodes it (`load_image`)."""
+
+    value: Any
+    height: int
+    width: int
+
+    def load(self) -> np.ndarray:
+        return load_image(self.value)
+
+
+def probe_image(value: Any, base_dir: str | None = None) -> ImageRef:
+    """An `ImageRef` of a path, bytes or `{"bytes", "path"}` dict, reading only the header.
+
+    Raises:
+      ValueError: a missing file, or bytes/file that are not an image.
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        value = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
+        if not os.path.exists(value):
+            raise ValueError(f"image file {value} does not exist")
+    elif not isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"image must be a path, bytes or {{'bytes', 'path'}} dict, got {type(value).__name__}")
+    try:
+        with Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value) as im:
+            width, height = im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image is not readable: {e}") from None
+    if not height or not width:
+        raise ValueError(f"image of {height}x{width} px has no pixels")
+    return ImageRef(bytes(value) if isinstance(value, bytearray) else value, height, width)
+
+
+class LazyExamples:
+    """Random-access examples (`len`, `[i]`) whose `ImageRef` images are decoded when the row is read."""
+
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        ex = dict(self.examples[int(index)])
+        if isinstance(ex["image"], ImageRef):
+            ex["image"] = ex["image"].load()
+        return ex
 
 
 def load_image(value: Any, base_dir: str | None = None) -> np.ndarray:
@@ -143,10 +205,16 @@ def _text(row: dict, field: str, allow_number: bool = False) -> str:
     return v.strip()
 
 
-def import_easyr1(path: str, image_dir: str | None = None, on_error: str = "raise",
-                  task: str = "easyr1") -> tuple[list[dict], ImportReport]:
+def _image(value: Any, base: str, decode: bool):
+    return load_image(value, base) if decode else probe_image(value, base)
+
+
+def import_easyr1(path: str, image_dir: str | None = None, on_error: str = "raise", task: str = "easyr1",
+                  decode: bool = True) -> tuple[list[dict], ImportReport]:
     """Rows of an EasyR1 / R1-V dataset file (see the module docstring). `image_dir` defaults to the file's
-    directory. Returns `(examples, report)`; answer types are inferred (`infer_answer_type`)."""
+    directory. Returns `(examples, report)`; answer types are inferred (`infer_answer_type`). With
+    `decode=False` images are `ImageRef`s (read them through `LazyExamples`). A problem with more than one
+    `<image>` placeholder is a bad row (one image per prompt)."""
     base = image_dir or os.path.dirname(os.path.abspath(path))
 
     def convert(row: dict, ref: str, index: int) -> dict:
@@ -158,17 +226,20 @@ def import_easyr1(path: str, image_dir: str | None = None, on_error: str = "rais
             images = images[0]
         if images is None:
             raise ValueError("no 'images' or 'image' field")
-        image = load_image(images, base)
-        return make_example(task, "import", index, image, question, answer, infer_answer_type(answer),
-                            meta={"source": ref})
+        if len(PLACEHOLDER.findall(question)) > 1:
+            raise ValueError(f"field 'problem' has {len(PLACEHOLDER.findall(question))} image placeholders; "
+                             f"rftjax supports one image per row")
+        return make_example(task, "import", index, _image(images, base, decode), question, answer,
+                            infer_answer_type(answer), meta={"source": ref})
 
     return _import(path, convert, on_error)
 
 
-def import_mathv(path: str, image_dir: str | None = None, on_error: str = "raise") -> tuple[list[dict], ImportReport]:
+def import_mathv(path: str, image_dir: str | None = None, on_error: str = "raise",
+                 decode: bool = True) -> tuple[list[dict], ImportReport]:
     """MATH-V jsonl (`question`, `options`, `answer`, `image`). `image_dir` defaults to the dataset root (the
     parent of the jsonl's directory). Multiple-choice rows list their options after the question and get
-    answer type `choice`."""
+    answer type `choice`. `decode=False`: images as `ImageRef`s, as `import_easyr1`."""
     base = image_dir or os.path.dirname(os.path.dirname(os.path.abspath(path)))
 
     def convert(row: dict, ref: str, index: int) -> dict:
@@ -185,8 +256,7 @@ def import_mathv(path: str, image_dir: str | None = None, on_error: str = "raise
             answer_type = "choice"
         else:
             answer_type = infer_answer_type(answer)
-        image = load_image(_text(row, "image"), base)
-        ex = make_example("mathv", "test", 0, image, question, answer, answer_type,
+        ex = make_example("mathv", "test", 0, _image(_text(row, "image"), base, decode), question, answer, answer_type,
                           meta={"source": ref, "subject": row.get("subject"), "level": row.get("level")})
         ex["id"] = f"mathv/{row.get('id', ref)}"
         return ex
@@ -250,6 +320,50 @@ def import_voc(annotation_dir: str, image_dir: str, names: dict[str, str] | None
                 raise ValueError(f"bad annotation {ref}: {e} (pass on_error='skip' to leave it out)") from None
             report.skipped.append((ref, str(e)))
     return out, report
+
+
+LOADERS = {"easyr1": import_easyr1, "mathv": import_mathv}
+"""Dataset kinds of `load_dataset` specs."""
+
+
+def load_dataset(spec: str, image_dir: str | None = None) -> tuple[LazyExamples, ImportReport]:
+    """The examples of a dataset spec `KIND:PATH` (`easyr1:train.jsonl`, `easyr1:train.parquet`,
+    `mathv:data/testmini.jsonl`), imported lazily with bad rows skipped and reported.
+
+    Raises:
+      ValueError: an unknown kind or a missing path (the message lists the kinds), or no usable row.
+    """
+    kind, _, path = spec.partition(":")
+    if kind not in LOADERS or not path:
+        raise ValueError(f"dataset {spec!r}: use KIND:PATH with KIND one of {sorted(LOADERS)}")
+    examples, report = LOADERS[kind](path, image_dir, on_error="skip", decode=False)
+    if not examples:
+        raise ValueError(f"dataset {spec!r} has no usable rows: {report}; first problems: {report.skipped[:3]}")
+    return LazyExamples(examples), report
+
+
+def drop_long_prompts(source: LazyExamples, prompt_len: Callable[[str, int, int], int], max_prompt_len: int,
+                      report: ImportReport) -> LazyExamples:
+    """`source` without the rows whose prompt is longer than `max_prompt_len` tokens; each dropped row is counted
+    in `report.too_long` and listed in `report.skipped`.
+
+    Args:
+      prompt_len: `(question, image_height, image_width) -> tokens` of the rendered prompt with the image's
+        tokens (`rftjax.data.pipeline.Preprocess.prompt_len`).
+    """
+    kept = []
+    for ex in source.examples:
+        image = ex["image"]
+        h, w = (image.height, image.width) if isinstance(image, ImageRef) else np.asarray(image).shape[:2]
+        n = prompt_len(ex["question"], h, w)
+        if n <= max_prompt_len:
+            kept.append(ex)
+            continue
+        report.too_long += 1
+        report.kept -= 1
+        report.skipped.append((json.loads(ex["meta"]).get("source", ex["id"]),
+                               f"prompt of {n} tokens > max_prompt_len={max_prompt_len}"))
+    return LazyExamples(kept)
 
 
 BCCD_NAMES = {"WBC": "white blood cell", "RBC": "red blood cell", "Platelets": "platelet"}

@@ -2,14 +2,16 @@
 
     source (TFDS array_record / a task / imported rows)
       -> seeded shuffle, repeat (reshuffled every epoch) -> this process's shard (every k-th element)
-      -> preprocess: resize + normalise the image, chat template, tokenise, left-pad the prompt
-         (+ right-padded completion for SFT), rescale box answers to the model's image frame
+      -> preprocess: the model's image input (LLaVA: square resize + normalise; Qwen-VL: aspect-preserving
+         resize + patches padded to a static budget), chat template with the image's token count, tokenise,
+         left-pad the prompt (+ right-padded completion for SFT), rescale box answers to the model's image frame
       -> batch -> (threads / worker processes) prefetch
 
 The iterator's state is checkpointable (`get_state` / `set_state`, a small dict): a resumed run sees
 exactly the batches an uninterrupted run would. Batches are dicts of numpy arrays:
 
-  pixel_values   float32 [B, H, W, 3]  in [-1, 1] (SigLIP normalisation: (x/255 - 0.5) / 0.5)
+  pixel_values   float32 [B, H, W, 3]  in [-1, 1] (LLaVA, SigLIP normalisation: (x/255 - 0.5) / 0.5), or a
+                 `QwenImages` (patches float32 [B, P, 1176], grid_thw int32 [B, 3]) for Qwen-VL
   prompt_ids     int32 [B, P]          left-padded with <pad>
   prompt_mask    bool  [B, P]
   completion_ids int32 [B, C], completion_mask bool [B, C]   (with_completion only: trace + <eos>)
@@ -26,9 +28,12 @@ import grain
 import numpy as np
 from PIL import Image
 
+from rftjax.data.qwen_image import QwenImageProcessor, pad_images
 from rftjax.data.tasks import Task
 from rftjax.data.tasks.grounding import format_box
 from rftjax.data.tokenizer import TextTokenizer, pad_left, pad_right
+from rftjax.models.config import QwenVLConfig
+from rftjax.models.qwen_vl import QwenImages
 from rftjax.rewards.boxes import parse_box
 
 
@@ -70,50 +75,107 @@ class TfdsSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class SquareImages:
+    """LLaVA-layout image input: resize to `size x size` (bilinear), SigLIP normalisation to [-1, 1].
+
+    Calling it on a uint8 `[H, W, 3]` image gives float32 `[size, size, 3]`; every image becomes
+    `num_tokens` image tokens.
+    """
+
+    size: int
+    num_tokens: int
+
+    def tokens(self, height: int, width: int) -> int:
+        """Image tokens of an image of `height x width` px (always `num_tokens`)."""
+        return self.num_tokens
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """`(height, width)` in px of the model's view of the image."""
+        return self.size, self.size
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        img = np.asarray(image)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"image must be [H, W, 3], got {img.shape}")
+        if img.shape[:2] != (self.size, self.size):
+            img = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((self.size, self.size), Image.BILINEAR))
+        return (img.astype(np.float32) / 255.0 - 0.5) / 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenPatchImages:
+    """Qwen2-VL / Qwen2.5-VL image input: the aspect-preserving `QwenImageProcessor`, patches padded to the
+    model's `max_image_tokens` budget.
+
+    Calling it on an image gives a `QwenImages` of one row, unbatched: patches float32 `[P, patch_dim]`
+    (`P = max_image_tokens * merge_unit`) and grid_thw int32 `[3]`; grain's batching stacks them to `[B, ...]`.
+    """
+
+    processor: QwenImageProcessor
+    max_image_tokens: int
+    merge_unit: int = 4
+
+    def tokens(self, height: int, width: int) -> int:
+        """Image tokens of an image of `height x width` px (`grid_h * grid_w / merge_unit` after resizing)."""
+        return self.processor.num_image_tokens(height, width)
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.processor.resized_size(height, width)
+
+    def __call__(self, image) -> QwenImages:
+        padded = pad_images([self.processor(image)], [self.max_image_tokens], self.merge_unit)
+        return QwenImages(padded["patches"][0], padded["grid_thw"][0])
+
+
+def image_input_for(config) -> SquareImages | QwenPatchImages:
+    """The image input of a model config: `QwenPatchImages` for a `QwenVLConfig`, else `SquareImages`."""
+    if isinstance(config, QwenVLConfig):
+        return QwenPatchImages(QwenImageProcessor.for_model(config), config.max_image_tokens,
+                               config.vision.merge_unit)
+    return SquareImages(config.vision.image_size, config.num_image_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
 class Preprocess:
     """The per-example transform (a pure function of the example; `augment` gets its own seeded rng).
 
     Attributes:
-      tokenizer: the text tokenizer.
-      image_size: model input size (square); images are resized with bilinear filtering.
-      num_image_tokens: image placeholders per prompt (the model's `num_image_tokens`).
-      max_prompt_len: P; longer prompts raise `PromptTooLongError` naming the example.
+      tokenizer: the text tokenizer (`TextTokenizer` or a checkpoint's `CheckpointTokenizer`).
+      images: the model's image input (`image_input_for(model_config)`): pixel values and image-token count.
+      max_prompt_len: P; longer prompts raise `PromptTooLongError` naming the example (file datasets drop such
+        rows before training: `rftjax.data.importers.drop_long_prompts`).
       with_completion: also emit the tokenised reasoning trace (SFT).
       max_completion_len: C.
     """
 
     tokenizer: TextTokenizer
-    image_size: int
-    num_image_tokens: int
+    images: SquareImages | QwenPatchImages
     max_prompt_len: int
     with_completion: bool = False
     max_completion_len: int = 64
 
-    def image(self, image: np.ndarray) -> np.ndarray:
-        img = np.asarray(image)
-        if img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"image must be [H, W, 3], got {img.shape}")
-        if img.shape[:2] != (self.image_size, self.image_size):
-            img = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((self.image_size, self.image_size),
-                                                                          Image.BILINEAR))
-        return (img.astype(np.float32) / 255.0 - 0.5) / 0.5
+    def prompt_len(self, question: str, height: int, width: int) -> int:
+        """Tokens of the rendered prompt of `question` with an image of `height x width` px."""
+        return len(self.tokenizer.prompt_ids(question, self.images.tokens(height, width)))
 
     def answer(self, ex: dict) -> str:
-        """Box answers rescaled from the stored image to the model's image frame."""
+        """Box answers rescaled from the stored image to the model's view of it."""
         if ex["answer_type"] != "box":
             return ex["answer"]
         h, w = np.asarray(ex["image"]).shape[:2]
         box = parse_box(ex["answer"])
         if box is None:
             raise ValueError(f"example {ex.get('id')}: box answer {ex['answer']!r} is not [x1, y1, x2, y2]")
-        sx, sy = self.image_size / w, self.image_size / h
+        rh, rw = self.images.resized_size(h, w)
+        sx, sy = rw / w, rh / h
         return format_box([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy])
 
     def __call__(self, ex: dict) -> dict:
-        prompt = self.tokenizer.prompt_ids(ex["question"], self.num_image_tokens, self.max_prompt_len,
+        image = np.asarray(ex["image"])
+        prompt = self.tokenizer.prompt_ids(ex["question"], self.images.tokens(*image.shape[:2]), self.max_prompt_len,
                                            ex.get("id", ""))
         prompt_ids, prompt_mask = pad_left(prompt, self.max_prompt_len, self.tokenizer.pad_id)
-        out = {"pixel_values": self.image(ex["image"]), "prompt_ids": np.asarray(prompt_ids, np.int32),
+        out = {"pixel_values": self.images(image), "prompt_ids": np.asarray(prompt_ids, np.int32),
                "prompt_mask": np.asarray(prompt_mask, bool), "answer": self.answer(ex),
                "answer_type": ex["answer_type"], "id": ex.get("id", ""), "question": ex["question"]}
         if self.with_completion:

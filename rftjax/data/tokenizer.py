@@ -25,14 +25,16 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from rftjax.rewards.parsing import INSTRUCTIONS
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>", "<think>", "</think>", "<answer>", "</answer>",
                   "<|user|>", "<|assistant|>")
 PAD, BOS, EOS, IMAGE = 0, 1, 2, 3
-DEFAULT_INSTRUCTION = "Reason in <think></think>, then answer in <answer></answer>."
+DEFAULT_INSTRUCTION = INSTRUCTIONS["tags"]
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer.json")
 VOCAB_SIZE = 1024
 # Image placeholders users' datasets put in questions: "<image>" (EasyR1/R1-V), "<image1>" (MATH-V).
-_PLACEHOLDER = re.compile(r"<image\d*>")
+PLACEHOLDER = re.compile(r"<image\d*>")
 
 
 class PromptTooLongError(ValueError):
@@ -44,7 +46,10 @@ class TextTokenizer:
 
     Args:
       path: a tokenizer.json (default: the packaged one).
-      instruction: the line appended after each question (format instruction).
+      instruction: the line appended after each question (format instruction, `rftjax.rewards.INSTRUCTIONS`).
+
+    `rftjax.data.chat.CheckpointTokenizer` is the same interface over a checkpoint directory's own tokenizer and
+    chat template.
     """
 
     def __init__(self, path: str | None = None, instruction: str = DEFAULT_INSTRUCTION):
@@ -59,6 +64,16 @@ class TextTokenizer:
         self.instruction = instruction
 
     pad_id, bos_id, eos_id, image_id = PAD, BOS, EOS, IMAGE
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Ids that end a completion."""
+        return (self.eos_id,)
+
+    @property
+    def never_ids(self) -> tuple[int, ...]:
+        """Ids a policy must never sample besides the image placeholders: pad and BOS."""
+        return (self.pad_id, self.bos_id)
 
     @property
     def vocab_size(self) -> int:
@@ -79,7 +94,7 @@ class TextTokenizer:
         Image placeholders inside the question (`<image>`, `<image1>`) are removed: the image block always
         comes first.
         """
-        question = _PLACEHOLDER.sub("", question).strip()
+        question = PLACEHOLDER.sub("", question).strip()
         return f"<|user|>{'<image>' * num_image_tokens}\n{question}\n{self.instruction}<|assistant|>"
 
     def prompt_ids(self, question: str, num_image_tokens: int, max_prompt_len: int | None = None,
@@ -100,8 +115,8 @@ class TextTokenizer:
         return ids
 
     def completion_ids(self, completion: str) -> list[int]:
-        """Token ids of a completion (reasoning trace) followed by `<eos>`."""
-        return self.encode(completion) + [EOS]
+        """Token ids of a completion (reasoning trace) followed by the EOS id."""
+        return self.encode(completion) + [self.eos_id]
 
     def save_pretrained(self, directory: str) -> None:
         """Write tokenizer.json + tokenizer_config.json (+ chat template) for `transformers.AutoTokenizer`."""

@@ -507,6 +507,16 @@ def _load(path: str, family: Family, hf_config: dict, overrides: dict):
     return config, params
 
 
+def load_config(path: str, **overrides) -> VLMConfig | QwenVLConfig:
+    """Only the config of a Hugging Face model directory of any supported family (no tensors are read).
+
+    Raises:
+      ValueError: unsupported model type or config field.
+    """
+    hf_config = read_hf_config(path)
+    return family_of(hf_config.get("model_type")).config_from_hf(hf_config, **overrides)
+
+
 def load_pretrained(path: str, **overrides) -> tuple[VLMConfig | QwenVLConfig, dict]:
     """Read a Hugging Face model directory of any supported family (by `config.json`'s `model_type`: `llava`,
     `qwen2_5_vl`, `qwen2_vl`): config.json + safetensors, single or sharded, float32/bf16, tied or untied.

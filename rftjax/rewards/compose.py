@@ -14,22 +14,25 @@ from typing import Sequence
 import numpy as np
 
 from rftjax.rewards.accuracy import accuracy
-from rftjax.rewards.parsing import extract_answer, format_ok
+from rftjax.rewards.parsing import check_answer_format, extract_answer, format_ok
 from rftjax.rewards.overlong import overlong_penalty
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     """Weights of the components. `max_len`/`overlong_buffer_len` enable DAPO's overlong penalty (0: off).
-    `box_iou`: box answers score their IoU (graded) instead of IoU >= 0.5."""
+    `box_iou`: box answers score their IoU (graded) instead of IoU >= 0.5. `answer_format`: where answers are
+    read from and which format is rewarded, `tags` or `boxed` (`rftjax.rewards.parsing`)."""
 
     accuracy_weight: float = 1.0
     format_weight: float = 0.5
     overlong_buffer_len: int = 0
     max_len: int = 0
     box_iou: bool = True
+    answer_format: str = "tags"
 
     def __post_init__(self):
+        check_answer_format(self.answer_format)
         if self.overlong_buffer_len and not 0 < self.overlong_buffer_len <= self.max_len:
             raise ValueError(f"overlong_buffer_len={self.overlong_buffer_len} needs 0 < it <= max_len={self.max_len}")
 
@@ -51,10 +54,10 @@ def score(completions: Sequence[str], answers: Sequence[str], answer_types: Sequ
     correct = np.zeros(n, np.float32)
     fmt = np.zeros(n, np.float32)
     for i, (text, gold, kind) in enumerate(zip(completions, answers, answer_types)):
-        pred = extract_answer(text)
+        pred = extract_answer(text, config.answer_format)
         acc[i] = accuracy(pred, gold, kind, box_iou=config.box_iou)
         correct[i] = float(acc[i] >= 0.5) if kind == "box" else acc[i]
-        fmt[i] = float(format_ok(text))
+        fmt[i] = float(format_ok(text, config.answer_format))
     overlong = np.zeros(n, np.float32)
     if config.overlong_buffer_len and lengths is not None:
         overlong = overlong_penalty(lengths, config.max_len, config.overlong_buffer_len).astype(np.float32)

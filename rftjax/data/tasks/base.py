@@ -40,10 +40,11 @@ def trace(thought: str, answer: str) -> str:
 
 def make_example(task: str, split: str, index: int, image: np.ndarray, question: str, answer: str,
                  answer_type: str, thought: str = "", meta: dict[str, Any] | None = None) -> dict:
-    """Assemble and check one example dict (see the module docstring)."""
+    """Assemble and check one example dict (see the module docstring). `image` is uint8 `[H, W, 3]`, or an
+    object with `load()` returning one (`rftjax.data.importers.ImageRef`, decoded when the row is read)."""
     if answer_type not in ANSWER_TYPES:
         raise ValueError(f"answer_type {answer_type!r} not in {ANSWER_TYPES}")
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+    if not hasattr(image, "load") and (image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3):
         raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
     return {"id": f"{task}/{split}/{index}", "task": task, "image": image, "question": question, "answer": answer,
             "answer_type": answer_type, "reasoning": trace(thought, answer) if thought else "",
