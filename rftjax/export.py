@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 import ml_collections
@@ -27,11 +26,9 @@ from rftjax.models import hf as rhf
 log = logging.getLogger("rftjax")
 
 
-def export(workdir: str, out: str, step: int | None = None) -> str:
-    """Write the policy params of `workdir`'s checkpoint `step` (default the latest) to the HF directory `out`.
-
-    Returns:
-      `out`.
+def restore_policy(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, object, dict, int]:
+    """`(run config, model config, policy params, step)` of `workdir`'s checkpoint `step` (default the latest),
+    the params on one device, read without the optimizer state; the run config comes from the checkpoint.
 
     Raises:
       ValueError: `workdir` has no checkpoint (or not `step`).
@@ -47,7 +44,17 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           abstract_params(model_config))
-    params = ckpt.restore_params(step, target)
+    return config, model_config, ckpt.restore_params(step, target), step
+
+
+def export(workdir: str, out: str, step: int | None = None) -> str:
+    """Write the policy params of `workdir`'s checkpoint `step` (default the latest) and the run's tokenizer to
+    the HF directory `out` (see the module docstring). Returns `out`.
+
+    Raises:
+      ValueError: `workdir` has no checkpoint (or not `step`).
+    """
+    config, model_config, params, step = restore_policy(workdir, step)
     rhf.save_pretrained(out, model_config, params)
     tokenizer_of(config, model_config).save_pretrained(out)
     log.info("exported %s step %d to %s", workdir, step, out)

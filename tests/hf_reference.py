@@ -70,10 +70,11 @@ QWEN_IDS = dict(image_token_id=150, video_token_id=151, vision_start_token_id=15
 
 
 def make_hf_qwen_vl(tmp_path, *, family="qwen2_5_vl", tie=False, seed=0, vocab=160, hidden=32, heads=4, kv_heads=2,
-                    mrope=(1, 1, 2)):
+                    mrope=(1, 1, 2), ids=None):
     """A random `Qwen2_5_VLForConditionalGeneration` (or Qwen2-VL) with noise on every tensor, saved under
-    tmp_path; returns `(model, path)`. Qwen2.5-VL: 2 vision blocks, block 0 windowed (56 px windows = 2x2
-    merged tokens), block 1 full attention; GQA in the decoder (4 heads, 2 kv heads)."""
+    tmp_path; returns `(model, path)`; `ids`: the special token ids (default `QWEN_IDS`). Qwen2.5-VL: 2 vision
+    blocks, block 0 windowed (56 px windows = 2x2 merged tokens), block 1 full attention; GQA in the decoder
+    (4 heads, 2 kv heads)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
 
@@ -91,7 +92,7 @@ def make_hf_qwen_vl(tmp_path, *, family="qwen2_5_vl", tie=False, seed=0, vocab=1
         vision = dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=2, hidden_size=hidden, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
         cfg, cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    config = cfg(vision_config=vision, text_config=text, tie_word_embeddings=tie, **QWEN_IDS)
+    config = cfg(vision_config=vision, text_config=text, tie_word_embeddings=tie, **(ids or QWEN_IDS))
     model = cls(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -102,11 +103,13 @@ def make_hf_qwen_vl(tmp_path, *, family="qwen2_5_vl", tie=False, seed=0, vocab=1
 
 
 def qwen_batch(rng: np.random.Generator, sizes=((112, 84), (56, 140)), pad=(0, 3), text_before=(3, 2),
-               text_after=(4, 2), vocab=150, budget_tokens=16):
+               text_after=(4, 2), vocab=150, budget_tokens=16, ids=None, low=4):
     """A left-padded batch, one image per row (sizes in px, kept: multiples of 28): rows are
     `[pad][text][<vision_start>][image tokens][<vision_end>][text]`. Returns a dict with `input_ids`,
     `attention_mask`, `mm_token_type_ids` `[B, T]`, HF's `pixel_values` `[sum(thw), 1176]` and `image_grid_thw`
-    `[B, 3]`, and rftjax's padded `patches` `[B, 4 * budget_tokens, 1176]` / `grid_thw`."""
+    `[B, 3]`, and rftjax's padded `patches` `[B, 4 * budget_tokens, 1176]` / `grid_thw`. `ids`: the special ids
+    (default `QWEN_IDS`); text ids are drawn from `[low, vocab)`."""
+    special = ids or QWEN_IDS
     from PIL import Image
 
     from rftjax.data.qwen_image import QwenImageProcessor, pad_images
@@ -116,9 +119,9 @@ def qwen_batch(rng: np.random.Generator, sizes=((112, 84), (56, 140)), pad=(0, 3
     rows = []
     for (patches, grid), p, before, after in zip(images, pad, text_before, text_after):
         n_img = int(np.prod(grid)) // 4
-        rows.append((p, np.concatenate([rng.integers(4, vocab, before), [QWEN_IDS["vision_start_token_id"]],
-                                        np.full(n_img, QWEN_IDS["image_token_id"]),
-                                        [QWEN_IDS["vision_end_token_id"]], rng.integers(4, vocab, after)])))
+        rows.append((p, np.concatenate([rng.integers(low, vocab, before), [special["vision_start_token_id"]],
+                                        np.full(n_img, special["image_token_id"]),
+                                        [special["vision_end_token_id"]], rng.integers(low, vocab, after)])))
     length = max(p + len(r) for p, r in rows)
     ids = np.zeros((len(rows), length), np.int64)
     mask = np.zeros_like(ids)
@@ -126,7 +129,7 @@ def qwen_batch(rng: np.random.Generator, sizes=((112, 84), (56, 140)), pad=(0, 3
         ids[b, length - len(r):] = r
         mask[b, length - len(r):] = 1
     padded = pad_images(images, [budget_tokens])
-    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == QWEN_IDS["image_token_id"]) * 1,
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == special["image_token_id"]) * 1,
             "pixel_values": np.concatenate([p for p, _ in images]), "image_grid_thw": np.stack([g for _, g in images]),
             "patches": padded["patches"], "grid_thw": padded["grid_thw"]}
 
