@@ -172,17 +172,15 @@ def model_config_of(c: ml_collections.ConfigDict):
     return get_preset(c.model.preset, **overrides)
 
 
-def _model(c: ml_collections.ConfigDict, mesh: Mesh, key: jax.Array):
-    """`(model_config, params, param_shardings)`: the preset with `model.overrides` and random params created
-    in their shardings, or the `model.checkpoint` directory's model placed in them."""
+def _params(c: ml_collections.ConfigDict, model_config, mesh: Mesh, key: jax.Array):
+    """`(params, param_shardings)`: the `model.checkpoint` directory's weights placed in their shardings, or
+    random params created in them."""
     if c.model.checkpoint:
-        model_config, loaded = rhf.load_pretrained(c.model.checkpoint, **c.model.overrides.to_dict())
+        _, loaded = rhf.load_pretrained(c.model.checkpoint, **c.model.overrides.to_dict())
         shardings = sharding.param_shardings(model_for(model_config), *dummy_inputs(model_config), mesh=mesh)
-        return model_config, jax.device_put(loaded, shardings), shardings
-    model_config = model_config_of(c)
-    params, shardings = sharding.init_sharded_params(model_for(model_config), jax.random.fold_in(key, 0),
-                                                     *dummy_inputs(model_config), mesh=mesh)
-    return model_config, params, shardings
+        return jax.device_put(loaded, shardings), shardings
+    return sharding.init_sharded_params(model_for(model_config), jax.random.fold_in(key, 0),
+                                        *dummy_inputs(model_config), mesh=mesh)
 
 
 def tokenizer_of(c: ml_collections.ConfigDict, model_config) -> TextTokenizer:
@@ -263,14 +261,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, jax.devices()[: c.mesh.num_devices or None])
     algo = configs.algorithm(c)
     validate_config(c, mesh.shape["data"] * mesh.shape["fsdp"], algo)
-    key = jax.random.key(c.seed)
-    model_config, params, shardings = _model(c, mesh, key)
+    model_config = model_config_of(c)
     tokenizer = tokenizer_of(c, model_config)
-    log.info("model: %s, %.1fM params, mesh %s", c.model.checkpoint or c.model.preset,
-             param_count(model_config) / 1e6, dict(mesh.shape))
     if isinstance(model_config, QwenVLConfig) and c.data.augment:
         raise ValueError("bad config: data.augment works on square LLaVA images; set data.augment='' for Qwen-VL")
-
+    parse_augment(c.data.augment)  # a bad spec fails here, not after the model is built
     d, images = c.data, image_input_for(model_config)
     prompt_pre = Preprocess(tokenizer, images, d.max_prompt_len)
     shortest = prompt_pre.prompt_len("", 28, 28)
@@ -278,6 +273,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
         raise ValueError(f"bad config: data.max_prompt_len={d.max_prompt_len} cannot hold the chat template with the "
                          f"image tokens of the smallest image ({shortest} tokens before any question text); raise "
                          f"data.max_prompt_len to at least {shortest + 32}")
+
+    key = jax.random.key(c.seed)  # the config is checked: now the expensive part
+    params, shardings = _params(c, model_config, mesh, key)
+    log.info("model: %s, %.1fM params, mesh %s", c.model.checkpoint or c.model.preset,
+             param_count(model_config) / 1e6, dict(mesh.shape))
     reports = {}
     return Run(
         config=c, workdir=workdir, mesh=mesh, model_config=model_config, algo=algo, params=params,

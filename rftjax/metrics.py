@@ -118,7 +118,8 @@ def plot_curves(workdir: str) -> list[str]:
                 ax.plot(*zip(*pts), marker="o", label=split)
         ax.set_title(f"eval {key}")
         ax.set_xlabel("step")
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     path = os.path.join(workdir, "curves.png")
     fig.savefig(path, dpi=80)

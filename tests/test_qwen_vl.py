@@ -311,7 +311,9 @@ def test_config_dict_round_trip():
     assert config_from_dict(llava.to_dict()) == llava
 
 
-def test_trainer_refuses_qwen_presets_with_a_clear_error(tmp_path):
+def test_trainer_refuses_a_qwen_preset_without_its_tokenizer(tmp_path):
+    """A Qwen-VL preset has no tokenizer or chat template of its own (the packaged one is LLaVA-layout): the
+    trainer says to use a checkpoint directory (tests/test_checkpoint_training.py trains one)."""
     import importlib.util
 
     from rftjax.build import build_run
@@ -322,6 +324,7 @@ def test_trainer_refuses_qwen_presets_with_a_clear_error(tmp_path):
     spec.loader.exec_module(smoke)
     config = smoke.get_config()
     config.model.preset = "qwen_vl_tiny"
+    config.model.overrides = {}
     config.mesh.num_devices = 1
-    with pytest.raises(ValueError, match="does not feed Qwen-VL yet"):
+    with pytest.raises(ValueError, match="needs its own tokenizer and chat template: set model.checkpoint=DIR"):
         build_run(config, str(tmp_path))
