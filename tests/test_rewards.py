@@ -5,8 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from rftjax.rewards import (RewardConfig, accuracy, extract_answer, format_ok, giou, iou, parse_box, parse_choice,
-                            parse_number, score)
+from rftjax.rewards import (INSTRUCTIONS, RewardConfig, accuracy, extract_answer, extract_boxed, format_ok, giou, iou,
+                            parse_box, parse_choice, parse_number, score)
 
 GOOD = "<think>3 + 4 = 7</think><answer>7</answer>"
 
@@ -37,6 +37,43 @@ def test_format(text, ok):
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("so \\boxed{7}.", "7"), ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"), ("\\boxed{1} then \\boxed{ 2 }", "2"),
+    ("\\boxed{{a}{b}}", "{a}{b}"), ("\\boxed{}", None), ("\\boxed{ }", None), ("\\boxed{\\frac{1}{2}", None),
+    ("no box", None), ("boxed{7}", None), (None, None), ("\\boxed{" + "9" * 2000 + "}", None),
+])
+def test_extract_boxed(text, answer):
+    assert extract_boxed(text) == answer == extract_answer(text, "boxed")
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("<think>3 + 4</think> The answer is \\boxed{7}.", True),
+    ("  <think>a</think>\\boxed{7}", True),
+    ("<think>a</think>", False),
+    ("\\boxed{7}", False),
+    ("\\boxed{7}<think>a</think>", False),
+    ("<think>a</think>\\boxed{}", False),
+    ("<think>a \\boxed{7}</think> so 7", False),
+    ("<think>a</think><answer>7</answer> \\boxed{7}", False),
+    ("<think><think>a</think></think>\\boxed{7}", False),
+    (None, False), (7, False),
+])
+def test_boxed_format(text, ok):
+    assert format_ok(text, "boxed") is ok
+
+
+def test_answer_format_is_chosen_by_config_and_matches_the_instruction():
+    """`boxed` reads and rewards `\\boxed{}`, `tags` reads `<answer>`; each instruction names what its check wants."""
+    texts = ["<think>a</think> so \\boxed{7}", GOOD]
+    boxed = score(texts, ["7", "7"], ["int", "int"], config=RewardConfig(answer_format="boxed"))
+    tags = score(texts, ["7", "7"], ["int", "int"], config=RewardConfig(answer_format="tags"))
+    assert boxed["correct"].tolist() == [1.0, 0.0] and boxed["format"].tolist() == [1.0, 0.0]
+    assert tags["correct"].tolist() == [0.0, 1.0] and tags["format"].tolist() == [0.0, 1.0]
+    assert "\\boxed{}" in INSTRUCTIONS["boxed"] and "<answer></answer>" in INSTRUCTIONS["tags"]
+    with pytest.raises(ValueError, match="answer format"):
+        RewardConfig(answer_format="json")
 
 
 @pytest.mark.parametrize("pred,gold,kind,reward", [
@@ -112,10 +149,12 @@ HOSTILE = [
 
 @pytest.mark.parametrize("kind,gold", [("int", "7"), ("float", "7.5"), ("choice", "B"), ("math", "\\frac{1}{2}"),
                                        ("box", "[1, 2, 3, 4]")])
-def test_hostile_output_never_raises_and_is_fast(kind, gold):
-    for text in HOSTILE:
+@pytest.mark.parametrize("answer_format", ["tags", "boxed"])
+def test_hostile_output_never_raises_and_is_fast(kind, gold, answer_format):
+    hostile = HOSTILE + ["\\boxed{" * 100_000 + "7", "<think>a</think>" + "\\boxed{" + "{" * MB + "7" + "}" * MB]
+    for text in hostile:
         t0 = time.perf_counter()
-        out = score([text], [gold], [kind])
+        out = score([text], [gold], [kind], config=RewardConfig(answer_format=answer_format))
         elapsed = time.perf_counter() - t0
         assert np.isfinite(out["total"]).all() and 0.0 <= out["accuracy"][0] <= 1.0
         assert elapsed < 2.0, (kind, text[:40], elapsed)
