@@ -77,6 +77,18 @@ class RolloutConfig:
     dynamic_sampling_rounds: int = 4
 
 
+def concat_rows(*parts):
+    """Row-wise `np.concatenate` of batch arrays (or image pytrees); Qwen-VL patches `[B, P, D]` of different
+    buckets are zero-padded to the largest `P` first (padding past a row's grid is ignored by the model)."""
+    def concat(*xs):
+        width = max(x.shape[1] for x in xs) if xs[0].ndim == 3 else None
+        if width is not None:
+            xs = [np.pad(x, ((0, 0), (0, width - x.shape[1]), (0, 0))) for x in xs]
+        return np.concatenate(xs)
+
+    return jax.tree.map(concat, *parts)
+
+
 def generate_texts(params, config: VLMConfig, tokenizer: TextTokenizer, batch: dict, rng, *, group_size: int,
                    max_new_tokens: int, greedy: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    put=lambda x: x) -> tuple[sampling.SamplingOutput, list[str]]:
@@ -131,7 +143,7 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
     kept, spare, rounds, gen_time, gen_tokens, generated, signal_seen, correct = [], [], 0, 0.0, 0, 0, 0, 0.0
     while True:
         parts = [next(prompts) for _ in range(per_round)]
-        batch = {k: jax.tree.map(lambda *x: np.concatenate(x), *[p[k] for p in parts]) for k in parts[0]}
+        batch = {k: concat_rows(*[p[k] for p in parts]) for k in parts[0]}
         t0 = time.perf_counter()
         out, texts = generate_texts(params, model_config, tokenizer, batch, jax.random.fold_in(key, rounds),
                                     group_size=g, max_new_tokens=config.max_new_tokens, greedy=False,
@@ -158,8 +170,8 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
         if len(kept) >= b or not config.dynamic_sampling or rounds >= config.dynamic_sampling_rounds:
             break
     groups = (kept + spare)[:b]
-    rows = {k: (jax.tree.map(lambda *x: np.concatenate(x), *[gr[k] for gr in groups])
-                if not isinstance(groups[0][k], list) else sum((gr[k] for gr in groups), [])) for k in groups[0]}
+    rows = {k: (concat_rows(*[gr[k] for gr in groups]) if not isinstance(groups[0][k], list)
+                else sum((gr[k] for gr in groups), [])) for k in groups[0]}
     stats = {"rollout_time_s": gen_time, "rollout_tokens_per_s": gen_tokens / max(gen_time, 1e-9),
              "rollout_rounds": rounds, "dynamic_sampling_filled": max(0, b - len(kept)),
              "rollout_groups_with_signal": signal_seen / generated,

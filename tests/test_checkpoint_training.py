@@ -293,3 +293,34 @@ def test_sampler_and_trainer_logprobs_agree(qwen_dir, dtype):
     assert int(out.completion_mask.sum()) > 10
     if dtype == "float32":
         assert float(gap["sampler_logprob_gap_max"]) < 1e-5
+
+
+def test_qwen_batches_take_the_smallest_bucket_that_fits():
+    """The pipeline pads each Qwen-VL batch to the smallest `image_token_buckets` budget holding its largest image
+    (one compilation per bucket, not per image size), and rollout rounds of different buckets concatenate with zero
+    padding; every row keeps its own patches and grid."""
+    from rftjax.data.pipeline import Preprocess, image_input_for, make_dataset
+    from rftjax.data.tasks import make_example
+    from rftjax.data.tokenizer import TextTokenizer
+    from rftjax.models import get_preset
+    from rftjax.rollout import concat_rows
+
+    config = get_preset("qwen_vl_tiny", image_token_buckets=(4, 16))  # max_image_tokens 64
+    images = image_input_for(config)
+    rng = np.random.default_rng(0)
+    sizes = [(56, 56), (56, 56), (56, 56), (112, 112), (196, 196), (56, 84)]  # 4, 4 | 4, 16 | 49, 6 tokens
+    examples = [make_example("t", "test", i, rng.integers(0, 256, (*hw, 3), dtype=np.uint8), "How many?", "1", "int")
+                for i, hw in enumerate(sizes)]
+    batches = list(make_dataset(examples, Preprocess(TextTokenizer(), images, 128), batch_size=2, shuffle=False,
+                                num_epochs=1, num_threads=1))
+    assert [b["pixel_values"].patches.shape[1] for b in batches] == [16, 64, 256]
+    for b, pair in zip(batches, np.array_split(examples, 3)):
+        for row, ex in zip(range(2), pair):
+            patches, grid = images.processor(ex["image"])
+            np.testing.assert_array_equal(b["pixel_values"].grid_thw[row], grid)
+            np.testing.assert_array_equal(b["pixel_values"].patches[row, :len(patches)], patches)
+            assert not b["pixel_values"].patches[row, len(patches):].any()
+    joined = concat_rows(batches[0]["pixel_values"], batches[2]["pixel_values"])
+    assert joined.patches.shape == (4, 256, 1176) and joined.grid_thw.shape == (4, 3)
+    np.testing.assert_array_equal(joined.patches[:2, :16], batches[0]["pixel_values"].patches)
+    assert not joined.patches[:2, 16:].any()

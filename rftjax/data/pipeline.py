@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from rftjax.data.qwen_image import QwenImageProcessor, pad_images
+from rftjax.data.qwen_image import QwenImageProcessor, choose_bucket, pad_images
 from rftjax.data.tasks import Task
 from rftjax.data.tasks.grounding import format_box
 from rftjax.data.tokenizer import TextTokenizer, pad_left, pad_right
@@ -93,6 +93,10 @@ class SquareImages:
         """`(height, width)` in px of the model's view of the image."""
         return self.size, self.size
 
+    def fit_batch(self, pixel_values: np.ndarray) -> np.ndarray:
+        """A batch as it is (square images have one shape)."""
+        return pixel_values
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         img = np.asarray(image)
         if img.ndim != 3 or img.shape[2] != 3:
@@ -108,12 +112,23 @@ class QwenPatchImages:
     model's `max_image_tokens` budget.
 
     Calling it on an image gives a `QwenImages` of one row, unbatched: patches float32 `[P, patch_dim]`
-    (`P = max_image_tokens * merge_unit`) and grid_thw int32 `[3]`; grain's batching stacks them to `[B, ...]`.
+    (`P = max_image_tokens * merge_unit`) and grid_thw int32 `[3]`; grain's batching stacks them to `[B, ...]`,
+    then `fit_batch` cuts the batch's padding down to the smallest of `buckets` that holds its largest image (one
+    compilation per bucket, `QwenVLConfig.image_token_buckets`).
     """
 
     processor: QwenImageProcessor
     max_image_tokens: int
     merge_unit: int = 4
+    buckets: tuple[int, ...] = ()
+
+    def fit_batch(self, images: QwenImages) -> QwenImages:
+        """`images` (patches `[B, max_image_tokens * merge_unit, D]`) with patches cut to
+        `[B, bucket * merge_unit, D]`, the bucket the smallest of `buckets` (and `max_image_tokens`) holding the
+        batch's largest image; only zero padding is removed."""
+        largest = int(np.prod(np.asarray(images.grid_thw), axis=1).max()) // self.merge_unit
+        budget = choose_bucket(largest, sorted({*self.buckets, self.max_image_tokens})) * self.merge_unit
+        return QwenImages(images.patches[:, :budget], images.grid_thw)
 
     def tokens(self, height: int, width: int) -> int:
         """Image tokens of an image of `height x width` px (`grid_h * grid_w / merge_unit` after resizing)."""
@@ -131,7 +146,7 @@ def image_input_for(config) -> SquareImages | QwenPatchImages:
     """The image input of a model config: `QwenPatchImages` for a `QwenVLConfig`, else `SquareImages`."""
     if isinstance(config, QwenVLConfig):
         return QwenPatchImages(QwenImageProcessor.for_model(config), config.max_image_tokens,
-                               config.vision.merge_unit)
+                               config.vision.merge_unit, config.buckets)
     return SquareImages(config.vision.image_size, config.num_image_tokens)
 
 
@@ -153,6 +168,10 @@ class Preprocess:
     max_prompt_len: int
     with_completion: bool = False
     max_completion_len: int = 64
+
+    def finish_batch(self, batch: dict) -> dict:
+        """A batch of preprocessed examples with its images fitted to their bucket (`fit_batch`)."""
+        return {**batch, "pixel_values": self.images.fit_batch(batch["pixel_values"])}
 
     def prompt_len(self, question: str, height: int, width: int) -> int:
         """Tokens of the rendered prompt of `question` with an image of `height x width` px."""
@@ -199,7 +218,7 @@ def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict
 
     Args:
       source: random-access examples (`TaskSource`, `TfdsSource`, a list of imported examples).
-      preprocess: usually a `Preprocess`.
+      preprocess: usually a `Preprocess` (its `finish_batch`, when it has one, maps each batch).
       batch_size: per-process batch size.
       seed: shuffle seed (and augmentation seed).
       shuffle: shuffle (per epoch) or keep source order (evaluation).
@@ -231,6 +250,8 @@ def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict
     if augment is not None:
         ds = ds.seed(seed + 1).random_map(augment)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if hasattr(preprocess, "finish_batch"):
+        ds = ds.map(preprocess.finish_batch)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     if num_workers > 0:
         _mark_absl_flags_parsed()
