@@ -1,8 +1,20 @@
-"""Test setup: 8 virtual CPU devices (for the sharding tests), set before jax is imported."""
+"""Test setup, before jax is imported: 8 virtual CPU devices (for the sharding tests), offline HF, and one
+persistent XLA compilation cache for the session.
+
+The cache (a fresh temporary directory per session, inherited by the subprocesses the tests start) lets the many
+tests that build the same smoke-config programs, in this process or in `python -m rftjax.train` subprocesses,
+compile each program once: it reuses identical compiled executables and changes no result. Set
+`RFTJAX_TEST_COMPILE_CACHE=0` to compile everything afresh.
+"""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("RFTJAX_TEST_COMPILE_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rftjax-test-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

@@ -94,11 +94,10 @@ def _config(checkpoint: str, files: dict):
     return config
 
 
-def _cli(module: str, *args: str, cache_dir: str) -> str:
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def _cli(module: str, *args: str) -> str:
+    """Output of `python -m module args` (the session's compilation cache is inherited: tests/conftest.py)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     print(f"{module}: {time.perf_counter() - t0:.1f} s")
     out = proc.stdout + proc.stderr
@@ -123,9 +122,9 @@ def test_qwen_checkpoint_trains_resumes_evaluates_and_exports(qwen_dir, files, t
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     model, ckpt_dir = qwen_dir
-    workdir, cache = str(tmp_path / "run"), str(tmp_path / "jax_cache")
+    workdir = str(tmp_path / "run")
     base = ["--config", "configs/qwen2_5_vl_easyr1.py", "--workdir", workdir, *_args(ckpt_dir, files)]
-    out = _cli("rftjax.train", *base, cache_dir=cache)
+    out = _cli("rftjax.train", *base)
 
     # Over-long rows: dropped before training, counted, logged and printed; the count equals transformers'.
     hf_tok = AutoTokenizer.from_pretrained(ckpt_dir)
@@ -151,7 +150,7 @@ def test_qwen_checkpoint_trains_resumes_evaluates_and_exports(qwen_dir, files, t
 
     # A crash during step 3 (its checkpoint gone): the rerun resumes at step 2 and recomputes step 3 exactly.
     shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
-    out = _cli("rftjax.train", *base, cache_dir=cache)
+    out = _cli("rftjax.train", *base)
     assert "resumed from step 2" in out
     again = [m for m in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if m.get("stage") == "rl"]
     assert [m["step"] for m in again] == [1, 2, 3]
@@ -159,7 +158,7 @@ def test_qwen_checkpoint_trains_resumes_evaluates_and_exports(qwen_dir, files, t
         assert again[2][key] == pytest.approx(first[2][key], abs=1e-6), key
 
     export_dir = str(tmp_path / "export")
-    _cli("rftjax.export", "--workdir", workdir, "--out", export_dir, cache_dir=cache)
+    _cli("rftjax.export", "--workdir", workdir, "--out", export_dir)
     _, config, params, _ = restore_policy(workdir)
     _, initial = rhf.load_pretrained(ckpt_dir)
     assert not np.allclose(params["language_model"]["lm_head"]["kernel"],
