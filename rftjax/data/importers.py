@@ -20,6 +20,7 @@ ever cut through its image span and no over-long row stops a run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -73,22 +74,12 @@ def probe_image(value: Any, base_dir: str | None = None) -> ImageRef:
     Raises:
       ValueError: a missing file, or bytes/file that are not an image.
     """
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, str):
-        value = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
-        if not os.path.exists(value):
-            raise ValueError(f"image file {value} does not exist")
-    elif not isinstance(value, (bytes, bytearray)):
-        raise ValueError(f"image must be a path, bytes or {{'bytes', 'path'}} dict, got {type(value).__name__}")
-    try:
-        with Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value) as im:
-            width, height = im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"image is not readable: {e}") from None
+    encoded = _encoded_image(value, base_dir)
+    with _open_image(encoded) as im:
+        width, height = im.size
     if not height or not width:
         raise ValueError(f"image of {height}x{width} px has no pixels")
-    return ImageRef(bytes(value) if isinstance(value, bytearray) else value, height, width)
+    return ImageRef(encoded, height, width)
 
 
 class LazyExamples:
@@ -107,34 +98,50 @@ class LazyExamples:
         return ex
 
 
+def _encoded_image(value: Any, base_dir: str | None) -> str | bytes:
+    """The encoded image a reference names: a path (joined to `base_dir` when relative; it must exist) or bytes,
+    from a path, bytes or a `{"bytes", "path"}` dict.
+
+    Raises:
+      ValueError: a missing file or an unsupported type.
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ValueError(f"image must be a path, bytes or {{'bytes', 'path'}} dict, got {type(value).__name__}")
+    path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
+    if not os.path.exists(path):
+        raise ValueError(f"image file {path} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def _open_image(encoded: str | bytes):
+    """`PIL.Image.open` of a path or bytes; unreadable or corrupt data (also while reading in the `with` body)
+    becomes a ValueError naming the file or the byte count."""
+    what = f"image bytes ({len(encoded)} bytes)" if isinstance(encoded, bytes) else f"image file {encoded}"
+    try:
+        with Image.open(io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded) as im:
+            yield im
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{what} is not a readable image: {e}") from None
+
+
 def load_image(value: Any, base_dir: str | None = None) -> np.ndarray:
     """uint8 `[H, W, 3]` from a path, raw bytes, a `{"bytes", "path"}` dict, a PIL image or an array.
 
     Raises:
       ValueError: missing file, unreadable/corrupt bytes, unsupported type (the message says which).
     """
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
     if isinstance(value, np.ndarray):
         img = value
     elif isinstance(value, Image.Image):
         img = np.asarray(value.convert("RGB"))
-    elif isinstance(value, (bytes, bytearray)):
-        try:
-            img = np.asarray(Image.open(io.BytesIO(value)).convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"image bytes are not a readable image ({len(value)} bytes): {e}") from None
-    elif isinstance(value, str):
-        path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
-        if not os.path.exists(path):
-            raise ValueError(f"image file {path} does not exist")
-        try:
-            with Image.open(path) as im:
-                img = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"image file {path} is not a readable image: {e}") from None
     else:
-        raise ValueError(f"image must be a path, bytes or {{'bytes', 'path'}} dict, got {type(value).__name__}")
+        with _open_image(_encoded_image(value, base_dir)) as im:
+            img = np.asarray(im.convert("RGB"))
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3 or img.size == 0:
@@ -344,8 +351,8 @@ def load_dataset(spec: str, image_dir: str | None = None) -> tuple[LazyExamples,
 
 def drop_long_prompts(source: LazyExamples, prompt_len: Callable[[str, int, int], int], max_prompt_len: int,
                       report: ImportReport) -> LazyExamples:
-    """`source` without the rows whose prompt is longer than `max_prompt_len` tokens; each dropped row is counted
-    in `report.too_long` and listed in `report.skipped`.
+    """`source` (from `load_dataset`: images are `ImageRef`s) without the rows whose prompt is longer than
+    `max_prompt_len` tokens; each dropped row is counted in `report.too_long` and listed in `report.skipped`.
 
     Args:
       prompt_len: `(question, image_height, image_width) -> tokens` of the rendered prompt with the image's
@@ -353,9 +360,7 @@ def drop_long_prompts(source: LazyExamples, prompt_len: Callable[[str, int, int]
     """
     kept = []
     for ex in source.examples:
-        image = ex["image"]
-        h, w = (image.height, image.width) if isinstance(image, ImageRef) else np.asarray(image).shape[:2]
-        n = prompt_len(ex["question"], h, w)
+        n = prompt_len(ex["question"], ex["image"].height, ex["image"].width)
         if n <= max_prompt_len:
             kept.append(ex)
             continue
