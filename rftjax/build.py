@@ -14,19 +14,22 @@ import logging
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from rftjax import configs, rewards, rl, sharding
+from rftjax import configs, rewards, rl, sharding, trainable
 from rftjax.data import augment as augment_lib
 from rftjax.data import importers
 from rftjax.data.pipeline import Preprocess, TaskSource, image_input_for, make_dataset
 from rftjax.data.tasks import get_task
 from rftjax.data.tokenizer import TextTokenizer
-from rftjax.models import QwenVLConfig, VLMConfig, dummy_inputs, get_preset, model_for, param_count
+from rftjax.models import (LoraConfig, QwenVLConfig, VLMConfig, abstract_params, dummy_inputs, get_preset, model_for,
+                           param_count)
 from rftjax.models import hf as rhf
+from rftjax.models import lora as lora_lib
 from rftjax.rewards.parsing import INSTRUCTIONS
 from rftjax.rollout import RolloutConfig
 
@@ -109,7 +112,10 @@ class Run:
       mesh: the `(data, fsdp, tensor)` device mesh.
       model_config: the `VLMConfig` or `QwenVLConfig`; algo: the `rl.AlgorithmConfig` (preset + `rl.algo`
         overrides).
-      params: the initial params (random init or `model.checkpoint`), sharded by `param_shardings`.
+      params: the initial params (random init or `model.checkpoint`, LoRA adapters at their init), sharded by
+        `param_shardings`.
+      trainable_paths: key paths of the params that train (`rftjax.trainable.trainable_paths`: LoRA adapters
+        only with LoRA; minus `optim.freeze`); `split` divides a param tree by them.
       key: the run's base PRNG key (`config.seed`).
       tokenizer: the packaged `TextTokenizer`, or the checkpoint's `rftjax.data.chat.CheckpointTokenizer`.
       sources: random-access data sources: `rl`, `test`, and for procedural tasks `sft`, `val`, `test_ood`
@@ -134,6 +140,11 @@ class Run:
     reward_config: rewards.RewardConfig
     rollout_config: RolloutConfig
     reports: dict[str, importers.ImportReport] = dataclasses.field(default_factory=dict)
+    trainable_paths: frozenset = frozenset()
+
+    def split(self, params) -> tuple[dict, dict]:
+        """`(trainable, frozen)` parts of a full param tree (`rftjax.trainable.split`; frozen `{}` when all train)."""
+        return trainable.split(params, self.trainable_paths)
 
     def put(self, tree):
         """A pytree of host batch arrays `[B, ...]` -> global arrays sharded over the mesh's data axes, in one
@@ -165,22 +176,38 @@ EVAL_SPLITS = ("test", "test_ood")
 
 def model_config_of(c: ml_collections.ConfigDict):
     """The run's model config: `model.checkpoint`'s config.json (any family `rftjax.models.hf` reads) or the
-    preset, with `model.overrides`."""
+    preset, with `model.overrides`, and `model.lora` when its rank is > 0.
+
+    Raises:
+      ValueError: an unknown preset, an unsupported checkpoint, a bad override or LoRA setting.
+    """
     overrides = c.model.overrides.to_dict()
-    if c.model.checkpoint:
-        return rhf.load_config(c.model.checkpoint, **overrides)
-    return get_preset(c.model.preset, **overrides)
+    config = rhf.load_config(c.model.checkpoint, **overrides) if c.model.checkpoint else \
+        get_preset(c.model.preset, **overrides)
+    lora = c.model.lora
+    if lora.rank:
+        config = config.replace(lora=LoraConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                                targets=lora.targets))
+    return config
 
 
-def _params(c: ml_collections.ConfigDict, model_config, mesh: Mesh, key: jax.Array):
+def init_params(c: ml_collections.ConfigDict, model_config, mesh: Mesh, key: jax.Array):
     """`(params, param_shardings)`: the `model.checkpoint` directory's weights placed in their shardings, or
-    random params created in them."""
-    if c.model.checkpoint:
-        _, loaded = rhf.load_pretrained(c.model.checkpoint, **c.model.overrides.to_dict())
-        shardings = sharding.param_shardings(model_for(model_config), *dummy_inputs(model_config), mesh=mesh)
-        return jax.device_put(loaded, shardings), shardings
-    return sharding.init_sharded_params(model_for(model_config), jax.random.fold_in(key, 0),
-                                        *dummy_inputs(model_config), mesh=mesh)
+    random params created in them; LoRA adapters initialised in theirs (the base weights are never initialised
+    when they are loaded: XLA drops the unused part of the init)."""
+    model, inputs, rng = model_for(model_config), dummy_inputs(model_config), jax.random.fold_in(key, 0)
+    if not c.model.checkpoint:
+        return sharding.init_sharded_params(model, rng, *inputs, mesh=mesh)
+    shardings = sharding.param_shardings(model, *inputs, mesh=mesh)
+    adapters = {p for p in trainable.flat_paths(shardings) if lora_lib.is_adapter(p)}
+    new_shardings, base_shardings = trainable.split(shardings, adapters)
+    _, loaded = rhf.load_pretrained(c.model.checkpoint, **c.model.overrides.to_dict())
+    params = jax.device_put(loaded, base_shardings)
+    if adapters:
+        init = jax.jit(lambda: trainable.split(nn.unbox(model.init(rng, *inputs)["params"]), adapters)[0],
+                       out_shardings=new_shardings)
+        params = trainable.combine(init(), params)
+    return params, shardings
 
 
 def tokenizer_of(c: ml_collections.ConfigDict, model_config) -> TextTokenizer:
@@ -274,8 +301,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
                          f"image tokens of the smallest image ({shortest} tokens before any question text); raise "
                          f"data.max_prompt_len to at least {shortest + 32}")
 
+    paths = trainable.trainable_paths(abstract_params(model_config), model_config, c.optim.freeze)
     key = jax.random.key(c.seed)  # the config is checked: now the expensive part
-    params, shardings = _params(c, model_config, mesh, key)
+    params, shardings = init_params(c, model_config, mesh, key)
     log.info("model: %s, %.1fM params, mesh %s", c.model.checkpoint or c.model.preset,
              param_count(model_config) / 1e6, dict(mesh.shape))
     reports = {}
@@ -293,7 +321,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
             temperature=c.rl.temperature, top_k=c.rl.top_k, top_p=c.rl.top_p,
             dynamic_sampling=algo.dynamic_sampling, gen_prompts_per_round=algo.gen_prompts_per_round,
             dynamic_sampling_rounds=algo.dynamic_sampling_rounds),
-        reports=reports)
+        reports=reports, trainable_paths=frozenset(paths))
 
 
 def train_iterators(run: Run):

@@ -22,6 +22,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.overrides = ml_collections.ConfigDict()   # VLMConfig fields, e.g. dtype="bfloat16"
     c.model.checkpoint = ""             # an HF directory (LLaVA, Qwen2-VL, Qwen2.5-VL): its weights, tokenizer.json
                                         # and chat template instead of the preset, random init and packaged tokenizer
+    c.model.lora = ml_collections.ConfigDict()  # LoRA adapters (rftjax.models.lora, via qwix); rank 0 = off
+    c.model.lora.rank = 0               # r; > 0 turns LoRA on: only the adapters train, the base weights are frozen
+    c.model.lora.alpha = 32.0           # adapter output scale alpha / r (PEFT lora_alpha)
+    c.model.lora.dropout = 0.0          # on the adapters' inputs, in training forward passes only
+    c.model.lora.targets = "decoder"    # decoder | decoder+vision | vision | a module-path regex (re.fullmatch)
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "digits"              # digits | shapes | grounding
@@ -80,7 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0
     c.optim.grad_accum = 1
     c.optim.lr_decay = "cosine"         # cosine | constant
-    c.optim.vision_lr_scale = 1.0       # ViT learning-rate multiplier (both stages); 0 freezes the vision tower
+    c.optim.vision_lr_scale = 1.0       # ViT learning-rate multiplier (both stages)
+    c.optim.freeze = ""                 # regex (re.fullmatch on param paths such as vision_tower/layers_0/fc1/kernel)
+                                        # of params that do not train: no gradient, optimizer state or reference
+                                        # copy; 'vision_tower/.*' (LLaVA) or 'visual/.*' (Qwen-VL) freezes the ViT
 
     c.reward = ml_collections.ConfigDict()
     c.reward.accuracy_weight = 1.0

@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from rftjax import configs, rewards
+from rftjax import configs, rewards, trainable
 from rftjax.build import EVAL_SPLITS, Run, build_run, file_source
 from rftjax.checkpoint import Checkpointer
 from rftjax.data.pipeline import Preprocess, make_dataset
@@ -107,7 +107,8 @@ def latest_params(run: Run) -> tuple[object, int]:
     step = ckpt.latest_step()
     if step is None:
         raise ValueError(f"{run.workdir} has no checkpoints/: train first (python -m rftjax.train ...)")
-    return ckpt.restore_params(step, run.params), step
+    trained, frozen = run.split(run.params)
+    return trainable.combine(ckpt.restore_params(step, trained), frozen), step
 
 
 def main(config, workdir):

@@ -8,22 +8,31 @@ Writes config.json + safetensors in the Hub layout of the run's model family
 config and chat template, the processor configs) for a run started from `model.checkpoint`, else the packaged
 tokenizer with its chat template. The run's config is read from the checkpoint itself, so no config file is
 needed; only the policy params are read (no optimizer state).
+
+LoRA runs (`model.lora.rank > 0`): `OUT` holds the merged weights (`W + A B alpha / r`), and `OUT/adapter/` the
+adapters alone in PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`), for
+`peft.PeftModel.from_pretrained(base_model, "OUT/adapter")` on the base checkpoint. Runs that freeze params
+(LoRA, `optim.freeze`) checkpoint the trained params only: the frozen ones are rebuilt as the run built them
+(`model.checkpoint`'s weights, or the seed's random init).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 
 import jax
 import ml_collections
 
-from rftjax.build import model_config_of, tokenizer_of
+from rftjax import sharding, trainable
+from rftjax.build import init_params, model_config_of, tokenizer_of
 from rftjax.checkpoint import Checkpointer
 from rftjax.models import abstract_params
 from rftjax.models import hf as rhf
 
 log = logging.getLogger("rftjax")
+ADAPTER_DIR = "adapter"  # LoRA runs: the PEFT adapter directory inside the export
 
 
 def restore_policy(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, object, dict, int]:
@@ -42,14 +51,22 @@ def restore_policy(workdir: str, step: int | None = None) -> tuple[ml_collection
     config = ml_collections.ConfigDict(json.loads(ckpt.read_meta(step)["config"]))
     model_config = model_config_of(config)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = abstract_params(model_config)
+    paths = trainable.trainable_paths(shapes, model_config, config.optim.freeze)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract_params(model_config))
-    return config, model_config, ckpt.restore_params(step, target), step
+                          trainable.split(shapes, paths)[0])
+    params = ckpt.restore_params(step, target)
+    if len(paths) < len(trainable.flat_paths(shapes)):  # the frozen params, as the run built them
+        mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        frozen = trainable.split(init_params(config, model_config, mesh, jax.random.key(config.seed))[0], paths)[1]
+        params = trainable.combine(params, frozen)
+    return config, model_config, params, step
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
     """Write the policy params of `workdir`'s checkpoint `step` (default the latest) and the run's tokenizer to
-    the HF directory `out` (see the module docstring). Returns `out`.
+    the HF directory `out`, LoRA adapters merged, plus `out/adapter/` (PEFT) for a LoRA run (see the module
+    docstring). Returns `out`.
 
     Raises:
       ValueError: `workdir` has no checkpoint (or not `step`).
@@ -57,6 +74,8 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     config, model_config, params, step = restore_policy(workdir, step)
     rhf.save_pretrained(out, model_config, params)
     tokenizer_of(config, model_config).save_pretrained(out)
+    if model_config.lora is not None:
+        rhf.save_adapter(os.path.join(out, ADAPTER_DIR), model_config, params, config.model.checkpoint)
     log.info("exported %s step %d to %s", workdir, step, out)
     return out
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from rftjax import rl, steps
 from rftjax.models import VLMConfig
 from rftjax.steps import RolloutBatch, TrainState, UpdateBatch
+from rftjax.trainable import combine
 
 Array = jax.Array
 UPDATE_STREAM = 1 << 30  # fold_in data of the update's key; rollout rounds use 0, 1, ... of the same step key
@@ -60,13 +61,15 @@ def minibatch_indices(key: Array, n_rows: int, minibatch_size: int, num_iteratio
 
 def make_rl_update(config: VLMConfig, algo: rl.AlgorithmConfig, temperature: float, minibatch_size: int,
                    policy_shardings=None, critic_shardings=None) -> Callable:
-    """`rl_update(policy, critic, ref_params, batch, key) -> (policy, critic, (policy_metrics, critic_metrics))`,
-    jitted, `policy` and `critic` donated.
+    """`rl_update(policy, critic, ref_params, frozen, batch, key) -> (policy, critic, (policy_metrics,
+    critic_metrics))`, jitted, `policy` and `critic` donated.
 
     Args (of the returned function):
-      policy: the policy `TrainState`; critic: the critic's (PPO) or None; ref_params: the frozen reference
-        params or None; batch: a `RolloutBatch` of N rows on the devices; key: the step's PRNG key (the
-        minibatch permutations come from `fold_in(key, UPDATE_STREAM)`).
+      policy: the policy `TrainState` (its trainable params); critic: the critic's (PPO) or None; ref_params: the
+        reference's trainable params (their values at the start of the stage) or None; frozen: the params that do
+        not train (`rftjax.trainable.split`; `{}` when all do), shared by the policy, the reference and the critic's
+        backbone; batch: a `RolloutBatch` of N rows on the devices; key: the step's PRNG key (the minibatch
+        permutations come from `fold_in(key, UPDATE_STREAM)`, LoRA dropout from `fold_in(key, UPDATE_STREAM + 1)`).
     `minibatch_size` (0 = N) must divide N. Returns the metrics of every update stacked, float32
     `[num_iterations * N / minibatch_size]` per key, among them `sampler_logprob_gap_mean/max` (`steps.logprob_gap`
     of the trainer's log-probs at the rollout params); the critic's (empty without a critic) are `vf_loss`,
@@ -75,20 +78,24 @@ def make_rl_update(config: VLMConfig, algo: rl.AlgorithmConfig, temperature: flo
     policy_loss = functools.partial(steps.rl_loss, config=config, algo=algo, temperature=temperature)
     critic_loss = functools.partial(steps.critic_loss, config=config, algo=algo)
 
-    def rl_update(policy: TrainState, critic: TrainState | None, ref_params: Any, batch: RolloutBatch, key: Array):
+    def rl_update(policy: TrainState, critic: TrainState | None, ref_params: Any, frozen: dict, batch: RolloutBatch,
+                  key: Array):
         n = batch.rewards.shape[0]
         mb = minibatch_size or n
         on_policy = algo.num_iterations == 1 and mb == n
-        full = prepare(policy.params, ref_params, None if critic is None else critic.params, batch, config=config,
+        critic_frozen = steps.critic_frozen(frozen)
+        full = prepare(combine(policy.params, frozen), None if ref_params is None else combine(ref_params, frozen),
+                       None if critic is None else combine(critic.params, critic_frozen), batch, config=config,
                        algo=algo, temperature=temperature, on_policy=on_policy)
+        dropout_key = jax.random.fold_in(key, UPDATE_STREAM + 1)
 
         def one_update(states, rows):
             policy, critic = states
             part = full if mb == n else jax.tree.map(lambda x: x[rows], full)
-            policy, metrics = steps.apply_gradients(policy_loss, policy, part)
+            policy, metrics = steps.apply_gradients(policy_loss, policy, part, frozen, dropout_key)
             critic_metrics = {}
             if critic is not None:
-                critic, critic_metrics = steps.apply_gradients(critic_loss, critic, part)
+                critic, critic_metrics = steps.apply_gradients(critic_loss, critic, part, critic_frozen)
                 # loss, grad_norm, skipped_updates: the critic's get a prefix, the policy's keep their names
                 critic_metrics = {f"critic_{k}" if k in metrics else k: v for k, v in critic_metrics.items()}
             return (policy, critic), (metrics, critic_metrics)

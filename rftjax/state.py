@@ -25,8 +25,10 @@ from rftjax.checkpoint import SFT_CHECKPOINT, Checkpointer
 from rftjax.data.pipeline import iterator_state
 from rftjax.rl_update import make_rl_update
 from rftjax.steps import TrainState
+from rftjax.trainable import combine
 
 log = logging.getLogger("rftjax")
+VISION_MODULES = ("vision_tower", "visual")  # the vision tower's top-level module (LLaVA, Qwen-VL): vision_lr_scale
 
 
 @dataclasses.dataclass
@@ -62,11 +64,12 @@ class StageState:
     """The device state of the current stage and its jitted functions.
 
     Attributes:
-      policy: the policy's `TrainState`; schedule: its learning rate by update step.
-      update: `update(policy, SequenceBatch) -> (policy, metrics)`, the SFT step (cold start and control).
+      policy: the policy's `TrainState` (of the trainable params); schedule: its learning rate by update step.
+      update: `update(policy, SequenceBatch, frozen) -> (policy, metrics)`, the SFT step (cold start and control).
       rl_update: `rftjax.rl_update.make_rl_update`'s function in the RL stage, else None.
-      critic: the critic's `TrainState` (PPO); ref: the frozen reference params (a KL term); best: the params
-        of the best validation loss in the cold start. None when not used.
+      critic: the critic's `TrainState` (PPO); ref: the reference's trainable params (a KL term; the frozen ones
+        are shared with the policy); best: the trainable params of the best validation loss in the cold start.
+        None when not used.
     """
 
     policy: TrainState
@@ -84,10 +87,15 @@ def _shardings(tree):
 
 class RunState:
     """Counters, stage states and data iterators of one run, restored from its latest checkpoint when there is
-    one (`restore`), else started from `rl.init_from_sft` when set, else fresh from `setup.params`."""
+    one (`restore`), else started from `rl.init_from_sft` when set, else fresh from `setup.params`.
+
+    Only the trainable params (`Run.split`) have a train state, a reference copy and a place in checkpoints; the
+    frozen ones (`frozen`, `{}` when everything trains) are the run's initial values, rebuilt by `build_run` on
+    resume, and are passed to the jitted functions beside the train state."""
 
     def __init__(self, setup: Run, restore: bool = True):
         self.setup, self.c = setup, setup.config
+        self.frozen = setup.split(setup.params)[1]
         self.sft_iter, self.rl_iter = train_iterators(setup)
         self.counters = Counters(stage="sft" if self.c.sft.enabled else "rl")
         self.ckpt = Checkpointer(setup.workdir, self.c.checkpoint.keep)
@@ -104,21 +112,31 @@ class RunState:
         """Whether the RL stage is the SFT control (`rl.control_sft_seconds > 0`)."""
         return self.c.rl.control_sft_seconds > 0
 
+    def full(self, trainable):
+        """The full params of the policy (or reference) whose trainable params are `trainable`."""
+        return combine(trainable, self.frozen)
+
+    def trainable(self, params):
+        """The trainable part of full `params`."""
+        return self.setup.split(params)[0]
+
     def _train_state(self, params, lr: float, warmup: int, total: int, weight_decay: float):
         o = self.c.optim
         schedule = steps.make_schedule(lr, total, warmup, o.lr_decay)
-        tx = steps.make_optimizer(schedule, weight_decay, o.b1, o.b2, o.grad_clip, o.grad_accum,
-                                  {"vision_tower": o.vision_lr_scale})
+        vision = {name: o.vision_lr_scale for name in VISION_MODULES if name in params}
+        tx = steps.make_optimizer(schedule, weight_decay, o.b1, o.b2, o.grad_clip, o.grad_accum, vision)
         return jax.jit(lambda p: TrainState.create(p, tx))(params), schedule
 
     def enter_stage(self, params):
-        """Fresh states and update functions of the current stage, starting from `params`: the SFT optimizer
-        (cold start, control, or a finished run), or the RL one with the critic and the reference it needs."""
+        """Fresh states and update functions of the current stage, starting from the full `params`: the SFT
+        optimizer (cold start, control, or a finished run), or the RL one with the critic and the reference it
+        needs; all of them over the trainable params only."""
         c, mc, algo = self.c, self.setup.model_config, self.setup.algo
+        params = self.trainable(params)
         if self.counters.stage != "rl" or self.control:
             policy, schedule = self._train_state(params, c.sft.lr, c.sft.warmup_steps, c.sft.max_steps,
                                                  c.sft.weight_decay)
-            update = steps.make_update(functools.partial(steps.sft_loss, config=mc), _shardings(policy))
+            update = steps.make_update(functools.partial(steps.sft_loss, config=mc), _shardings(policy), c.seed)
             self.stage = StageState(policy, schedule, update)
             return
         n_rows = c.rl.prompts_per_step * algo.group_size
@@ -135,7 +153,7 @@ class RunState:
         """Move to `next_stage` from `params`: its fresh states, or for `done` the policy's state alone."""
         self.counters.stage = next_stage
         if next_stage == "done":  # nothing left to train: no reference, critic or best params to keep
-            self.stage = StageState(self.stage.policy.replace(params=params), self.stage.schedule)
+            self.stage = StageState(self.stage.policy.replace(params=self.trainable(params)), self.stage.schedule)
         else:
             self.enter_stage(params)
 
@@ -162,11 +180,11 @@ class RunState:
         meta = self.ckpt.read_meta(step)
         self.counters = Counters.from_meta(meta)
         if self.counters.stage == "done":  # nothing left to train: the params are all a finished run needs
-            self.enter_stage(self.ckpt.restore_params(step, self.setup.params))
+            self.enter_stage(self.full(self.ckpt.restore_params(step, self.trainable(self.setup.params))))
             return
         self.enter_stage(self.setup.params)
         if meta.get("has_best"):
-            self.stage.best = self.setup.params
+            self.stage.best = self.trainable(self.setup.params)
         state, data, _ = self.ckpt.restore(step, self._ckpt_state())
         self.stage = dataclasses.replace(self.stage, policy=state["policy"], ref=state["ref"] or None,
                                          critic=state["critic"] or None, best=state["best"] or None)
@@ -179,8 +197,8 @@ class RunState:
         if step is None:
             raise ValueError(f"bad config: rl.init_from_sft={run_dir!r} has no {SFT_CHECKPOINT}/ (run its SFT stage)")
         self.counters = dataclasses.replace(Counters.from_meta(src.read_meta(step)), stage="rl")
-        state, data, _ = src.restore(step, {"params": self.setup.params})
-        self.enter_stage(state["params"])  # fresh RL optimizer; reference = the cold-start result
+        state, data, _ = src.restore(step, {"params": self.trainable(self.setup.params)})
+        self.enter_stage(self.full(state["params"]))  # fresh RL optimizer; reference = the cold-start result
         self._set_iterator_states(data)
         evals = [e for e in run_metrics.read_jsonl(os.path.join(run_dir, "eval.jsonl")) if e["stage"] == "sft_end"]
         with open(os.path.join(self.setup.workdir, "eval.jsonl"), "w") as f:

@@ -9,7 +9,6 @@ and `UpdateBatch` (a `SequenceBatch` plus what the RL losses need).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax
@@ -18,8 +17,9 @@ import jax.numpy as jnp
 import optax
 
 from rftjax import rl
-from rftjax.models import VLMConfig, model_for
+from rftjax.models import VLMConfig, model_for, uses_dropout
 from rftjax.rl.masking import masked_mean
+from rftjax.trainable import combine
 
 Array = jax.Array
 
@@ -93,7 +93,8 @@ class UpdateBatch:
 
 @flax.struct.dataclass
 class TrainState:
-    """`step` (int32 [], optimizer updates applied), `params`, `opt_state`; `tx` is static."""
+    """`step` (int32 [], optimizer updates applied), `params` (the trainable params: all of them, or the
+    `rftjax.trainable.split` part that trains), `opt_state` (of those only); `tx` is static."""
 
     step: Array
     params: Any
@@ -160,21 +161,25 @@ def skipped_updates(opt_state) -> Array:
     return found[0] if found else jnp.zeros((), jnp.int32)
 
 
-def completion_logits(params, config: VLMConfig, batch: SequenceBatch, return_hidden: bool = False) -> Array:
+def completion_logits(params, config: VLMConfig, batch: SequenceBatch, return_hidden: bool = False,
+                      rng: Array | None = None) -> Array:
     """Logits `[N, T, V]` (float32) predicting each completion token (or the hidden states `[N, T, D]` at
-    the same positions), from one forward pass over prompt + completion."""
+    the same positions), from one forward pass over prompt + completion. `rng`: a training forward pass, with
+    the LoRA adapters' dropout when the config has one (`uses_dropout`); None: deterministic."""
     ids = jnp.concatenate([batch.prompt_ids, batch.completion_ids], axis=1)
     mask = jnp.concatenate([batch.prompt_mask, batch.completion_mask], axis=1)
-    out = model_for(config).apply({"params": params}, batch.pixel_values, ids, mask, return_hidden=return_hidden)
+    train = rng is not None and uses_dropout(config)
+    out = model_for(config, train=train).apply({"params": params}, batch.pixel_values, ids, mask,
+                                               return_hidden=return_hidden, rngs={"dropout": rng} if train else None)
     p, t = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     return out[:, p - 1:p - 1 + t]
 
 
-def completion_logprobs(params, config: VLMConfig, batch: SequenceBatch,
-                        temperature: float = 1.0) -> tuple[Array, Array]:
+def completion_logprobs(params, config: VLMConfig, batch: SequenceBatch, temperature: float = 1.0,
+                        rng: Array | None = None) -> tuple[Array, Array]:
     """`(logprobs, entropy)`, float32 `[N, T]`, of the completion tokens under `softmax(logits / temperature)`
-    (0 where masked)."""
-    logits = completion_logits(params, config, batch) / temperature
+    (0 where masked); `rng` as `completion_logits`."""
+    logits = completion_logits(params, config, batch, rng=rng) / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     lp = jnp.take_along_axis(logp_all, batch.completion_ids[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
@@ -192,20 +197,20 @@ def logprob_gap(trainer_logprobs: Array, sampler_logprobs: Array, completion_mas
     return {"sampler_logprob_gap_mean": masked_mean(gap, m.astype(jnp.float32)), "sampler_logprob_gap_max": gap.max()}
 
 
-def sft_loss(params, batch: SequenceBatch, config: VLMConfig) -> tuple[Array, dict]:
+def sft_loss(params, batch: SequenceBatch, config: VLMConfig, rng: Array | None = None) -> tuple[Array, dict]:
     """Cross-entropy of the completion tokens (token mean over the batch) - the SFT cold start."""
-    lp, _ = completion_logprobs(params, config, batch)
+    lp, _ = completion_logprobs(params, config, batch, rng=rng)
     m = batch.completion_mask.astype(jnp.float32)
     loss = -masked_mean(lp, m)
     return loss, {"sft_loss": loss, "tokens": m.sum()}
 
 
 def rl_loss(params, batch: UpdateBatch, config: VLMConfig, algo: rl.AlgorithmConfig,
-            temperature: float) -> tuple[Array, dict]:
+            temperature: float, rng: Array | None = None) -> tuple[Array, dict]:
     """`rl.policy_loss` on freshly computed log-probs. Without `old_logprobs` the update is on-policy
     (mu = 1, one minibatch): old = stop_gradient(current), ratio exactly 1, as TRL does; with
     `sampler_logprobs` the metrics include `logprob_gap`."""
-    lp, entropy = completion_logprobs(params, config, batch.seq, temperature)
+    lp, entropy = completion_logprobs(params, config, batch.seq, temperature, rng=rng)
     old = jax.lax.stop_gradient(lp) if batch.old_logprobs is None else batch.old_logprobs
     loss, metrics = rl.policy_loss(lp, old, batch.advantages, batch.seq.completion_mask, algo,
                                    ref_logprobs=batch.ref_logprobs, entropy=entropy)
@@ -219,7 +224,8 @@ def rl_loss(params, batch: UpdateBatch, config: VLMConfig, algo: rl.AlgorithmCon
 
 
 def init_critic(policy_params, config: VLMConfig) -> dict:
-    """Critic params initialised from the policy backbone, value head zero (`V = 0` at the start)."""
+    """Critic params initialised from the policy backbone, value head zero (`V = 0` at the start). Given the
+    policy's trainable params only, the critic's backbone shares the policy's frozen ones (`critic_frozen`)."""
     return {"backbone": policy_params, "head": {"kernel": jnp.zeros((config.text.hidden_size,), jnp.float32),
                                                 "bias": jnp.zeros((), jnp.float32)}}
 
@@ -231,19 +237,33 @@ def critic_values(critic_params, config: VLMConfig, batch: SequenceBatch) -> Arr
     return v * batch.completion_mask.astype(jnp.float32)
 
 
-def critic_loss(critic_params, batch: UpdateBatch, config: VLMConfig, algo: rl.AlgorithmConfig) -> tuple[Array, dict]:
-    """`algo.value_coef` x the clipped value loss (`rl.value_loss`) of the critic on `batch.returns`."""
+def critic_frozen(frozen: dict) -> dict:
+    """The frozen part of the critic's params, for a policy whose frozen params are `frozen`."""
+    return {"backbone": frozen} if frozen else {}
+
+
+def critic_loss(critic_params, batch: UpdateBatch, config: VLMConfig, algo: rl.AlgorithmConfig,
+                rng: Array | None = None) -> tuple[Array, dict]:
+    """`algo.value_coef` x the clipped value loss (`rl.value_loss`) of the critic on `batch.returns` (`rng` is
+    unused: the critic's forward pass is deterministic)."""
     values = critic_values(critic_params, config, batch.seq)
     loss, metrics = rl.value_loss(values, batch.old_values, batch.returns, batch.seq.completion_mask,
                                   algo.clip_eps_value, algo.loss_agg_mode)
     return algo.value_coef * loss, metrics
 
 
-def apply_gradients(loss_fn: Callable[[Any, Any], tuple[Array, dict]], state: TrainState, batch) -> tuple[
-        TrainState, dict]:
-    """One optimizer update (pure): gradients of `loss_fn(params, batch) -> (loss, metrics)`, the optimizer
-    step, and the metrics plus `loss`, `grad_norm` and `skipped_updates` (float32 / int32 scalars)."""
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+def apply_gradients(loss_fn: Callable[..., tuple[Array, dict]], state: TrainState, batch, frozen: dict | None = None,
+                    key: Array | None = None) -> tuple[TrainState, dict]:
+    """One optimizer update (pure): gradients of `loss_fn(params, batch, rng=...) -> (loss, metrics)` with respect
+    to the trainable `state.params` only (`params` = them combined with `frozen`, which gets no gradient), the
+    optimizer step, and the metrics plus `loss`, `grad_norm` and `skipped_updates` (float32 / int32 scalars).
+    `rng` is `fold_in(key, state.step)` (None without a key): the training forward pass's dropout."""
+    rng = None if key is None else jax.random.fold_in(key, state.step)
+
+    def loss_of(trainable):
+        return loss_fn(combine(trainable, frozen or {}), batch, rng=rng)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
@@ -251,9 +271,14 @@ def apply_gradients(loss_fn: Callable[[Any, Any], tuple[Array, dict]], state: Tr
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def make_update(loss_fn: Callable[[Any, Any], tuple[Array, dict]], state_shardings=None):
-    """`update(state, batch) -> (state, metrics)`: `apply_gradients` jitted with the state donated;
-    `state_shardings` pins the output state's layout to the input's (params/opt-state sharded by logical axes)."""
+def make_update(loss_fn: Callable[..., tuple[Array, dict]], state_shardings=None, seed: int = 0):
+    """`update(state, batch, frozen={}) -> (state, metrics)`: `apply_gradients` jitted with the state donated
+    (`frozen`: the params that do not train, not donated); `state_shardings` pins the output state's layout to the
+    input's (params/opt-state sharded by logical axes); dropout keys come from `seed` and the update step."""
     out = None if state_shardings is None else (state_shardings, None)
-    return jax.jit(functools.partial(apply_gradients, loss_fn), donate_argnums=0, out_shardings=out)
+
+    def update(state: TrainState, batch, frozen: dict | None = None):
+        return apply_gradients(loss_fn, state, batch, frozen, key=jax.random.key(seed))
+
+    return jax.jit(update, donate_argnums=0, out_shardings=out)
 

@@ -58,8 +58,8 @@ class Trainer:
 
     @property
     def params(self):
-        """The policy's current params."""
-        return self.state.stage.policy.params
+        """The policy's current params (all of them: the trained ones with the frozen ones)."""
+        return self.state.full(self.state.stage.policy.params)
 
     @property
     def meta(self) -> dict:
@@ -112,7 +112,8 @@ class Trainer:
         """One SFT update on the next traced batch (cold start and control); its metrics as floats (which waits
         for the update)."""
         s = self.state.stage
-        s.policy, m = s.update(s.policy, self.setup.put(SequenceBatch.from_dict(next(self.state.sft_iter))))
+        batch = self.setup.put(SequenceBatch.from_dict(next(self.state.sft_iter)))
+        s.policy, m = s.update(s.policy, batch, self.state.frozen)
         return {k: float(v) for k, v in m.items()}
 
     def _sft_step(self, n: int) -> tuple[dict, bool]:
@@ -122,7 +123,7 @@ class Trainer:
         m.update(lr=float(s.schedule(n - 1)), time_per_step_s=time.perf_counter() - t0)
         if n % c.eval_every:
             return m, False
-        m["val_loss"] = vl = self.val_loss(s.policy.params)
+        m["val_loss"] = vl = self.val_loss(self.params)
         if counters.best_val_loss is None or vl < counters.best_val_loss * (1 - c.min_delta_rel) - 1e-6:
             counters.best_val_loss, counters.bad_evals, counters.best_step = vl, 0, counters.global_step
             s.best = jax.tree.map(jnp.copy, s.policy.params)
@@ -141,10 +142,12 @@ class Trainer:
                           self._sft_step, c.sft.max_steps, postfix=lambda m: {
                               "loss": f"{m['sft_loss']:.3f}", "val": m.get("val_loss", counters.best_val_loss)}):
             return
-        params = self.params if self.state.stage.best is None else self.state.stage.best  # best validation loss
+        best = self.state.stage.best
+        params = self.params if best is None else self.state.full(best)  # best validation loss
         self._end_stage("sft_end", params, "rl" if c.rl.enabled else "done")
-        # The cold-start result alone (params + data positions), kept for RL ablations (rl.init_from_sft).
-        self.state.save(Checkpointer(self.workdir, max_to_keep=1, subdir=SFT_CHECKPOINT), {"params": params})
+        # The cold-start result alone (trainable params + data positions), for RL ablations (rl.init_from_sft).
+        self.state.save(Checkpointer(self.workdir, max_to_keep=1, subdir=SFT_CHECKPOINT),
+                        {"params": self.state.trainable(params)})
 
     # ---- RL stage and its control -------------------------------------------------------------------------
 
@@ -153,7 +156,8 @@ class Trainer:
         `rftjax.rl_update` on the devices. Returns the step's metrics (update means, rewards, rollout stats)."""
         t0 = time.perf_counter()
         s = self.state.stage
-        s.policy, s.critic, metrics = s.rl_update(s.policy, s.critic, s.ref, self.setup.put(rollouts.batch), key)
+        s.policy, s.critic, metrics = s.rl_update(s.policy, s.critic, s.ref, self.state.frozen,
+                                                  self.setup.put(rollouts.batch), key)
         policy_metrics, critic_metrics = jax.device_get(metrics)
         update_time = time.perf_counter() - t0
         m = {**_mean(policy_metrics), **_mean(critic_metrics), **rollouts.metrics()}

@@ -78,7 +78,7 @@ def test_scanned_minibatch_updates_equal_a_plain_loop():
 
     update = make_rl_update(model, algo, 1.0, minibatch_size=4)
     donated = steps.TrainState.create(jax.tree.map(jnp.copy, params), tx)  # the update donates its state
-    got, _, (metrics, critic_metrics) = update(donated, None, ref, batch, key)
+    got, _, (metrics, critic_metrics) = update(donated, None, ref, {}, batch, key)
     assert critic_metrics == {} and metrics["loss"].shape == (4,)
 
     full = prepare(params, ref, None, batch, config=model, algo=algo, temperature=1.0, on_policy=False)

@@ -9,9 +9,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
+from rftjax.models.lora import LoraConfig
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {"full": None, "dots": "dots_with_no_batch_dims_saveable", "dots_all": "dots_saveable"}
+"""`remat_policy` names -> `jax.checkpoint_policies` attribute: `full` keeps only each layer's input and recomputes
+the layer in the backward pass (least memory); `dots` also keeps the weight matmuls' outputs (MaxText's
+`minimal`: less recompute, more memory); `dots_all` keeps every matmul output, the attention scores too."""
 
 
 def _check_positive(obj: Any, *names: str) -> None:
@@ -26,10 +33,22 @@ class _ModelConfig:
     `replace` with nested `vision=`/`text=` dicts."""
 
     def _check_dtypes(self) -> None:
+        """Validate the dtype names and the remat policy; turn a `lora` dict into a `LoraConfig`."""
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}; choose one of "
                                  f"{sorted(_DTYPES)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"{type(self).__name__}.remat_policy={self.remat_policy!r}; choose one of "
+                             f"{sorted(REMAT_POLICIES)}")
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
+
+    @property
+    def checkpoint_policy(self):
+        """The `jax.checkpoint` policy of `remat_policy` (None: save nothing, recompute the whole layer)."""
+        name = REMAT_POLICIES[self.remat_policy]
+        return None if name is None else getattr(jax.checkpoint_policies, name)
 
     @property
     def compute_dtype(self):
@@ -41,8 +60,8 @@ class _ModelConfig:
 
     def replace(self, **kwargs):
         """A copy with fields replaced (`vision=`/`text=` may be dicts of their fields)."""
-        for name in ("vision", "text"):
-            if isinstance(kwargs.get(name), dict):
+        for name in ("vision", "text", "lora"):
+            if isinstance(kwargs.get(name), dict) and getattr(self, name) is not None:
                 kwargs[name] = dataclasses.replace(getattr(self, name), **kwargs[name])
         return dataclasses.replace(self, **kwargs)
 
@@ -143,7 +162,9 @@ class VLMConfig(_ModelConfig):
         always returned in float32.
       scan_layers: run the decoder layers with `nn.scan` (params stacked on a leading `layers` axis):
         compile time independent of depth.
-      remat: rematerialise each decoder layer in the backward pass (less memory, ~1/3 more compute).
+      remat: rematerialise each decoder layer (and ViT block) in the backward pass (less memory, ~1/3 more
+        compute), keeping what `remat_policy` says (`REMAT_POLICIES`).
+      lora: a `LoraConfig` (or its dict): `model_for` adds LoRA adapters (`rftjax.models.lora`); None: no adapters.
     """
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -155,6 +176,8 @@ class VLMConfig(_ModelConfig):
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "full"
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if not 0 <= self.image_token_id < self.text.vocab_size:
@@ -278,7 +301,7 @@ class QwenVLConfig(_ModelConfig):
         to at most `max_image_tokens * (patch_size * spatial_merge_size) ** 2` pixels.
       image_token_buckets: smaller budgets a batch may be padded to (each a separate compilation); the batch
         takes the smallest bucket that holds its largest image. Empty: always `max_image_tokens`.
-      dtype, param_dtype, scan_layers, remat: as `VLMConfig` (scan/remat apply to the decoder).
+      dtype, param_dtype, scan_layers, remat, remat_policy, lora: as `VLMConfig` (scan applies to the decoder).
     """
 
     vision: QwenVisionConfig = dataclasses.field(default_factory=QwenVisionConfig)
@@ -294,6 +317,8 @@ class QwenVLConfig(_ModelConfig):
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "full"
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "image_token_buckets", tuple(int(b) for b in self.image_token_buckets))

@@ -11,20 +11,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rftjax.models import qwen_vl, vlm
+from rftjax.models import lora, qwen_vl, vlm
 from rftjax.models.config import QwenVLConfig, VLMConfig
 
 Array = jax.Array
 ModelConfig = VLMConfig | QwenVLConfig
 
 
-def model_for(config: ModelConfig) -> nn.Module:
-    """The Linen module of `config`'s family (`VLM` or `QwenVL`), with the same call contract."""
+def model_for(config: ModelConfig, train: bool = False) -> nn.Module:
+    """The Linen module of `config`'s family (`VLM` or `QwenVL`), with the same call contract; with LoRA adapters
+    when `config.lora` is set (`rftjax.models.lora.adapt`: their params sit next to the kernels they adapt).
+    `train=True` turns on the adapters' dropout (the call then takes `rngs={"dropout": key}`)."""
     if isinstance(config, QwenVLConfig):
-        return qwen_vl.QwenVL(config)
-    if isinstance(config, VLMConfig):
-        return vlm.VLM(config)
-    raise TypeError(f"not a model config: {type(config).__name__}")
+        module = qwen_vl.QwenVL(config)
+    elif isinstance(config, VLMConfig):
+        module = vlm.VLM(config)
+    else:
+        raise TypeError(f"not a model config: {type(config).__name__}")
+    return module if config.lora is None else lora.adapt(module, config.lora, train=train)
+
+
+def uses_dropout(config: ModelConfig) -> bool:
+    """Whether training forward passes of `model_for(config, train=True)` need a `dropout` rng."""
+    return config.lora is not None and config.lora.dropout > 0
 
 
 def dummy_inputs(config: ModelConfig, batch_size: int = 1, text_len: int = 4):

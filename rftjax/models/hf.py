@@ -376,11 +376,15 @@ class Family:
     entries: Callable[[Any], Iterator[Entry]]
     prefixes: list
     hub: dict
+    modules: dict  # canonical prefix -> the module names of the transformers model (PEFT adapters name them)
     skip: tuple[str, ...] = ()  # canonical prefixes of tensors rftjax does not use
 
 
-LLAVA = Family(config_from_hf, config_to_hf, _llava_entries, _LLAVA_PREFIXES, _LLAVA_HUB, ("vision.head.",))
-QWEN_VL = Family(qwen_config_from_hf, qwen_config_to_hf, _qwen_entries, _QWEN_PREFIXES, _QWEN_HUB)
+LLAVA = Family(config_from_hf, config_to_hf, _llava_entries, _LLAVA_PREFIXES, _LLAVA_HUB, {
+    "text.lm_head.": "lm_head.", "vision.": "model.vision_tower.vision_model.",
+    "projector.": "model.multi_modal_projector.", "text.": "model.language_model."}, ("vision.head.",))
+QWEN_VL = Family(qwen_config_from_hf, qwen_config_to_hf, _qwen_entries, _QWEN_PREFIXES, _QWEN_HUB, {
+    "text.lm_head.": "lm_head.", "visual.": "model.visual.", "text.": "model.language_model."})
 FAMILIES: dict[str, Family] = {"llava": LLAVA, "qwen2_5_vl": QWEN_VL, "qwen2_vl": QWEN_VL}
 
 
@@ -557,7 +561,8 @@ def save_pretrained(path: str, config: VLMConfig | QwenVLConfig, params: dict, m
     Args:
       path: output directory (created).
       config: the model config.
-      params: params of `model_for(config)` (scanned or not, any param dtype).
+      params: params of `model_for(config)` (scanned or not, any param dtype); LoRA adapters (`config.lora`) are
+        merged into their kernels (`rftjax.models.lora.merge`; `save_adapter` writes them alone).
       max_shard_size: bytes per safetensors shard; None writes one `model.safetensors`, otherwise shards
         `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`.
       dtype: tensor dtype on disk (`float32`, `bfloat16`); default the params' own.
@@ -567,6 +572,10 @@ def save_pretrained(path: str, config: VLMConfig | QwenVLConfig, params: dict, m
     """
     family = QWEN_VL if isinstance(config, QwenVLConfig) else LLAVA
     hf_config = family.config_to_hf(config)
+    if config.lora is not None:  # the adapters folded into the weights they adapt
+        from rftjax.models import lora as lora_lib
+
+        params = lora_lib.merge(params, config.lora)
     if config.scan_layers:
         params = unstack_layers(params, config.text.num_layers)
     tensors = {}
@@ -602,6 +611,45 @@ def _write_tensors(path: str, tensors: dict, max_shard_size: int | None) -> None
     index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))}, "weight_map": weight_map}
     with open(os.path.join(path, INDEX_NAME), "w") as f:
         json.dump(index, f, indent=2)
+
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def save_adapter(path: str, config: VLMConfig | QwenVLConfig, params: dict, base_model: str = "") -> list[str]:
+    """Write the LoRA adapters in `params` (`rftjax.models.lora`; scanned or not) as a PEFT adapter directory:
+    `adapter_config.json` + `adapter_model.safetensors` (float32), which `peft.PeftModel.from_pretrained(base, path)`
+    loads onto the transformers model of `config`'s family (`save_pretrained`'s directory of the base weights).
+    Returns the adapted modules' transformers names.
+
+    Raises:
+      ValueError: `config.lora` is None, or an adapter sits on a layer that is not an `nn.Linear` in transformers
+        (a patch embedding).
+    """
+    from rftjax.models import lora as lora_lib
+
+    if config.lora is None:
+        raise ValueError("save_adapter: the model config has no LoRA (config.lora is None)")
+    family = QWEN_VL if isinstance(config, QwenVLConfig) else LLAVA
+    if config.scan_layers:
+        params = unstack_layers(params, config.text.num_layers)
+    entries = {e.path: e for e in family.entries(config)}
+    tensors, modules = {}, []
+    for kernel_path, (a, b) in lora_lib.adapted_kernels(params).items():
+        e = entries.get(kernel_path)
+        if e is None or e.kind != "linear":
+            raise ValueError(f"LoRA on {'/'.join(kernel_path[:-1])}: PEFT export covers linear layers only; "
+                             f"narrow model.lora.targets")
+        module = _hub_name(e.name[:-len(".weight")], family.modules)
+        modules.append(module)
+        tensors.update({k: jnp.asarray(v, jnp.float32) for k, v in lora_lib.peft_tensors(
+            np.asarray(jax.device_get(a)), np.asarray(jax.device_get(b)), module).items()})
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, ADAPTER_CONFIG_NAME), "w") as f:
+        json.dump(lora_lib.peft_config(config.lora, modules, base_model), f, indent=2)
+    safetensors.flax.save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    return modules
 
 
 def save_llava(path: str, config: VLMConfig, params: dict, max_shard_size: int | None = None,

@@ -208,6 +208,7 @@ class DecoderLM(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: Any = None
 
     def setup(self):
         c = self.config
@@ -216,7 +217,7 @@ class DecoderLM(nn.Module):
             (c.vocab_size, c.hidden_size), self.param_dtype)
         layer_cls = DecoderLayer
         if self.remat:
-            layer_cls = nn.remat(layer_cls, prevent_cse=not self.scan_layers)
+            layer_cls = nn.remat(layer_cls, prevent_cse=not self.scan_layers, policy=self.remat_policy)
         if self.scan_layers:
             self.layers = nn.scan(
                 layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},

@@ -23,6 +23,8 @@ Limits: one image per row (or none); images only (no video inputs).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax
 import flax.linen as nn
 import jax
@@ -173,6 +175,7 @@ class QwenVisionTower(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    remat_policy: Any = None
 
     @nn.compact
     def __call__(self, patches: Array, grid_thw: Array) -> Array:
@@ -190,7 +193,7 @@ class QwenVisionTower(nn.Module):
         angles = vision_rope_angles(layout["row"], layout["col"], c)
         x = Linear(c.hidden_size, (None, "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                    name="patch_embed")(patches)
-        block = nn.remat(QwenVisionBlock) if self.remat else QwenVisionBlock
+        block = nn.remat(QwenVisionBlock, policy=self.remat_policy) if self.remat else QwenVisionBlock
         for i in range(c.depth):
             mask = window_mask if c.is_windowed(i) else full_mask
             x = block(c, self.dtype, self.param_dtype, name=f"blocks_{i}")(x, angles, mask)
@@ -286,8 +289,9 @@ class QwenVL(ModelCacheMixin, nn.Module):
     def setup(self):
         c = self.config
         dt, pdt = c.compute_dtype, c.params_dtype
-        self.visual = QwenVisionTower(c.vision, dt, pdt, remat=c.remat)
-        self.language_model = DecoderLM(c.text, dt, pdt, scan_layers=c.scan_layers, remat=c.remat)
+        self.visual = QwenVisionTower(c.vision, dt, pdt, remat=c.remat, remat_policy=c.checkpoint_policy)
+        self.language_model = DecoderLM(c.text, dt, pdt, scan_layers=c.scan_layers, remat=c.remat,
+                                        remat_policy=c.checkpoint_policy)
 
     def encode_images(self, images: QwenImages) -> QwenImageFeatures:
         """Merged image features of `images` (see `QwenImageFeatures`)."""

@@ -91,7 +91,8 @@ class VLM(ModelCacheMixin, nn.Module):
         dt, pdt = c.compute_dtype, c.params_dtype
         self.vision_tower = VisionTransformer(c.vision, dt, pdt)
         self.multi_modal_projector = Projector(c.text.hidden_size, c.projector_bias, dt, pdt)
-        self.language_model = DecoderLM(c.text, dt, pdt, scan_layers=c.scan_layers, remat=c.remat)
+        self.language_model = DecoderLM(c.text, dt, pdt, scan_layers=c.scan_layers, remat=c.remat,
+                                        remat_policy=c.checkpoint_policy)
 
     def encode_images(self, pixel_values: Array) -> Array:
         """Projected image features `[B, P, D]` (compute dtype) of `pixel_values` `[B, H, W, C]`."""
