@@ -118,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.tensorboard = True
     c.log.progress = True
 
+    c.plan = ml_collections.ConfigDict()   # python -m rftjax.plan (memory per device, nothing allocated)
+    c.plan.num_devices = 0              # devices of the planned mesh; 0 = this machine's
+    c.plan.device_memory_gb = 0.0       # memory per device; 0 = this machine's first device's (else 16, a v5e chip)
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 50
     c.checkpoint.keep = 2

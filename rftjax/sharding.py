@@ -58,8 +58,9 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[j
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Drop mesh axes that do not divide their dimension."""
+def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], axis_sizes) -> PartitionSpec:
+    """`spec` for an array of `shape` without the mesh axes that do not divide their dimension (`axis_sizes`:
+    `{axis name: size}`, e.g. `mesh.shape`)."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         if axes is None:
@@ -68,9 +69,9 @@ def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Partit
         axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
         kept, size = [], 1
         for a in axes_t:
-            if dim % (size * mesh.shape[a]) == 0:
+            if dim % (size * axis_sizes[a]) == 0:
                 kept.append(a)
-                size *= mesh.shape[a]
+                size *= axis_sizes[a]
         out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return PartitionSpec(*out)
 
@@ -81,7 +82,7 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
     specs = nn.get_partition_spec(boxed_tree)
     mesh_specs = nn.logical_to_mesh(specs, rules)
     shapes = nn.unbox(boxed_tree)
-    return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit_spec(spec, tuple(x.shape), mesh)),
+    return jax.tree.map(lambda spec, x: NamedSharding(mesh, fit_spec(spec, tuple(x.shape), mesh.shape)),
                         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

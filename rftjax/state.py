@@ -125,7 +125,9 @@ class RunState:
         schedule = steps.make_schedule(lr, total, warmup, o.lr_decay)
         vision = {name: o.vision_lr_scale for name in VISION_MODULES if name in params}
         tx = steps.make_optimizer(schedule, weight_decay, o.b1, o.b2, o.grad_clip, o.grad_accum, vision)
-        return jax.jit(lambda p: TrainState.create(p, tx))(params), schedule
+        create = functools.partial(TrainState.create, tx=tx)
+        shardings = steps.state_shardings(jax.eval_shape(create, params), _shardings(params), self.setup.mesh)
+        return jax.jit(create, out_shardings=shardings)(params), schedule
 
     def enter_stage(self, params):
         """Fresh states and update functions of the current stage, starting from the full `params`: the SFT

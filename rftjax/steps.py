@@ -154,6 +154,28 @@ def make_optimizer(schedule, weight_decay: float = 0.0, b1: float = 0.9, b2: flo
     return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
 
 
+def state_shardings(abstract: TrainState, param_shardings, mesh) -> TrainState:
+    """The shardings of a `TrainState` whose params have `param_shardings`: every optimizer-state leaf that mirrors a
+    param (Adam's moments, a gradient accumulator: a leaf whose key path ends with the param's path and has its
+    shape) sharded like that param, everything else (counters) replicated. Without it, XLA may lay the freshly
+    created moments out replicated, and FSDP would shard the params but not the optimizer state."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    keys = lambda path: tuple(getattr(k, "key", None) for k in path)  # noqa: E731 - dict keys; None otherwise
+    params = {keys(p): (x.shape, sh) for (p, x), sh in zip(jax.tree_util.tree_flatten_with_path(abstract.params)[0],
+                                                           jax.tree.leaves(param_shardings))}
+
+    def sharding_of(path, x):
+        k = keys(path)
+        for i in range(len(k)):
+            shape, sh = params.get(k[i:], (None, None))
+            if shape == x.shape:
+                return sh
+        return replicated
+
+    opt = jax.tree_util.tree_map_with_path(sharding_of, abstract.opt_state)
+    return abstract.replace(step=replicated, params=param_shardings, opt_state=opt)
+
+
 def skipped_updates(opt_state) -> Array:
     """How many updates `apply_if_finite` skipped for non-finite gradients (int32 [])."""
     found = [s.total_notfinite for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(

@@ -44,8 +44,8 @@ def test_sharded_params_give_single_device_logits(scan):
 
 def test_fit_spec_drops_axes_that_do_not_divide():
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    assert sharding._fit_spec(PartitionSpec("tensor", "fsdp"), (3, 4), mesh) == PartitionSpec(None, "fsdp")
-    assert sharding._fit_spec(PartitionSpec(("data", "fsdp")), (6,), mesh) == PartitionSpec("data")
+    assert sharding.fit_spec(PartitionSpec("tensor", "fsdp"), (3, 4), mesh.shape) == PartitionSpec(None, "fsdp")
+    assert sharding.fit_spec(PartitionSpec(("data", "fsdp")), (6,), mesh.shape) == PartitionSpec("data")
 
 
 def test_make_mesh_errors_and_fill():

@@ -1,0 +1,242 @@
+"""Memory planner: whether a run fits its devices, per device, before anything is allocated.
+
+    python -m rftjax.plan --config configs/qwen2_5_vl_easyr1.py --config.model.preset=qwen2_5_vl_7b \\
+        --config.plan.num_devices=8 --config.mesh.fsdp=8 --config.plan.device_memory_gb=16
+
+Every figure is bytes per device for the run's mesh (`mesh.data x mesh.fsdp x mesh.tensor`, `plan.num_devices`
+devices; the mesh need not exist here), from abstract shapes (`jax.eval_shape`: no array is allocated) and the
+logical-axis shardings `rftjax.sharding` gives each param:
+
+  params        every param (base + LoRA adapters), in `param_dtype`, sharded by its logical axes.
+  trainable     the part that trains (`rftjax.trainable`): all params, LoRA adapters only, minus `optim.freeze`.
+  optimizer     AdamW's state for the trainable params (`optax` `init` on their shapes: two moments, plus the
+                gradient accumulator of `optim.grad_accum > 1`).
+  gradients     one gradient of the trainable params, alive during the update.
+  reference     the reference policy's trainable params (the frozen ones are shared), when the algorithm has a KL.
+  critic        PPO: the critic's trainable backbone copy + value head, its optimizer state and gradients.
+  sampling copy the compute-dtype copy of the kernels the sampler makes (`cast_for_compute`) when `dtype` differs
+                from `param_dtype`.
+  kv cache      the rollout's KV cache: `(gen_prompts_per_round or prompts_per_step) x group_size` rows (and the
+                evaluation batch, whichever is larger) x (max_prompt_len + max_new_tokens) slots x layers x 2
+                x kv heads x head dim, compute dtype, rows over data x fsdp, kv heads over tensor.
+  activations   an estimate for one update minibatch (rows over data x fsdp): what the backward pass keeps per
+                decoder layer and token (Korthikanti et al. 2022 sec. 4, for SwiGLU/GQA: the norm, projection and
+                MLP intermediates, the attention probabilities in float32), for every layer without remat, the
+                layer inputs plus one layer with `remat` (policy `full`; `dots` keeps the matmul outputs too);
+                the vision tower's likewise per image; the float32 logits over the whole sequence and their
+                log-softmax over the completion, with the logits' gradient.
+
+When the total exceeds `plan.device_memory_gb` the planner says which settings bring it under, each alone, with
+its figure: bf16 params, LoRA, FSDP over all devices, remat, smaller minibatches, a frozen vision tower.
+The persistent terms are exact (tests/test_plan.py compares them with a live run's arrays); the activation term
+is an estimate (the same test reports it beside XLA's own temp-buffer figure for the update).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from rftjax import configs, steps, trainable
+from rftjax.build import model_config_of
+from rftjax.models import QwenVLConfig, dummy_inputs, model_for
+from rftjax.sharding import LOGICAL_RULES, fit_spec
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Bytes per device of each term (`TERMS`), the total, the device memory and the mesh (`{axis: size}`)."""
+
+    terms: dict[str, float]
+    device_memory: float
+    mesh: dict[str, int]
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.terms.values()))
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device_memory
+
+
+def mesh_sizes(c: ml_collections.ConfigDict) -> dict[str, int]:
+    """`{data, fsdp, tensor}` sizes of the run's mesh over `plan.num_devices` (0: this machine's device count).
+
+    Raises:
+      ValueError: sizes that do not multiply to the device count.
+    """
+    n = c.plan.num_devices or len(jax.devices())
+    sizes = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if list(sizes.values()).count(-1) > 1 or n % fixed:
+        raise ValueError(f"bad config: mesh {sizes} cannot be laid over {n} devices")
+    sizes = {k: n // fixed if v == -1 else v for k, v in sizes.items()}
+    if math.prod(sizes.values()) != n:
+        raise ValueError(f"bad config: mesh {sizes} needs {math.prod(sizes.values())} devices, plan.num_devices={n}")
+    return sizes
+
+
+def _per_device(boxed, sizes: dict[str, int]) -> dict[tuple[str, ...], float]:
+    """Bytes per device of each leaf of an abstract boxed param tree, sharded as `rftjax.sharding` shards it."""
+    from flax import traverse_util
+
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), LOGICAL_RULES)
+    shapes = nn.unbox(boxed)
+    out = {}
+    flat_specs = traverse_util.flatten_dict(specs, is_leaf=lambda _, x: not isinstance(x, dict))
+    for path, x in traverse_util.flatten_dict(shapes).items():
+        spec = fit_spec(flat_specs[path], tuple(x.shape), sizes)
+        shard = [d // math.prod(sizes[a] for a in ((ax,) if isinstance(ax, str) else ax)) if ax else d
+                 for d, ax in zip(x.shape, tuple(spec) + (None,) * (len(x.shape) - len(spec)))]
+        out[path] = float(math.prod(shard) * jnp.dtype(x.dtype).itemsize)
+    return out
+
+
+def _activations(mc, rows: float, seq: int, completion: int) -> float:
+    """The activation estimate of one update minibatch (see the module docstring), bytes per device."""
+    e = jnp.dtype(mc.compute_dtype).itemsize
+    t = mc.text
+    d, hd, h, k, m = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads, t.intermediate_size
+    saved_matmuls = e * (h * hd + 2 * k * hd + d + 2 * m + d)  # q, k, v, o, gate, up, down outputs
+    per_token = e * (6 * d + 2 * h * hd + 4 * k * hd + 4 * m) + h * seq * (4 + e)
+    layer = rows * seq * per_token
+    if not mc.remat:
+        text = t.num_layers * layer
+    else:
+        kept = e * d + (saved_matmuls if mc.remat_policy != "full" else 0)
+        text = t.num_layers * rows * seq * kept + layer
+    v = mc.vision
+    if isinstance(mc, QwenVLConfig):
+        patches, dv, depth, heads, mv = mc.max_image_tokens * v.merge_unit, v.hidden_size, v.depth, v.num_heads, \
+            v.intermediate_size
+    else:
+        patches, dv, depth, heads, mv = v.num_patches, v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size
+    vision_layer = rows * patches * (e * (10 * dv + 4 * mv) + heads * patches * (4 + e))
+    vision_remat = mc.remat and isinstance(mc, QwenVLConfig)  # the LLaVA ViT has no remat
+    vision = depth * rows * patches * e * dv + vision_layer if vision_remat else depth * vision_layer
+    logits = 4.0 * t.vocab_size * rows * (2 * seq + 2 * completion)  # logits + grad, log-softmax + probs
+    return text + vision + logits
+
+
+def plan(c: ml_collections.ConfigDict) -> Plan:
+    """The `Plan` of run config `c` (nothing is allocated; `c.plan.num_devices` devices need not exist).
+
+    Raises:
+      ValueError: a bad model, LoRA, freeze or mesh setting.
+    """
+    mc = model_config_of(c)
+    algo = configs.algorithm(c)
+    sizes = mesh_sizes(c)
+    n_data = sizes["data"] * sizes["fsdp"]
+    boxed = jax.eval_shape(lambda: model_for(mc).init(jax.random.key(0), *dummy_inputs(mc))["params"])
+    per_device = _per_device(boxed, sizes)
+    shapes = nn.unbox(boxed)
+    paths = trainable.trainable_paths(shapes, mc, c.optim.freeze)
+    train_bytes = sum(v for p, v in per_device.items() if p in paths)
+    train_shapes = trainable.split(shapes, paths)[0]
+    tx = steps.make_optimizer(1e-3, grad_accum=c.optim.grad_accum)  # state shapes only
+    opt = jax.eval_shape(tx.init, train_shapes)
+    opt_elems = sum(x.size for x in jax.tree.leaves(opt) if x.ndim)
+    train_elems = sum(x.size for x in jax.tree.leaves(train_shapes))
+    optimizer = train_bytes * opt_elems / max(train_elems, 1)
+
+    terms = {"params": sum(per_device.values()), "optimizer": optimizer, "gradients": train_bytes,
+             "reference": train_bytes if algo.uses_reference else 0.0,
+             "critic": 4.0 * train_bytes if algo.uses_critic else 0.0}
+    kernels = sum(v for p, v in per_device.items() if p[-1] in ("kernel", "embed_tokens"))
+    terms["sampling copy"] = 0.0 if mc.dtype == mc.param_dtype else kernels * (
+        jnp.dtype(mc.compute_dtype).itemsize / jnp.dtype(mc.params_dtype).itemsize)
+    t = mc.text
+    slots = c.data.max_prompt_len + c.rl.max_new_tokens
+    gen_rows = (algo.gen_prompts_per_round or c.rl.prompts_per_step) * algo.group_size
+    rows = max(gen_rows, c.eval.batch_size) / n_data
+    kv_heads = t.num_kv_heads / (sizes["tensor"] if t.num_kv_heads % sizes["tensor"] == 0 else 1)
+    terms["kv cache"] = 2.0 * t.num_layers * rows * kv_heads * slots * t.head_dim * jnp.dtype(mc.compute_dtype).itemsize
+    mb_rows = (c.rl.minibatch_size or c.rl.prompts_per_step * algo.group_size) / n_data
+    terms["activations"] = _activations(mc, mb_rows, slots, c.rl.max_new_tokens)
+    memory = c.plan.device_memory_gb * GB if c.plan.device_memory_gb else _local_memory()
+    return Plan(terms, memory, sizes)
+
+
+def _local_memory() -> float:
+    """This machine's first device's memory (bytes): its `bytes_limit`, else 16 GB (a TPU v5e chip)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return float(stats.get("bytes_limit", 16 * GB))
+
+
+def levers(c: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
+    """Settings that lower a run's memory, each as `(description, {config key: value})`."""
+    n = c.plan.num_devices or len(jax.devices())
+    out = []
+    if c.model.overrides.get("param_dtype", "float32") != "bfloat16":
+        out.append(("bf16 params", {"model.overrides.param_dtype": "bfloat16"}))
+    if not c.model.lora.rank:
+        out.append(("LoRA rank 64 on the decoder", {"model.lora.rank": 64, "model.lora.alpha": 128.0}))
+    if c.mesh.fsdp != n:
+        out.append((f"FSDP over all {n} devices", {"mesh.fsdp": n, "mesh.data": 1, "mesh.tensor": 1}))
+    if not c.model.overrides.get("remat", False):
+        out.append(("remat", {"model.overrides.remat": True}))
+    if not c.optim.freeze and not c.model.lora.rank:
+        out.append(("frozen vision tower", {"optim.freeze": "(visual|vision_tower)/.*"}))
+    algo = configs.algorithm(c)
+    rows, n_data = c.rl.prompts_per_step * algo.group_size, mesh_sizes(c)["data"] * mesh_sizes(c)["fsdp"]
+    if (c.rl.minibatch_size or rows) > n_data and rows % n_data == 0 and c.optim.grad_accum == 1:
+        out.append(("1 row per device per micro-batch (same updates)",
+                    {"rl.minibatch_size": n_data, "optim.grad_accum": rows // n_data}))
+    return out
+
+
+def _with(c: ml_collections.ConfigDict, settings: dict) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(c.to_dict())
+    for key, value in settings.items():
+        *parents, name = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[name] = value
+    return c
+
+
+def table(p: Plan) -> str:
+    """The plan as a text table, GB per device."""
+    lines = [f"{'term':<16}{'GB/device':>11}"]
+    lines += [f"{k:<16}{v / GB:>11.2f}" for k, v in p.terms.items()]
+    lines.append(f"{'total':<16}{p.total / GB:>11.2f}   of {p.device_memory / GB:.1f} GB: "
+                 f"{'fits' if p.fits else 'DOES NOT FIT'}  (mesh {p.mesh})")
+    return "\n".join(lines)
+
+
+def report(c: ml_collections.ConfigDict) -> str:
+    """`table(plan(c))`, and when it does not fit, each lever's total and whether it fits alone."""
+    p = plan(c)
+    out = [table(p)]
+    if not p.fits:
+        out.append("over by %.2f GB per device; settings that lower it (each alone):" % ((p.total - p.device_memory) / GB))
+        every = {}
+        for name, settings in levers(c) + [("all of these together", every)]:
+            every.update(settings)
+            q = plan(_with(c, settings))
+            flags = " ".join(f"--config.{k}={v}" for k, v in settings.items())
+            out.append(f"  {name:<48} total {q.total / GB:8.2f} GB {'fits' if q.fits else '    '}  {flags}")
+    return "\n".join(out)
+
+
+def main(config, workdir=None):
+    print(report(config))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/NAME.py)")
+    flags.mark_flags_as_required(["config"])
+    app.run(lambda argv: main(flags.FLAGS.config))
