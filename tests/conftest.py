@@ -18,3 +18,17 @@ if os.environ.get("RFTJAX_TEST_COMPILE_CACHE", "1") != "0" and "JAX_COMPILATION_
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rftjax-test-xla-cache-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import numpy as np  # noqa: E402 - after the environment above
+import pytest  # noqa: E402
+
+from helpers import write_easyr1  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory):
+    """EasyR1 jsonl files (train: 32 rows, some over-long; test: 8) with their images, shared by the tests."""
+    root = tmp_path_factory.mktemp("easyr1")
+    rng = np.random.default_rng(0)
+    return {"train": write_easyr1(str(root / "train.jsonl"), 32, rng, long_every=4),
+            "test": write_easyr1(str(root / "test.jsonl"), 8, rng)}

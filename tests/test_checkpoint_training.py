@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import set_by_path
+from helpers import QUESTION, set_by_path
 from hf_reference import (QWEN_TOKEN_IDS, hf_logits, hf_qwen_logits, make_hf_llava, make_hf_qwen_vl,
                           make_tokenizer_dir, qwen_batch)
 from rftjax.data.chat import CheckpointTokenizer, user_message
@@ -32,34 +32,6 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import qwen2_5_vl_easyr1  # noqa: E402
 
 MAX_PROMPT_LEN = 96
-LONG_WORDS = (20, 45, 90, 300)  # rows 0, 4, 8, ... get this many extra words: some fit, some exceed by various amounts
-QUESTION = "How many red cubes are there?"
-
-
-def write_easyr1(path: str, n: int, rng: np.random.Generator, long_every: int = 0) -> str:
-    """An EasyR1 jsonl of `n` rows (`<image>` first in `problem`, a digit answer, `images: [png]`) with images of
-    random size and aspect ratio written next to it; every `long_every`-th row gets `LONG_WORDS` extra words."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    rows = []
-    for i in range(n):
-        h, w = int(rng.integers(40, 140)), int(rng.integers(40, 140))
-        name = f"{os.path.basename(path)}.{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(os.path.dirname(path), name))
-        extra = " red" * LONG_WORDS[(i // long_every) % len(LONG_WORDS)] if long_every and i % long_every == 0 else ""
-        rows.append({"problem": f"<image>{QUESTION}{extra}", "answer": str(int(rng.integers(0, 10))), "images": [name]})
-    with open(path, "w") as f:
-        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("easyr1")
-    rng = np.random.default_rng(0)
-    return {"train": write_easyr1(str(root / "train.jsonl"), 32, rng, long_every=4),
-            "test": write_easyr1(str(root / "test.jsonl"), 8, rng)}
-
-
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
     model, path = make_hf_qwen_vl(tmp_path_factory.mktemp("qwen"), vocab=320, ids=QWEN_TOKEN_IDS)

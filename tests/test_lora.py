@@ -20,7 +20,7 @@ from rftjax.state import RunState
 from rftjax.models import QwenImages, get_preset, init_params, model_for
 from rftjax.models import hf as rhf
 from rftjax.models import lora as lora_lib
-from test_checkpoint_training import _config, files  # noqa: F401 - the module-scoped EasyR1 files fixture
+from test_checkpoint_training import _config
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def _flat(tree):
     return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-def _train(ckpt_dir, files, workdir, **settings):  # noqa: F811
+def _train(ckpt_dir, files, workdir, **settings):
     """Two GRPO steps (k3 KL to the reference, as configs/qwen2_5_vl_easyr1.py) in process; the Trainer. An entropy
     bonus gives every step a gradient: a random model's completions all score 0 (zero advantages)."""
     from helpers import set_by_path
@@ -59,7 +59,7 @@ def _qwen_logits(config, params, batch):
         jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["attention_mask"], bool)))
 
 
-def test_grpo_with_lora_on_decoder_and_vision_exports_to_transformers_and_peft(qwen_dir, files, tmp_path):  # noqa: F811
+def test_grpo_with_lora_on_decoder_and_vision_exports_to_transformers_and_peft(qwen_dir, files, tmp_path):
     """LoRA (decoder + vision tower) GRPO steps on a Qwen2.5-VL checkpoint change only the adapters (the base weights
     stay bitwise equal to the checkpoint's and are not in the run's checkpoints); the reference log-probs equal the
     base model's; the merged export loads in transformers, the adapter export in peft, both within 1e-4 of ours."""
@@ -121,7 +121,7 @@ def _llava_logits(config, params, inputs):
                                               jnp.asarray(mask, bool)))
 
 
-def test_grpo_with_lora_on_the_decoder_exports_to_peft(llava_dir, files, tmp_path):  # noqa: F811
+def test_grpo_with_lora_on_the_decoder_exports_to_peft(llava_dir, files, tmp_path):
     """Decoder-only LoRA on a LLaVA checkpoint: GRPO steps train the decoder's adapters only (none on the vision
     tower, no gradient or optimizer state for anything else); peft loads the adapter export onto the transformers
     base model and its logits equal ours within 1e-4."""
@@ -152,7 +152,7 @@ def test_grpo_with_lora_on_the_decoder_exports_to_peft(llava_dir, files, tmp_pat
     np.testing.assert_allclose(hf_logits(peft, *inputs)[valid], ours[valid], atol=1e-4, rtol=0)
 
 
-def test_full_training_with_the_vision_tower_frozen_by_regex(llava_dir, files, tmp_path):  # noqa: F811
+def test_full_training_with_the_vision_tower_frozen_by_regex(llava_dir, files, tmp_path):
     """`optim.freeze='vision_tower/.*'`: full-parameter GRPO steps leave every vision-tower param bitwise unchanged,
     allocate no optimizer state and no reference copy for it, keep it out of the checkpoints (the export rebuilds it
     from the checkpoint directory), and train everything else."""
