@@ -41,11 +41,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import PartitionSpec
 
 from rftjax import configs, steps, trainable
 from rftjax.build import model_config_of
 from rftjax.models import QwenVLConfig, dummy_inputs, model_for
-from rftjax.sharding import LOGICAL_RULES, fit_spec
+from rftjax.models.family import VISION_MODULES
+from rftjax.sharding import logical_specs, mesh_shape
 
 GB = 1e9
 
@@ -73,31 +75,23 @@ def mesh_sizes(c: ml_collections.ConfigDict) -> dict[str, int]:
     Raises:
       ValueError: sizes that do not multiply to the device count.
     """
-    n = c.plan.num_devices or len(jax.devices())
-    sizes = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    if list(sizes.values()).count(-1) > 1 or n % fixed:
-        raise ValueError(f"bad config: mesh {sizes} cannot be laid over {n} devices")
-    sizes = {k: n // fixed if v == -1 else v for k, v in sizes.items()}
-    if math.prod(sizes.values()) != n:
-        raise ValueError(f"bad config: mesh {sizes} needs {math.prod(sizes.values())} devices, plan.num_devices={n}")
-    return sizes
+    return mesh_shape(c.plan.num_devices or len(jax.devices()), c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
 
 
 def _per_device(boxed, sizes: dict[str, int]) -> dict[tuple[str, ...], float]:
-    """Bytes per device of each leaf of an abstract boxed param tree, sharded as `rftjax.sharding` shards it."""
+    """Bytes per device of each leaf of an abstract boxed param tree, sharded as `rftjax.sharding` shards it
+    (`logical_specs` on a mesh of `sizes`)."""
     from flax import traverse_util
 
-    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), LOGICAL_RULES)
-    shapes = nn.unbox(boxed)
-    out = {}
-    flat_specs = traverse_util.flatten_dict(specs, is_leaf=lambda _, x: not isinstance(x, dict))
-    for path, x in traverse_util.flatten_dict(shapes).items():
-        spec = fit_spec(flat_specs[path], tuple(x.shape), sizes)
+    def shard_bytes(spec, x):
+        axes = tuple(spec) + (None,) * (len(x.shape) - len(spec))
         shard = [d // math.prod(sizes[a] for a in ((ax,) if isinstance(ax, str) else ax)) if ax else d
-                 for d, ax in zip(x.shape, tuple(spec) + (None,) * (len(x.shape) - len(spec)))]
-        out[path] = float(math.prod(shard) * jnp.dtype(x.dtype).itemsize)
-    return out
+                 for d, ax in zip(x.shape, axes)]
+        return float(math.prod(shard) * jnp.dtype(x.dtype).itemsize)
+
+    per_leaf = jax.tree.map(shard_bytes, logical_specs(boxed, sizes), nn.unbox(boxed),
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return traverse_util.flatten_dict(per_leaf)
 
 
 def _activations(mc, rows: float, seq: int, completion: int) -> float:
@@ -185,9 +179,9 @@ def levers(c: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
     if not c.model.overrides.get("remat", False):
         out.append(("remat", {"model.overrides.remat": True}))
     if not c.optim.freeze and not c.model.lora.rank:
-        out.append(("frozen vision tower", {"optim.freeze": "(visual|vision_tower)/.*"}))
-    algo = configs.algorithm(c)
-    rows, n_data = c.rl.prompts_per_step * algo.group_size, mesh_sizes(c)["data"] * mesh_sizes(c)["fsdp"]
+        out.append(("frozen vision tower", {"optim.freeze": f"({'|'.join(VISION_MODULES)})/.*"}))
+    algo, sizes = configs.algorithm(c), mesh_sizes(c)
+    rows, n_data = c.rl.prompts_per_step * algo.group_size, sizes["data"] * sizes["fsdp"]
     if (c.rl.minibatch_size or rows) > n_data and rows % n_data == 0 and c.optim.grad_accum == 1:
         out.append(("1 row per device per micro-batch (same updates)",
                     {"rl.minibatch_size": n_data, "optim.grad_accum": rows // n_data}))

@@ -36,6 +36,28 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def mesh_shape(num_devices: int, data: int = 1, fsdp: int = 1, tensor: int = 1) -> dict[str, int]:
+    """`{data, fsdp, tensor}` sizes of a mesh over `num_devices` devices. One size may be -1: it takes all remaining
+    devices (no device needs to exist: the memory planner lays out meshes of other machines).
+
+    Raises:
+      ValueError: the sizes do not multiply to `num_devices` (says how many there are).
+    """
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+    if -1 in sizes:
+        rest = int(np.prod([s for s in sizes if s != -1]))
+        if num_devices % rest:
+            raise ValueError(f"{num_devices} devices cannot be split into mesh axes {sizes}")
+        sizes[sizes.index(-1)] = num_devices // rest
+    if int(np.prod(sizes)) != num_devices:
+        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
+                         f"{int(np.prod(sizes))} devices but {num_devices} are available; set the sizes so "
+                         f"their product is {num_devices} (one of them may be -1)")
+    return dict(zip(MESH_AXES, sizes))
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `(data, fsdp, tensor)` mesh. One size may be -1: it takes all remaining devices.
 
@@ -43,19 +65,8 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[j
       ValueError: the sizes do not multiply to the number of devices (says how many there are).
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
-    if -1 in sizes:
-        rest = int(np.prod([s for s in sizes if s != -1]))
-        if len(devices) % rest:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh axes {sizes}")
-        sizes[sizes.index(-1)] = len(devices) // rest
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-                         f"{int(np.prod(sizes))} devices but {len(devices)} are available; set the sizes so "
-                         f"their product is {len(devices)} (one of them may be -1)")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    sizes = mesh_shape(len(devices), data, fsdp, tensor)
+    return Mesh(np.asarray(devices).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
 
 
 def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], axis_sizes) -> PartitionSpec:
@@ -76,14 +87,21 @@ def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], axis_sizes) -> Partiti
     return PartitionSpec(*out)
 
 
+def logical_specs(boxed_tree, axis_sizes, rules=LOGICAL_RULES):
+    """The `PartitionSpec` of every leaf of a pytree of `nn.Partitioned` boxes (or their abstract shapes), from
+    their logical axis names, with the mesh axes that do not divide a dimension dropped (`fit_spec`; `axis_sizes`:
+    `{axis name: size}`, e.g. `mesh.shape`); unboxed leaves get `PartitionSpec()` (replicated)."""
+    mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), rules)
+    return jax.tree.map(lambda spec, x: fit_spec(spec, tuple(x.shape), axis_sizes), mesh_specs,
+                        nn.unbox(boxed_tree), is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def logical_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
     """NamedShardings for a pytree of `nn.Partitioned` boxes (or their `jax.ShapeDtypeStruct` shapes from
-    `jax.eval_shape(model.init, ...)`), from their logical axis names; unboxed leaves are replicated."""
-    specs = nn.get_partition_spec(boxed_tree)
-    mesh_specs = nn.logical_to_mesh(specs, rules)
-    shapes = nn.unbox(boxed_tree)
-    return jax.tree.map(lambda spec, x: NamedSharding(mesh, fit_spec(spec, tuple(x.shape), mesh.shape)),
-                        mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    `jax.eval_shape(model.init, ...)`), from their logical axis names (`logical_specs`); unboxed leaves are
+    replicated."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), logical_specs(boxed_tree, mesh.shape, rules),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def param_shardings(model: nn.Module, *init_args, mesh: Mesh, rules=LOGICAL_RULES):

@@ -23,12 +23,12 @@ from rftjax import steps
 from rftjax.build import Run, train_iterators
 from rftjax.checkpoint import SFT_CHECKPOINT, Checkpointer
 from rftjax.data.pipeline import iterator_state
+from rftjax.models.family import VISION_MODULES
 from rftjax.rl_update import make_rl_update
 from rftjax.steps import TrainState
 from rftjax.trainable import combine
 
 log = logging.getLogger("rftjax")
-VISION_MODULES = ("vision_tower", "visual")  # the vision tower's top-level module (LLaVA, Qwen-VL): vision_lr_scale
 
 
 @dataclasses.dataclass

@@ -32,3 +32,22 @@ def files(tmp_path_factory):
     rng = np.random.default_rng(0)
     return {"train": write_easyr1(str(root / "train.jsonl"), 32, rng, long_every=4),
             "test": write_easyr1(str(root / "test.jsonl"), 8, rng)}
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """A tiny random Qwen2.5-VL checkpoint written by transformers, with a tokenizer (its special ids at
+    `QWEN_TOKEN_IDS`) and the published chat template: `(hf model, directory)`."""
+    from hf_reference import QWEN_TOKEN_IDS, make_hf_qwen_vl, make_tokenizer_dir
+
+    model, path = make_hf_qwen_vl(tmp_path_factory.mktemp("qwen"), vocab=320, ids=QWEN_TOKEN_IDS)
+    return model, make_tokenizer_dir(path, "qwen")
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    """A tiny random LLaVA checkpoint (16 px images, 4 px patches) with a tokenizer and chat template."""
+    from hf_reference import make_hf_llava, make_tokenizer_dir
+
+    model, path = make_hf_llava(tmp_path_factory.mktemp("llava"), vocab=320, image_size=16, patch=4)
+    return model, make_tokenizer_dir(path, "llava")

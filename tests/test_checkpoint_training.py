@@ -18,8 +18,7 @@ import pytest
 from PIL import Image
 
 from helpers import QUESTION, set_by_path
-from hf_reference import (QWEN_TOKEN_IDS, hf_logits, hf_qwen_logits, make_hf_llava, make_hf_qwen_vl,
-                          make_tokenizer_dir, qwen_batch)
+from hf_reference import QWEN_TOKEN_IDS, hf_logits, hf_qwen_logits, make_tokenizer_dir, qwen_batch
 from rftjax.data.chat import CheckpointTokenizer, user_message
 from rftjax.export import export, restore_policy
 from rftjax.metrics import read_jsonl
@@ -32,16 +31,6 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import qwen2_5_vl_easyr1  # noqa: E402
 
 MAX_PROMPT_LEN = 96
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    model, path = make_hf_qwen_vl(tmp_path_factory.mktemp("qwen"), vocab=320, ids=QWEN_TOKEN_IDS)
-    return model, make_tokenizer_dir(path, "qwen")
-
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    model, path = make_hf_llava(tmp_path_factory.mktemp("llava"), vocab=320, image_size=16, patch=4)
-    return model, make_tokenizer_dir(path, "llava")
 
 
 def _settings(checkpoint: str, files: dict) -> dict:

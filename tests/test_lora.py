@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from hf_reference import QWEN_TOKEN_IDS, hf_logits, hf_qwen_logits, make_hf_llava, make_hf_qwen_vl, make_tokenizer_dir
-from hf_reference import qwen_batch
-from rftjax import steps, trainable
+from hf_reference import QWEN_TOKEN_IDS, hf_logits, hf_qwen_logits, qwen_batch
+from rftjax import trainable
 from rftjax.export import ADAPTER_DIR, export, restore_policy
 from rftjax.metrics import read_jsonl
 from rftjax.state import RunState
@@ -21,18 +20,6 @@ from rftjax.models import QwenImages, get_preset, init_params, model_for
 from rftjax.models import hf as rhf
 from rftjax.models import lora as lora_lib
 from test_checkpoint_training import _config
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    model, path = make_hf_qwen_vl(tmp_path_factory.mktemp("qwen"), vocab=320, ids=QWEN_TOKEN_IDS)
-    return model, make_tokenizer_dir(path, "qwen")
-
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    model, path = make_hf_llava(tmp_path_factory.mktemp("llava"), vocab=320, image_size=16, patch=4)
-    return model, make_tokenizer_dir(path, "llava")
 
 
 def _flat(tree):
@@ -228,4 +215,3 @@ def test_lora_merge_equals_the_adapted_model_and_bad_settings_raise():
         trainable.trainable_paths(params, config, "vison_tower/.*")
     with pytest.raises(ValueError, match="nothing left to train"):
         trainable.trainable_paths(params, config, ".*")
-    assert steps  # the update functions take the frozen params beside the train state (see the GRPO tests above)

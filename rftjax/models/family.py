@@ -16,6 +16,8 @@ from rftjax.models.config import QwenVLConfig, VLMConfig
 
 Array = jax.Array
 ModelConfig = VLMConfig | QwenVLConfig
+VISION_MODULES = ("vision_tower", "visual")
+"""Top-level param modules of the vision towers (LLaVA's SigLIP, Qwen-VL's): `optim.vision_lr_scale`, freezing."""
 
 
 def model_for(config: ModelConfig, train: bool = False) -> nn.Module:

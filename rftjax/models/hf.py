@@ -388,6 +388,11 @@ QWEN_VL = Family(qwen_config_from_hf, qwen_config_to_hf, _qwen_entries, _QWEN_PR
 FAMILIES: dict[str, Family] = {"llava": LLAVA, "qwen2_5_vl": QWEN_VL, "qwen2_vl": QWEN_VL}
 
 
+def _family_for(config: VLMConfig | QwenVLConfig) -> Family:
+    """The `Family` that writes a model config (`QwenVLConfig`: Qwen-VL, else LLaVA)."""
+    return QWEN_VL if isinstance(config, QwenVLConfig) else LLAVA
+
+
 def family_of(model_type: str | None) -> Family:
     """The `Family` of a `config.json` `model_type`.
 
@@ -570,7 +575,7 @@ def save_pretrained(path: str, config: VLMConfig | QwenVLConfig, params: dict, m
     Raises:
       ValueError: a config with no HF equivalent (see `config_to_hf`).
     """
-    family = QWEN_VL if isinstance(config, QwenVLConfig) else LLAVA
+    family = _family_for(config)
     hf_config = family.config_to_hf(config)
     if config.lora is not None:  # the adapters folded into the weights they adapt
         from rftjax.models import lora as lora_lib
@@ -631,7 +636,7 @@ def save_adapter(path: str, config: VLMConfig | QwenVLConfig, params: dict, base
 
     if config.lora is None:
         raise ValueError("save_adapter: the model config has no LoRA (config.lora is None)")
-    family = QWEN_VL if isinstance(config, QwenVLConfig) else LLAVA
+    family = _family_for(config)
     if config.scan_layers:
         params = unstack_layers(params, config.text.num_layers)
     entries = {e.path: e for e in family.entries(config)}

@@ -18,6 +18,7 @@ import dataclasses
 import re
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,16 +89,10 @@ def is_adapter(path: tuple[str, ...]) -> bool:
     return path[-1] in (LORA_A, LORA_B)
 
 
-def _flat(params: dict) -> dict[tuple[str, ...], jax.Array]:
-    from flax import traverse_util
-
-    return traverse_util.flatten_dict(params)
-
-
 def adapted_kernels(params: dict) -> dict[tuple[str, ...], tuple[jax.Array, jax.Array]]:
     """`{path of the kernel: (A, B)}` for every adapter in `params` (A `[..., prod(in), r]`, B `[..., r,
     prod(out)]`; a leading layers axis when scanned)."""
-    flat = _flat(params)
+    flat = traverse_util.flatten_dict(params)
     return {k[:-1] + ("kernel",): (flat[k], flat[k[:-1] + (LORA_B,)]) for k in flat if k[-1] == LORA_A}
 
 
@@ -105,9 +100,7 @@ def merge(params: dict, lora: LoraConfig) -> dict:
     """The base params with every adapter folded into its kernel, `W + (A @ B).reshape(W.shape) * alpha / r`
     (float32 math, the kernel's dtype), adapter leaves removed: params of the plain `model_for(config)` that
     compute what the adapted model computes."""
-    from flax import traverse_util
-
-    flat = {k: v for k, v in _flat(params).items() if not is_adapter(k)}
+    flat = {k: v for k, v in traverse_util.flatten_dict(params).items() if not is_adapter(k)}
     for path, (a, b) in adapted_kernels(params).items():
         w = flat[path]
         delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * lora.scale
