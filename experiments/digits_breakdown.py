@@ -47,7 +47,7 @@ def breakdown(run: Run, params, n: int) -> dict:
     index = 0
     for batch in it:
         _, texts = generate_texts(params, run.model_config, run.tokenizer, batch, jax.random.key(0), group_size=1,
-                                  max_new_tokens=configs.eval_max_new_tokens(run.config), greedy=True, put=run.put)
+                                  max_new_tokens=configs.eval_max_new_tokens(run.config), greedy=True, place=run.place)
         for text in texts:
             if index >= n:
                 break

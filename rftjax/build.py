@@ -17,7 +17,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
 from rftjax import configs, rewards, rl, sharding, trainable
@@ -146,18 +145,15 @@ class Run:
         """`(trainable, frozen)` parts of a full param tree (`rftjax.trainable.split`; frozen `{}` when all train)."""
         return trainable.split(params, self.trainable_paths)
 
-    def put(self, tree):
-        """A pytree of host batch arrays `[B, ...]` -> global arrays sharded over the mesh's data axes, in one
-        transfer (`jax.device_put`, or `host_local_array_to_global_array` when there are several processes:
-        then each process passes its local rows)."""
-        tree = jax.tree.map(np.asarray, tree)
-        specs = jax.tree.map(lambda x: sharding.batch_sharding(self.mesh, x.ndim), tree)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+    @property
+    def place(self) -> sharding.Placement:
+        """How host batches reach the run's mesh and results come back (`rftjax.sharding.Placement`)."""
+        return sharding.Placement(self.mesh)
 
-            return multihost_utils.host_local_array_to_global_array(tree, self.mesh, jax.tree.map(
-                lambda s: s.spec, specs))
-        return jax.device_put(tree, specs)
+    def put(self, tree):
+        """This process's rows of a host batch -> global arrays sharded over the mesh's data axes
+        (`Placement.put`)."""
+        return self.place.put(tree)
 
 
 def _source(c: ml_collections.ConfigDict, workdir: str, task, split: str, n: int, offset: int = 0):
@@ -283,8 +279,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     c = config
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    if c.mesh.distributed:
-        jax.distributed.initialize()
+    if c.mesh.distributed and not jax.distributed.is_initialized():
+        sharding.initialize_distributed(c.mesh.coordinator_address, c.mesh.num_processes, c.mesh.process_id)
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, jax.devices()[: c.mesh.num_devices or None])
     algo = configs.algorithm(c)
     validate_config(c, mesh.shape["data"] * mesh.shape["fsdp"], algo)

@@ -101,7 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.num_devices = 0              # 0: all devices; else the first N (tests)
-    c.mesh.distributed = False          # jax.distributed.initialize() (multi-host TPU/GPU)
+    c.mesh.distributed = False          # jax.distributed.initialize(): one process per host (TPU pods, multi-GPU)
+    c.mesh.coordinator_address = ""     # ... "" = detected (Cloud TPU, SLURM, MPI); else HOST:PORT of process 0
+    c.mesh.num_processes = 0            # ... 0 = detected
+    c.mesh.process_id = -1              # ... -1 = detected
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 50                   # RL steps between evaluations (also at the end of each stage)

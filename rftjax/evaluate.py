@@ -25,6 +25,7 @@ from rftjax.data.tokenizer import TextTokenizer
 from rftjax.metrics import RunLogger
 from rftjax.models import VLMConfig
 from rftjax.rollout import generate_texts, score_groups
+from rftjax.sharding import HOST, Placement
 
 log = logging.getLogger("rftjax")
 EVAL_STREAM = 10_000_000  # evaluations sample with fold_in(run key, EVAL_STREAM + global step)
@@ -32,45 +33,48 @@ EVAL_STREAM = 10_000_000  # evaluations sample with fold_in(run key, EVAL_STREAM
 
 def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, preprocess: Preprocess, *,
              batch_size: int, max_new_tokens: int, rng, pass_k: int = 0, pass_n: int = 0,
-             reward_config: rewards.RewardConfig = rewards.RewardConfig(), put=lambda x: x,
+             reward_config: rewards.RewardConfig = rewards.RewardConfig(), place: Placement = HOST,
              num_examples: int | None = None) -> dict:
     """Greedy accuracy (and format rate, mean length) on `source`, plus pass@k (k samples at temperature 1
     on the first `pass_n` problems: solved if any sample is correct).
 
     Returns a dict: `accuracy`, `format_rate`, `completion_len_mean`, `n`, and `pass_at_k`, `k` if asked.
-    The last partial batch is padded with repeats and the padding is not counted.
+    The last partial batch is padded with repeats and the padding is not counted. With several processes each
+    generates and scores its block of every batch (`batch_size` rows in all) and the scores are gathered.
     """
     n_total = len(source) if num_examples is None else min(num_examples, len(source))
     t0 = time.perf_counter()
     correct, fmt, lengths, seen = [], [], [], 0
-    ds = make_dataset(source, preprocess, batch_size=batch_size, shuffle=False, num_epochs=None, num_threads=1)
-    it = iter(ds)
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    it = iter(make_dataset(source, preprocess, batch_size=batch_size // jax.process_count(), shuffle=False,
+                           num_epochs=None, num_threads=1, **shard))
     while seen < n_total:
         batch = next(it)
         take = min(batch_size, n_total - seen)
         out, texts = generate_texts(params, config, tokenizer, batch, rng, group_size=1,
-                                   max_new_tokens=max_new_tokens, greedy=True, put=put)
-        sc = rewards.score(texts[:take], list(batch["answer"][:take]), list(batch["answer_type"][:take]),
-                           config=reward_config)
-        correct += sc["correct"].tolist()
-        fmt += sc["format"].tolist()
-        lengths += out.lengths[:take].tolist()
+                                    max_new_tokens=max_new_tokens, greedy=True, place=place)
+        sc = rewards.score(texts, list(batch["answer"]), list(batch["answer_type"]), config=reward_config)
+        sc = place.gather({"correct": sc["correct"], "format": sc["format"], "lengths": out.lengths})
+        correct += sc["correct"][:take].tolist()
+        fmt += sc["format"][:take].tolist()
+        lengths += sc["lengths"][:take].tolist()
         seen += take
     results = {"accuracy": float(np.mean(correct)), "format_rate": float(np.mean(fmt)),
                "completion_len_mean": float(np.mean(lengths)), "n": n_total}
     if pass_k > 0 and pass_n > 0:
         solved, seen = [], 0
         prompts_per_batch = max(1, batch_size // pass_k)
-        it = iter(make_dataset(source, preprocess, batch_size=prompts_per_batch, shuffle=False, num_threads=1))
+        it = iter(make_dataset(source, preprocess, batch_size=prompts_per_batch // jax.process_count(),
+                               shuffle=False, num_threads=1, **shard))
         key = jax.random.fold_in(rng, 1)
         while seen < min(pass_n, n_total):
             batch = next(it)
             take = min(prompts_per_batch, min(pass_n, n_total) - seen)
             key, sub = jax.random.split(key)
             _, texts = generate_texts(params, config, tokenizer, batch, sub, group_size=pass_k,
-                                     max_new_tokens=max_new_tokens, greedy=False, put=put)
-            sc = score_groups(texts, batch, pass_k, reward_config)
-            solved += (sc["correct"].reshape(-1, pass_k).max(1) > 0)[:take].tolist()
+                                     max_new_tokens=max_new_tokens, greedy=False, place=place)
+            sc = place.gather(score_groups(texts, batch, pass_k, reward_config)["correct"])
+            solved += (sc.reshape(-1, pass_k).max(1) > 0)[:take].tolist()
             seen += take
         results.update({"pass_at_k": float(np.mean(solved)), "k": pass_k})
     results["eval_time_s"] = time.perf_counter() - t0
@@ -89,7 +93,7 @@ def evaluate_splits(run: Run, params, logger: RunLogger, step: int, stage: str, 
         r = evaluate(params, run.model_config, run.tokenizer, run.sources[split], run.prompt_pre,
                      batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
                      rng=jax.random.fold_in(run.key, EVAL_STREAM + step), pass_k=pass_k, pass_n=c.eval.pass_n,
-                     reward_config=run.reward_config, put=run.put, num_examples=n)
+                     reward_config=run.reward_config, place=run.place, num_examples=n)
         logger.log_eval(step, stage, {"split": split, **r})
         results[split] = r
     log.info("eval (%s, step %d): %s", stage, step,
@@ -122,7 +126,7 @@ def main(config, workdir):
             r = evaluate(params, run.model_config, run.tokenizer, source, run.prompt_pre,
                          batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
                          rng=jax.random.key(c.seed), pass_k=c.eval.pass_k, pass_n=c.eval.pass_n,
-                         reward_config=run.reward_config, put=run.put)
+                         reward_config=run.reward_config, place=run.place)
             logger.log_eval(step, "evaluate", {"split": c.eval.dataset, **r})
             print(json.dumps(r, indent=2))
         else:

@@ -43,21 +43,26 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 class RunLogger:
-    """Writes the run outputs under `workdir`. `resume_step`: drop records after it (a resumed run)."""
+    """Writes the run outputs under `workdir`. `resume_step`: drop records after it (a resumed run). `enabled`
+    False (processes other than 0 of a multi-process run) writes nothing at all."""
 
-    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
-        self.workdir = workdir
-        os.makedirs(workdir, exist_ok=True)
+    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True, enabled: bool = True):
+        self.workdir, self.enabled = workdir, enabled
         self.paths = {name: os.path.join(workdir, f"{name}.jsonl") for name in ("metrics", "eval", "samples")}
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
         for path in self.paths.values():
             _truncate_jsonl(path, resume_step)
-        self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1 or None)
 
     def _append(self, name: str, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.paths[name], "a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}, sort_keys=True) + "\n")
 

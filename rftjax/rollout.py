@@ -21,7 +21,7 @@ from rftjax import rewards, sampling
 from rftjax.data.tokenizer import TextTokenizer
 from rftjax.models import VLMConfig, placeholder_ids
 from rftjax.rl.dapo import groups_with_signal
-from rftjax.rl.masking import check_rewards
+from rftjax.sharding import HOST, Placement
 from rftjax.steps import RolloutBatch, SequenceBatch
 
 
@@ -29,7 +29,10 @@ from rftjax.steps import RolloutBatch, SequenceBatch
 class Rollouts:
     """A `RolloutBatch` and what stays on the host: per-row reward components (`accuracy`, `correct`,
     `format`, `overlong`, `total`, float32 `[N]`), `lengths` int `[N]`, `truncated` bool `[N]`, decoded
-    `texts` and gold `answers` (`[N]` lists), and `stats` (the `rollout_*` metrics of the step)."""
+    `texts` and gold `answers` (`[N]` lists), and `stats` (the `rollout_*` metrics of the step).
+
+    With several processes, `batch`, `texts` and `answers` hold this process's rows (`[N / P]`), while `rewards`,
+    `lengths` and `truncated` hold every process's (`[N]`, gathered), so the metrics are the whole step's."""
 
     batch: RolloutBatch
     rewards: dict[str, np.ndarray]
@@ -39,9 +42,15 @@ class Rollouts:
     answers: list[str]
     stats: dict[str, float]
 
+    @property
+    def finite(self) -> bool:
+        """Whether every reward of the step (all processes) is finite; a step with a NaN/inf reward is not
+        trained on (the trainer counts it in `updates_skipped_nonfinite`)."""
+        return bool(np.all(np.isfinite(self.rewards["total"])))
+
     def metrics(self) -> dict[str, float]:
         """Rewards, accuracy, lengths and truncation of the rows trained on, plus the rollout statistics."""
-        r, lengths = self.rewards, self.batch.seq.completion_mask.sum(1)
+        r, lengths = self.rewards, self.lengths
         return {"reward_mean": float(r["total"].mean()), "reward_std": float(r["total"].std()),
                 "accuracy": float(r["correct"].mean()), "format_rate": float(r["format"].mean()),
                 "reward_accuracy_mean": float(r["accuracy"].mean()), "reward_format_mean": float(r["format"].mean()),
@@ -91,16 +100,18 @@ def concat_rows(*parts):
 
 def generate_texts(params, config: VLMConfig, tokenizer: TextTokenizer, batch: dict, rng, *, group_size: int,
                    max_new_tokens: int, greedy: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   put=lambda x: x) -> tuple[sampling.SamplingOutput, list[str]]:
+                   place: Placement = HOST) -> tuple[sampling.SamplingOutput, list[str]]:
     """Generate `group_size` completions for each prompt of a host batch (`pixel_values`, `prompt_ids`,
-    `prompt_mask`); `put` moves the prompt arrays to the devices. Returns `(SamplingOutput as numpy, decoded
-    texts [N])`. The image placeholders and the tokenizer's `never_ids` (pad, BOS) are never sampled; any of its
+    `prompt_mask`: this process's rows); `place` moves the prompt arrays to the devices and brings this
+    process's completions back. Returns `(SamplingOutput as numpy, decoded texts)`, `[B * group_size]` rows of
+    this process. The image placeholders and the tokenizer's `never_ids` (pad, BOS) are never sampled; any of its
     `eos_ids` ends a completion."""
-    out = sampling.generate(params, config, *put((batch["pixel_values"], batch["prompt_ids"], batch["prompt_mask"])),
+    out = sampling.generate(params, config, *place.put((batch["pixel_values"], batch["prompt_ids"],
+                                                        batch["prompt_mask"])),
                             rng, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, eos_ids=tokenizer.eos_ids, greedy=greedy,
                             pad_id=tokenizer.pad_id, suppress_ids=placeholder_ids(config) + tokenizer.never_ids)
-    out = jax.tree.map(np.asarray, out)
+    out = place.local(out)
     texts = [tokenizer.decode(ids[:n]) for ids, n in zip(out.completion_ids, out.lengths)]
     return out, texts
 
@@ -113,9 +124,10 @@ def score_groups(texts: list[str], batch: dict, group_size: int, reward_config: 
                          list(np.repeat(batch["answer_type"], group_size)), lengths, reward_config)
 
 
-def trim_completions(seq: SequenceBatch, multiple: int = 16) -> SequenceBatch:
-    """`seq` with completions `[N, T]` cut to the batch's longest completion, rounded up to `multiple` tokens
-    (at most `T`), so the update does not compute on padding past every row's end.
+def trim_completions(seq: SequenceBatch, multiple: int = 16, longest: int | None = None) -> SequenceBatch:
+    """`seq` with completions `[N, T]` cut to the batch's longest completion (`longest`, default the longest of
+    `seq`'s rows: with several processes, the longest of the whole step's), rounded up to `multiple` tokens (at
+    most `T`), so the update does not compute on padding past every row's end.
 
     Rounding keeps the number of distinct shapes (each a compilation of the update) at `T / multiple`.
     Exact: positions past every row's end are masked out of every loss and metric (Dr.GRPO's constant
@@ -123,20 +135,24 @@ def trim_completions(seq: SequenceBatch, multiple: int = 16) -> SequenceBatch:
     """
     mask = np.asarray(seq.completion_mask)
     t = mask.shape[1]
-    longest = int(mask.sum(1).max()) if mask.size else 0
+    if longest is None:
+        longest = int(mask.sum(1).max()) if mask.size else 0
     keep = min(t, max(multiple, -(-longest // multiple) * multiple))
     return seq.replace(completion_ids=seq.completion_ids[:, :keep], completion_mask=seq.completion_mask[:, :keep])
 
 
 def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, prompts, key,
-                     config: RolloutConfig, reward_config: rewards.RewardConfig, put=lambda x: x) -> Rollouts:
+                     config: RolloutConfig, reward_config: rewards.RewardConfig,
+                     place: Placement = HOST) -> Rollouts:
     """One RL step's rollouts: generate and score G samples per prompt from the `prompts` iterator (host
-    batches), with DAPO's dynamic sampling when `config.dynamic_sampling` (rounds of
+    batches of this process's rows), with DAPO's dynamic sampling when `config.dynamic_sampling` (rounds of
     `gen_prompts_per_round` prompts until B groups with differing rewards are kept; kept groups first, then
     groups without signal fill a short batch). Round r samples with `fold_in(key, r)`.
 
-    Raises:
-      ValueError: non-finite rewards (a reward function returned NaN/inf).
+    With several processes each scores its own rows; the reward components, lengths and truncation flags are
+    gathered (`place.gather`) so every process takes the same decisions (rounds, trimming) and logs the whole
+    step's metrics; dynamic sampling keeps each process's share of the B groups among its own prompts.
+    Non-finite rewards (a reward function returned NaN/inf) do not raise: `Rollouts.finite` is False.
     """
     g, b = config.group_size, config.prompts_per_step
     per_round = max(1, config.gen_prompts_per_round // b)  # batches of prompts generated per round
@@ -147,15 +163,16 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
         t0 = time.perf_counter()
         out, texts = generate_texts(params, model_config, tokenizer, batch, jax.random.fold_in(key, rounds),
                                     group_size=g, max_new_tokens=config.max_new_tokens, greedy=False,
-                                    temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, put=put)
+                                    temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                    place=place)
         gen_time += time.perf_counter() - t0
-        gen_tokens += int(out.lengths.sum())
         scores = score_groups(texts, batch, g, reward_config, out.lengths.tolist())
-        check_rewards(scores["total"], g)
         has_signal = groups_with_signal(scores["total"], g)
-        generated += len(has_signal)
-        signal_seen += int(np.sum(has_signal))
-        correct += float(np.sum(scores["correct"]))
+        every = place.gather({"lengths": out.lengths, "correct": scores["correct"], "signal": has_signal})
+        gen_tokens += int(every["lengths"].sum())
+        generated += len(every["signal"])
+        signal_seen += int(np.sum(every["signal"]))
+        correct += float(np.sum(every["correct"]))
         for i in range(len(batch["answer"])):
             rows = slice(i * g, (i + 1) * g)
             group = {**{k: jax.tree.map(lambda x: np.repeat(x[i:i + 1], g, 0), batch[k])
@@ -167,19 +184,25 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
                      "answers": [batch["answer"][i]] * g, "has_signal": [bool(has_signal[i])]}
             (kept if has_signal[i] or not config.dynamic_sampling else spare).append(group)
         rounds += 1
-        if len(kept) >= b or not config.dynamic_sampling or rounds >= config.dynamic_sampling_rounds:
+        local_b = len(parts[0]["answer"])  # this process's share of the B prompts
+        done = len(kept) >= local_b or not config.dynamic_sampling or rounds >= config.dynamic_sampling_rounds
+        if all(place.gather(np.asarray([done]))):
             break
-    groups = (kept + spare)[:b]
+    groups = (kept + spare)[:local_b]
     rows = {k: (concat_rows(*[gr[k] for gr in groups]) if not isinstance(groups[0][k], list)
                 else sum((gr[k] for gr in groups), [])) for k in groups[0]}
+    every = place.gather({"lengths": rows["lengths"], "truncated": rows["truncated"],
+                          "has_signal": np.asarray(rows["has_signal"]),
+                          **{k: v for k, v in rows.items() if k.startswith("reward_")}})
     stats = {"rollout_time_s": gen_time, "rollout_tokens_per_s": gen_tokens / max(gen_time, 1e-9),
-             "rollout_rounds": rounds, "dynamic_sampling_filled": max(0, b - len(kept)),
+             "rollout_rounds": rounds, "dynamic_sampling_filled":
+             max(0, b - int(np.sum(every["has_signal"]))) if config.dynamic_sampling else 0,
              "rollout_groups_with_signal": signal_seen / generated,
              "rollout_accuracy": correct / (generated * g),  # over every rollout, not only the groups kept
-             "groups_with_signal": float(np.mean(rows["has_signal"]))}
-    seq = trim_completions(SequenceBatch.from_dict(rows))
+             "groups_with_signal": float(np.mean(every["has_signal"]))}
+    seq = trim_completions(SequenceBatch.from_dict(rows), longest=int(every["lengths"].max()))
     sampler_logprobs = rows["sampler_logprobs"][:, :seq.completion_ids.shape[1]]
     return Rollouts(batch=RolloutBatch(seq=seq, rewards=rows["reward_total"], sampler_logprobs=sampler_logprobs),
-                    rewards={k[len("reward_"):]: v for k, v in rows.items() if k.startswith("reward_")},
-                    lengths=rows["lengths"], truncated=rows["truncated"], texts=rows["texts"],
+                    rewards={k[len("reward_"):]: v for k, v in every.items() if k.startswith("reward_")},
+                    lengths=every["lengths"], truncated=every["truncated"], texts=rows["texts"],
                     answers=rows["answers"], stats=stats)

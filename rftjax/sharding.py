@@ -8,10 +8,15 @@ Params carry logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`
 from `nn.with_logical_partitioning`; `LOGICAL_RULES` maps them to mesh axes. A mesh axis that does not
 divide a dimension is dropped for that dimension (the dimension is replicated instead of failing), so e.g.
 2 kv heads on a tensor axis of 4 still works.
+
+Several processes (a TPU pod: one per host) run the same program on one mesh over all their devices
+(`initialize_distributed`); each reads its own rows of every batch, and `Placement` moves them between the
+hosts and the global arrays.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import flax.linen as nn
@@ -121,3 +126,107 @@ def init_sharded_params(model: nn.Module, rng: jax.Array, *init_args, mesh: Mesh
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a batch array `[B, ...]`: B over the `data` and `fsdp` axes, other dims replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    """`jax.distributed.initialize`, before any other JAX call: one process per host joins the mesh over all hosts'
+    devices. Unset arguments ("", 0, -1) are detected from the environment (Cloud TPU VMs, SLURM, Open MPI;
+    `JAX_COORDINATOR_ADDRESS`); set all three for processes that share one machine (tests: a coordinator on
+    127.0.0.1). CPU collectives use gloo, so the same program runs across local CPU processes.
+
+    Raises:
+      ValueError / RuntimeError from JAX: no cluster detected and no coordinator given, or the coordinator
+        cannot be reached within JAX's timeout.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only the CPU client uses it
+    kwargs = {"coordinator_address": coordinator_address or None, "num_processes": num_processes or None,
+              "process_id": None if process_id < 0 else process_id}
+    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def process_block(n: int, process_index: int | None = None, process_count: int | None = None) -> slice:
+    """The rows `[p * n / P, (p + 1) * n / P)` of a batch of `n` rows that process p holds.
+
+    Raises:
+      ValueError: `n` does not split evenly over the processes.
+    """
+    p = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if n % count:
+        raise ValueError(f"a batch of {n} rows does not split over {count} processes")
+    return slice(p * n // count, (p + 1) * n // count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Moves batches between the hosts and global arrays on `mesh` (None: no devices, everything stays numpy).
+
+    Every process holds a contiguous block of each batch's rows (`process_block`), the same rows whatever the
+    number of processes: with the pipeline's block sharding (`rftjax.data.pipeline.make_dataset`) a run over P
+    processes sees the global batches of a one-process run, in the same order.
+    """
+
+    mesh: Mesh | None = None
+
+    def put(self, tree):
+        """This process's rows (numpy `[b, ...]`) -> global arrays `[P * b, ...]` sharded over the mesh's data
+        axes, in one transfer. With several processes, arrays whose trailing dims differ between processes
+        (Qwen-VL patch buckets) are zero-padded to the largest first (padding past an image's grid is ignored)."""
+        tree = jax.tree.map(np.asarray, tree)
+        if self.mesh is None:
+            return tree
+        specs = jax.tree.map(lambda x: batch_sharding(self.mesh, x.ndim), tree)
+        if jax.process_count() == 1:
+            return jax.device_put(tree, specs)
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.host_local_array_to_global_array(_pad_to_common_shapes(tree), self.mesh, jax.tree.map(
+            lambda s: s.spec, specs))
+
+    def gather(self, tree):
+        """Every process's rows (numpy `[b, ...]`) -> the whole batch `[P * b, ...]` in process order, on every
+        process (identity with one process)."""
+        tree = jax.tree.map(np.asarray, tree)
+        if jax.process_count() == 1:
+            return tree
+        from jax.experimental import multihost_utils
+
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+    def local(self, tree):
+        """Global batch arrays `[N, ...]` -> this process's rows, numpy `[N / P, ...]` (all of them with one
+        process)."""
+        if jax.process_count() == 1:
+            return jax.tree.map(np.asarray, tree)
+        from jax.experimental import multihost_utils
+
+        whole = multihost_utils.process_allgather(tree, tiled=True)
+        return jax.tree.map(lambda x: np.asarray(x)[process_block(x.shape[0])], whole)
+
+    def agree(self, flags: Sequence[bool]) -> np.ndarray:
+        """`flags` of process 0, the same on every process (decisions that stop loops must agree, or the
+        processes would wait for each other in different collectives)."""
+        flags = np.asarray(flags, bool)
+        if jax.process_count() == 1:
+            return flags
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.broadcast_one_to_all(flags), bool)
+
+
+HOST = Placement()
+"""No devices: host arrays in, numpy out (tests and helpers that call jitted functions on numpy)."""
+
+
+def _pad_to_common_shapes(tree):
+    from jax.experimental import multihost_utils
+
+    leaves, treedef = jax.tree.flatten(tree)
+    shapes = np.asarray(multihost_utils.process_allgather(
+        np.asarray([d for x in leaves for d in x.shape], np.int64)))  # [processes, sum of ndims]
+    largest, out, i = shapes.max(0), [], 0
+    for x in leaves:
+        target = largest[i:i + x.ndim]
+        i += x.ndim
+        out.append(np.pad(x, [(0, 0)] + [(0, int(t) - d) for t, d in zip(target[1:], x.shape[1:])]))
+    return jax.tree.unflatten(treedef, out)

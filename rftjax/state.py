@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -41,6 +42,7 @@ class Counters:
       best_val_loss, best_step, bad_evals: the cold start's early stopping (best validation loss, the global
         step it was reached at, evaluations since without improvement).
       sft_time_s, rl_time_s: wall seconds spent in each stage (evaluations included).
+      updates_skipped_nonfinite: RL steps whose rollouts had a non-finite reward (not trained on).
     """
 
     stage: str = "sft"
@@ -52,6 +54,7 @@ class Counters:
     bad_evals: int = 0
     sft_time_s: float = 0.0
     rl_time_s: float = 0.0
+    updates_skipped_nonfinite: int = 0
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Counters":
@@ -174,9 +177,25 @@ class RunState:
         """Checkpoint at the global step: the stage's states (or `state`), iterator positions, counters, config."""
         data = {"sft": None if self.sft_iter is None else iterator_state(self.sft_iter),
                 "rl": iterator_state(self.rl_iter)}
+        self._check_same_positions(data)
         meta = {**dataclasses.asdict(self.counters), "has_best": self.stage.best is not None,
                 "config": self.c.to_json(), "key_data": np.asarray(jax.random.key_data(self.setup.key)).tolist()}
         (ckpt or self.ckpt).save(self.counters.global_step, self._ckpt_state() if state is None else state, data, meta)
+
+    def _check_same_positions(self, data: dict) -> None:
+        """With several processes the checkpoint keeps process 0's iterator positions (orbax writes JSON items from
+        the primary process) for all of them: check that every process is at the same position of its shard.
+
+        Raises:
+          RuntimeError: the positions differ (the processes would resume at different batches).
+        """
+        if jax.process_count() == 1:
+            return
+        digest = zlib.crc32(json.dumps(data, sort_keys=True).encode())
+        digests = self.setup.place.gather(np.asarray([digest], np.int64))
+        if len(set(digests.tolist())) > 1:
+            raise RuntimeError(f"the data iterators of the processes are at different positions ({data} here): a "
+                               f"checkpoint would resume them at different batches")
 
     def restore(self, step: int):
         meta = self.ckpt.read_meta(step)
@@ -203,6 +222,7 @@ class RunState:
         self.enter_stage(self.full(state["params"]))  # fresh RL optimizer; reference = the cold-start result
         self._set_iterator_states(data)
         evals = [e for e in run_metrics.read_jsonl(os.path.join(run_dir, "eval.jsonl")) if e["stage"] == "sft_end"]
-        with open(os.path.join(self.setup.workdir, "eval.jsonl"), "w") as f:
-            f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in evals)
+        if jax.process_index() == 0:  # the run outputs are process 0's
+            with open(os.path.join(self.setup.workdir, "eval.jsonl"), "w") as f:
+                f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in evals)
         log.info("starting from the cold start of %s (step %d)", run_dir, self.counters.global_step)

@@ -53,7 +53,8 @@ class Trainer:
         self.workdir = self.setup.workdir
         self.state = RunState(self.setup, restore)
         self.sft_eval_fn = jax.jit(functools.partial(steps.sft_loss, config=self.setup.model_config))
-        self.logger = run_metrics.RunLogger(self.workdir, self.state.counters.global_step, config.log.tensorboard)
+        self.logger = run_metrics.RunLogger(self.workdir, self.state.counters.global_step, config.log.tensorboard,
+                                            enabled=jax.process_index() == 0)
         self.stop_requested = False
 
     @property
@@ -79,7 +80,7 @@ class Trainer:
         bar = tqdm(total=total, initial=getattr(c, counter), desc=desc or stage, dynamic_ncols=True,
                    disable=not self.c.log.progress or jax.process_index())
         t_start = time.perf_counter() - getattr(c, clock)
-        while more() and not self.stop_requested:
+        while self._go_on(more()):
             setattr(c, counter, getattr(c, counter) + 1)
             c.global_step += 1
             m, stop = step(getattr(c, counter))
@@ -94,6 +95,13 @@ class Trainer:
         bar.close()
         return not self.stop_requested
 
+    def _go_on(self, more: bool) -> bool:
+        """Whether the stage loop takes another step: `more` as process 0 decided it (clocks differ between
+        processes) unless a process was asked to stop (then all stop, after saving together)."""
+        place = self.setup.place
+        self.stop_requested = bool(np.any(place.gather(np.asarray([self.stop_requested]))))
+        return bool(place.agree([more])[0]) and not self.stop_requested
+
     def _end_stage(self, eval_stage: str, params, next_stage: str = "done"):
         """Evaluate `params` as `eval_stage`, move to `next_stage` (`RunState.finish_stage`), checkpoint."""
         self.evaluate_all(eval_stage, params=params)
@@ -103,8 +111,11 @@ class Trainer:
     # ---- cold start ---------------------------------------------------------------------------------------
 
     def val_loss(self, params) -> float:
-        it = iter(make_dataset(self.setup.sources["val"], self.setup.sft_pre, batch_size=self.c.sft.batch_size,
-                               shuffle=False, num_epochs=1, drop_remainder=True, num_threads=1))
+        """Mean SFT loss over the validation split's full batches of `sft.batch_size` (each process its block)."""
+        it = iter(make_dataset(self.setup.sources["val"], self.setup.sft_pre,
+                               batch_size=self.c.sft.batch_size // jax.process_count(), shuffle=False, num_epochs=1,
+                               drop_remainder=True, num_threads=1, process_index=jax.process_index(),
+                               process_count=jax.process_count()))
         return float(np.mean([float(self.sft_eval_fn(params, self.setup.put(SequenceBatch.from_dict(b)))[0])
                               for b in it]))
 
@@ -153,22 +164,32 @@ class Trainer:
 
     def rl_update_step(self, rollouts: Rollouts, key) -> dict:
         """The update of one RL step from its rollouts: one host -> device transfer of the `RolloutBatch`, then
-        `rftjax.rl_update` on the devices. Returns the step's metrics (update means, rewards, rollout stats)."""
+        `rftjax.rl_update` on the devices. Returns the step's metrics (update means, rewards, rollout stats).
+        Rollouts with a non-finite reward are not trained on: `updates_skipped_nonfinite` counts them (the
+        optimizer skips updates whose gradients are not finite on its own: `skipped_updates`)."""
         t0 = time.perf_counter()
         s = self.state.stage
+        if not rollouts.finite:
+            bad = np.flatnonzero(~np.isfinite(rollouts.rewards["total"]))
+            log.warning("step %d: non-finite rewards at rows %s; the update is skipped", self.state.counters.global_step,
+                        bad[:10].tolist())
+            self.state.counters.updates_skipped_nonfinite += 1
+            return {**rollouts.metrics(), "updates_skipped_nonfinite": self.state.counters.updates_skipped_nonfinite,
+                    "time_per_step_s": rollouts.stats["rollout_time_s"]}
         s.policy, s.critic, metrics = s.rl_update(s.policy, s.critic, s.ref, self.state.frozen,
                                                   self.setup.put(rollouts.batch), key)
         policy_metrics, critic_metrics = jax.device_get(metrics)
         update_time = time.perf_counter() - t0
         m = {**_mean(policy_metrics), **_mean(critic_metrics), **rollouts.metrics()}
-        m.update(update_time_s=update_time, time_per_step_s=rollouts.stats["rollout_time_s"] + update_time)
+        m.update(update_time_s=update_time, time_per_step_s=rollouts.stats["rollout_time_s"] + update_time,
+                 updates_skipped_nonfinite=self.state.counters.updates_skipped_nonfinite)
         return m
 
     def _rl_step(self, n: int) -> tuple[dict, bool]:
         c, run = self.c, self.setup
         key = jax.random.fold_in(run.key, self.state.counters.global_step)
         rollouts = collect_rollouts(self.params, run.model_config, run.tokenizer, self.state.rl_iter, key,
-                                    run.rollout_config, run.reward_config, run.put)
+                                    run.rollout_config, run.reward_config, run.place)
         m = self.rl_update_step(rollouts, key)
         m["lr"] = float(self.state.stage.schedule(int(self.state.stage.policy.step) - 1))
         if n % c.log.samples_every == 0:
@@ -227,6 +248,9 @@ class Trainer:
             self.logger.close()
 
     def finish(self) -> dict:
+        """summary.json, curves.png and the printed summary table (process 0 only: the others return {})."""
+        if jax.process_index():
+            return {}
         summary = run_metrics.write_summary(self.workdir, self.meta, self.c.rl.algorithm,
                                             "control_end" if self.state.control else "rl_end")
         try:

@@ -102,15 +102,27 @@ def test_same_seed_same_batches_and_reshuffled_epochs():
     assert epoch1 != epoch2  # each epoch is reshuffled
 
 
-def test_process_shards_are_disjoint_and_cover_the_epoch():
+@pytest.mark.parametrize("use_augment", [False, True])
+def test_process_shards_are_disjoint_blocks_of_the_one_process_batches(use_augment):
+    """P processes reading batch_size b each see, concatenated in process order, exactly the batches of one process
+    reading P * b (same rows, same order, same augmentation), over epochs; their iterator positions agree."""
     src = TaskSource(get_task("shapes"), "train", 24)
-    seen = []
-    for p in range(3):
-        it = iter(make_dataset(src, _pp(), batch_size=2, seed=0, num_epochs=1, process_index=p, process_count=3))
-        seen.append({i for batch in it for i in batch["id"]})
-    assert all(len(s) == 8 for s in seen)
-    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
-    assert set.union(*seen) == {f"shapes/train/{i}" for i in range(24)}
+    kw = dict(seed=0, augment=augment.gaussian_noise(0.2) if use_augment else None)
+    one = iter(make_dataset(src, _pp(), batch_size=6, **kw))
+    shards = [iter(make_dataset(src, _pp(), batch_size=2, process_index=p, process_count=3, **kw)) for p in range(3)]
+    epoch = []
+    for _ in range(8):  # two epochs
+        want, parts = next(one), [next(it) for it in shards]
+        ids = [set(part["id"]) for part in parts]
+        assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+        assert sum((list(part["id"]) for part in parts), []) == list(want["id"])
+        np.testing.assert_array_equal(np.concatenate([part["pixel_values"] for part in parts]), want["pixel_values"])
+        epoch += list(want["id"])
+    assert sorted(epoch[:24]) == sorted(f"shapes/train/{i}" for i in range(24))
+    assert len({json.dumps(it.get_state(), sort_keys=True) for it in shards}) == 1
+    last = [list(iter(make_dataset(src, _pp(), batch_size=2, seed=0, num_epochs=1, process_index=p,
+                                   process_count=3))) for p in range(3)]
+    assert [len(batches) for batches in last] == [4, 4, 4]  # 24 rows = 4 full global batches of 6
 
 
 @pytest.mark.parametrize("use_augment", [False, True])

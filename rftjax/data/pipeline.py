@@ -224,7 +224,11 @@ def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict
       shuffle: shuffle (per epoch) or keep source order (evaluation).
       num_epochs: None repeats forever (training); 1 for one pass (evaluation).
       process_index, process_count: this process's shard (`jax.process_index()`, `jax.process_count()`):
-        process i sees global elements i, i + k, i + 2k, ... so shards are disjoint.
+        global batch j is elements `[j * B, (j + 1) * B)` of the shuffled stream (`B = batch_size * count`), as
+        in a one-process run with batch size B, and process i reads its block of it, elements
+        `j * B + i * batch_size + [0, batch_size)`; shards are disjoint and the process-order concatenation of
+        their batches is the one-process batch (`rftjax.sharding.Placement`). A final partial global batch is
+        dropped when there are several processes.
       augment: `f(example, rng) -> example` applied after preprocessing, with a seeded per-element rng
         (see `rftjax.data.augment`); off when None.
       num_threads, prefetch_buffer_size: grain's in-process read-ahead.
@@ -243,12 +247,11 @@ def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.seed(seed).shuffle()
-    ds = ds.repeat(num_epochs)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
-    ds = ds.map(preprocess)
+    ds = ds.repeat(num_epochs).map(preprocess)
     if augment is not None:
-        ds = ds.seed(seed + 1).random_map(augment)
+        ds = ds.seed(seed + 1).random_map(augment)  # seeded by the global index: the same for any process count
+    if process_count > 1:  # lazy: a process preprocesses only its own elements
+        ds = grain.MapDataset.source(_ProcessBlocks(ds, batch_size, process_index, process_count))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if hasattr(preprocess, "finish_batch"):
         ds = ds.map(preprocess.finish_batch)
@@ -257,6 +260,21 @@ def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict
         _mark_absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it
+
+
+class _ProcessBlocks:
+    """Process `index`'s elements of `parent` (random access): block `index` of every global batch of
+    `batch_size * count` elements (`make_dataset`)."""
+
+    def __init__(self, parent, batch_size: int, index: int, count: int):
+        self.parent, self.b, self.index, self.count = parent, batch_size, index, count
+
+    def __len__(self) -> int:
+        return len(self.parent) // (self.b * self.count) * self.b
+
+    def __getitem__(self, j: int):
+        j = int(j)
+        return self.parent[(j // self.b) * self.b * self.count + self.index * self.b + j % self.b]
 
 
 def _mark_absl_flags_parsed() -> None:

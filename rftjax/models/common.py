@@ -169,3 +169,13 @@ def gelu_tanh(x: Array) -> Array:
 def gelu_exact(x: Array) -> Array:
     """Exact (erf) GELU (HF `gelu`, the LLaVA projector)."""
     return jax.nn.gelu(x, approximate=False)
+
+
+def local_rows(x) -> np.ndarray:
+    """`x` as numpy, or, for a global `jax.Array` that spans other processes' devices, the rows `[b, ...]` this
+    process holds (its addressable shards in row order): host-side input checks of a multi-process run check
+    each process's own rows."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        blocks = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+        return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
+    return np.asarray(x)

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rftjax.models.common import LayerNorm, Linear, RMSNorm, dot_product_attention, gelu_exact, merge_image_features
+from rftjax.models.common import (LayerNorm, Linear, RMSNorm, dot_product_attention, gelu_exact, local_rows,
+                                  merge_image_features)
 from rftjax.models.config import QwenVisionConfig, QwenVLConfig
 from rftjax.models.llm import DecoderLM, KVCache, ModelCacheMixin, rotate
 
@@ -242,10 +243,10 @@ def check_image_tokens(input_ids, config: QwenVLConfig, grid_thw) -> None:
     Call it on host data before jitting (the model calls it itself when `input_ids` is concrete). The usual
     cause of a mismatch is a prompt truncated through its image tokens, or a grid from another resize.
     """
-    ids = np.asarray(input_ids)
+    ids = local_rows(input_ids)
     is_img = ids == config.image_token_id
     counts = is_img.sum(axis=1)
-    want = np.zeros(len(ids), np.int64) if grid_thw is None else image_token_counts(grid_thw, config)
+    want = np.zeros(len(ids), np.int64) if grid_thw is None else image_token_counts(local_rows(grid_thw), config)
     for row in np.nonzero(counts != want)[0]:
         raise ValueError(
             f"image tokens and image features do not match: row {row} of input_ids has {int(counts[row])} image "

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rftjax.models.common import Linear, gelu_exact, merge_image_features
+from rftjax.models.common import Linear, gelu_exact, local_rows, merge_image_features
 from rftjax.models.config import VLMConfig
 from rftjax.models.llm import DecoderLM, KVCache, ModelCacheMixin
 from rftjax.models.vit import VisionTransformer
@@ -43,7 +43,7 @@ def check_image_tokens(input_ids, config: VLMConfig, has_images: bool = True) ->
     Call it on host data before jitting (the VLM calls it itself whenever `input_ids` is concrete). The
     usual cause of a mismatch is a prompt truncated through its image tokens.
     """
-    counts = np.sum(np.asarray(input_ids) == config.image_token_id, axis=1)
+    counts = np.sum(local_rows(input_ids) == config.image_token_id, axis=1)
     want = config.num_image_tokens if has_images else 0
     bad = np.nonzero(counts != want)[0]
     if bad.size:
