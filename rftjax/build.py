@@ -71,6 +71,23 @@ def validate_config(c: ml_collections.ConfigDict, n_data_shards: int, algo: rl.A
          f"{c.rl.max_new_tokens}; lower it or raise max_new_tokens")
 
 
+def reward_config_of(c: ml_collections.ConfigDict, algo: rl.AlgorithmConfig) -> rewards.RewardConfig:
+    """The run's `rewards.RewardConfig` (`reward.*`, DAPO's overlong shaping from `algo`).
+
+    Raises:
+      ValueError: bad reward settings (a time limit <= 0, an unknown on_error, a reward function file or name that
+        does not exist).
+    """
+    r = c.reward
+    try:
+        return rewards.RewardConfig(
+            accuracy_weight=r.accuracy_weight, format_weight=r.format_weight, overlong_buffer_len=algo.overlong_buffer_len,
+            max_len=c.rl.max_new_tokens, box_iou=r.box_iou, answer_format=r.answer_format, function=r.function,
+            timeout_s=r.timeout_s, num_workers=r.num_workers, on_error=r.on_error)
+    except ValueError as e:
+        raise ValueError(f"bad config: {e}") from None
+
+
 def parse_augment(spec: str):
     """`data.augment` -> an image augmentation of the RL prompts (or None): `noise:STD` or `crop:MIN_SCALE`.
 
@@ -121,7 +138,8 @@ class Run:
         (file datasets: `test_ood` when `data.test_ood` is set); `EVAL_SPLITS` that are present get evaluated.
       reports: the `ImportReport` of each file dataset (rows kept, bad rows, over-long prompts dropped).
       prompt_pre, sft_pre: preprocessors of prompts (RL, evaluation) and of prompt + traced completion (SFT).
-      reward_config: the reward weights and shaping; rollout_config: how an RL step samples.
+      scorer: the rewards (weights, shaping, time limit, worker processes: `rewards.RewardScorer`);
+      rollout_config: how an RL step samples.
     """
 
     config: ml_collections.ConfigDict
@@ -136,7 +154,7 @@ class Run:
     sources: dict[str, Any]
     prompt_pre: Preprocess
     sft_pre: Preprocess
-    reward_config: rewards.RewardConfig
+    scorer: rewards.RewardScorer
     rollout_config: RolloutConfig
     reports: dict[str, importers.ImportReport] = dataclasses.field(default_factory=dict)
     trainable_paths: frozenset = frozenset()
@@ -308,10 +326,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
         param_shardings=shardings, key=key, tokenizer=tokenizer,
         sources=_sources(c, workdir, model_config, prompt_pre, reports), prompt_pre=prompt_pre,
         sft_pre=dataclasses.replace(prompt_pre, with_completion=True, max_completion_len=d.max_completion_len),
-        reward_config=rewards.RewardConfig(
-            accuracy_weight=c.reward.accuracy_weight, format_weight=c.reward.format_weight,
-            overlong_buffer_len=algo.overlong_buffer_len, max_len=c.rl.max_new_tokens, box_iou=c.reward.box_iou,
-            answer_format=c.reward.answer_format),
+        scorer=rewards.RewardScorer(reward_config_of(c, algo)),
         rollout_config=RolloutConfig(
             group_size=algo.group_size, prompts_per_step=c.rl.prompts_per_step, max_new_tokens=c.rl.max_new_tokens,
             temperature=c.rl.temperature, top_k=c.rl.top_k, top_p=c.rl.top_p,

@@ -95,6 +95,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward.format_weight = 0.2
     c.reward.box_iou = True
     c.reward.answer_format = "tags"     # tags: <answer>X</answer> | boxed: \boxed{X}; the prompt asks for it
+    c.reward.function = ""              # PATH.py[:NAME] (default compute_score): a user reward function instead of the
+                                        # built-in ones, EasyR1's signature (rftjax.rewards.compose.RewardConfig)
+    c.reward.timeout_s = 1.0            # time limit of one completion's reward; past it: 0, counted (reward_timeouts)
+    c.reward.num_workers = 2            # reward worker processes (one task per completion); 0 = in this process,
+                                        # without a time limit
+    c.reward.on_error = "raise"         # an exception in reward.function: raise (names the row) | zero (counted)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                    # -1: all devices not used by fsdp/tensor

@@ -33,7 +33,7 @@ EVAL_STREAM = 10_000_000  # evaluations sample with fold_in(run key, EVAL_STREAM
 
 def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, preprocess: Preprocess, *,
              batch_size: int, max_new_tokens: int, rng, pass_k: int = 0, pass_n: int = 0,
-             reward_config: rewards.RewardConfig = rewards.RewardConfig(), place: Placement = HOST,
+             scorer: rewards.RewardScorer = rewards.RewardScorer(), place: Placement = HOST,
              num_examples: int | None = None) -> dict:
     """Greedy accuracy (and format rate, mean length) on `source`, plus pass@k (k samples at temperature 1
     on the first `pass_n` problems: solved if any sample is correct).
@@ -53,7 +53,7 @@ def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, prepro
         take = min(batch_size, n_total - seen)
         out, texts = generate_texts(params, config, tokenizer, batch, rng, group_size=1,
                                     max_new_tokens=max_new_tokens, greedy=True, place=place)
-        sc = rewards.score(texts, list(batch["answer"]), list(batch["answer_type"]), config=reward_config)
+        sc = scorer.score(texts, list(batch["answer"]), list(batch["answer_type"]))
         sc = place.gather({"correct": sc["correct"], "format": sc["format"], "lengths": out.lengths})
         correct += sc["correct"][:take].tolist()
         fmt += sc["format"][:take].tolist()
@@ -73,7 +73,7 @@ def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, prepro
             key, sub = jax.random.split(key)
             _, texts = generate_texts(params, config, tokenizer, batch, sub, group_size=pass_k,
                                      max_new_tokens=max_new_tokens, greedy=False, place=place)
-            sc = place.gather(score_groups(texts, batch, pass_k, reward_config)["correct"])
+            sc = place.gather(score_groups(texts, batch, pass_k, scorer)["correct"])
             solved += (sc.reshape(-1, pass_k).max(1) > 0)[:take].tolist()
             seen += take
         results.update({"pass_at_k": float(np.mean(solved)), "k": pass_k})
@@ -93,7 +93,7 @@ def evaluate_splits(run: Run, params, logger: RunLogger, step: int, stage: str, 
         r = evaluate(params, run.model_config, run.tokenizer, run.sources[split], run.prompt_pre,
                      batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
                      rng=jax.random.fold_in(run.key, EVAL_STREAM + step), pass_k=pass_k, pass_n=c.eval.pass_n,
-                     reward_config=run.reward_config, place=run.place, num_examples=n)
+                     scorer=run.scorer, place=run.place, num_examples=n)
         logger.log_eval(step, stage, {"split": split, **r})
         results[split] = r
     log.info("eval (%s, step %d): %s", stage, step,
@@ -126,7 +126,7 @@ def main(config, workdir):
             r = evaluate(params, run.model_config, run.tokenizer, source, run.prompt_pre,
                          batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
                          rng=jax.random.key(c.seed), pass_k=c.eval.pass_k, pass_n=c.eval.pass_n,
-                         reward_config=run.reward_config, place=run.place)
+                         scorer=run.scorer, place=run.place)
             logger.log_eval(step, "evaluate", {"split": c.eval.dataset, **r})
             print(json.dumps(r, indent=2))
         else:

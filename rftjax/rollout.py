@@ -28,7 +28,7 @@ from rftjax.steps import RolloutBatch, SequenceBatch
 @dataclasses.dataclass
 class Rollouts:
     """A `RolloutBatch` and what stays on the host: per-row reward components (`accuracy`, `correct`,
-    `format`, `overlong`, `total`, float32 `[N]`), `lengths` int `[N]`, `truncated` bool `[N]`, decoded
+    `format`, `score`, `overlong`, `total`, and the 0/1 flags `timeout`, `error`: float32 `[N]`), `lengths` int `[N]`, `truncated` bool `[N]`, decoded
     `texts` and gold `answers` (`[N]` lists), and `stats` (the `rollout_*` metrics of the step).
 
     With several processes, `batch`, `texts` and `answers` hold this process's rows (`[N / P]`), while `rewards`,
@@ -54,7 +54,8 @@ class Rollouts:
         return {"reward_mean": float(r["total"].mean()), "reward_std": float(r["total"].std()),
                 "accuracy": float(r["correct"].mean()), "format_rate": float(r["format"].mean()),
                 "reward_accuracy_mean": float(r["accuracy"].mean()), "reward_format_mean": float(r["format"].mean()),
-                "reward_overlong_mean": float(r["overlong"].mean()), "completion_len_mean": float(lengths.mean()),
+                "reward_overlong_mean": float(r["overlong"].mean()), "reward_timeouts": int(r["timeout"].sum()),
+                "reward_errors": int(r["error"].sum()), "completion_len_mean": float(lengths.mean()),
                 "completion_len_max": int(lengths.max()), "truncation_rate": float(self.truncated.mean()),
                 **self.stats}
 
@@ -116,12 +117,12 @@ def generate_texts(params, config: VLMConfig, tokenizer: TextTokenizer, batch: d
     return out, texts
 
 
-def score_groups(texts: list[str], batch: dict, group_size: int, reward_config: rewards.RewardConfig,
+def score_groups(texts: list[str], batch: dict, group_size: int, scorer: rewards.RewardScorer,
                  lengths=None) -> dict[str, np.ndarray]:
-    """Reward components (`rftjax.rewards.score`) of `len(batch) * group_size` completions, each prompt's
-    answer repeated for its group."""
-    return rewards.score(texts, list(np.repeat(batch["answer"], group_size)),
-                         list(np.repeat(batch["answer_type"], group_size)), lengths, reward_config)
+    """Reward components (`rftjax.rewards.RewardScorer.score`: under its time limit, in its workers) of
+    `len(batch) * group_size` completions, each prompt's answer repeated for its group."""
+    return scorer.score(texts, list(np.repeat(batch["answer"], group_size)),
+                        list(np.repeat(batch["answer_type"], group_size)), lengths)
 
 
 def trim_completions(seq: SequenceBatch, multiple: int = 16, longest: int | None = None) -> SequenceBatch:
@@ -142,8 +143,7 @@ def trim_completions(seq: SequenceBatch, multiple: int = 16, longest: int | None
 
 
 def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, prompts, key,
-                     config: RolloutConfig, reward_config: rewards.RewardConfig,
-                     place: Placement = HOST) -> Rollouts:
+                     config: RolloutConfig, scorer: rewards.RewardScorer, place: Placement = HOST) -> Rollouts:
     """One RL step's rollouts: generate and score G samples per prompt from the `prompts` iterator (host
     batches of this process's rows), with DAPO's dynamic sampling when `config.dynamic_sampling` (rounds of
     `gen_prompts_per_round` prompts until B groups with differing rewards are kept; kept groups first, then
@@ -166,7 +166,7 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
                                     temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                                     place=place)
         gen_time += time.perf_counter() - t0
-        scores = score_groups(texts, batch, g, reward_config, out.lengths.tolist())
+        scores = score_groups(texts, batch, g, scorer, out.lengths.tolist())
         has_signal = groups_with_signal(scores["total"], g)
         every = place.gather({"lengths": out.lengths, "correct": scores["correct"], "signal": has_signal})
         gen_tokens += int(every["lengths"].sum())

@@ -189,7 +189,7 @@ class Trainer:
         c, run = self.c, self.setup
         key = jax.random.fold_in(run.key, self.state.counters.global_step)
         rollouts = collect_rollouts(self.params, run.model_config, run.tokenizer, self.state.rl_iter, key,
-                                    run.rollout_config, run.reward_config, run.place)
+                                    run.rollout_config, run.scorer, run.place)
         m = self.rl_update_step(rollouts, key)
         m["lr"] = float(self.state.stage.schedule(int(self.state.stage.policy.step) - 1))
         if n % c.log.samples_every == 0:
@@ -246,6 +246,7 @@ class Trainer:
             return self.finish()
         finally:
             self.logger.close()
+            self.setup.scorer.close()
 
     def finish(self) -> dict:
         """summary.json, curves.png and the printed summary table (process 0 only: the others return {})."""

@@ -33,7 +33,7 @@ def test_one_rl_step_moves_its_rollouts_to_the_devices_once(tmp_path, monkeypatc
     trainer = Trainer(config, str(tmp_path / "dapo"))
     setup, key = trainer.setup, jax.random.key(3)
     rollouts = collect_rollouts(trainer.params, setup.model_config, setup.tokenizer, trainer.state.rl_iter, key,
-                                setup.rollout_config, setup.reward_config, setup.place)
+                                setup.rollout_config, setup.scorer, setup.place)
     before = jax.tree.map(np.asarray, trainer.params)
     puts = []
     device_put = jax.device_put
