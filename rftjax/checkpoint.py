@@ -5,7 +5,11 @@ One `CheckpointManager` under `WORKDIR/checkpoints`, items:
          "best": the best params of the SFT early stopping or {}}
   data   JSON: the grain iterator states (`get_state()`), {"sft": ..., "rl": ...}
   meta   JSON: the run counters (`rftjax.state.Counters`), `has_best`, the PRNG key data, the config as JSON
-A run resumes from the latest step; saving is synchronous (a SIGTERM handler can save then exit).
+A run resumes from the latest step; saving is synchronous (a SIGTERM handler can save then exit). Orbax writes
+each checkpoint into a temporary directory and commits it by renaming, so a process killed mid-write leaves the
+previous checkpoint as the latest (the temporary one is removed when the manager is next opened); a save that
+fails (a full disk) raises a RuntimeError that says so; `RunState` falls back to an older checkpoint when the
+latest cannot be restored.
 The cold-start result of a run is kept apart under `WORKDIR/sft_checkpoint` (`SFT_CHECKPOINT`), with
 state {"params": params}, for RL ablations that start from it (`rl.init_from_sft`).
 """
@@ -18,6 +22,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rftjax import faults
+
 
 SFT_CHECKPOINT = "sft_checkpoint"  # subdir of the cold-start result, kept for RL ablations (rl.init_from_sft)
 
@@ -29,19 +35,36 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(workdir), subdir)
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "data", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
                                                  enable_async_checkpointing=False))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The committed checkpoint steps, ascending."""
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state: Any, data: dict, meta: dict) -> None:
-        """Save `step`, replacing an existing checkpoint of the same step (e.g. the end of a stage)."""
+        """Save `step`, replacing an existing checkpoint of the same step (e.g. the end of a stage).
+
+        Raises:
+          RuntimeError: the write failed (a full disk, a lost mount): says which checkpoint is still the latest.
+        """
         if step in self.manager.all_steps():
             self.manager.delete(step)
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)))
-        self.manager.wait_until_finished()
+        faults.kill_when_written(self.directory)
+        faults.fill_disk()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)))
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - re-raised with what it means for the run
+            kept = [s for s in self.all_steps() if s != step]
+            raise RuntimeError(
+                f"saving checkpoint step {step} in {self.directory} failed: {type(e).__name__}: {e}. The "
+                f"checkpoint of step {kept[-1] if kept else None} is untouched: free disk space (or fix the "
+                f"mount) and rerun the same command to resume from it") from e
 
     def restore(self, step: int, target_state: Any) -> tuple[Any, dict, dict]:
         """`(state, data, meta)` of `step`; `target_state` (arrays or ShapeDtypeStructs with shardings) gives

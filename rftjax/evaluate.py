@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from rftjax import configs, rewards, trainable
+from rftjax import configs, faults, rewards, trainable
 from rftjax.build import EVAL_SPLITS, Run, build_run, file_source
 from rftjax.checkpoint import Checkpointer
 from rftjax.data.pipeline import Preprocess, make_dataset
@@ -96,6 +96,7 @@ def evaluate_splits(run: Run, params, logger: RunLogger, step: int, stage: str, 
                      scorer=run.scorer, place=run.place, num_examples=n)
         logger.log_eval(step, stage, {"split": split, **r})
         results[split] = r
+        faults.reached("eval")
     log.info("eval (%s, step %d): %s", stage, step,
              ", ".join(f"{split} acc {r['accuracy']:.3f}" for split, r in results.items()))
     return results

@@ -1,8 +1,10 @@
 """Run outputs: metrics.jsonl, eval.jsonl, samples.jsonl, TensorBoard events, PNG plots, summary.json.
 
 Every logged step is one JSON object with at least `step` (the global step), `stage` (`sft` / `rl`),
-and for RL `reward_mean` and `accuracy`. On resume the files are cut back to the restored step, so a run
-killed and rerun writes each step exactly once.
+and for RL `reward_mean` and `accuracy`. On resume the files are cut back to the lines they had when the restored
+checkpoint was saved (its meta's `log_lines`; older checkpoints: to the restored step), so a run killed and rerun
+writes each record exactly once, also one killed between a checkpoint and the next (an evaluation at the end of
+a stage logs at the step of the checkpoint before it).
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ def _clean(v: Any):
     return v
 
 
-def _truncate_jsonl(path: str, max_step: int) -> None:
+def _truncate_jsonl(path: str, max_step: int, max_lines: int | None = None) -> int:
+    """Keep the first `max_lines` records of `path` (when given), else those with `step <= max_step`; returns how
+    many are kept."""
     if not os.path.exists(path):
-        return
+        return 0
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= max_step]
+        rows = [line for line in f if line.strip()]
+    rows = rows[:max_lines] if max_lines is not None else [r for r in rows if json.loads(r).get("step", 0) <= max_step]
     with open(path, "w") as f:
         f.writelines(rows)
+    return len(rows)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -43,18 +49,21 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 class RunLogger:
-    """Writes the run outputs under `workdir`. `resume_step`: drop records after it (a resumed run). `enabled`
-    False (processes other than 0 of a multi-process run) writes nothing at all."""
+    """Writes the run outputs under `workdir`. A resumed run drops the records written after its checkpoint:
+    `resume_lines` (`{name: lines}`, the checkpoint's `line_counts()`) when known, else records after
+    `resume_step`. `enabled` False (processes other than 0 of a multi-process run) writes nothing at all."""
 
-    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True, enabled: bool = True,
+                 resume_lines: dict[str, int] | None = None):
         self.workdir, self.enabled = workdir, enabled
         self.paths = {name: os.path.join(workdir, f"{name}.jsonl") for name in ("metrics", "eval", "samples")}
+        self.lines = dict.fromkeys(self.paths, 0)
         self.tb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        for path in self.paths.values():
-            _truncate_jsonl(path, resume_step)
+        for name, path in self.paths.items():
+            self.lines[name] = _truncate_jsonl(path, resume_step, (resume_lines or {}).get(name))
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -65,6 +74,11 @@ class RunLogger:
             return
         with open(self.paths[name], "a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}, sort_keys=True) + "\n")
+        self.lines[name] += 1
+
+    def line_counts(self) -> dict[str, int]:
+        """Records written to each file so far (a checkpoint keeps them: `resume_lines`)."""
+        return dict(self.lines)
 
     def log(self, step: int, stage: str, metrics: dict) -> None:
         """One training step's metrics (scalars)."""

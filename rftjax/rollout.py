@@ -157,6 +157,7 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
     g, b = config.group_size, config.prompts_per_step
     per_round = max(1, config.gen_prompts_per_round // b)  # batches of prompts generated per round
     kept, spare, rounds, gen_time, gen_tokens, generated, signal_seen, correct = [], [], 0, 0.0, 0, 0, 0, 0.0
+    skipped_rows = 0
     while True:
         parts = [next(prompts) for _ in range(per_round)]
         batch = {k: concat_rows(*[p[k] for p in parts]) for k in parts[0]}
@@ -167,8 +168,11 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
                                     place=place)
         gen_time += time.perf_counter() - t0
         scores = score_groups(texts, batch, g, scorer, out.lengths.tolist())
-        has_signal = groups_with_signal(scores["total"], g)
-        every = place.gather({"lengths": out.lengths, "correct": scores["correct"], "signal": has_signal})
+        finite = np.isfinite(scores["total"])  # a step with a NaN/inf reward is not trained on (`Rollouts.finite`)
+        has_signal = groups_with_signal(np.where(finite, scores["total"], 0.0), g)
+        every = place.gather({"lengths": out.lengths, "correct": scores["correct"], "signal": has_signal,
+                              "skipped_rows": np.asarray(batch.get("skipped_rows", np.zeros(0, np.int32)))})
+        skipped_rows += int(every["skipped_rows"].sum())
         gen_tokens += int(every["lengths"].sum())
         generated += len(every["signal"])
         signal_seen += int(np.sum(every["signal"]))
@@ -199,7 +203,8 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
              max(0, b - int(np.sum(every["has_signal"]))) if config.dynamic_sampling else 0,
              "rollout_groups_with_signal": signal_seen / generated,
              "rollout_accuracy": correct / (generated * g),  # over every rollout, not only the groups kept
-             "groups_with_signal": float(np.mean(every["has_signal"]))}
+             "groups_with_signal": float(np.mean(every["has_signal"])),
+             "data_rows_skipped": skipped_rows}  # unreadable dataset rows replaced by the next readable ones
     seq = trim_completions(SequenceBatch.from_dict(rows), longest=int(every["lengths"].max()))
     sampler_logprobs = rows["sampler_logprobs"][:, :seq.completion_ids.shape[1]]
     return Rollouts(batch=RolloutBatch(seq=seq, rewards=rows["reward_total"], sampler_logprobs=sampler_logprobs),

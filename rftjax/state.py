@@ -102,8 +102,9 @@ class RunState:
         self.sft_iter, self.rl_iter = train_iterators(setup)
         self.counters = Counters(stage="sft" if self.c.sft.enabled else "rl")
         self.ckpt = Checkpointer(setup.workdir, self.c.checkpoint.keep)
+        self.log_lines = None  # the restored checkpoint's log line counts; then the logger's `line_counts`
         if restore and self.ckpt.latest_step() is not None:
-            self.restore(self.ckpt.latest_step())
+            self.restore_latest_readable()
             log.info("resumed from step %d (stage %s)", self.counters.global_step, self.counters.stage)
         elif self.c.rl.init_from_sft:
             self.start_from_sft(self.c.rl.init_from_sft)
@@ -179,7 +180,8 @@ class RunState:
                 "rl": iterator_state(self.rl_iter)}
         self._check_same_positions(data)
         meta = {**dataclasses.asdict(self.counters), "has_best": self.stage.best is not None,
-                "config": self.c.to_json(), "key_data": np.asarray(jax.random.key_data(self.setup.key)).tolist()}
+                "config": self.c.to_json(), "key_data": np.asarray(jax.random.key_data(self.setup.key)).tolist(),
+                "log_lines": self.log_lines() if callable(self.log_lines) else None}
         (ckpt or self.ckpt).save(self.counters.global_step, self._ckpt_state() if state is None else state, data, meta)
 
     def _check_same_positions(self, data: dict) -> None:
@@ -197,9 +199,31 @@ class RunState:
             raise RuntimeError(f"the data iterators of the processes are at different positions ({data} here): a "
                                f"checkpoint would resume them at different batches")
 
+    def restore_latest_readable(self) -> int:
+        """Restore the latest checkpoint that can be read, newest first: a corrupt or truncated one (a disk error,
+        a copy cut short) is skipped with a warning. Returns its step.
+
+        Raises:
+          RuntimeError: no checkpoint can be read (each one's error is listed).
+        """
+        errors = []
+        for step in reversed(self.ckpt.all_steps()):
+            try:
+                self.restore(step)
+                if errors:
+                    log.warning("resuming from step %d instead: %s", step, "; ".join(errors))
+                return step
+            except Exception as e:  # noqa: BLE001 - an unreadable checkpoint: try the one before
+                errors.append(f"checkpoint {step} in {self.ckpt.directory} cannot be restored "
+                              f"({type(e).__name__}: {str(e)[:300]})")
+                log.warning(errors[-1])
+        raise RuntimeError("no checkpoint can be restored: " + "; ".join(errors) + "; move checkpoints/ away to "
+                           "start afresh")
+
     def restore(self, step: int):
         meta = self.ckpt.read_meta(step)
         self.counters = Counters.from_meta(meta)
+        self.log_lines = meta.get("log_lines")
         if self.counters.stage == "done":  # nothing left to train: the params are all a finished run needs
             self.enter_stage(self.full(self.ckpt.restore_params(step, self.trainable(self.setup.params))))
             return

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from rftjax import faults
 from rftjax import metrics as run_metrics
 from rftjax import steps
 from rftjax.build import build_run
@@ -54,7 +55,8 @@ class Trainer:
         self.state = RunState(self.setup, restore)
         self.sft_eval_fn = jax.jit(functools.partial(steps.sft_loss, config=self.setup.model_config))
         self.logger = run_metrics.RunLogger(self.workdir, self.state.counters.global_step, config.log.tensorboard,
-                                            enabled=jax.process_index() == 0)
+                                            enabled=jax.process_index() == 0, resume_lines=self.state.log_lines)
+        self.state.log_lines = self.logger.line_counts  # each checkpoint records how far the logs had got
         self.stop_requested = False
 
     @property
@@ -190,7 +192,9 @@ class Trainer:
         key = jax.random.fold_in(run.key, self.state.counters.global_step)
         rollouts = collect_rollouts(self.params, run.model_config, run.tokenizer, self.state.rl_iter, key,
                                     run.rollout_config, run.scorer, run.place)
+        faults.reached("rollout")
         m = self.rl_update_step(rollouts, key)
+        faults.reached("update")
         m["lr"] = float(self.state.stage.schedule(int(self.state.stage.policy.step) - 1))
         if n % c.log.samples_every == 0:
             self.logger.log_samples(self.state.counters.global_step, [

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 
 import numpy as np
 from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def set_by_path(target, dotted_key: str, value) -> None:
@@ -35,3 +39,36 @@ def write_easyr1(path: str, n: int, rng: np.random.Generator, long_every: int = 
     with open(path, "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+def smoke_cli(workdir: str, *extra: str) -> list[str]:
+    """`python -m rftjax.train` on configs/smoke.py with a checkpoint every step and 4 RL steps (10 steps in all)."""
+    return [sys.executable, "-m", "rftjax.train", "--config", os.path.join(ROOT, "configs", "smoke.py"),
+            "--workdir", workdir, "--config.checkpoint.every=1", "--config.rl.steps=4", *extra]
+
+
+def strip_timings(rows: list[dict]) -> list[dict]:
+    """Metric records without their wall-time fields."""
+    from rftjax.metrics import TIMING_KEYS
+
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def wait_for_step(workdir: str, step: int, procs, timeout: float = 600) -> int:
+    """Wait until `workdir/metrics.jsonl` reaches `step` (returns the last logged step); AssertionError when one of
+    the processes `procs` exits first (with its output when piped) or after `timeout` seconds."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        rows = []
+        if os.path.exists(path):
+            with open(path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        if rows and rows[-1]["step"] >= step:
+            return rows[-1]["step"]
+        for p in procs:
+            if p.poll() is not None:
+                out = p.stdout.read()[-3000:] if p.stdout else ""
+                raise AssertionError(f"a trainer exited early with {p.returncode}: {out}")
+        time.sleep(0.05)
+    raise AssertionError(f"timeout waiting for step {step} in {path}")

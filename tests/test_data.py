@@ -277,3 +277,27 @@ def test_bad_rows_raise_naming_the_row_or_are_skipped_and_counted(tmp_path, row,
     examples, report = importers.import_easyr1(str(path), on_error="skip")
     assert report.kept == 1 and report.total == 2 and len(report.skipped) == 1
     assert message.split("'")[0].strip() in report.skipped[0][1] and len(examples) == 1
+
+
+def test_a_row_whose_image_breaks_after_import_is_skipped_and_counted(tmp_path, caplog):
+    """An image file truncated after the import read its header: the run goes on, the next readable row takes the
+    bad row's place (deterministically), and every batch says how many rows were skipped."""
+    from helpers import write_easyr1
+
+    path = write_easyr1(str(tmp_path / "train.jsonl"), 6, np.random.default_rng(0))
+    source, report = importers.load_dataset(f"easyr1:{path}")
+    assert report.kept == 6
+    image = str(tmp_path / "train.jsonl.2.png")
+    with open(image, "rb") as f:
+        head = f.read(64)  # the PNG signature and header chunk survive, the pixels do not
+    with open(image, "wb") as f:
+        f.write(head)
+    pp = Preprocess(TOK, image_input_for(CONFIG), 256)
+    batches = list(iter(make_dataset(source, pp, batch_size=3, shuffle=False, num_epochs=1)))
+    ids = [i for b in batches for i in b["id"]]
+    skipped = np.concatenate([b["skipped_rows"] for b in batches])
+    bad = source.examples[2]["id"]
+    assert bad not in ids and ids[2] == ids[3] == source.examples[3]["id"]
+    np.testing.assert_array_equal(skipped, [0, 0, 1, 0, 0, 0])
+    assert any("skipped" in r.message and bad in r.getMessage() for r in caplog.records)
+    assert source[2]["id"] == ids[2]  # the same substitute every time (a resumed run reads the same rows)

@@ -16,7 +16,7 @@ import pytest
 
 from rftjax.metrics import TIMING_KEYS, read_jsonl
 from rftjax.train import Trainer
-from helpers import set_by_path
+from helpers import set_by_path, wait_for_step
 
 pytestmark = pytest.mark.multiprocess
 
@@ -44,21 +44,6 @@ def _launch(workdir: str) -> list[subprocess.Popen]:
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
 
-def _wait_for_step(workdir: str, step: int, procs, timeout: float = 600):
-    import time
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-        if rows and rows[-1]["step"] >= step:
-            return
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"a process exited early ({p.returncode}):\n{p.stdout.read()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timeout")
-
-
 def _finish(procs):
     for p in procs:
         out, _ = p.communicate(timeout=900)
@@ -82,7 +67,7 @@ def _numbers(rows):
 def test_two_processes_equal_one_process_and_resume_exactly_after_sigkill(tmp_path):
     two = str(tmp_path / "two")
     procs = _launch(two)
-    _wait_for_step(two, 8, procs)  # mid-RL: the cold start is 6 steps, RL 3
+    wait_for_step(two, 8, procs)  # mid-RL: the cold start is 6 steps, RL 3
     for p in procs:
         p.send_signal(signal.SIGKILL)
         p.wait()

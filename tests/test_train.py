@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -13,9 +12,9 @@ import pytest
 
 from rftjax import configs, rl
 from rftjax.checkpoint import Checkpointer
-from rftjax.metrics import TIMING_KEYS, read_jsonl
+from rftjax.metrics import read_jsonl
 from rftjax.train import Trainer
-from helpers import set_by_path
+from helpers import set_by_path, smoke_cli, wait_for_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -198,65 +197,12 @@ def test_lr_scales_multiply_one_module_updates():
         first_update({"vison_tower": 0.1})
 
 
-def _strip(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-
-
-def _cli(workdir, *extra):
-    return [sys.executable, "-m", "rftjax.train", "--config", os.path.join(ROOT, "configs", "smoke.py"),
-            "--workdir", workdir, "--config.checkpoint.every=1", "--config.rl.steps=4", *extra]
-
-
-def _wait_for_step(workdir, step, proc, timeout=300):
-    path = os.path.join(workdir, "metrics.jsonl")
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        rows = read_jsonl(path) if os.path.exists(path) else []
-        if rows and rows[-1]["step"] >= step:
-            return rows[-1]["step"]
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early with {proc.returncode}")
-        time.sleep(0.05)
-    raise AssertionError("timeout")
-
-
-def _restore_params(workdir, trainer_config):
-    trainer = Trainer(trainer_config, workdir)
-    return trainer.meta, jax.tree.map(np.asarray, trainer.params)
-
-
-def test_resume_after_sigkill_is_exact(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": ""}
-    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    subprocess.run(_cli(full), check=True, env=env, capture_output=True, cwd=ROOT)
-    proc = subprocess.Popen(_cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    _wait_for_step(killed, 8, proc)  # mid-RL (SFT is 6 steps, RL 4)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(killed, "summary.json"))
-    subprocess.run(_cli(killed), check=True, env=env, capture_output=True, cwd=ROOT)
-    a = _strip(read_jsonl(os.path.join(full, "metrics.jsonl")))
-    b = _strip(read_jsonl(os.path.join(killed, "metrics.jsonl")))
-    assert [r["step"] for r in b] == list(range(1, 11))
-    assert a == b
-    config = smoke.get_config("grpo")
-    config.checkpoint.every, config.rl.steps, config.mesh.num_devices = 1, 4, 1
-    meta_a, params_a = _restore_params(full, config)
-    meta_b, params_b = _restore_params(killed, config)
-    assert meta_a["global_step"] == meta_b["global_step"] == 10 and meta_b["stage"] == "done"
-    for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
-        np.testing.assert_array_equal(x, y)
-    ea = _strip(read_jsonl(os.path.join(full, "eval.jsonl")))
-    eb = _strip(read_jsonl(os.path.join(killed, "eval.jsonl")))
-    assert ea == eb
-
-
 def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
     env = {**os.environ, "XLA_FLAGS": ""}
     workdir = str(tmp_path / "term")
-    proc = subprocess.Popen(_cli(workdir, "--config.checkpoint.every=100"), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(smoke_cli(workdir, "--config.checkpoint.every=100"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=ROOT)
-    _wait_for_step(workdir, 3, proc)
+    wait_for_step(workdir, 3, [proc])
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-2000:]

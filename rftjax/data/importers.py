@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -37,6 +38,8 @@ from rftjax.data.tokenizer import PLACEHOLDER
 from rftjax.data.tasks.grounding import format_box
 from rftjax.rewards.accuracy import parse_choice, parse_number
 from rftjax.rewards.boxes import parse_box
+
+log = logging.getLogger("rftjax")
 
 
 @dataclasses.dataclass
@@ -83,7 +86,13 @@ def probe_image(value: Any, base_dir: str | None = None) -> ImageRef:
 
 
 class LazyExamples:
-    """Random-access examples (`len`, `[i]`) whose `ImageRef` images are decoded when the row is read."""
+    """Random-access examples (`len`, `[i]`) whose `ImageRef` images are decoded when the row is read.
+
+    An image that cannot be decoded then (its file corrupted, truncated or removed since the import read its
+    header) does not stop a run: the row is skipped with a warning and the next readable row (in index order,
+    wrapping around) takes its place, with `skipped_rows` (int, 0 normally) saying how many were skipped for it;
+    the trainer logs their sum per step as `data_rows_skipped`. Deterministic, so resumed runs see the same rows.
+    """
 
     def __init__(self, examples: list[dict]):
         self.examples = examples
@@ -92,10 +101,23 @@ class LazyExamples:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict:
-        ex = dict(self.examples[int(index)])
-        if isinstance(ex["image"], ImageRef):
-            ex["image"] = ex["image"].load()
-        return ex
+        """Example `index` (or the next readable one, see the class docstring).
+
+        Raises:
+          ValueError: no row of the dataset has a readable image.
+        """
+        n = len(self.examples)
+        for skipped in range(n):
+            ex = dict(self.examples[(int(index) + skipped) % n])
+            if isinstance(ex["image"], ImageRef):
+                try:
+                    ex["image"] = ex["image"].load()
+                except ValueError as e:
+                    log.warning("dataset row %s skipped: %s", ex.get("id"), e)
+                    continue
+            ex["skipped_rows"] = skipped
+            return ex
+        raise ValueError(f"none of the {n} rows of the dataset has a readable image")
 
 
 def _encoded_image(value: Any, base_dir: str | None) -> str | bytes:

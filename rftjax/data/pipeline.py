@@ -16,6 +16,7 @@ exactly the batches an uninterrupted run would. Batches are dicts of numpy array
   prompt_mask    bool  [B, P]
   completion_ids int32 [B, C], completion_mask bool [B, C]   (with_completion only: trace + <eos>)
   answer, answer_type, id, question    str [B]
+  skipped_rows   int32 [B]             unreadable rows skipped in this row's place (`importers.LazyExamples`)
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ class Preprocess:
         prompt_ids, prompt_mask = pad_left(prompt, self.max_prompt_len, self.tokenizer.pad_id)
         out = {"pixel_values": self.images(image), "prompt_ids": np.asarray(prompt_ids, np.int32),
                "prompt_mask": np.asarray(prompt_mask, bool), "answer": self.answer(ex),
-               "answer_type": ex["answer_type"], "id": ex.get("id", ""), "question": ex["question"]}
+               "answer_type": ex["answer_type"], "id": ex.get("id", ""), "question": ex["question"],
+               "skipped_rows": np.int32(ex.get("skipped_rows", 0))}
         if self.with_completion:
             if not ex.get("reasoning"):
                 raise ValueError(f"example {ex.get('id')} has no reasoning trace: SFT needs one")
