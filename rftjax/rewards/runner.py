@@ -47,7 +47,8 @@ class RewardScorer:
             context = multiprocessing.get_context("forkserver")
             main = getattr(sys.modules["__main__"].__spec__, "name", None) or "__main__"
             # (a `pkg.__main__` main module is not re-imported by workers, and importing it would run it)
-            context.set_forkserver_preload(["rftjax.rewards.compose", *([] if main.endswith("__main__") else [main])])
+            context.set_forkserver_preload(["rftjax.rewards.compose", "math_verify",  # restarts need not import it
+                                            *([] if main.endswith("__main__") else [main])])
             self._pool = pebble.ProcessPool(max_workers=self.config.num_workers, context=context)
             atexit.register(self.close)
         return self._pool
