@@ -51,7 +51,8 @@ def _prompts(config, pads=(0, 3, 1), text=(2, 3), seed=0):
 
 
 def _full_logits(config, params, pixels, ids, mask):
-    return np.asarray(VLM(config).apply({"params": params}, pixels, ids, mask))
+    """The full forward pass's logits `[B, T, V]` (jitted: one compilation per shape)."""
+    return np.asarray(jax.jit(lambda p, x, i, m: VLM(config).apply({"params": p}, x, i, m))(params, pixels, ids, mask))
 
 
 def _naive_greedy(config, params, pixels, ids, mask, steps, eos, suppress):
