@@ -81,9 +81,9 @@ def reward_config_of(c: ml_collections.ConfigDict, algo: rl.AlgorithmConfig) -> 
     r = c.reward
     try:
         return rewards.RewardConfig(
-            accuracy_weight=r.accuracy_weight, format_weight=r.format_weight, overlong_buffer_len=algo.overlong_buffer_len,
-            max_len=c.rl.max_new_tokens, box_iou=r.box_iou, answer_format=r.answer_format, function=r.function,
-            timeout_s=r.timeout_s, num_workers=r.num_workers, on_error=r.on_error)
+            accuracy_weight=r.accuracy_weight, format_weight=r.format_weight,
+            overlong_buffer_len=algo.overlong_buffer_len, max_len=c.rl.max_new_tokens, box_iou=r.box_iou,
+            answer_format=r.answer_format, function=r.function, timeout_s=r.timeout_s, num_workers=r.num_workers, on_error=r.on_error)
     except ValueError as e:
         raise ValueError(f"bad config: {e}") from None
 
@@ -340,12 +340,10 @@ def train_iterators(run: Run):
     which have no traces) and the RL prompts, each process reading its share (checkpointable: `get_state()` /
     `set_state()`)."""
     c, d = run.config, run.config.data
-    pidx, pcount = jax.process_index(), jax.process_count()
-    common = dict(process_index=pidx, process_count=pcount, num_workers=d.num_workers)
     sft = None
     if "sft" in run.sources:
-        sft = iter(make_dataset(run.sources["sft"], run.sft_pre, batch_size=c.sft.batch_size // pcount, seed=c.seed,
-                                **common))
-    rl_ = make_dataset(run.sources["rl"], run.prompt_pre, batch_size=c.rl.prompts_per_step // pcount,
-                       seed=c.seed + 1, augment=parse_augment(d.augment), **common)
+        sft = iter(make_dataset(run.sources["sft"], run.sft_pre, seed=c.seed, num_workers=d.num_workers,
+                                **sharding.process_share(c.sft.batch_size)))
+    rl_ = make_dataset(run.sources["rl"], run.prompt_pre, seed=c.seed + 1, augment=parse_augment(d.augment),
+                       num_workers=d.num_workers, **sharding.process_share(c.rl.prompts_per_step))
     return sft, iter(rl_)

@@ -25,7 +25,7 @@ from rftjax.data.tokenizer import TextTokenizer
 from rftjax.metrics import RunLogger
 from rftjax.models import VLMConfig
 from rftjax.rollout import generate_texts, score_groups
-from rftjax.sharding import HOST, Placement
+from rftjax.sharding import HOST, Placement, process_share
 
 log = logging.getLogger("rftjax")
 EVAL_STREAM = 10_000_000  # evaluations sample with fold_in(run key, EVAL_STREAM + global step)
@@ -45,9 +45,8 @@ def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, prepro
     n_total = len(source) if num_examples is None else min(num_examples, len(source))
     t0 = time.perf_counter()
     correct, fmt, lengths, seen = [], [], [], 0
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    it = iter(make_dataset(source, preprocess, batch_size=batch_size // jax.process_count(), shuffle=False,
-                           num_epochs=None, num_threads=1, **shard))
+    it = iter(make_dataset(source, preprocess, shuffle=False, num_epochs=None, num_threads=1,
+                           **process_share(batch_size)))
     while seen < n_total:
         batch = next(it)
         take = min(batch_size, n_total - seen)
@@ -64,8 +63,7 @@ def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, prepro
     if pass_k > 0 and pass_n > 0:
         solved, seen = [], 0
         prompts_per_batch = max(1, batch_size // pass_k)
-        it = iter(make_dataset(source, preprocess, batch_size=prompts_per_batch // jax.process_count(),
-                               shuffle=False, num_threads=1, **shard))
+        it = iter(make_dataset(source, preprocess, shuffle=False, num_threads=1, **process_share(prompts_per_batch)))
         key = jax.random.fold_in(rng, 1)
         while seen < min(pass_n, n_total):
             batch = next(it)

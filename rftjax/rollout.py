@@ -28,8 +28,9 @@ from rftjax.steps import RolloutBatch, SequenceBatch
 @dataclasses.dataclass
 class Rollouts:
     """A `RolloutBatch` and what stays on the host: per-row reward components (`accuracy`, `correct`,
-    `format`, `score`, `overlong`, `total`, and the 0/1 flags `timeout`, `error`: float32 `[N]`), `lengths` int `[N]`, `truncated` bool `[N]`, decoded
-    `texts` and gold `answers` (`[N]` lists), and `stats` (the `rollout_*` metrics of the step).
+    `format`, `score`, `overlong`, `total`, and the 0/1 flags `timeout`, `error`: float32 `[N]`), `lengths` int
+    `[N]`, `truncated` bool `[N]`, decoded `texts` and gold `answers` (`[N]` lists), and `stats` (the `rollout_*`
+    metrics of the step).
 
     With several processes, `batch`, `texts` and `answers` hold this process's rows (`[N / P]`), while `rewards`,
     `lengths` and `truncated` hold every process's (`[N]`, gathered), so the metrics are the whole step's."""

@@ -102,7 +102,8 @@ class RunState:
         self.sft_iter, self.rl_iter = train_iterators(setup)
         self.counters = Counters(stage="sft" if self.c.sft.enabled else "rl")
         self.ckpt = Checkpointer(setup.workdir, self.c.checkpoint.keep)
-        self.log_lines = None  # the restored checkpoint's log line counts; then the logger's `line_counts`
+        self.resume_log_lines = None  # the restored checkpoint's log line counts (`RunLogger` resume_lines)
+        self.log_lines: Callable[[], dict] | None = None  # the logger's `line_counts`, saved in each checkpoint
         if restore and self.ckpt.latest_step() is not None:
             self.restore_latest_readable()
             log.info("resumed from step %d (stage %s)", self.counters.global_step, self.counters.stage)
@@ -181,7 +182,7 @@ class RunState:
         self._check_same_positions(data)
         meta = {**dataclasses.asdict(self.counters), "has_best": self.stage.best is not None,
                 "config": self.c.to_json(), "key_data": np.asarray(jax.random.key_data(self.setup.key)).tolist(),
-                "log_lines": self.log_lines() if callable(self.log_lines) else None}
+                "log_lines": None if self.log_lines is None else self.log_lines()}
         (ckpt or self.ckpt).save(self.counters.global_step, self._ckpt_state() if state is None else state, data, meta)
 
     def _check_same_positions(self, data: dict) -> None:
@@ -223,7 +224,7 @@ class RunState:
     def restore(self, step: int):
         meta = self.ckpt.read_meta(step)
         self.counters = Counters.from_meta(meta)
-        self.log_lines = meta.get("log_lines")
+        self.resume_log_lines = meta.get("log_lines")
         if self.counters.stage == "done":  # nothing left to train: the params are all a finished run needs
             self.enter_stage(self.full(self.ckpt.restore_params(step, self.trainable(self.setup.params))))
             return

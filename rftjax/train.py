@@ -34,6 +34,7 @@ from rftjax.checkpoint import SFT_CHECKPOINT, Checkpointer
 from rftjax.data.pipeline import make_dataset
 from rftjax.evaluate import evaluate_splits
 from rftjax.rollout import Rollouts, collect_rollouts
+from rftjax.sharding import process_share
 from rftjax.state import RunState
 from rftjax.steps import SequenceBatch
 
@@ -55,7 +56,7 @@ class Trainer:
         self.state = RunState(self.setup, restore)
         self.sft_eval_fn = jax.jit(functools.partial(steps.sft_loss, config=self.setup.model_config))
         self.logger = run_metrics.RunLogger(self.workdir, self.state.counters.global_step, config.log.tensorboard,
-                                            enabled=jax.process_index() == 0, resume_lines=self.state.log_lines)
+                                            enabled=jax.process_index() == 0, resume_lines=self.state.resume_log_lines)
         self.state.log_lines = self.logger.line_counts  # each checkpoint records how far the logs had got
         self.stop_requested = False
 
@@ -114,10 +115,8 @@ class Trainer:
 
     def val_loss(self, params) -> float:
         """Mean SFT loss over the validation split's full batches of `sft.batch_size` (each process its block)."""
-        it = iter(make_dataset(self.setup.sources["val"], self.setup.sft_pre,
-                               batch_size=self.c.sft.batch_size // jax.process_count(), shuffle=False, num_epochs=1,
-                               drop_remainder=True, num_threads=1, process_index=jax.process_index(),
-                               process_count=jax.process_count()))
+        it = iter(make_dataset(self.setup.sources["val"], self.setup.sft_pre, shuffle=False, num_epochs=1,
+                               drop_remainder=True, num_threads=1, **process_share(self.c.sft.batch_size)))
         return float(np.mean([float(self.sft_eval_fn(params, self.setup.put(SequenceBatch.from_dict(b)))[0])
                               for b in it]))
 
@@ -173,8 +172,8 @@ class Trainer:
         s = self.state.stage
         if not rollouts.finite:
             bad = np.flatnonzero(~np.isfinite(rollouts.rewards["total"]))
-            log.warning("step %d: non-finite rewards at rows %s; the update is skipped", self.state.counters.global_step,
-                        bad[:10].tolist())
+            log.warning("step %d: non-finite rewards at rows %s; the update is skipped",
+                        self.state.counters.global_step, bad[:10].tolist())
             self.state.counters.updates_skipped_nonfinite += 1
             return {**rollouts.metrics(), "updates_skipped_nonfinite": self.state.counters.updates_skipped_nonfinite,
                     "time_per_step_s": rollouts.stats["rollout_time_s"]}

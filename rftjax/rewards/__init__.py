@@ -9,5 +9,5 @@ from rftjax.rewards.parsing import ANSWER_FORMATS, INSTRUCTIONS, extract_answer,
 from rftjax.rewards.runner import RewardScorer
 
 __all__ = ["accuracy", "math_equal", "parse_choice", "parse_number", "giou", "iou", "parse_box", "RewardConfig",
-           "overlong_penalty", "score", "score_one", "RewardScorer", "extract_answer", "extract_boxed", "format_ok", "ANSWER_FORMATS",
-           "INSTRUCTIONS"]
+           "overlong_penalty", "score", "score_one", "RewardScorer", "extract_answer", "extract_boxed", "format_ok",
+           "ANSWER_FORMATS", "INSTRUCTIONS"]
