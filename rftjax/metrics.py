@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 TIMING_KEYS = ("time_per_step_s", "rollout_tokens_per_s", "update_time_s", "rollout_time_s", "elapsed_s",
-               "eval_time_s")
+               "eval_time_s", "reward_time_s")
 
 
 def _clean(v: Any):

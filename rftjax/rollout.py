@@ -30,7 +30,7 @@ class Rollouts:
     """A `RolloutBatch` and what stays on the host: per-row reward components (`accuracy`, `correct`,
     `format`, `score`, `overlong`, `total`, and the 0/1 flags `timeout`, `error`: float32 `[N]`), `lengths` int
     `[N]`, `truncated` bool `[N]`, decoded `texts` and gold `answers` (`[N]` lists), and `stats` (the `rollout_*`
-    metrics of the step).
+    metrics of the step; `rollout_time_s` is generation, `reward_time_s` scoring, both in seconds).
 
     With several processes, `batch`, `texts` and `answers` hold this process's rows (`[N / P]`), while `rewards`,
     `lengths` and `truncated` hold every process's (`[N]`, gathered), so the metrics are the whole step's."""
@@ -158,6 +158,7 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
     g, b = config.group_size, config.prompts_per_step
     per_round = max(1, config.gen_prompts_per_round // b)  # batches of prompts generated per round
     kept, spare, rounds, gen_time, gen_tokens, generated, signal_seen, correct = [], [], 0, 0.0, 0, 0, 0, 0.0
+    reward_time = 0.0
     skipped_rows = 0
     while True:
         parts = [next(prompts) for _ in range(per_round)]
@@ -168,7 +169,9 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
                                     temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                                     place=place)
         gen_time += time.perf_counter() - t0
+        t0 = time.perf_counter()
         scores = score_groups(texts, batch, g, scorer, out.lengths.tolist())
+        reward_time += time.perf_counter() - t0
         finite = np.isfinite(scores["total"])  # a step with a NaN/inf reward is not trained on (`Rollouts.finite`)
         has_signal = groups_with_signal(np.where(finite, scores["total"], 0.0), g)
         every = place.gather({"lengths": out.lengths, "correct": scores["correct"], "signal": has_signal,
@@ -199,7 +202,8 @@ def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, 
     every = place.gather({"lengths": rows["lengths"], "truncated": rows["truncated"],
                           "has_signal": np.asarray(rows["has_signal"]),
                           **{k: v for k, v in rows.items() if k.startswith("reward_")}})
-    stats = {"rollout_time_s": gen_time, "rollout_tokens_per_s": gen_tokens / max(gen_time, 1e-9),
+    stats = {"rollout_time_s": gen_time, "reward_time_s": reward_time,
+             "rollout_tokens_per_s": gen_tokens / max(gen_time, 1e-9),
              "rollout_rounds": rounds, "dynamic_sampling_filled":
              max(0, b - int(np.sum(every["has_signal"]))) if config.dynamic_sampling else 0,
              "rollout_groups_with_signal": signal_seen / generated,
