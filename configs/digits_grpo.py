@@ -22,7 +22,9 @@ def get_config():
     c = base_config()
     c.model.preset = "default"
     # 16 px patches: one patch per digit cell of the 64 px canvas -> 16 image tokens per prompt.
-    c.model.overrides = {"dtype": "bfloat16", "vision": {"patch_size": 16}}
+    c.model.overrides = {"vision": {"patch_size": 16}}
+    # model.dtype stays "auto": bfloat16 compute where this machine's bf16 matmul is faster (AMX, TPU, GPU), float32
+    # where it is slower (CPUs without AVX-512 BF16 / AMX); the run logs the choice.
     c.data.task = "digits"
     c.data.max_prompt_len = 48
     c.data.max_completion_len = 64

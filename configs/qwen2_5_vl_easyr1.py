@@ -18,7 +18,7 @@ from rftjax.configs import base_config
 def get_config():
     c = base_config()
     c.model.checkpoint = ""                     # required: an HF Qwen2.5-VL / Qwen2-VL / LLaVA directory
-    c.model.overrides = {"dtype": "bfloat16"}    # Qwen-VL images: at most 1024 tokens (QwenVLConfig.max_image_tokens)
+    c.model.dtype = "bfloat16"                  # Qwen-VL images: at most 1024 tokens (QwenVLConfig.max_image_tokens)
     c.data.train = ""                           # required: easyr1:PATH.(jsonl|parquet)
     c.data.test = ""                            # required: easyr1:PATH or mathv:PATH
     c.data.max_prompt_len = 1024                # rows whose prompt (with image tokens) is longer are dropped

@@ -11,6 +11,7 @@ def get_config(algorithm: str = "grpo"):
     c = base_config()
     c.model.preset = "tiny"
     c.model.overrides = {"vision": {"image_size": 48, "patch_size": 12}, "text": {"vocab_size": 512}}
+    c.model.dtype = "float32"  # the same numbers on every machine (tests compare runs against references)
     c.data.task = "digits"
     c.data.max_prompt_len = 64
     c.data.max_completion_len = 48

@@ -8,7 +8,6 @@ grain/TFDS/torch.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from typing import Callable
@@ -16,24 +15,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from rftjax.hardware import cpu_flags, cpu_model, matmul_rate
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def cpu_flags(interesting=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")) -> list[str]:
-    """The SIMD/matrix features among `interesting` that /proc/cpuinfo lists (empty off Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return [f for f in interesting if f in flags]
+__all__ = ["cpu_flags", "cpu_model", "describe", "matmul_rate", "median_time", "memory_bandwidth"]
 
 
 def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
@@ -46,20 +30,6 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def matmul_rate(m: int, k: int, n: int, dtype=jnp.float32, repeats: int = 5) -> float:
-    """Achieved FLOP/s of an `[m, k] @ [k, n]` matmul with inputs in `dtype` and float32 accumulation
-    (best of `repeats`, so it is the attainable peak at that shape)."""
-    a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
-    f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32))
-    jax.block_until_ready(f(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * k * n / best
 
 
 def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:

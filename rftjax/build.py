@@ -10,6 +10,7 @@ here; this is the seam where new model families, tokenizers and data sources plu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any
@@ -19,7 +20,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from rftjax import configs, rewards, rl, sharding, trainable
+from rftjax import configs, hardware, rewards, rl, sharding, trainable
 from rftjax.data import augment as augment_lib
 from rftjax.data import importers
 from rftjax.data.pipeline import Preprocess, TaskSource, image_input_for, make_dataset
@@ -188,14 +189,40 @@ def _source(c: ml_collections.ConfigDict, workdir: str, task, split: str, n: int
 EVAL_SPLITS = ("test", "test_ood")
 
 
+@functools.cache
+def _resolved_dtype(name: str) -> str:
+    return hardware.compute_dtype(name)
+
+
+def model_overrides(c: ml_collections.ConfigDict) -> dict:
+    """The model config fields the run sets: `model.overrides` with `dtype` = `model.dtype` resolved
+    (`rftjax.hardware.compute_dtype`: "auto" picks bfloat16 or float32 for this machine, once per process).
+    A `dtype` in `model.overrides` (the old place) still works, with a deprecation warning, when `model.dtype`
+    is "auto".
+
+    Raises:
+      ValueError: an unknown `model.dtype`, or `model.overrides.dtype` set together with a different `model.dtype`.
+    """
+    overrides = c.model.overrides.to_dict()
+    name = c.model.get("dtype", "auto")
+    if "dtype" in overrides:
+        if name not in ("auto", overrides["dtype"]):
+            raise ValueError(f"bad config: model.overrides.dtype={overrides['dtype']!r} and model.dtype={name!r} "
+                             f"disagree; set only model.dtype")
+        log.warning("config model.overrides.dtype is deprecated: use model.dtype=%s", overrides["dtype"])
+        name = overrides["dtype"]
+    return {**overrides, "dtype": _resolved_dtype(name)}
+
+
 def model_config_of(c: ml_collections.ConfigDict):
     """The run's model config: `model.checkpoint`'s config.json (any family `rftjax.models.hf` reads) or the
-    preset, with `model.overrides`, and `model.lora` when its rank is > 0.
+    preset, with `model_overrides(c)` (`model.overrides` and the compute dtype of `model.dtype`), and `model.lora`
+    when its rank is > 0.
 
     Raises:
       ValueError: an unknown preset, an unsupported checkpoint, a bad override or LoRA setting.
     """
-    overrides = c.model.overrides.to_dict()
+    overrides = model_overrides(c)
     config = rhf.load_config(c.model.checkpoint, **overrides) if c.model.checkpoint else \
         get_preset(c.model.preset, **overrides)
     lora = c.model.lora
@@ -215,7 +242,7 @@ def init_params(c: ml_collections.ConfigDict, model_config, mesh: Mesh, key: jax
     shardings = sharding.param_shardings(model, *inputs, mesh=mesh)
     adapters = {p for p in trainable.flat_paths(shardings) if lora_lib.is_adapter(p)}
     new_shardings, base_shardings = trainable.split(shardings, adapters)
-    _, loaded = rhf.load_pretrained(c.model.checkpoint, **c.model.overrides.to_dict())
+    _, loaded = rhf.load_pretrained(c.model.checkpoint, **model_overrides(c))
     params = jax.device_put(loaded, base_shardings)
     if adapters:
         init = jax.jit(lambda: trainable.split(nn.unbox(model.init(rng, *inputs)["params"]), adapters)[0],

@@ -19,7 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "default"          # rftjax.models.PRESETS: tiny | default (~19M) | large
-    c.model.overrides = ml_collections.ConfigDict()   # VLMConfig fields, e.g. dtype="bfloat16"
+    c.model.dtype = "auto"              # compute dtype: auto (bfloat16 on TPU/GPU and on CPUs whose bf16 matmul is
+                                        # faster, measured once and cached; else float32) | float32 | bfloat16
+    c.model.overrides = ml_collections.ConfigDict()   # VLMConfig fields, e.g. {"vision": {"patch_size": 16}}
     c.model.checkpoint = ""             # an HF directory (LLaVA, Qwen2-VL, Qwen2.5-VL): its weights, tokenizer.json
                                         # and chat template instead of the preset, random init and packaged tokenizer
     c.model.lora = ml_collections.ConfigDict()  # LoRA adapters (rftjax.models.lora, via qwix); rank 0 = off
@@ -56,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.patience = 3                  # ... stop after N evaluations without improvement (keeps the best params)
     c.sft.min_delta_rel = 0.0           # an evaluation "improves" if it beats the best by this fraction
     c.sft.weight_decay = 0.01
+    c.sft.max_seconds = 0.0             # > 0: a time budget; the stage ends (with its evaluation) once its wall clock
+                                        # passes it (checked before each step; recorded as sft_end_reason)
 
     c.rl = ml_collections.ConfigDict()
     c.rl.enabled = True
@@ -76,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     # dynamic_sampling_rounds); the old names below still work, with a deprecation warning.
     for old in RENAMED:
         c.rl[old] = ml_collections.config_dict.placeholder(int)
+    c.rl.max_seconds = 0.0              # > 0: the RL stage's time budget, as sft.max_seconds (rl_end_reason)
     c.rl.control_sft_seconds = 0.0      # > 0: a control run: spend this long on more SFT instead of RL
     c.rl.init_from_sft = ""             # another run's workdir: start from its cold-start result (sft_checkpoint/)
 

@@ -148,7 +148,8 @@ def plot_curves(workdir: str) -> list[str]:
 
 def write_summary(workdir: str, counters: dict, algorithm: str, end_stage: str) -> dict:
     """summary.json of a finished run: its counters (`global_step`, `sft_step`, `rl_step`, `sft_time_s`,
-    `rl_time_s`, `best_val_loss`), test / OOD accuracy and test pass@k after the cold start (`sft_end`) and at
+    `rl_time_s`, `best_val_loss`, `sft_end_reason`, `rl_end_reason`: why each stage ended, e.g. `max_seconds`),
+    test / OOD accuracy and test pass@k after the cold start (`sft_end`) and at
     `end_stage` (`rl_end` or `control_end`), read back from eval.jsonl, and the test accuracy gain. Returns it."""
     evals = read_jsonl(os.path.join(workdir, "eval.jsonl"))
 
@@ -162,7 +163,8 @@ def write_summary(workdir: str, counters: dict, algorithm: str, end_stage: str) 
                "test_accuracy_after_sft": last("sft_end", "test"), "test_accuracy_final": last(end_stage, "test"),
                "ood_accuracy_after_sft": last("sft_end", "test_ood"), "ood_accuracy_final": last(end_stage, "test_ood"),
                "test_pass_at_k_after_sft": last("sft_end", "test", "pass_at_k"),
-               "test_pass_at_k_final": last(end_stage, "test", "pass_at_k"), "algorithm": algorithm}
+               "test_pass_at_k_final": last(end_stage, "test", "pass_at_k"), "algorithm": algorithm,
+               "sft_end_reason": counters.get("sft_end_reason"), "rl_end_reason": counters.get("rl_end_reason")}
     if summary["test_accuracy_after_sft"] is not None and summary["test_accuracy_final"] is not None:
         summary["test_accuracy_gain"] = summary["test_accuracy_final"] - summary["test_accuracy_after_sft"]
     with open(os.path.join(workdir, "summary.json"), "w") as f:

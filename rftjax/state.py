@@ -43,6 +43,8 @@ class Counters:
         step it was reached at, evaluations since without improvement).
       sft_time_s, rl_time_s: wall seconds spent in each stage (evaluations included).
       updates_skipped_nonfinite: RL steps whose rollouts had a non-finite reward (not trained on).
+      sft_end_reason, rl_end_reason: why the stage ended: `patience` (validation loss), `max_steps` / `steps`,
+        `max_seconds` (the stage's time budget), `control_sft_seconds` (the control); None while it runs.
     """
 
     stage: str = "sft"
@@ -55,6 +57,8 @@ class Counters:
     sft_time_s: float = 0.0
     rl_time_s: float = 0.0
     updates_skipped_nonfinite: int = 0
+    sft_end_reason: str | None = None
+    rl_end_reason: str | None = None
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Counters":

@@ -105,6 +105,19 @@ class Trainer:
         self.stop_requested = bool(np.any(place.gather(np.asarray([self.stop_requested]))))
         return bool(place.agree([more])[0]) and not self.stop_requested
 
+    def _within(self, stage: str, limits: dict[str, tuple[float, float]]) -> bool:
+        """Whether `stage` ("sft" or "rl") may take another step: False once any `{reason: (value, limit)}` has
+        `value >= limit` (a limit <= 0 is off); the first such reason is kept as the stage's end reason
+        (`Counters.sft_end_reason` / `rl_end_reason`, in summary.json)."""
+        for reason, (value, limit) in limits.items():
+            if limit > 0 and value >= limit:
+                if reason == "max_seconds":
+                    log.info("%s: time budget of %.0f s spent (%s.max_seconds); ending the stage with its evaluation",
+                             stage, limit, stage)
+                setattr(self.state.counters, f"{stage}_end_reason", reason)
+                return False
+        return True
+
     def _end_stage(self, eval_stage: str, params, next_stage: str = "done"):
         """Evaluate `params` as `eval_stage`, move to `next_stage` (`RunState.finish_stage`), checkpoint."""
         self.evaluate_all(eval_stage, params=params)
@@ -145,14 +158,20 @@ class Trainer:
             return m, False
         log.info("SFT: validation loss stopped improving (best %.4f at step %s)", counters.best_val_loss,
                  counters.best_step)
+        counters.sft_end_reason = "patience"
         return m, True
 
     def run_sft(self):
         c = self.c
         counters = self.state.counters
-        if not self._loop("sft", "sft_step", "sft_time_s", lambda: counters.sft_step < c.sft.max_steps,
-                          self._sft_step, c.sft.max_steps, postfix=lambda m: {
-                              "loss": f"{m['sft_loss']:.3f}", "val": m.get("val_loss", counters.best_val_loss)}):
+
+        def more():
+            return self._within("sft", {"max_steps": (counters.sft_step, c.sft.max_steps),
+                                        "max_seconds": (counters.sft_time_s, c.sft.max_seconds)})
+
+        if not self._loop("sft", "sft_step", "sft_time_s", more, self._sft_step, c.sft.max_steps,
+                          postfix=lambda m: {"loss": f"{m['sft_loss']:.3f}",
+                                             "val": m.get("val_loss", counters.best_val_loss)}):
             return
         best = self.state.stage.best
         params = self.params if best is None else self.state.full(best)  # best validation loss
@@ -206,16 +225,23 @@ class Trainer:
 
     def run_rl(self):
         c = self.c
-        if self._loop("rl", "rl_step", "rl_time_s", lambda: self.state.counters.rl_step < c.rl.steps, self._rl_step,
-                      c.rl.steps, c.rl.algorithm, lambda m: {"reward": f"{m['reward_mean']:.3f}",
-                                                             "acc": f"{m['accuracy']:.2f}",
-                                                             "s_per_step": f"{m['time_per_step_s']:.1f}"}):
+        counters = self.state.counters
+
+        def more():
+            return self._within("rl", {"steps": (counters.rl_step, c.rl.steps),
+                                       "max_seconds": (counters.rl_time_s, c.rl.max_seconds)})
+
+        if self._loop("rl", "rl_step", "rl_time_s", more, self._rl_step, c.rl.steps, c.rl.algorithm,
+                      lambda m: {"reward": f"{m['reward_mean']:.3f}", "acc": f"{m['accuracy']:.2f}",
+                                 "s_per_step": f"{m['time_per_step_s']:.1f}"}):
             self._end_stage("rl_end", self.params)
 
     def run_control_sft(self):
         """Control: spend `rl.control_sft_seconds` on more SFT over the same traced set (no early stopping)."""
+        counters = self.state.counters
         if self._loop("control_sft", "rl_step", "rl_time_s",
-                      lambda: self.state.counters.rl_time_s < self.c.rl.control_sft_seconds,
+                      lambda: self._within("rl", {"control_sft_seconds": (counters.rl_time_s,
+                                                                          self.c.rl.control_sft_seconds)}),
                       lambda n: (self._sft_update(), False),
                       desc="control sft"):
             self._end_stage("control_end", self.params)

@@ -36,7 +36,7 @@ MAX_PROMPT_LEN = 96
 def _settings(checkpoint: str, files: dict) -> dict:
     """Overrides of configs/qwen2_5_vl_easyr1.py for a run of seconds."""
     return {"model.checkpoint": checkpoint, "data.train": f"easyr1:{files['train']}",
-            "data.test": f"easyr1:{files['test']}", "model.overrides.dtype": "float32",
+            "data.test": f"easyr1:{files['test']}", "model.dtype": "float32",
             "data.max_prompt_len": MAX_PROMPT_LEN, "rl.steps": 3, "rl.prompts_per_step": 2, "rl.algo.group_size": 2,
             "rl.max_new_tokens": 8, "rl.lr": 1e-3, "rl.warmup_steps": 0, "eval.batch_size": 4, "eval.every": 100,
             "checkpoint.every": 1, "log.progress": False, "log.tensorboard": False, "mesh.num_devices": 1}

@@ -50,6 +50,7 @@ def test_every_preset_runs_the_smoke_config(tmp_path, algorithm):
     for name in ("summary.json", "curves.png", "samples.jsonl"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert summary["rl_steps"] == 3 and os.listdir(os.path.join(workdir, "tensorboard"))
+    assert summary["rl_end_reason"] == "steps" and summary["sft_end_reason"] in ("max_steps", "patience")
     if algorithm == "dapo":  # 2 batches of prompts generated per round (gen_prompts_per_round = 2 x 2)
         assert all(0 <= r["rollout_groups_with_signal"] <= 1 and 0 <= r["rollout_accuracy"] <= 1 for r in rl_rows)
     else:  # without dynamic sampling every rollout is trained on
@@ -64,19 +65,26 @@ def test_every_preset_runs_the_smoke_config(tmp_path, algorithm):
 
 def test_rl_and_control_start_from_another_runs_cold_start(tmp_path):
     """rl.init_from_sft: an SFT-only run's cold start (RL disabled there) seeds an RL run and an SFT control run,
-    both beginning at its params, step and sft_end evaluations."""
+    both beginning at its params, step and sft_end evaluations. The time budgets (sft.max_seconds,
+    rl.max_seconds) end their stages after one step, with the stage's evaluation, and summary.json says why."""
     from rftjax.checkpoint import SFT_CHECKPOINT
     from rftjax.checkpoint import Checkpointer as Ckpt
 
-    _, src, summary = _run(tmp_path, "sft_only", **{"rl.enabled": False})
-    assert summary["rl_steps"] == 0
+    _, src, summary = _run(tmp_path, "sft_only", **{"rl.enabled": False, "sft.max_seconds": 1e-3})
+    assert summary["rl_steps"] == 0 and summary["sft_steps"] == 1 and summary["sft_end_reason"] == "max_seconds"
+    assert summary["test_accuracy_after_sft"] is not None  # the stage ended with its evaluation
     step = Ckpt(src, subdir=SFT_CHECKPOINT).latest_step()
-    for name, extra, stage in (("rl", {}, "rl"), ("control", {"rl.control_sft_seconds": 2.0}, "control_sft")):
+    for name, extra, stage, reason in (
+            ("rl", {"rl.max_seconds": 1e-3}, "rl", "max_seconds"),
+            ("control", {"rl.control_sft_seconds": 2.0}, "control_sft", "control_sft_seconds")):
         trainer = Trainer(_config(**{"rl.init_from_sft": src, **extra}), str(tmp_path / name))
         assert trainer.meta["global_step"] == step and trainer.meta["stage"] == "rl"
-        trainer.run()
+        summary = trainer.run()
+        assert summary["rl_end_reason"] == reason and summary["test_accuracy_final"] is not None
         rows = read_jsonl(os.path.join(trainer.workdir, "metrics.jsonl"))
         assert rows and {r["stage"] for r in rows} == {stage} and rows[0]["step"] == step + 1
+        if name == "rl":
+            assert len(rows) == 1 and summary["rl_steps"] == 1
         evals = read_jsonl(os.path.join(trainer.workdir, "eval.jsonl"))
         assert [e for e in evals if e["stage"] == "sft_end"] == [e for e in read_jsonl(os.path.join(
             src, "eval.jsonl")) if e["stage"] == "sft_end"]
