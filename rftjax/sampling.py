@@ -3,7 +3,9 @@
 `generate` is the one entry point for rollouts (training) and evaluation. It is one XLA program per
 (config, shapes, sampling settings): no per-token Python. Each prompt's image is encoded and its prompt
 prefilled once; the resulting KV cache is repeated for the G samples of its group, which then decode with
-independent randomness. The loop stops as soon as every row has emitted an EOS id or the budget is spent.
+independent randomness. The loop stops as soon as every row has emitted an EOS id or the budget is spent;
+before that, rows that have finished are dropped from the decode batch (it halves once half of it is done:
+`decode_sizes`), so short completions stop costing decode steps.
 
 Sampling follows HF's logits-processor order: temperature, then top-k, then top-p (nucleus; Holtzman et al.
 2020, "The Curious Case of Neural Text Degeneration"). Token ids that must never be generated (the image
@@ -55,25 +57,38 @@ class SamplingOutput:
 
 @flax.struct.dataclass
 class DecodeState:
-    """The carry of the decode `lax.while_loop` (N = B * G rows, T = max_new_tokens).
+    """The carry of a decode `lax.while_loop` (N = B * G rows, T = max_new_tokens) over M <= N slots: all N rows
+    at first; once finished rows are dropped (`decode_sizes`), the M slots hold the rows still decoding.
 
     Attributes:
       step: int32 `[]`, tokens generated so far (the column the next token is written to).
-      tokens: int32 `[N, T]`, generated ids (`pad_id` after a row is done and in unwritten columns).
+      tokens: int32 `[N, T]`, generated ids of every row (`pad_id` after a row is done and in unwritten columns).
       logprobs: float32 `[N, T]`, log-prob of each generated token under the sampling distribution.
       model_logprobs: float32 `[N, T]`, the same under the unfiltered tempered model distribution.
-      done: bool `[N]`, rows that have emitted an EOS id.
-      cache: the decoder's `KVCache` with every prompt repeated G times.
-      last_logits: float32 `[N, V]`, logits of the next token of each row.
+      rows: int32 `[M]`, the row (of N) each slot decodes.
+      done: bool `[M]`, slots whose row has emitted an EOS id.
+      cache: the decoder's `KVCache` of the M slots (every prompt repeated G times, then compacted).
+      last_logits: float32 `[M, V]`, logits of the next token of each slot.
     """
 
     step: Array
     tokens: Array
     logprobs: Array
     model_logprobs: Array
+    rows: Array
     done: Array
     cache: KVCache
     last_logits: Array
+
+
+def decode_sizes(n: int, compact: bool, max_phases: int = 4, min_rows: int = 8) -> tuple[int, ...]:
+    """Slot counts of the decode phases for `n` rows: `(n, n/2, n/4, ...)` (at most `max_phases`, halving while
+    the half is an integer >= `min_rows`), or `(n,)` without compaction. Phase k+1 starts once at most its size
+    of rows are still decoding; each phase is one more traced copy of the decode step (compile time)."""
+    sizes = [n]
+    while compact and len(sizes) < max_phases and sizes[-1] % 2 == 0 and sizes[-1] // 2 >= min_rows:
+        sizes.append(sizes[-1] // 2)
+    return tuple(sizes)
 
 
 def filter_logits(logits: Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -114,17 +129,26 @@ def first_argmax(x: Array) -> Array:
 
 
 def sample_tokens(key: Array, logits: Array, *, temperature: float, top_k: int, top_p: float, greedy: bool,
-                  suppress_ids: Sequence[int]) -> tuple[Array, Array, Array]:
-    """One token per row from logits `[N, V]`: `(tokens int32 [N], logprobs float32 [N], model_logprobs float32
-    [N])`: the log-prob under the sampling distribution and under the unfiltered `softmax(logits / temperature)`
-    (temperature 1 when greedy)."""
+                  suppress_ids: Sequence[int], rows: Array | None = None,
+                  num_rows: int = 0) -> tuple[Array, Array, Array]:
+    """One token per row from logits `[M, V]`: `(tokens int32 [M], logprobs float32 [M], model_logprobs float32
+    [M])`: the log-prob under the sampling distribution and under the unfiltered `softmax(logits / temperature)`
+    (temperature 1 when greedy).
+
+    `rows` (int `[M]`, of `num_rows`): the rows these logits belong to; row r gets the noise it would get in a
+    draw over all `num_rows` rows, so dropping finished rows does not change the other rows' samples.
+    """
     temperature = 1.0 if greedy else temperature
     if greedy:
         x = filter_logits(logits, 1.0, 0, 1.0, suppress_ids)
         tokens = first_argmax(x)
     else:
         x = filter_logits(logits, temperature, top_k, top_p, suppress_ids)
-        tokens = first_argmax(x + jax.random.gumbel(key, x.shape))  # = jax.random.categorical(key, x), same draws
+        if rows is None:
+            noise = jax.random.gumbel(key, x.shape)
+        else:
+            noise = jax.random.gumbel(key, (num_rows, x.shape[1]))[rows]
+        tokens = first_argmax(x + noise)  # = jax.random.categorical(key, x), the same draws
 
     def logp(z):
         return jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tokens[:, None], axis=-1)[:, 0]
@@ -150,9 +174,9 @@ def _validate(config: VLMConfig, pixel_values, prompt_ids, prompt_mask, group_si
 
 
 @functools.partial(jax.jit, static_argnames=("config", "group_size", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "eos_ids", "greedy", "pad_id", "suppress_ids"))
+                                             "top_p", "eos_ids", "greedy", "pad_id", "suppress_ids", "compact"))
 def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, group_size, max_new_tokens,
-              temperature, top_k, top_p, eos_ids, greedy, pad_id, suppress_ids) -> SamplingOutput:
+              temperature, top_k, top_p, eos_ids, greedy, pad_id, suppress_ids, compact=True) -> SamplingOutput:
     model = model_for(config)
     b, p = prompt_ids.shape
     n = b * group_size
@@ -169,25 +193,40 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
     # Repeat for the G samples of each group (rows b*G .. b*G+G-1 share prompt b).
     state = DecodeState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((n, max_new_tokens), pad_id, jnp.int32),
                         logprobs=jnp.zeros((n, max_new_tokens), jnp.float32),
-                        model_logprobs=jnp.zeros((n, max_new_tokens), jnp.float32), done=jnp.zeros((n,), bool),
+                        model_logprobs=jnp.zeros((n, max_new_tokens), jnp.float32),
+                        rows=jnp.arange(n, dtype=jnp.int32), done=jnp.zeros((n,), bool),
                         cache=cache.repeat(group_size), last_logits=jnp.repeat(last_logits, group_size, axis=0))
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-
-    def cond(s: DecodeState):
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+    sizes = decode_sizes(n, compact)
 
     def body(s: DecodeState) -> DecodeState:
-        token, logp, model_logp = sample_tokens(jax.random.fold_in(rng, s.step), s.last_logits, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, greedy=greedy, suppress_ids=suppress_ids)
+        compacted = s.rows.shape[0] < n
+        token, logp, model_logp = sample_tokens(
+            jax.random.fold_in(rng, s.step), s.last_logits, temperature=temperature, top_k=top_k, top_p=top_p,
+            greedy=greedy, suppress_ids=suppress_ids, rows=s.rows if compacted else None, num_rows=n)
         live = ~s.done
         token = jnp.where(live, token, pad_id)
         logits, cache = model.apply(variables, None, token[:, None], live[:, None], cache=s.cache)
-        return DecodeState(step=s.step + 1, tokens=s.tokens.at[:, s.step].set(token),
-                           logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, logp, 0.0)),
-                           model_logprobs=s.model_logprobs.at[:, s.step].set(jnp.where(live, model_logp, 0.0)),
-                           done=s.done | jnp.isin(token, eos), cache=cache, last_logits=logits[:, 0])
+        at = (jnp.where(live, s.rows, n), s.step)  # finished slots write nothing (row n is out of range: dropped)
+        return s.replace(step=s.step + 1, tokens=s.tokens.at[at].set(token, mode="drop"),
+                         logprobs=s.logprobs.at[at].set(logp, mode="drop"),
+                         model_logprobs=s.model_logprobs.at[at].set(model_logp, mode="drop"),
+                         done=s.done | jnp.isin(token, eos), cache=cache, last_logits=logits[:, 0])
 
-    final = jax.lax.while_loop(cond, body, state)
+    # Decode phases over fewer and fewer slots: phase k runs while more rows are unfinished than phase k+1 has
+    # slots; then the unfinished rows (and some finished ones, if fewer remain) move to the smaller batch.
+    for k, size in enumerate(sizes):
+        if k:
+            keep = jnp.argsort(state.done, stable=True)[:size]  # unfinished slots first
+            state = state.replace(rows=state.rows[keep], done=state.done[keep], cache=state.cache.take(keep),
+                                  last_logits=state.last_logits[keep])
+        fewer = sizes[k + 1] if k + 1 < len(sizes) else 0
+
+        def cond(s: DecodeState, fewer=fewer):
+            return (s.step < max_new_tokens) & (jnp.sum(~s.done) > fewer)
+
+        state = jax.lax.while_loop(cond, body, state)
+    final = state
     tokens = final.tokens
 
     # A row's mask runs up to and including its first EOS, or over the whole budget. (If the loop stopped
@@ -204,7 +243,8 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
 def generate(params, config: VLMConfig | QwenVLConfig, pixel_values, prompt_ids: Array, prompt_mask: Array,
              rng: Array, *, group_size: int = 1, max_new_tokens: int = 64, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (), greedy: bool = False,
-             pad_id: int = 0, suppress_ids: Sequence[int] | None = None) -> SamplingOutput:
+             pad_id: int = 0, suppress_ids: Sequence[int] | None = None,
+             compact: bool | None = None) -> SamplingOutput:
     """Sample `group_size` completions for each of B left-padded prompts.
 
     Args:
@@ -225,6 +265,11 @@ def generate(params, config: VLMConfig | QwenVLConfig, pixel_values, prompt_ids:
       pad_id: id written after a row ends.
       suppress_ids: ids never generated; default the image (and video) placeholders. Pass the pad id here too if
         it is not a real token of your vocabulary.
+      compact: drop finished rows from the decode batch (`decode_sizes`: the batch halves, up to 3 times, once at
+        most half of it is still decoding). The output is the same as without (each row's noise does not
+        depend on the batch), up to float rounding of the smaller batch's matmuls. None (default): on unless the
+        prompts are sharded over several devices, where gathering rows would move KV caches between devices
+        (called under an outer jit, where the placement is not known: on).
 
     Returns:
       `SamplingOutput` (completion ids/mask/logprobs `[N, T]`, lengths and truncated `[N]`).
@@ -237,10 +282,13 @@ def generate(params, config: VLMConfig | QwenVLConfig, pixel_values, prompt_ids:
               top_p, pad_id)
     if suppress_ids is None:
         suppress_ids = placeholder_ids(config)
-    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((prompt_ids, pixel_values))):
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((prompt_ids, pixel_values)))
+    if not traced:
         check_image_tokens(prompt_ids, config, pixel_values)
+    if compact is None:  # under an outer jit the placement is unknown here: compact
+        compact = traced or not (isinstance(prompt_ids, jax.Array) and len(prompt_ids.sharding.device_set) > 1)
     return _generate(params, pixel_values, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool),
                      rng, config=config, group_size=int(group_size), max_new_tokens=int(max_new_tokens),
                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                      eos_ids=tuple(int(e) for e in eos_ids), greedy=bool(greedy), pad_id=int(pad_id),
-                     suppress_ids=tuple(int(s) for s in suppress_ids))
+                     suppress_ids=tuple(int(s) for s in suppress_ids), compact=bool(compact))

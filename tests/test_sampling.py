@@ -265,3 +265,29 @@ def test_generate_under_jit_with_sharded_batch_and_params(tiny):
     np.testing.assert_array_equal(sharded.completion_ids, single.completion_ids)
     np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
     assert len(sharded.completion_ids.sharding.device_set) == 8
+
+
+def test_decode_sizes_halve_while_the_half_is_at_least_min_rows():
+    assert sampling.decode_sizes(256, True) == (256, 128, 64, 32)
+    assert sampling.decode_sizes(24, True) == (24, 12)
+    assert sampling.decode_sizes(12, True) == (12,) and sampling.decode_sizes(256, False) == (256,)
+    assert sampling.decode_sizes(100, True) == (100, 50, 25)
+
+
+@pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])
+def test_dropping_finished_rows_changes_no_sample(tiny, greedy):
+    """Compaction (the decode batch halves as rows finish) gives the samples, log-probs and lengths of decoding
+    every row to the end: 4 prompts x G = 8, so the batch goes 32 -> 16 -> 8 slots as rows hit an EOS id."""
+    config, params = tiny
+    pixels, ids, mask = _prompts(config, pads=(0, 3, 1, 2))
+    eos = tuple(range(4, config.text.vocab_size, 9))  # ~1 in 9 tokens ends a row: lengths spread over the budget
+    kw = dict(group_size=8, max_new_tokens=24, temperature=1.0, eos_ids=eos, greedy=greedy)
+    full = sampling.generate(params, config, pixels, ids, mask, jax.random.key(5), compact=False, **kw)
+    compact = sampling.generate(params, config, pixels, ids, mask, jax.random.key(5), compact=True, **kw)
+    lengths = np.asarray(full.lengths)
+    # The smaller phases ran for a while: sampled, the 8-slot phase; greedy (a group's rows are equal), the 16.
+    assert np.sum(lengths < 20) >= (16 if greedy else 24) and np.sum(lengths > 4) >= 4, lengths
+    for name in ("completion_ids", "completion_mask", "lengths", "truncated"):
+        np.testing.assert_array_equal(getattr(compact, name), getattr(full, name), err_msg=name)
+    np.testing.assert_allclose(compact.logprobs, full.logprobs, atol=1e-5)
+    np.testing.assert_allclose(compact.model_logprobs, full.model_logprobs, atol=1e-5)

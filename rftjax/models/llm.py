@@ -58,10 +58,19 @@ class KVCache:
         Used to decode G samples of a group from one prefilled prompt. Works for both layouts of `layers`
         (per-layer `[B, K, S, hd]`, or `[L, B, K, S, hd]` when the layers are scanned).
         """
+        return self._map_rows(lambda x, axis: jnp.repeat(x, n, axis=axis))
+
+    def take(self, rows: Array) -> "KVCache":
+        """The cache of rows `rows` (int `[M]`, indices into `[B]`, in that order): `B` rows become `M` (the
+        sampler drops finished rows with it)."""
+        return self._map_rows(lambda x, axis: jnp.take(x, rows, axis=axis))
+
+    def _map_rows(self, fn) -> "KVCache":
+        """`fn(array, batch_axis)` applied to every per-row array (both layouts of `layers`: per-layer
+        `[B, K, S, hd]`, or `[L, B, K, S, hd]` when the layers are scanned); `index` is shared by all rows."""
         batch_axis = 1 if isinstance(self.layers, dict) else 0  # a dict of stacked arrays: the scanned layout
-        rep = lambda axis: lambda x: jnp.repeat(x, n, axis=axis)  # noqa: E731
-        return self.replace(layers=jax.tree.map(rep(batch_axis), self.layers), mask=rep(0)(self.mask),
-                            next_pos=rep(0)(self.next_pos))
+        return self.replace(layers=jax.tree.map(lambda x: fn(x, batch_axis), self.layers), mask=fn(self.mask, 0),
+                            next_pos=fn(self.next_pos, 0))
 
 
 def init_cache(config: TextConfig, batch_size: int, max_len: int, dtype=jnp.float32,
