@@ -2,8 +2,10 @@
 
     python -m rftjax.train --config configs/digits_grpo.py --workdir runs/digits
 
-~19M-parameter VLM from scratch on 2 CPU cores in under 30 minutes: the cold start trains on 1,000 traced
-examples until the validation loss stops improving (no 2% gain in 4 evaluations, 128 steps), then 100 GRPO steps
+A 12.5M-parameter VLM (the default preset with a 4-layer decoder) from scratch on 2 CPU cores in under 30
+minutes: the cold start trains on 1,000 traced examples until the validation loss stops improving (no 2% gain in
+4 evaluations, 128 steps) or its 15-minute budget is spent (sft.max_seconds), then 100 GRPO steps (or 9 minutes:
+rl.max_seconds)
 on answer-only problems, with DAPO's dynamic sampling: 32 prompts x 8 samples generated per step, the first 8 groups
 whose rewards differ are trained on. Sum traces are running two-operand additions (up to 57 tokens; the 5-6 digit
 OOD problems need up to 85, hence the longer evaluation budget).
@@ -22,7 +24,9 @@ def get_config():
     c = base_config()
     c.model.preset = "default"
     # 16 px patches: one patch per digit cell of the 64 px canvas -> 16 image tokens per prompt.
-    c.model.overrides = {"vision": {"patch_size": 16}}
+    # A 4-layer decoder (the preset has 8): half the cost of every step, rollout and evaluation (issue 18: the job
+    # must keep its 30 minutes on slow 2-core machines too).
+    c.model.overrides = {"vision": {"patch_size": 16}, "text": {"num_layers": 4}}
     # model.dtype stays "auto": bfloat16 compute where this machine's bf16 matmul is faster (AMX, TPU, GPU), float32
     # where it is slower (CPUs without AVX-512 BF16 / AMX); the run logs the choice.
     c.data.task = "digits"
@@ -43,4 +47,7 @@ def get_config():
     c.eval.during_rl_examples = 200
     c.eval.max_new_tokens = 96  # 5-6 digit OOD sums write up to 85 tokens of running sums
     c.checkpoint.every = 50
+    # Safety nets for slow machines: a stage that runs out of its budget ends early, with its evaluation
+    # (summary.json says so: sft_end_reason / rl_end_reason = "max_seconds").
+    c.sft.max_seconds, c.rl.max_seconds = 900.0, 540.0
     return c

@@ -34,7 +34,7 @@ from rftjax.data.qwen_image import QwenImageProcessor, pad_images
 from rftjax.models import QwenImages, param_count
 from rftjax.models import hf as rhf
 from rftjax.models.config import QwenVisionConfig, QwenVLConfig, TextConfig
-from roofline import describe, matmul_rate, median_time, memory_bandwidth
+from roofline import decode_matmuls, decode_roofline, describe, matmul_rate, median_time, memory_bandwidth
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 IDS = dict(image_token_id=8000, video_token_id=8001, vision_start_token_id=8002, vision_end_token_id=8003)
@@ -105,25 +105,6 @@ def hf_generate_time(model, b, new_tokens: int, repeats: int) -> float:
                            suppress_tokens=[IDS["image_token_id"], IDS["video_token_id"]], pad_token_id=0,
                            eos_token_id=None)
     return median_time(run, repeats)
-
-
-def decode_matmuls(config: QwenVLConfig, batch: int) -> list[tuple[int, int, int]]:
-    """The `(m, k, n)` matmuls of one decode step of `batch` rows: per layer q, k, v, o, gate, up, down; the LM head."""
-    t = config.text
-    d, q, kv, i = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
-    layer = [(batch, d, q), (batch, d, kv), (batch, d, kv), (batch, q, d), (batch, d, i), (batch, d, i),
-             (batch, i, d)]
-    return layer * t.num_layers + [(batch, d, t.vocab_size)]
-
-
-def decode_roofline(config: QwenVLConfig, batch: int, context: float, rates: dict, bandwidth: float) -> float:
-    """Seconds of one decode step at this machine's roofline: every matmul at the FLOP rate measured for its own
-    shape (which includes reading its weights), plus the KV cache (float32, mean `context` slots) read at the
-    measured bandwidth. Softmax, norms, RoPE and sampling count as free."""
-    t = config.text
-    matmuls = sum(2 * m * k * n / rates[(m, k, n)] for m, k, n in decode_matmuls(config, batch))
-    kv_bytes = t.num_layers * 2 * batch * context * t.num_kv_heads * t.head_dim * 4
-    return matmuls + kv_bytes / bandwidth
 
 
 def main():

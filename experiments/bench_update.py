@@ -1,5 +1,5 @@
-"""Update-step time and model FLOPs utilisation (MFU) against this machine's matmul peak, measured in the
-same run.
+"""Update-step time and model FLOPs utilisation (MFU) against this machine's matmul peak, and against its roofline
+at the step's own matmul shapes (float32 and bf16 rates, measured in the same run; CPU model and flags printed).
 
 The update step is the trainer's `rftjax.rl_update.make_rl_update` (GRPO, on-policy, no KL: group advantages
 from the rewards, then one `apply_gradients` of the policy loss) over a `RolloutBatch` of prompt + completion
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -30,7 +29,7 @@ from rftjax import rl, steps
 from rftjax.models import forward_flops, get_preset, init_params, param_count
 from rftjax.rl_update import make_rl_update
 from rftjax.steps import RolloutBatch
-from roofline import cpu_model, matmul_rate
+from roofline import decode_matmuls, describe, matmul_rate, shape_rates, train_roofline
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -86,27 +85,36 @@ def main():
     ap.add_argument("--text-len", type=int, default=32, help="prompt text tokens after the image tokens")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    peaks = {name: matmul_rate(4096, 4096, 4096, dtype) for name, dtype in (("float32", jnp.float32),
-                                                                           ("bfloat16", jnp.bfloat16))}
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    print(describe(), flush=True)
+    peaks = {name: matmul_rate(4096, 4096, 4096, dtype) for name, dtype in dtypes.items()}
     print({k: f"{v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()}, flush=True)
-    rows = []
+    rows, shape_text = [], []
     for preset in args.presets:
+        config = get_preset(preset)
+        p = config.num_image_tokens + args.text_len
+        tokens = args.batch * (p + args.completion_len)
         for dtype in args.dtypes:
-            p = get_preset(preset).num_image_tokens + args.text_len
+            rates = shape_rates(decode_matmuls(config, tokens), dtypes[dtype])
+            shape_text.append(f"{preset} {dtype}: " + ", ".join(
+                f"[{m}x{k}]@[{k}x{n}] {r / 1e9:.0f}" for (m, k, n), r in sorted(rates.items())))
             r = bench(preset, dtype, args.batch, p, args.completion_len, args.repeats)
             r["mfu"] = r["tflops_per_s"] * 1e12 / peaks[dtype]
+            r["roofline_s"] = train_roofline(config, tokens, rates)
+            r["frac_roofline"] = r["roofline_s"] / r["step_s"]
             rows.append(r)
             print(r, flush=True)
     device = jax.devices()[0]
-    meta = (f"jax {jax.__version__} on {device.platform} ({getattr(device, 'device_kind', '')}, {cpu_model()}, "
-            f"{platform.machine()}, {os.cpu_count()} cores); matmul peak fp32 {peaks['float32'] / 1e12:.3f}, "
-            f"bf16 (fp32 accumulation) {peaks['bfloat16'] / 1e12:.3f} TFLOP/s; GRPO update (forward + backward + "
-            f"AdamW), median of {args.repeats}")
-    lines = ["| preset | params | dtype | batch x seq | compile s | step s | TFLOP/s | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+    meta = (f"{describe()}; matmul peak (4096^3) fp32 {peaks['float32'] / 1e12:.3f}, bf16 (fp32 accumulation) "
+            f"{peaks['bfloat16'] / 1e12:.3f} TFLOP/s; GFLOP/s at the step's own matmul shapes: "
+            f"{'; '.join(shape_text)}. GRPO update (forward + backward + AdamW), median of {args.repeats}. "
+            f"MFU: model FLOPs / step time / the 4096^3 peak of the step's dtype; roofline: the step's decoder and "
+            f"LM-head matmuls (x3 for the backward) at their shapes' measured rates, the rest counted free.")
+    lines = ["| preset | params | dtype | batch x seq | compile s | step s | TFLOP/s | MFU | roofline s | % roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['preset']} | {r['params_m']:.1f}M | {r['dtype']} | {r['batch']} x {r['seq_len']} | "
-              f"{r['compile_s']:.1f} | {r['step_s']:.3f} | {r['tflops_per_s']:.3f} | {100 * r['mfu']:.1f}% |"
-              for r in rows]
+              f"{r['compile_s']:.1f} | {r['step_s']:.3f} | {r['tflops_per_s']:.3f} | {100 * r['mfu']:.1f}% | "
+              f"{r['roofline_s']:.3f} | {100 * r['frac_roofline']:.0f}% |" for r in rows]
     table = meta + "\n\n" + "\n".join(lines)
     print("\n" + table)
     os.makedirs(RESULTS, exist_ok=True)

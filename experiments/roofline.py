@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from rftjax.hardware import cpu_flags, cpu_model, matmul_rate
 
-__all__ = ["cpu_flags", "cpu_model", "describe", "matmul_rate", "median_time", "memory_bandwidth"]
+__all__ = ["cpu_flags", "cpu_model", "decode_matmuls", "decode_roofline", "describe", "layer_matmuls", "matmul_rate",
+           "median_time", "memory_bandwidth", "shape_rates", "train_roofline"]
 
 
 def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
@@ -51,3 +52,40 @@ def describe() -> str:
     d = jax.devices()[0]
     return (f"jax {jax.__version__} on {d.platform} ({getattr(d, 'device_kind', '')}); CPU: {cpu_model()} "
             f"[{' '.join(cpu_flags()) or 'no flags read'}], {jax.local_device_count()} device(s)")
+
+
+def layer_matmuls(text, rows: int) -> list[tuple[int, int, int]]:
+    """The `(m, k, n)` matmuls of one decoder layer (`TextConfig`) over `rows` tokens: q, k, v, o, gate, up, down."""
+    d, q, kv, i = text.hidden_size, text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim, \
+        text.intermediate_size
+    return [(rows, d, q), (rows, d, kv), (rows, d, kv), (rows, q, d), (rows, d, i), (rows, d, i), (rows, i, d)]
+
+
+def decode_matmuls(config, batch: int) -> list[tuple[int, int, int]]:
+    """The `(m, k, n)` matmuls of one decode step of `batch` rows (any config with a `.text` `TextConfig`): every
+    layer's q, k, v, o, gate, up, down; the LM head."""
+    t = config.text
+    return layer_matmuls(t, batch) * t.num_layers + [(batch, t.hidden_size, t.vocab_size)]
+
+
+def shape_rates(shapes, dtype=jnp.float32) -> dict[tuple[int, int, int], float]:
+    """`{(m, k, n): FLOP/s}` measured by `matmul_rate` for each distinct shape, inputs in `dtype`."""
+    return {shape: matmul_rate(*shape, dtype) for shape in set(shapes)}
+
+
+def decode_roofline(config, batch: int, context: float, rates: dict, bandwidth: float, cache_bytes: int = 4) -> float:
+    """Seconds of one decode step at this machine's roofline: every matmul at the FLOP rate measured for its own
+    shape (which includes reading its weights), plus the KV cache (`cache_bytes` per element, mean `context`
+    slots) read at the measured bandwidth. Softmax, norms, RoPE and sampling count as free."""
+    t = config.text
+    matmuls = sum(2 * m * k * n / rates[(m, k, n)] for m, k, n in decode_matmuls(config, batch))
+    kv_bytes = t.num_layers * 2 * batch * context * t.num_kv_heads * t.head_dim * cache_bytes
+    return matmuls + kv_bytes / bandwidth
+
+
+def train_roofline(config, tokens: int, rates: dict) -> float:
+    """Seconds of one training step (forward + backward = 3x the forward matmuls) over `tokens` decoder tokens at
+    this machine's roofline: the decoder's matmuls and the LM head at the rates measured for their shapes
+    (`rates` from `shape_rates(decode_matmuls(config, tokens))`). Attention scores, norms, the ViT and the
+    optimizer count as free, so it is a lower bound."""
+    return 3 * sum(2 * m * k * n / rates[(m, k, n)] for m, k, n in decode_matmuls(config, tokens))
