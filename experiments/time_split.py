@@ -19,15 +19,16 @@ import numpy as np
 from rftjax.metrics import read_jsonl
 
 
-def split(run: str) -> dict:
+def split(run: str, rl_steps: int = 0) -> dict:
     """The timing figures of one run directory (seconds; per-step figures are means over the stage's steps after
-    the first, which includes compilation)."""
+    the first, which includes compilation; of the first `rl_steps` RL steps only, when > 0: e.g. the part of a run
+    that had the machine to itself)."""
     rows = read_jsonl(os.path.join(run, "metrics.jsonl"))
     evals = read_jsonl(os.path.join(run, "eval.jsonl"))
     with open(os.path.join(run, "summary.json")) as f:
         summary = json.load(f)
     sft = [r for r in rows if r["stage"] == "sft"][1:]
-    rl = [r for r in rows if r["stage"] == "rl"][1:]
+    rl = [r for r in rows if r["stage"] == "rl"][1:rl_steps or None]
 
     def mean(rs, key):
         return float(np.mean([r.get(key, 0.0) for r in rs])) if rs else 0.0
@@ -42,9 +43,9 @@ def split(run: str) -> dict:
            "total_s": summary["sft_time_s"] + summary["rl_time_s"],
            "test": summary.get("test_accuracy_final"), "ood": summary.get("ood_accuracy_final"),
            "test_sft": summary.get("test_accuracy_after_sft"), "ood_sft": summary.get("ood_accuracy_after_sft")}
-    rl_steps = max(out["rl_steps"], 1)
-    out["rl_s_per_step"] = (out["rl_time_s"] - out["rl_eval_s"]) / rl_steps
-    out["rl_other_s"] = out["rl_s_per_step"] - out["rollout_s"] - out["reward_s"] - out["update_s"]
+    out["rl_s_per_step"] = mean(rl, "time_per_step_s")  # rollout + reward + update of the steps measured
+    out["rl_other_s"] = ((out["rl_time_s"] - out["rl_eval_s"]) / max(out["rl_steps"], 1) - out["rl_s_per_step"]
+                         if not rl_steps else float("nan"))
     return out
 
 
@@ -52,9 +53,10 @@ def table(runs: dict[str, dict]) -> str:
     """A markdown table, one column per run."""
     fields = [("cold start: steps", "sft_steps", "d"), ("cold start: s/step", "sft_s_per_step", ".2f"),
               ("cold start: minutes (with its evaluations)", "sft_time_s", "min"),
-              ("RL: steps", "rl_steps", "d"), ("RL step: s (evaluations excluded)", "rl_s_per_step", ".2f"),
+              ("RL: steps", "rl_steps", "d"), ("RL step: s (rollout + reward + update)", "rl_s_per_step", ".2f"),
               ("- rollout generation s", "rollout_s", ".2f"), ("- reward scoring s", "reward_s", ".2f"),
-              ("- update s", "update_s", ".2f"), ("- other s (logging, checkpoints, host work)", "rl_other_s", ".2f"),
+              ("- update s", "update_s", ".2f"),
+              ("RL step: other s (host work, logging, checkpoints; all steps)", "rl_other_s", ".2f"),
               ("RL: generation rounds per step", "rollout_rounds", ".2f"),
               ("RL: mean completion tokens", "completion_len", ".1f"),
               ("evaluations: minutes (all stages)", "eval_s", "min"),
@@ -79,10 +81,15 @@ def table(runs: dict[str, dict]) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", help="NAME=RUN_DIR")
+    ap.add_argument("runs", nargs="+", help="NAME=RUN_DIR[:RL_STEPS] (RL_STEPS: per-step figures of the first RL "
+                                            "steps only)")
     ap.add_argument("--out", default="", help="also write the table (.md) and the figures (.json) here")
     args = ap.parse_args()
-    runs = {name: split(path) for name, path in (a.split("=", 1) for a in args.runs)}
+    runs = {}
+    for arg in args.runs:
+        name, spec = arg.split("=", 1)
+        path, _, steps = spec.partition(":")
+        runs[name] = split(path, int(steps or 0))
     text = table(runs)
     print(text)
     if args.out:
