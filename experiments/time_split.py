@@ -1,6 +1,6 @@
 """Where a run's wall time went: the cold start's s/step, the RL step split (rollout generation / reward scoring /
 update / the rest: sampling-side host work, logging, checkpoints), evaluations, and the whole run, read from run
-directories (metrics.jsonl, eval.jsonl, summary.json), side by side.
+directories (metrics.jsonl or metrics.jsonl.gz, eval.jsonl, summary.json), side by side.
 
     python experiments/time_split.py NAME=RUN_DIR [NAME=RUN_DIR ...] [--out experiments/results/NAME.md]
 
@@ -11,6 +11,7 @@ process start-up and compilation before the first step are not in them: see the 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 
@@ -23,7 +24,12 @@ def split(run: str, rl_steps: int = 0) -> dict:
     """The timing figures of one run directory (seconds; per-step figures are means over the stage's steps after
     the first, which includes compilation; of the first `rl_steps` RL steps only, when > 0: e.g. the part of a run
     that had the machine to itself)."""
-    rows = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    metrics = os.path.join(run, "metrics.jsonl")
+    if os.path.exists(metrics + ".gz"):  # as kept under experiments/results/
+        with gzip.open(metrics + ".gz", "rt") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        rows = read_jsonl(metrics)
     evals = read_jsonl(os.path.join(run, "eval.jsonl"))
     with open(os.path.join(run, "summary.json")) as f:
         summary = json.load(f)
