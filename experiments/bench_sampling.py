@@ -13,7 +13,8 @@ rows.
 3. Decode-step breakdown (batch 64, both dtypes): the parts of one step timed on their own at the step's shapes,
    over all layers: q/k/v/o projections, attention over the cache (mean context), the cache update, the MLP,
    the LM head with sampling; "other" is the measured step minus their sum (norms, RoPE, loop overhead, fusion
-   differences).
+   differences). Not yet trustworthy: in its first run the isolated attention and bf16 cache update each took
+   longer than the whole measured step (they slice a stacked cache and do not update in place as the step does).
 4. Finished rows: an RL-shaped batch (8 prompts x G = 8) whose rows end with an EOS at a rate that gives the
    main job's completion lengths (mean ~25-30 of a 64 budget), decoded with `compact=True` (finished rows leave the
    batch, the default) vs `compact=False`; the outputs are equal.
