@@ -10,7 +10,6 @@ here; this is the seam where new model families, tokenizers and data sources plu
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from typing import Any
@@ -84,7 +83,8 @@ def reward_config_of(c: ml_collections.ConfigDict, algo: rl.AlgorithmConfig) -> 
         return rewards.RewardConfig(
             accuracy_weight=r.accuracy_weight, format_weight=r.format_weight,
             overlong_buffer_len=algo.overlong_buffer_len, max_len=c.rl.max_new_tokens, box_iou=r.box_iou,
-            answer_format=r.answer_format, function=r.function, timeout_s=r.timeout_s, num_workers=r.num_workers, on_error=r.on_error)
+            answer_format=r.answer_format, function=r.function, timeout_s=r.timeout_s, num_workers=r.num_workers,
+            on_error=r.on_error)
     except ValueError as e:
         raise ValueError(f"bad config: {e}") from None
 
@@ -189,11 +189,6 @@ def _source(c: ml_collections.ConfigDict, workdir: str, task, split: str, n: int
 EVAL_SPLITS = ("test", "test_ood")
 
 
-@functools.cache
-def _resolved_dtype(name: str) -> str:
-    return hardware.compute_dtype(name)
-
-
 def model_overrides(c: ml_collections.ConfigDict) -> dict:
     """The model config fields the run sets: `model.overrides` with `dtype` = `model.dtype` resolved
     (`rftjax.hardware.compute_dtype`: "auto" picks bfloat16 or float32 for this machine, once per process).
@@ -211,7 +206,7 @@ def model_overrides(c: ml_collections.ConfigDict) -> dict:
                              f"disagree; set only model.dtype")
         log.warning("config model.overrides.dtype is deprecated: use model.dtype=%s", overrides["dtype"])
         name = overrides["dtype"]
-    return {**overrides, "dtype": _resolved_dtype(name)}
+    return {**overrides, "dtype": hardware.compute_dtype(name)}
 
 
 def model_config_of(c: ml_collections.ConfigDict):

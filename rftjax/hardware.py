@@ -125,10 +125,11 @@ def choose_dtype() -> tuple[str, str]:
                    f"{rates['float32'] / 1e9:.0f} GFLOP/s ({ratio:.2f}x; bf16 needs >= {BF16_MARGIN}x), {source}")
 
 
+@functools.cache
 def compute_dtype(name: str) -> str:
     """The compute dtype name for the config value `name` (`model.dtype`): "float32" / "bfloat16" as given, or
-    for "auto" `choose_dtype()`'s answer, logged with its reason. With several processes (`jax.distributed`),
-    every process takes process 0's answer, so all compile the same program.
+    for "auto" `choose_dtype()`'s answer, logged with its reason; decided once per process (cached). With several
+    processes (`jax.distributed`), every process takes process 0's answer, so all compile the same program.
 
     Raises:
       ValueError: `name` is not one of `DTYPE_CHOICES`.

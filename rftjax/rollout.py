@@ -44,6 +44,11 @@ class Rollouts:
     stats: dict[str, float]
 
     @property
+    def time_s(self) -> float:
+        """Host seconds of the step's rollouts: generation (`rollout_time_s`) + reward scoring (`reward_time_s`)."""
+        return self.stats["rollout_time_s"] + self.stats["reward_time_s"]
+
+    @property
     def finite(self) -> bool:
         """Whether every reward of the step (all processes) is finite; a step with a NaN/inf reward is not
         trained on (the trainer counts it in `updates_skipped_nonfinite`)."""

@@ -195,14 +195,13 @@ class Trainer:
                         self.state.counters.global_step, bad[:10].tolist())
             self.state.counters.updates_skipped_nonfinite += 1
             return {**rollouts.metrics(), "updates_skipped_nonfinite": self.state.counters.updates_skipped_nonfinite,
-                    "time_per_step_s": rollouts.stats["rollout_time_s"] + rollouts.stats["reward_time_s"]}
+                    "time_per_step_s": rollouts.time_s}
         s.policy, s.critic, metrics = s.rl_update(s.policy, s.critic, s.ref, self.state.frozen,
                                                   self.setup.put(rollouts.batch), key)
         policy_metrics, critic_metrics = jax.device_get(metrics)
         update_time = time.perf_counter() - t0
         m = {**_mean(policy_metrics), **_mean(critic_metrics), **rollouts.metrics()}
-        m.update(update_time_s=update_time,
-                 time_per_step_s=rollouts.stats["rollout_time_s"] + rollouts.stats["reward_time_s"] + update_time,
+        m.update(update_time_s=update_time, time_per_step_s=rollouts.time_s + update_time,
                  updates_skipped_nonfinite=self.state.counters.updates_skipped_nonfinite)
         return m
 

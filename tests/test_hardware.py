@@ -13,6 +13,7 @@ def fresh_probe(tmp_path, monkeypatch):
     """An empty probe cache (on disk and in memory) and a counter of real probes."""
     monkeypatch.setenv("RFTJAX_CACHE_DIR", str(tmp_path))
     hardware.cpu_matmul_rates.cache_clear()
+    hardware.compute_dtype.cache_clear()
     calls = []
     real = hardware.probe_matmul_rates
 
@@ -23,6 +24,7 @@ def fresh_probe(tmp_path, monkeypatch):
     monkeypatch.setattr(hardware, "probe_matmul_rates", counting)
     yield calls
     hardware.cpu_matmul_rates.cache_clear()
+    hardware.compute_dtype.cache_clear()
 
 
 def test_auto_resolves_to_a_supported_dtype_and_probes_once(fresh_probe):
@@ -35,6 +37,7 @@ def test_auto_resolves_to_a_supported_dtype_and_probes_once(fresh_probe):
     assert dtype == ("bfloat16" if rates["bfloat16"] >= hardware.BF16_MARGIN * rates["float32"] else "float32")
 
     hardware.cpu_matmul_rates.cache_clear()  # as a new process: the disk cache answers, no second probe
+    hardware.compute_dtype.cache_clear()
     assert hardware.compute_dtype("auto") == dtype
     assert len(fresh_probe) == 1
     assert hardware.cpu_matmul_rates()[1].startswith("cached in ")
