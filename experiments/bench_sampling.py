@@ -10,11 +10,15 @@ rows.
 2. Roofline: the CPU model and flags; float32 and bf16 matmul rates measured at every shape one decode step uses
    and the memory bandwidth (`roofline.py`); "% roofline" = the roofline's time for the step / the measured
    time (every matmul at its shape's measured rate + the KV cache read at the bandwidth; the rest counted free).
-3. Decode-step breakdown (batch 64, both dtypes): the parts of one step timed on their own at the step's shapes,
-   over all layers: q/k/v/o projections, attention over the cache (mean context), the cache update, the MLP,
-   the LM head with sampling; "other" is the measured step minus their sum (norms, RoPE, loop overhead, fusion
-   differences). Not yet trustworthy: in its first run the isolated attention and bf16 cache update each took
-   longer than the whole measured step (they slice a stacked cache and do not update in place as the step does).
+3. Decode-step breakdown (batch 64, both dtypes, mean context; `decode_breakdown`): the matmuls (q/k/v/o
+   projections, MLP, LM head) timed alone at the step's shapes; attention over the cache, the cache write and
+   sampling as the real jitted step (model forward over the per-layer cache, donated) minus that step without
+   the part, so fusion and in-place writes count as in the loop; the rest of that step (norms, RoPE,
+   embedding, masks); and the decode loop's own cost (the measured step in `generate` minus the jitted step).
+   Read the parts as rough shares: in the first run of this version (issue 18) the leave-one-out differences
+   added up to more than the step (removing one part also changes how XLA fuses and buffers the rest), and the
+   step jitted alone was slower than inside the loop in float32. (A first version timed attention and the
+   cache write alone on a stacked cache: they took longer than the whole step.)
 4. Finished rows: an RL-shaped batch (8 prompts x G = 8) whose rows end with an EOS at a rate that gives the
    main job's completion lengths (mean ~25-30 of a 64 budget), decoded with `compact=True` (finished rows leave the
    batch, the default) vs `compact=False`; the outputs are equal.
@@ -28,6 +32,7 @@ test extra) for the HF rows; importable without grain/TFDS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -38,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rftjax import sampling
-from rftjax.models import get_preset, init_params, param_count
+from rftjax.models import cast_for_compute, get_preset, init_params, model_for, param_count
 from rftjax.models import hf as rhf
-from rftjax.models.common import dot_product_attention
+from rftjax.models import llm
 from roofline import decode_matmuls, decode_roofline, describe, median_time, memory_bandwidth, shape_rates
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -87,64 +92,94 @@ def bench_hf(path, pixels, ids, mask, new_tokens: int, repeats: int, dtype: str 
     return median_time(run, repeats), torch.get_num_threads()
 
 
-def decode_breakdown(config, batch: int, context: int, repeats: int) -> dict[str, float]:
-    """Milliseconds of the parts of one decode step of `batch` rows over all layers, each jitted on its own at the
-    step's shapes in `config.dtype`: projections (q, k, v, o), attention over a `context`-slot cache, the cache
-    update (k and v written at one slot), the MLP (gate, up, down), the LM head with sampling (filter, Gumbel
-    noise, argmax, log-softmax)."""
+@contextlib.contextmanager
+def _without(part: str):
+    """While tracing, the decoder without one part: "attention" (`dot_product_attention` returns its queries) or
+    "cache write" (the per-layer k/v `dynamic_update_slice` returns the cache unchanged)."""
+    if part == "attention":
+        saved, llm.dot_product_attention = llm.dot_product_attention, lambda q, k, v, mask: q
+        try:
+            yield
+        finally:
+            llm.dot_product_attention = saved
+    else:
+        dus = jax.lax.dynamic_update_slice
+        jax.lax.dynamic_update_slice = lambda x, update, start: x if x.ndim == 4 else dus(x, update, start)
+        try:
+            yield
+        finally:
+            jax.lax.dynamic_update_slice = dus
+
+
+def decode_breakdown(config, params, batch: int, context: int, repeats: int) -> dict[str, float]:
+    """Milliseconds of the parts of one decode step of `batch` rows at a `context`-token cache, in `config.dtype`.
+
+    The real step (sample a token from the last logits, then the model's one-token forward over the per-layer
+    KV cache, the cache donated so it is written in place, as in `sampling.generate`) is jitted and timed whole,
+    then without one part at a time: attention over the cache, the cache write, sampling (argmax instead); a
+    part's time is the whole step's minus the step's without it, so fusion and in-place updates count as they
+    do in the loop. The matmuls (q/k/v/o projections, MLP, LM head) are plain dots, timed on their own at the
+    step's shapes. Returns those parts and "single step" (the whole jitted step)."""
     t, dt = config.text, config.compute_dtype
-    d, h, kvh, hd, i, v = (t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size,
-                           t.vocab_size)
-    slots = context + 8
+    model = model_for(config)
+    variables = {"params": cast_for_compute(params, config)}
+    slots = context + 64
+    live = jnp.ones((batch, 1), bool)
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, greedy=False, suppress_ids=(config.image_token_id,))
+
+    def cache_at_context():
+        cache = model.init_cache(batch, slots)
+        return cache.replace(mask=jnp.broadcast_to(jnp.arange(slots) < context, (batch, slots)),
+                             next_pos=jnp.full((batch,), context, jnp.int32), index=jnp.asarray(context, jnp.int32))
+
+    def timed(without: str | None) -> float:
+        def step(variables, cache, logits, key):
+            if without == "sampling":
+                token = jnp.argmax(logits, -1).astype(jnp.int32)
+            else:
+                token = sampling.sample_tokens(key, logits, **kw)[0]
+            logits, cache = model.apply(variables, None, token[:, None], live, cache=cache)
+            return logits[:, 0], cache
+
+        fn = jax.jit(step, donate_argnums=1)
+        state = {"cache": cache_at_context(), "logits": jnp.zeros((batch, t.vocab_size), jnp.float32)}
+        key = jax.random.key(0)
+
+        def run():
+            state["logits"], state["cache"] = jax.block_until_ready(fn(variables, state["cache"], state["logits"], key))
+        with contextlib.nullcontext() if without in (None, "sampling") else _without(without):
+            run()  # traced and compiled here, with the part removed
+        return 1e3 * median_time(run, repeats * 5)
+
     rng = np.random.default_rng(0)
 
-    def arr(*shape, dtype=dt):
-        return jnp.asarray(rng.standard_normal(shape) * 0.05, dtype)
+    def arr(*shape):
+        return jnp.asarray(rng.standard_normal(shape) * 0.05, dt)
 
-    x = arr(batch, d)
-    w = {name: arr(t.num_layers, *shape) for name, shape in dict(
-        q=(d, h * hd), k=(d, kvh * hd), v=(d, kvh * hd), o=(h * hd, d), gate=(d, i), up=(d, i), down=(i, d)).items()}
-    cache = arr(t.num_layers, 2, batch, kvh, slots, hd)
-    mask = jnp.asarray(np.arange(slots)[None, None, :] < context).repeat(batch, 0)
-    head = arr(d, v)
+    d, h, kvh, hd, i = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
+    x, a = arr(batch, d), arr(batch, h * hd)
+    layers = [{name: arr(*shape) for name, shape in dict(q=(d, h * hd), k=(d, kvh * hd), v=(d, kvh * hd),
+                                                          o=(h * hd, d), gate=(d, i), up=(d, i), down=(i, d)).items()}
+              for _ in range(t.num_layers)]
+    head = arr(d, t.vocab_size)
 
-    def projections(x, a, w):
-        return sum((x @ w["q"][n]).sum() + (x @ w["k"][n]).sum() + (x @ w["v"][n]).sum() + (a @ w["o"][n]).sum()
-                   for n in range(t.num_layers))
+    def projections(x, a, layers):
+        return sum((x @ w["q"]).sum() + (x @ w["k"]).sum() + (x @ w["v"]).sum() + (a @ w["o"]).sum() for w in layers)
 
-    def attention(q, cache):
-        return sum(dot_product_attention(q, cache[n, 0], cache[n, 1], mask).sum() for n in range(t.num_layers))
+    def mlp(x, layers):
+        return sum(((jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]).sum() for w in layers)
 
-    def cache_update(cache, kv):
-        for n in range(t.num_layers):
-            cache = jax.lax.dynamic_update_slice(cache, kv[None], (n, 0, 0, 0, context, 0))
-        return cache
+    def lm_head(x, head):
+        return (x @ head).astype(jnp.float32).sum()
 
-    def mlp(x, w):
-        return sum((jax.nn.silu(x @ w["gate"][n]) * (x @ w["up"][n])) @ w["down"][n] for n in range(t.num_layers))
-
-    def logits_and_sample(x, head, key):
-        logits = (x @ head).astype(jnp.float32)
-        return sampling.sample_tokens(key, logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
-                                      suppress_ids=(config.image_token_id,))
-
-    q = arr(batch, 1, h, hd)
-    kv = arr(2, batch, kvh, 1, hd)
-    parts = {"q/k/v/o projections": (jax.jit(projections), (x, arr(batch, h * hd), w)),
-             "attention over the cache": (jax.jit(attention), (q, cache)),
-             "cache update": (jax.jit(cache_update, donate_argnums=0), None),
-             "MLP": (jax.jit(mlp), (x, w)),
-             "LM head + sampling": (jax.jit(logits_and_sample), (x, head, jax.random.key(0)))}
-    out = {}
-    for name, (fn, args) in parts.items():
-        if args is None:  # the cache is donated (updated in place, as in the decode loop): a fresh one per call
-            state = {"cache": cache + 0}
-
-            def run(fn=fn):
-                state["cache"] = jax.block_until_ready(fn(state["cache"], kv))
-            out[name] = 1e3 * median_time(run, repeats * 3)
-        else:
-            out[name] = 1e3 * median_time(lambda fn=fn, args=args: jax.block_until_ready(fn(*args)), repeats * 3)
+    out = {name: 1e3 * median_time(lambda fn=jax.jit(fn), args=args: jax.block_until_ready(fn(*args)), repeats * 5)
+           for name, fn, args in [("q/k/v/o projections", projections, (x, a, layers)), ("MLP", mlp, (x, layers)),
+                                  ("LM head", lm_head, (x, head))]}
+    whole = timed(None)
+    for part, name in [("attention", "attention over the cache"), ("cache write", "cache update (k, v writes)"),
+                       ("sampling", "sampling (filter, noise, argmax, log-softmax)")]:
+        out[name] = whole - timed(part)
+    out["single step"] = whole
     return out
 
 
@@ -229,11 +264,12 @@ def main():
 
     breakdown = {}
     for name, cfg in dtypes.items():
-        parts = decode_breakdown(cfg, args.breakdown_batch, prompt_len + args.new_tokens // 2, args.repeats)
+        parts = decode_breakdown(cfg, params, args.breakdown_batch, prompt_len + args.new_tokens // 2, args.repeats)
         step = next(r["decode_ms_per_step"] for r in rows if r["impl"] == f"rftjax {name}"
                     and r["batch"] == args.breakdown_batch)
-        breakdown[name] = {**parts, "other (norms, RoPE, loop, fusion)": step - sum(parts.values()),
-                           "measured decode step": step}
+        single = parts.pop("single step")
+        breakdown[name] = {**parts, "rest of the step (norms, RoPE, embedding, masks)": single - sum(parts.values()),
+                           "decode loop (state updates, while_loop)": step - single, "measured decode step": step}
         print(name, breakdown[name], flush=True)
     compaction = bench_compaction(dtypes["float32"], params, 8, 8, 64, args.repeats)
 
@@ -265,8 +301,8 @@ def main():
         f"| {'finished rows dropped (compact=True)' if r['compact'] else 'every row to the end (compact=False)'} | "
         f"{r['rows']} | {r['run_s']:.3f} | {r['mean_len']:.1f} / {r['max_len']} | {r['tokens_per_s']:.0f} | "
         f"{fmt(r.get('speedup'), '.2f')} |" for r in compaction]
-    table = "\n\n".join([meta, "\n".join(lines), "Decode-step breakdown (each part jitted alone at the step's "
-                          "shapes, all layers; other = measured step - parts):", "\n".join(steps_lines),
+    table = "\n\n".join([meta, "\n".join(lines), "Decode-step breakdown (all layers; matmuls timed alone at the "
+                          "step's shapes, the other parts as the real jitted step minus that step without them):", "\n".join(steps_lines),
                           "Finished rows (8 prompts x G=8, float32, 64-token budget, EOS = every 30th id of a random "
                           "model; outputs equal):", "\n".join(comp_lines)])
     print("\n" + table)

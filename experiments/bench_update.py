@@ -9,8 +9,13 @@ sequences already on the device: one forward and one backward pass (~3x the forw
 the step's compute dtype.
 
     python experiments/bench_update.py [--presets default large] [--batch 16] [--repeats 5]
+    python experiments/bench_update.py --presets main_job --batch 64 --completion-len 48 --text-len 32 \
+        --out bench_update_main_job
 
-Prints a table and writes experiments/results/bench_update{_gpu}.{md,json}. Needs only jax/flax/optax.
+("main_job" is the main job's model; the last line is the shape of its RL updates: 8 groups x G=8, prompts of 48
+tokens, completions trimmed to 48.)
+
+Prints a table and writes experiments/results/bench_update{_gpu}.{md,json} (or `--out` NAME{_gpu}.{md,json}). Needs only jax/flax/optax.
 """
 
 from __future__ import annotations
@@ -34,8 +39,20 @@ from roofline import decode_matmuls, describe, matmul_rate, shape_rates, train_r
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def model_config(preset: str, dtype: str):
+    """The preset's `VLMConfig` in `dtype`; "main_job" is the main job's model (`configs/digits_grpo.py`: the
+    default preset with 16 px patches and a 4-layer decoder; needs ml_collections)."""
+    if preset != "main_job":
+        return get_preset(preset, dtype=dtype)
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs.digits_grpo import get_config
+    c = get_config()
+    return get_preset(c.model.preset, **{**c.model.overrides.to_dict(), "dtype": dtype})
+
+
 def bench(preset: str, dtype: str, batch: int, prompt_len: int, completion_len: int, repeats: int) -> dict:
-    config = get_preset(preset, dtype=dtype)
+    config = model_config(preset, dtype)
     params = init_params(config, jax.random.key(0))
     algo = rl.get_algorithm("grpo", kl_coef=0.0, group_size=4)
     sched = steps.make_schedule(1e-5, 1000)
@@ -44,7 +61,7 @@ def bench(preset: str, dtype: str, batch: int, prompt_len: int, completion_len: 
     key = jax.random.key(1)
 
     def update(state, batch):
-        state, _, (metrics, _) = rl_update(state, None, None, batch, key)
+        state, _, (metrics, _) = rl_update(state, None, None, {}, batch, key)
         return state, metrics
 
     rng = np.random.default_rng(0)
@@ -84,6 +101,7 @@ def main():
     ap.add_argument("--completion-len", type=int, default=64)
     ap.add_argument("--text-len", type=int, default=32, help="prompt text tokens after the image tokens")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="bench_update", help="results file name under experiments/results/")
     args = ap.parse_args()
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     print(describe(), flush=True)
@@ -91,7 +109,7 @@ def main():
     print({k: f"{v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()}, flush=True)
     rows, shape_text = [], []
     for preset in args.presets:
-        config = get_preset(preset)
+        config = model_config(preset, "float32")
         p = config.num_image_tokens + args.text_len
         tokens = args.batch * (p + args.completion_len)
         for dtype in args.dtypes:
@@ -119,9 +137,9 @@ def main():
     print("\n" + table)
     os.makedirs(RESULTS, exist_ok=True)
     suffix = "" if device.platform == "cpu" else "_" + device.platform
-    with open(os.path.join(RESULTS, f"bench_update{suffix}.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.out}{suffix}.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(RESULTS, f"bench_update{suffix}.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.out}{suffix}.json"), "w") as f:
         json.dump({"meta": meta, "peaks": peaks, "rows": rows}, f, indent=2)
 
 
