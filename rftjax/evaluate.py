@@ -31,6 +31,34 @@ log = logging.getLogger("rftjax")
 EVAL_STREAM = 10_000_000  # evaluations sample with fold_in(run key, EVAL_STREAM + global step)
 
 
+def pass_at_k_curve(n: int, correct) -> np.ndarray:
+    """Unbiased pass@k for k = 1..n from `n` samples per problem: float64 `[n]`, the mean over problems of
+    `1 - C(n - c, k) / C(n, k)` (c = that problem's correct samples), the probability that k samples drawn
+    without replacement from the n include a correct one.
+
+    Source: Chen et al. 2021 ("Evaluating Large Language Models Trained on Code", eq. 1 and its numerically
+    stable product form `1 - prod_{i=n-c+1}^{n} (1 - k / i)`).
+
+    Args:
+      n: samples per problem (>= 1).
+      correct: int `[P]`, correct samples of each problem (0 <= c <= n).
+
+    Raises:
+      ValueError: n < 1, no problems, or a count outside [0, n].
+    """
+    c = np.asarray(correct, np.int64).reshape(-1)
+    if n < 1 or c.size == 0 or c.min() < 0 or c.max() > n:
+        raise ValueError(f"pass@k needs n >= 1 and 0 <= correct <= n for >= 1 problem, got n={n}, "
+                         f"correct in [{c.min() if c.size else None}, {c.max() if c.size else None}]")
+    k = np.arange(1, n + 1, dtype=np.float64)[:, None]  # [n, 1]
+    i = np.arange(1, n + 1, dtype=np.float64)[None, :]  # [1, n]
+    # log C(n-c, k) / C(n, k) = sum over i in (n-c, n] of log(1 - k/i); -inf (pass@k = 1) once k > n - c
+    with np.errstate(divide="ignore"):
+        log_terms = np.log(np.clip(1.0 - k / i, 0.0, None))  # [n, n]
+    miss = np.stack([np.exp(log_terms[:, n - ci:].sum(1)) for ci in c], axis=1)  # [n, P]
+    return 1.0 - miss.mean(1)
+
+
 def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, preprocess: Preprocess, *,
              batch_size: int, max_new_tokens: int, rng, pass_k: int = 0, pass_n: int = 0,
              scorer: rewards.RewardScorer = rewards.RewardScorer(), place: Placement = HOST,
