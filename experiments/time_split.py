@@ -14,6 +14,7 @@ import argparse
 import gzip
 import json
 import os
+import shlex
 
 import numpy as np
 
@@ -100,7 +101,7 @@ def main():
     print(text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"`python experiments/time_split.py {' '.join(args.runs)}`\n\n{text}\n")
+            f.write(f"`python experiments/time_split.py {shlex.join(args.runs)}`\n\n{text}\n")
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump(runs, f, indent=2)
 
