@@ -37,6 +37,7 @@ import json
 import os
 import tempfile
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -92,23 +93,14 @@ def bench_hf(path, pixels, ids, mask, new_tokens: int, repeats: int, dtype: str 
     return median_time(run, repeats), torch.get_num_threads()
 
 
-@contextlib.contextmanager
 def _without(part: str):
-    """While tracing, the decoder without one part: "attention" (`dot_product_attention` returns its queries) or
-    "cache write" (the per-layer k/v `dynamic_update_slice` returns the cache unchanged)."""
+    """A context manager: while tracing, the decoder without one part: "attention" (`dot_product_attention`
+    returns its queries) or "cache write" (the per-layer k/v `dynamic_update_slice` returns the cache unchanged)."""
     if part == "attention":
-        saved, llm.dot_product_attention = llm.dot_product_attention, lambda q, k, v, mask: q
-        try:
-            yield
-        finally:
-            llm.dot_product_attention = saved
-    else:
-        dus = jax.lax.dynamic_update_slice
-        jax.lax.dynamic_update_slice = lambda x, update, start: x if x.ndim == 4 else dus(x, update, start)
-        try:
-            yield
-        finally:
-            jax.lax.dynamic_update_slice = dus
+        return mock.patch.object(llm, "dot_product_attention", lambda q, k, v, mask: q)
+    dus = jax.lax.dynamic_update_slice
+    return mock.patch.object(jax.lax, "dynamic_update_slice",
+                             lambda x, update, start: x if x.ndim == 4 else dus(x, update, start))
 
 
 def decode_breakdown(config, params, batch: int, context: int, repeats: int) -> dict[str, float]:

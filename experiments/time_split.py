@@ -11,7 +11,6 @@ process start-up and compilation before the first step are not in them: see the 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shlex
@@ -26,11 +25,7 @@ def split(run: str, rl_steps: int = 0) -> dict:
     the first, which includes compilation; of the first `rl_steps` RL steps only, when > 0: e.g. the part of a run
     that had the machine to itself)."""
     metrics = os.path.join(run, "metrics.jsonl")
-    if os.path.exists(metrics + ".gz"):  # as kept under experiments/results/
-        with gzip.open(metrics + ".gz", "rt") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
-        rows = read_jsonl(metrics)
+    rows = read_jsonl(metrics + ".gz" if os.path.exists(metrics + ".gz") else metrics)  # .gz: as kept in results/
     evals = read_jsonl(os.path.join(run, "eval.jsonl"))
     with open(os.path.join(run, "summary.json")) as f:
         summary = json.load(f)

@@ -9,6 +9,7 @@ a stage logs at the step of the checkpoint before it).
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -42,9 +43,10 @@ def _truncate_jsonl(path: str, max_step: int, max_lines: int | None = None) -> i
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file (gzip-compressed when `path` ends in ".gz"); [] when it does not exist."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
