@@ -46,7 +46,7 @@ def get_config():
     c.rl.algo.update(group_size=8, kl_coef=0.0, dynamic_sampling=True, gen_prompts_per_round=32)
     c.rl.steps, c.rl.prompts_per_step, c.rl.max_new_tokens = 100, 8, 64
     c.rl.lr, c.rl.warmup_steps = 2e-5, 5
-    c.eval.batch_size, c.eval.pass_k, c.eval.pass_n, c.eval.every = 100, 4, 100, 50
+    c.eval.batch_size, c.eval.pass_n, c.eval.pass_problems, c.eval.every = 100, 4, 100, 50
     c.eval.during_rl_examples = 200
     c.eval.max_new_tokens = 96  # 5-6 digit OOD sums write up to 85 tokens of running sums
     c.checkpoint.every = 50

@@ -35,7 +35,7 @@ def get_config():
     c.reward.format_weight = 0.1
     c.eval.every = 25
     c.eval.batch_size = 16
-    c.eval.pass_k = 0
+    c.eval.pass_n = 0
     c.eval.during_rl_examples = 128
     c.checkpoint.every = 25
     return c

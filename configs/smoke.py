@@ -27,7 +27,7 @@ def get_config(algorithm: str = "grpo"):
     if algorithm == "dapo":
         c.rl.algo.overlong_buffer_len = 4
         c.rl.algo.gen_prompts_per_round = 4  # oversample: 4 prompts per rollout round for 2 kept
-    c.eval.batch_size, c.eval.pass_k, c.eval.pass_n, c.eval.every = 8, 2, 4, 2
+    c.eval.batch_size, c.eval.pass_n, c.eval.pass_problems, c.eval.every = 8, 2, 4, 2
     c.eval.during_rl_examples = 8
     c.log.samples_every, c.log.progress, c.log.tensorboard = 2, False, True
     c.checkpoint.every = 2

@@ -49,9 +49,11 @@ def validate_config(c: ml_collections.ConfigDict, n_data_shards: int, algo: rl.A
                        ("rl.prompts_per_step", c.rl.prompts_per_step), ("eval.batch_size", c.eval.batch_size)):
         need(rows % n_data_shards == 0, f"{name}={rows} is not divisible by the mesh's data x fsdp = "
                                         f"{n_data_shards} devices; make it a multiple of {n_data_shards}")
-    need(c.eval.pass_k == 0 or c.eval.batch_size % c.eval.pass_k == 0 and
-         (c.eval.batch_size // c.eval.pass_k) % n_data_shards == 0,
-         f"eval.batch_size={c.eval.batch_size} / eval.pass_k={c.eval.pass_k} must be a multiple of {n_data_shards}")
+    need(c.eval.get("pass_k") is None, f"eval.pass_k={c.eval.get('pass_k')} was renamed: set eval.pass_n (samples "
+                                       f"per problem; pass@k is reported for every k <= pass_n) and eval.pass_problems")
+    need(c.eval.pass_n == 0 or configs.pass_at_k_prompts(c.eval.batch_size, c.eval.pass_n) % n_data_shards == 0,
+         f"eval.batch_size={c.eval.batch_size} // eval.pass_n={c.eval.pass_n} (prompts per pass@k batch, at least 1) "
+         f"must be a multiple of the {n_data_shards} data devices: raise eval.batch_size")
     need(c.data.source in ("procedural", "tfds"), f"data.source={c.data.source!r}: choose procedural or tfds")
     need(c.reward.answer_format in INSTRUCTIONS, f"reward.answer_format={c.reward.answer_format!r}: choose one of "
                                                  f"{sorted(INSTRUCTIONS)}")

@@ -120,8 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 50                   # RL steps between evaluations (also at the end of each stage)
     c.eval.batch_size = 64
-    c.eval.pass_k = 4
-    c.eval.pass_n = 100                 # problems for pass@k
+    c.eval.pass_n = 4                   # pass@k: samples per problem (Chen et al.'s n; up to 64 is usual), giving the
+                                        # unbiased curve pass@1..pass@n; 0 = off
+    c.eval.pass_problems = 100          # ... on the first N test / OOD problems
+    c.eval.pass_k = ml_collections.config_dict.placeholder(int)  # renamed: an error if set (validate_config)
     c.eval.during_rl_examples = 200     # test problems per intermediate evaluation (final: all)
     c.eval.max_new_tokens = 0           # generation budget of evaluations (longer OOD traces); 0 = rl.max_new_tokens
     c.eval.dataset = ""                 # python -m rftjax.evaluate: "mathv:PATH" | "easyr1:PATH"
@@ -182,6 +184,12 @@ def algorithm(c: ml_collections.ConfigDict):
 def eval_max_new_tokens(c: ml_collections.ConfigDict) -> int:
     """Tokens generated per evaluation completion: `c.eval.max_new_tokens`, or `c.rl.max_new_tokens` when 0."""
     return c.eval.max_new_tokens or c.rl.max_new_tokens
+
+
+def pass_at_k_prompts(batch_size: int, pass_n: int) -> int:
+    """Prompts per generation batch of the pass@k evaluation (each sampled `pass_n` times in that batch):
+    `batch_size // pass_n`, at least 1."""
+    return max(1, batch_size // pass_n)
 
 
 def setup_logging() -> None:

@@ -5,13 +5,15 @@ checkpoint.
 
 evaluates the latest checkpoint of the run in WORKDIR on the config's test and test_ood splits (or a user
 dataset: `--config.eval.dataset=mathv:PATH` / `easyr1:PATH`), prints a table and appends to
-WORKDIR/eval.jsonl with `stage="evaluate"`.
+WORKDIR/eval.jsonl with `stage="evaluate"`. With `--config.eval.pass_n=64` (samples per problem) it also writes
+the unbiased pass@k curve, k = 1..64, of each split: WORKDIR/pass_at_k.json and pass_at_k.png.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import jax
@@ -22,7 +24,7 @@ from rftjax.build import EVAL_SPLITS, Run, build_run, file_source
 from rftjax.checkpoint import Checkpointer
 from rftjax.data.pipeline import Preprocess, make_dataset
 from rftjax.data.tokenizer import TextTokenizer
-from rftjax.metrics import RunLogger
+from rftjax.metrics import RunLogger, pass_at_k_panel, plot_panels
 from rftjax.models import VLMConfig
 from rftjax.rollout import generate_texts, score_groups
 from rftjax.sharding import HOST, Placement, process_share
@@ -60,15 +62,19 @@ def pass_at_k_curve(n: int, correct) -> np.ndarray:
 
 
 def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, preprocess: Preprocess, *,
-             batch_size: int, max_new_tokens: int, rng, pass_k: int = 0, pass_n: int = 0,
+             batch_size: int, max_new_tokens: int, rng, pass_n: int = 0, pass_problems: int = 0,
              scorer: rewards.RewardScorer = rewards.RewardScorer(), place: Placement = HOST,
              num_examples: int | None = None) -> dict:
-    """Greedy accuracy (and format rate, mean length) on `source`, plus pass@k (k samples at temperature 1
-    on the first `pass_n` problems: solved if any sample is correct).
+    """Greedy accuracy (and format rate, mean length) on `source`, plus pass@k for k = 1..`pass_n` on the first
+    `pass_problems` problems: `pass_n` samples per problem at temperature 1, the unbiased estimator of
+    `pass_at_k_curve` (Chen et al. 2021) over the correct counts.
 
-    Returns a dict: `accuracy`, `format_rate`, `completion_len_mean`, `n`, and `pass_at_k`, `k` if asked.
-    The last partial batch is padded with repeats and the padding is not counted. With several processes each
-    generates and scores its block of every batch (`batch_size` rows in all) and the scores are gathered.
+    Returns a dict: `accuracy`, `format_rate`, `completion_len_mean`, `n`, `eval_time_s`, and when pass@k is asked
+    (`pass_n > 0` and `pass_problems > 0`): `pass_at_k_curve` (floats `[pass_n]`, pass@1 first), `pass_at_k`
+    (pass@`pass_n`: the fraction of problems with a correct sample), `pass_at_1` (the mean sampled accuracy),
+    `pass_n` and `pass_problems` (problems evaluated). The last partial batch is padded with repeats and the
+    padding is not counted. With several processes each generates and scores its block of every batch
+    (`batch_size` rows in all, `configs.pass_at_k_prompts` prompts for pass@k) and the scores are gathered.
     """
     n_total = len(source) if num_examples is None else min(num_examples, len(source))
     t0 = time.perf_counter()
@@ -88,37 +94,47 @@ def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, prepro
         seen += take
     results = {"accuracy": float(np.mean(correct)), "format_rate": float(np.mean(fmt)),
                "completion_len_mean": float(np.mean(lengths)), "n": n_total}
-    if pass_k > 0 and pass_n > 0:
-        solved, seen = [], 0
-        prompts_per_batch = max(1, batch_size // pass_k)
-        it = iter(make_dataset(source, preprocess, shuffle=False, num_threads=1, **process_share(prompts_per_batch)))
-        key = jax.random.fold_in(rng, 1)
-        while seen < min(pass_n, n_total):
-            batch = next(it)
-            take = min(prompts_per_batch, min(pass_n, n_total) - seen)
-            key, sub = jax.random.split(key)
-            _, texts = generate_texts(params, config, tokenizer, batch, sub, group_size=pass_k,
-                                     max_new_tokens=max_new_tokens, greedy=False, place=place)
-            sc = place.gather(score_groups(texts, batch, pass_k, scorer)["correct"])
-            solved += (sc.reshape(-1, pass_k).max(1) > 0)[:take].tolist()
-            seen += take
-        results.update({"pass_at_k": float(np.mean(solved)), "k": pass_k})
+    if pass_n > 0 and pass_problems > 0:
+        counts = _correct_counts(params, config, tokenizer, source, preprocess, pass_n, min(pass_problems, n_total),
+                                 configs.pass_at_k_prompts(batch_size, pass_n), max_new_tokens, jax.random.fold_in(rng, 1),
+                                 scorer, place)
+        curve = pass_at_k_curve(pass_n, counts)
+        results.update({"pass_at_k_curve": curve.tolist(), "pass_at_k": float(curve[-1]),
+                        "pass_at_1": float(curve[0]), "pass_n": pass_n, "pass_problems": len(counts)})
     results["eval_time_s"] = time.perf_counter() - t0
     return results
 
 
+def _correct_counts(params, config, tokenizer, source, preprocess, pass_n: int, problems: int, prompts_per_batch: int,
+                    max_new_tokens: int, key, scorer, place) -> np.ndarray:
+    """Correct samples (int `[problems]`) out of `pass_n` sampled at temperature 1 for each of the first
+    `problems` problems of `source`, `prompts_per_batch` prompts per generation batch."""
+    counts = []
+    it = iter(make_dataset(source, preprocess, shuffle=False, num_threads=1, **process_share(prompts_per_batch)))
+    while len(counts) < problems:
+        batch = next(it)
+        take = min(prompts_per_batch, problems - len(counts))
+        key, sub = jax.random.split(key)
+        _, texts = generate_texts(params, config, tokenizer, batch, sub, group_size=pass_n,
+                                  max_new_tokens=max_new_tokens, greedy=False, place=place)
+        sc = place.gather(score_groups(texts, batch, pass_n, scorer)["correct"])
+        counts += (sc.reshape(-1, pass_n) > 0).sum(1)[:take].tolist()
+    return np.asarray(counts, np.int64)
+
+
 def evaluate_splits(run: Run, params, logger: RunLogger, step: int, stage: str, n: int | None = None,
-                    pass_k: int | None = None) -> dict:
+                    pass_n: int | None = None) -> dict:
     """`evaluate` on the run's evaluation sources (`test`, and `test_ood` when the run has one; the first `n`
-    problems of each, default all; pass@k with `eval.pass_k` unless `pass_k` is given), logged to eval.jsonl
-    under `stage` at `step`. Returns `{split: results}`."""
+    problems of each, default all; pass@k with `eval.pass_n` samples per problem unless `pass_n` is given, on
+    `eval.pass_problems` problems), logged to eval.jsonl under `stage` at `step`. Returns `{split: results}`."""
     c = run.config
-    pass_k = c.eval.pass_k if pass_k is None else pass_k
+    pass_n = c.eval.pass_n if pass_n is None else pass_n
     results = {}
     for split in (s for s in EVAL_SPLITS if s in run.sources):
         r = evaluate(params, run.model_config, run.tokenizer, run.sources[split], run.prompt_pre,
                      batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
-                     rng=jax.random.fold_in(run.key, EVAL_STREAM + step), pass_k=pass_k, pass_n=c.eval.pass_n,
+                     rng=jax.random.fold_in(run.key, EVAL_STREAM + step), pass_n=pass_n,
+                     pass_problems=c.eval.pass_problems,
                      scorer=run.scorer, place=run.place, num_examples=n)
         logger.log_eval(step, stage, {"split": split, **r})
         results[split] = r
@@ -152,14 +168,35 @@ def main(config, workdir):
             source = file_source(c.eval.dataset, "eval", run.prompt_pre, c.data.max_prompt_len)
             r = evaluate(params, run.model_config, run.tokenizer, source, run.prompt_pre,
                          batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
-                         rng=jax.random.key(c.seed), pass_k=c.eval.pass_k, pass_n=c.eval.pass_n,
+                         rng=jax.random.key(c.seed), pass_n=c.eval.pass_n, pass_problems=c.eval.pass_problems,
                          scorer=run.scorer, place=run.place)
             logger.log_eval(step, "evaluate", {"split": c.eval.dataset, **r})
             print(json.dumps(r, indent=2))
         else:
-            evaluate_splits(run, params, logger, step, "evaluate")
+            results = evaluate_splits(run, params, logger, step, "evaluate")
+            write_pass_at_k(run.workdir, results, step)
     finally:
         logger.close()
+
+
+def write_pass_at_k(workdir: str, results: dict[str, dict], step: int) -> list[str]:
+    """WORKDIR/pass_at_k.json (`{"step", "curves": {split: [pass@1..pass@n]}}`) and pass_at_k.png from `evaluate`
+    results `{split: results}` that have a `pass_at_k_curve`; returns the paths written ([] when none has one)."""
+    curves = {split: r["pass_at_k_curve"] for split, r in results.items() if r.get("pass_at_k_curve")}
+    if not curves or jax.process_index():
+        return []
+    paths = [os.path.join(workdir, "pass_at_k.json"), os.path.join(workdir, "pass_at_k.png")]
+    with open(paths[0], "w") as f:
+        json.dump({"step": step, "curves": curves}, f, indent=1)
+    plot_panels(paths[1], [pass_at_k_panel(curves, f"pass@k at step {step} (unbiased estimator)")])
+    print("pass@k " + "; ".join(f"{split}: " + ", ".join(f"k={k} {c[k - 1]:.3f}" for k in _powers_of_two(len(c)))
+                                for split, c in curves.items()))
+    return paths
+
+
+def _powers_of_two(n: int) -> list[int]:
+    """1, 2, 4, ... up to n, and n itself."""
+    return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
 
 
 if __name__ == "__main__":

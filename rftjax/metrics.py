@@ -148,6 +148,39 @@ def plot_curves(workdir: str) -> list[str]:
     return [path]
 
 
+def plot_panels(path: str, panels: list[dict]) -> str:
+    """One PNG of side-by-side line plots. Each panel is a dict: `title`, `xlabel`, `ylabel`, optional `logx`
+    (log2 x axis), and `series`: `{label: (x, y)}` or `{label: (x, y, lo, hi)}` (a shaded band from lo to hi, e.g.
+    a confidence interval; None values are left out). Returns `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, (x, y, *band) in panel["series"].items():
+            (line,) = ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, lw=1.5, label=label)
+            if band and band[0] is not None:
+                ax.fill_between(x, band[0], band[1], color=line.get_color(), alpha=0.2, lw=0)
+        if panel.get("logx"):
+            ax.set_xscale("log", base=2)
+        ax.set(title=panel["title"], xlabel=panel["xlabel"], ylabel=panel.get("ylabel", ""))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def pass_at_k_panel(curves: dict[str, list[float]], title: str = "pass@k") -> dict:
+    """A `plot_panels` panel of pass@k curves `{label: [pass@1, ..., pass@n]}` on a log2 k axis."""
+    return {"title": title, "xlabel": "k (samples per problem)", "ylabel": "pass@k", "logx": True,
+            "series": {label: (np.arange(1, len(c) + 1), c) for label, c in curves.items()}}
+
+
 def write_summary(workdir: str, counters: dict, algorithm: str, end_stage: str) -> dict:
     """summary.json of a finished run: its counters (`global_step`, `sft_step`, `rl_step`, `sft_time_s`,
     `rl_time_s`, `best_val_loss`, `sft_end_reason`, `rl_end_reason`: why each stage ended, e.g. `max_seconds`),

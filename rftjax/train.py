@@ -219,7 +219,7 @@ class Trainer:
                 {"completion": text, "answer": answer, "reward": float(reward)} for text, answer, reward in
                 list(zip(rollouts.texts, rollouts.answers, rollouts.rewards["total"]))[:c.log.num_samples]])
         if n % c.eval.every == 0 and n < c.rl.steps:
-            self.evaluate_all("rl", c.eval.during_rl_examples, pass_k=0)
+            self.evaluate_all("rl", c.eval.during_rl_examples, pass_n=0)
         return m, False
 
     def run_rl(self):
@@ -247,10 +247,10 @@ class Trainer:
 
     # ---- evaluation and the whole run ---------------------------------------------------------------------
 
-    def evaluate_all(self, stage: str, n: int | None = None, pass_k: int | None = None, params=None) -> dict:
+    def evaluate_all(self, stage: str, n: int | None = None, pass_n: int | None = None, params=None) -> dict:
         """Evaluate `params` (default: the policy's) on test and OOD, logged as `stage` at the global step."""
         return evaluate_splits(self.setup, self.params if params is None else params, self.logger,
-                               self.state.counters.global_step, stage, n, pass_k)
+                               self.state.counters.global_step, stage, n, pass_n)
 
     def _install_signal_handlers(self):
         def handler(signum, frame):

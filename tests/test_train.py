@@ -246,6 +246,7 @@ def test_sharded_mesh_gives_single_device_losses(tmp_path):
     ({"rl.minibatch_size": 3}, "must divide"),
     ({"data.augment": "blur:1"}, "data.augment"),
     ({"rl.gen_prompts_per_round": 4}, "needs dynamic sampling"),
+    ({"eval.pass_k": 4}, "eval.pass_k=4 was renamed"),
 ])
 def test_bad_configs_raise_actionable_errors(tmp_path, overrides, message):
     if overrides.get("mesh.num_devices", 1) > jax.device_count():
@@ -267,7 +268,7 @@ def test_evaluate_cli_on_a_user_dataset(tmp_path):
     config.mesh.num_devices = 1
     config.data.max_prompt_len = 256
     config.eval.dataset = "mathv:" + os.path.join(ROOT, "tests", "fixtures", "mathv", "data", "testmini.jsonl")
-    config.eval.batch_size, config.eval.pass_k, config.eval.pass_n = 8, 0, 0
+    config.eval.batch_size, config.eval.pass_n = 8, 0
     evaluate.main(config, workdir)
     rows = [e for e in read_jsonl(os.path.join(workdir, "eval.jsonl")) if e["stage"] == "evaluate"]
     assert len(rows) == 1 and rows[0]["n"] == 7 and 0.0 <= rows[0]["accuracy"] <= 1.0

@@ -1,0 +1,503 @@
+"""Ablation sweeps: a grid of config overrides x seeds from shared cold starts, with confidence intervals.
+
+    python -m rftjax.sweep --config configs/digits_grpo.py --workdir runs/algos \\
+        --grid rl.algorithm=grpo,dr_grpo --grid rl.lr=1e-5,2e-5 --seeds 0,1,2 --control [--config.rl.steps=50]
+
+runs the cross product of the `--grid` values (each arm one combination) for every seed. Every run is a normal
+run directory (`python -m rftjax.evaluate`, `experiments/time_split.py`, TensorBoard all work on it):
+
+    WORKDIR/sweep.json                the sweep's settings (a rerun must use the same base config)
+    WORKDIR/cold_start/seed{S}/       the SFT cold start of seed S (the config with rl.enabled=False), trained once
+    WORKDIR/{arm}/seed{S}/            each arm's RL run from that cold start (rl.init_from_sft), e.g.
+                                      WORKDIR/algorithm=grpo,lr=1e-05/seed0
+    WORKDIR/control/seed{S}/          --control: more SFT from the same cold start for as long as the seed's arms
+                                      trained (their mean RL wall clock without intermediate evaluations)
+    WORKDIR/sweep_results.md, .json   mean and 95% t-interval over seeds per arm (see `summarize`), the ranking
+    WORKDIR/sweep_curves.png          test / OOD accuracy vs RL step per arm (mean with its interval as a band) and
+                                      the pass@k curves of cold start, arms and control
+    WORKDIR/sweep_log.jsonl           one line per finished run (its wall time: the time estimates)
+
+Runs go seed by seed (cold start, arms, control), so a sweep cut short has whole seeds. Rerunning the command
+skips finished runs (those with a summary.json) and resumes an interrupted one from its checkpoint; SIGTERM /
+SIGINT stop the current run at a checkpoint and end the sweep (rerun to go on). `python -m rftjax.sweep ...
+--summarize_only` rewrites the results from the runs there are.
+
+Grid keys may be any config field except those the shared cold start fixes (`model.*`, `data.*`, `sft.*`, `seed`,
+`mesh.*`): sweep those in separate sweeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import time
+
+import ml_collections
+import numpy as np
+
+log = logging.getLogger("rftjax")
+
+FIXED_BY_COLD_START = ("model.", "data.", "sft.", "mesh.", "seed")
+COLD_START, CONTROL = "cold_start", "control"
+CONFIDENCE = 0.95
+
+
+# ---- statistics ---------------------------------------------------------------------------------------------
+
+
+def mean_ci(values, confidence: float = CONFIDENCE) -> dict:
+    """Mean and two-sided t-interval of the mean of `values` (floats; None and NaN are left out): `{"mean", "lo",
+    "hi", "n", "sd", "values"}`, `lo`/`hi` None below 2 values (`mean` None with none).
+
+    The interval is `mean +- t_{(1+confidence)/2, n-1} * sd / sqrt(n)` (Student's t, `scipy.stats.t.interval`),
+    the usual interval for a handful of seeds; for a paired comparison pass the per-seed differences.
+    """
+    from scipy import stats
+
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    out = {"mean": None, "lo": None, "hi": None, "n": int(v.size), "sd": None, "values": v.tolist()}
+    if v.size == 0:
+        return out
+    out["mean"] = float(v.mean())
+    if v.size >= 2:
+        out["sd"] = float(v.std(ddof=1))
+        lo, hi = stats.t.interval(confidence, df=v.size - 1, loc=v.mean(), scale=stats.sem(v))
+        out["lo"], out["hi"] = (float(lo), float(hi)) if out["sd"] > 0 else (out["mean"], out["mean"])
+    return out
+
+
+# ---- the grid -----------------------------------------------------------------------------------------------
+
+
+def parse_value(config: ml_collections.ConfigDict, key: str, text: str):
+    """`text` as the type of config field `key` (dotted), as `--config.KEY=text` would give it.
+
+    Raises:
+      ValueError: no such field, or `text` is not a value of its type.
+    """
+    *parents, leaf = key.split(".")
+    node = config
+    try:
+        for p in parents:
+            node = node[p]
+        kind = node.get_type(leaf)
+    except (KeyError, AttributeError) as e:
+        raise ValueError(f"--grid {key}: no such config field") from e
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--grid {key}={text}: not a bool (true / false)")
+        return text.lower() in ("true", "1")
+    try:
+        return kind(text) if kind in (int, float, str) else json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--grid {key}={text}: not a {kind.__name__}") from e
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, value) -> None:
+    """`config.a.b = value` for `key` "a.b"."""
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One combination of grid values: `name` (its directory, e.g. `algorithm=grpo,lr=1e-05`) and `overrides`
+    (`{dotted key: value}`)."""
+
+    name: str
+    overrides: dict
+
+
+def make_arms(config: ml_collections.ConfigDict, grid: list[str]) -> list[Arm]:
+    """The cross product of `--grid KEY=V1,V2,...` specs, in the order given (the last key varies fastest).
+    Arm names use each key's last component unless two keys share it.
+
+    Raises:
+      ValueError: a malformed spec, a repeated key, a key the shared cold start fixes, a bad value.
+    """
+    axes = []
+    for spec in grid:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not values or not key:
+            raise ValueError(f"--grid {spec!r}: write KEY=V1,V2 (e.g. rl.algorithm=grpo,dr_grpo)")
+        if key.startswith(FIXED_BY_COLD_START):
+            raise ValueError(f"--grid {key}: the arms share one cold start per seed, which fixes "
+                             f"{', '.join(FIXED_BY_COLD_START)}; run one sweep per value instead")
+        if key in [k for k, _ in axes]:
+            raise ValueError(f"--grid {key} is given twice: list all its values in one --grid")
+        axes.append((key, [parse_value(config, key, v.strip()) for v in values.split(",")]))
+    if not axes:
+        return [Arm("base", {})]
+    leaves = [k.rsplit(".", 1)[-1] for k, _ in axes]
+    labels = [leaf if leaves.count(leaf) == 1 else k for (k, _), leaf in zip(axes, leaves)]
+    arms = [Arm(",".join(f"{label}={v}" for label, v in zip(labels, combo)),
+                dict(zip([k for k, _ in axes], combo))) for combo in itertools.product(*(v for _, v in axes))]
+    if len({a.name for a in arms}) < len(arms) or {a.name for a in arms} & {COLD_START, CONTROL}:
+        raise ValueError(f"--grid gives repeated arm names: {[a.name for a in arms]}")
+    return arms
+
+
+# ---- the runs -----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One run of the sweep: `kind` (`cold_start`, `arm`, `control`), its `seed`, `arm` (arm runs), and
+    `directory` relative to the sweep's workdir."""
+
+    kind: str
+    seed: int
+    directory: str
+    arm: Arm | None = None
+
+
+def plan(arms: list[Arm], seeds: list[int], control: bool) -> list[Job]:
+    """The sweep's runs in order: for each seed its cold start, its arms, then its control."""
+    jobs = []
+    for s in seeds:
+        jobs.append(Job(COLD_START, s, os.path.join(COLD_START, f"seed{s}")))
+        jobs += [Job("arm", s, os.path.join(a.name, f"seed{s}"), a) for a in arms]
+        if control:
+            jobs.append(Job(CONTROL, s, os.path.join(CONTROL, f"seed{s}")))
+    return jobs
+
+
+def finished(workdir: str, job: Job) -> bool:
+    """Whether `job`'s run is done (it wrote summary.json)."""
+    return os.path.exists(os.path.join(workdir, job.directory, "summary.json"))
+
+
+def read_run(run_dir: str) -> tuple[dict, list[dict]]:
+    """`(summary.json, eval.jsonl records)` of a run directory (`({}, [])` for a missing one)."""
+    from rftjax.metrics import read_jsonl
+
+    path = os.path.join(run_dir, "summary.json")
+    summary = json.load(open(path)) if os.path.exists(path) else {}
+    return summary, read_jsonl(os.path.join(run_dir, "eval.jsonl"))
+
+
+def training_seconds(run_dir: str) -> float:
+    """An RL run's stage wall clock (`rl_time_s`) without its intermediate evaluations (`stage == "rl"` records of
+    eval.jsonl): the time an equal-time control gets."""
+    summary, evals = read_run(run_dir)
+    return summary["rl_time_s"] - sum(e.get("eval_time_s", 0.0) for e in evals if e["stage"] == "rl")
+
+
+def job_config(base: ml_collections.ConfigDict, workdir: str, job: Job, arms: list[Arm]) -> ml_collections.ConfigDict:
+    """The config of one run: `base` with the seed and, for a cold start, `rl.enabled=False`; for an arm its
+    overrides and `rl.init_from_sft`; for a control `rl.control_sft_seconds` (the mean `training_seconds` of the
+    seed's arms, which must have finished).
+
+    Raises:
+      RuntimeError: a control whose arms have not finished.
+    """
+    c = base.copy_and_resolve_references()
+    c.seed = job.seed
+    cold = os.path.join(workdir, COLD_START, f"seed{job.seed}")
+    if job.kind == COLD_START:
+        c.rl.enabled = False
+        return c
+    c.rl.init_from_sft = cold
+    if job.kind == "arm":
+        for key, value in job.arm.overrides.items():
+            set_value(c, key, value)
+        return c
+    dirs = [os.path.join(workdir, a.name, f"seed{job.seed}") for a in arms]
+    if not all(os.path.exists(os.path.join(d, "summary.json")) for d in dirs):
+        raise RuntimeError(f"the control of seed {job.seed} needs that seed's arms finished first")
+    c.rl.control_sft_seconds = float(np.mean([training_seconds(d) for d in dirs]))
+    return c
+
+
+def _fmt_minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def estimate_seconds(done: list[dict], jobs: list[Job]) -> float | None:
+    """Estimated wall time of `jobs` from the finished runs `done` (sweep_log.jsonl records: `kind`, `wall_s`):
+    each job at the mean of its kind's runs (controls at the arms' mean); None until a cold start and an arm have
+    finished."""
+    means = {k: np.mean([d["wall_s"] for d in done if d["kind"] == k]) for k in (COLD_START, "arm")
+             if any(d["kind"] == k for d in done)}
+    if len(means) < 2:
+        return None
+    return float(sum(means[COLD_START if j.kind == COLD_START else "arm"] for j in jobs))
+
+
+def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], seeds: list[int], control: bool,
+              spec: dict | None = None) -> dict | None:
+    """Run (or resume) the sweep in `workdir` and write its results (`summarize`). Returns the results, or None
+    when a run was stopped by SIGTERM / SIGINT (rerun to resume).
+
+    Raises:
+      ValueError: a bad grid, no seeds, or a workdir holding a sweep of another base config.
+    """
+    import jax
+
+    from rftjax.train import Trainer
+
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed (e.g. 0,1,2)")
+    arms = make_arms(base, grid)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    _check_same_base(workdir, base, {**(spec or {}), "grid": grid, "seeds": seeds, "control": control})
+    jobs = plan(arms, seeds, control)
+    log_path = os.path.join(workdir, "sweep_log.jsonl")
+    from rftjax.metrics import read_jsonl
+
+    done = read_jsonl(log_path)
+    todo = [j for j in jobs if not finished(workdir, j)]
+    log.info("sweep: %d arm(s) x %d seed(s)%s = %d runs (%d cold starts); %d finished, %d to run",
+             len(arms), len(seeds), " + control" if control else "", len(jobs), len(seeds), len(jobs) - len(todo),
+             len(todo))
+    for i, job in enumerate(todo):
+        eta = estimate_seconds(done, todo[i:])
+        log.info("sweep [%d/%d] %s%s", len(jobs) - len(todo) + i + 1, len(jobs), job.directory,
+                 f" (estimated time left for the sweep: {_fmt_minutes(eta)})" if eta else "")
+        t0 = time.perf_counter()
+        Trainer(job_config(base, workdir, job, arms), os.path.join(workdir, job.directory)).run()
+        jax.clear_caches()
+        if not finished(workdir, job):
+            log.warning("sweep stopped during %s; rerun the same command to resume", job.directory)
+            return None
+        record = {"run": job.directory, "kind": job.kind, "seed": job.seed, "wall_s": time.perf_counter() - t0,
+                  "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        done.append(record)
+        if jax.process_index() == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        values = run_values(os.path.join(workdir, job.directory), job.kind)
+        log.info("sweep: %s done in %s: test %s%%, OOD %s%%", job.directory, _fmt_minutes(record["wall_s"]),
+                 _pct(values["test"]), _pct(values["ood"]))
+    results = summarize(workdir, arms, seeds, control)
+    if jax.process_index() == 0:
+        write_results(workdir, results)
+        print(results_markdown(results))
+    return results
+
+
+def _check_same_base(workdir: str, base: ml_collections.ConfigDict, spec: dict) -> None:
+    """Write WORKDIR/sweep.json, or check that the sweep there has the same base config (the grid and seeds may
+    change: finished runs are reused).
+
+    Raises:
+      ValueError: the base configs differ (names the first differing fields).
+    """
+    path = os.path.join(workdir, "sweep.json")
+    base_dict = json.loads(base.to_json())
+    if os.path.exists(path):
+        old = json.load(open(path))["base_config"]
+        diff = [k for k in sorted(set(_flatten(old)) | set(_flatten(base_dict)))
+                if _flatten(old).get(k) != _flatten(base_dict).get(k)]
+        if diff:
+            raise ValueError(f"{workdir} holds a sweep of another base config (differs in {diff[:5]}): use another "
+                             f"--workdir, or the same config and overrides")
+    with open(path, "w") as f:
+        json.dump({**spec, "base_config": base_dict}, f, indent=1)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+# ---- results ------------------------------------------------------------------------------------------------
+
+
+def _last(evals: list[dict], stage: str, split: str) -> dict:
+    hits = [e for e in evals if e["stage"] == stage and e["split"] == split]
+    return hits[-1] if hits else {}
+
+
+def _end_stage(kind: str) -> str:
+    return {COLD_START: "sft_end", CONTROL: "control_end"}.get(kind, "rl_end")
+
+
+def run_values(run_dir: str, kind: str) -> dict:
+    """The per-run numbers the results aggregate: `test`, `ood` (greedy accuracy at the run's end: `sft_end` for a
+    cold start, `control_end`, else `rl_end`), `pass_at_1`, `pass_at_k` (test, sampled), `pass_curve` (test
+    pass@1..n), `rl_steps`, `rl_minutes`, `curve` (`{split: [(rl_step, accuracy)]}` over the RL stage's
+    evaluations, the cold start's at step 0). Missing values are None."""
+    summary, evals = read_run(run_dir)
+    end = _end_stage(kind)
+    test, ood = _last(evals, end, "test"), _last(evals, end, "test_ood")
+    start = _last(evals, "sft_end", "test").get("step", 0)
+    curve = {split: [(e["step"] - start, e["accuracy"]) for e in evals
+                     if e["split"] == split and e["stage"] in ("sft_end", "rl", end)] for split in ("test", "test_ood")}
+    return {"test": test.get("accuracy"), "ood": ood.get("accuracy"), "pass_at_1": test.get("pass_at_1"),
+            "pass_at_k": test.get("pass_at_k"), "pass_n": test.get("pass_n"), "pass_curve": test.get("pass_at_k_curve"),
+            "rl_steps": summary.get("rl_steps") if kind != COLD_START else 0,
+            "rl_minutes": summary["rl_time_s"] / 60 if kind != COLD_START and summary else None,
+            "curve": curve}
+
+
+METRICS = (("test", "test acc"), ("ood", "OOD acc"), ("test_gain_vs_cold", "test gain vs cold start"),
+           ("ood_gain_vs_cold", "OOD gain vs cold start"), ("test_gain_vs_control", "test gain vs control"),
+           ("ood_gain_vs_control", "OOD gain vs control"), ("pass_at_1", "pass@1"), ("pass_at_k", "pass@k"))
+
+
+def summarize(workdir: str, arms: list[Arm], seeds: list[int], control: bool) -> dict:
+    """Aggregate the sweep's runs. For the cold start, each arm and the control: per metric the per-seed values
+    and their mean with a 95% t-interval (`mean_ci`, scipy.stats) over the seeds that finished. Gains are paired
+    by seed: an arm's test / OOD accuracy minus its own cold start's (`*_gain_vs_cold`) and minus the same seed's
+    control (`*_gain_vs_control`), then averaged with their interval. Arms are ranked by mean test accuracy.
+
+    Returns `{"rows": [{"name", "kind", "seeds", "metrics": {name: mean_ci}, "rl_steps", "rl_minutes",
+    "pass_curve", "curve"}], "ranking": [arm names], "pass_n", "confidence"}`; `curve` is `{split: {"steps",
+    "mean", "lo", "hi"}}` (per RL step over the seeds evaluated there), `pass_curve` `{"mean", "lo", "hi"}`.
+    """
+    rows = []
+    groups = [(COLD_START, COLD_START, COLD_START)] + [(a.name, "arm", a.name) for a in arms]
+    groups += [(CONTROL, CONTROL, CONTROL)] if control else []
+    cold = {s: run_values(os.path.join(workdir, COLD_START, f"seed{s}"), COLD_START) for s in seeds}
+    ctrl = {s: run_values(os.path.join(workdir, CONTROL, f"seed{s}"), CONTROL) for s in seeds} if control else {}
+    pass_n = None
+    for name, kind, directory in groups:
+        per_seed = {s: run_values(os.path.join(workdir, directory, f"seed{s}"), kind) for s in seeds}
+        per_seed = {s: v for s, v in per_seed.items() if v["test"] is not None}
+        metrics = {}
+        for key in ("test", "ood", "pass_at_1", "pass_at_k"):
+            metrics[key] = mean_ci([v[key] for v in per_seed.values()])
+        for split in ("test", "ood"):  # paired by seed; none for a run against itself
+            metrics[f"{split}_gain_vs_cold"] = mean_ci(
+                [_diff(v[split], cold[s][split]) for s, v in per_seed.items()] if kind != COLD_START else [])
+            metrics[f"{split}_gain_vs_control"] = mean_ci(
+                [_diff(v[split], ctrl[s][split]) for s, v in per_seed.items()] if control and kind == "arm" else [])
+        pass_n = pass_n or next((v["pass_n"] for v in per_seed.values() if v["pass_n"]), None)
+        rows.append({"name": name, "kind": kind, "seeds": sorted(per_seed),
+                     "metrics": metrics, "rl_steps": mean_ci([v["rl_steps"] for v in per_seed.values()]),
+                     "rl_minutes": mean_ci([v["rl_minutes"] for v in per_seed.values()]),
+                     "pass_curve": _band([v["pass_curve"] for v in per_seed.values() if v["pass_curve"]]),
+                     "curve": {split: _curve_band([v["curve"][split] for v in per_seed.values()])
+                               for split in ("test", "test_ood")}})
+    ranked = sorted((r for r in rows if r["kind"] == "arm" and r["metrics"]["test"]["mean"] is not None),
+                    key=lambda r: -r["metrics"]["test"]["mean"])
+    return {"rows": rows, "ranking": [r["name"] for r in ranked], "pass_n": pass_n, "confidence": CONFIDENCE,
+            "seeds": seeds}
+
+
+def _diff(a, b):
+    return None if a is None or b is None else a - b
+
+
+def _band(curves: list[list[float]]) -> dict | None:
+    """Mean and t-interval per position of equal-length curves (None without any)."""
+    if not curves or len({len(c) for c in curves}) > 1:
+        return None
+    cis = [mean_ci(col) for col in zip(*curves)]
+    return {key: [ci[key] for ci in cis] for key in ("mean", "lo", "hi")}
+
+
+def _curve_band(curves: list[list[tuple[int, float]]]) -> dict:
+    """Per RL step, the mean and t-interval of the seeds evaluated at that step."""
+    steps = sorted({s for c in curves for s, _ in c})
+    cis = [mean_ci([dict(c).get(step) for c in curves]) for step in steps]
+    return {"steps": steps, **{key: [ci[key] for ci in cis] for key in ("mean", "lo", "hi")}}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _cell(ci: dict, signed: bool = False) -> str:
+    """`mean [lo, hi]` in percentage points (`-` without values; the mean alone for one seed)."""
+    if ci["mean"] is None:
+        return "-"
+    mean = f"{100 * ci['mean']:+.1f}" if signed else f"{100 * ci['mean']:.1f}"
+    return mean if ci["lo"] is None else f"{mean} [{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]"
+
+
+def results_markdown(results: dict) -> str:
+    """sweep_results.md: the table (one row per cold start / arm / control, arms in rank order) and how to read
+    it."""
+    conf = int(100 * results["confidence"])
+    k = results.get("pass_n") or "k"
+    head = ["rank", "run", "seeds"] + [label.replace("pass@k", f"pass@{k}") for _, label in METRICS] + \
+        ["RL steps", "RL min"]
+    order = {name: i for i, name in enumerate(results["ranking"])}
+    place = {COLD_START: -1, CONTROL: len(order)}  # cold start first, the arms by rank, the control last
+    rows = sorted(results["rows"], key=lambda r: place.get(r["kind"], order.get(r["name"], len(order))))
+    lines = [f"# Sweep results ({len(results['seeds'])} seeds: {results['seeds']})", "",
+             f"Accuracy in %, mean over seeds with its {conf}% t-interval in brackets (scipy.stats.t; one seed: the "
+             f"value alone). Gains are paired by seed, in points. pass@1 / pass@{k}: sampled at temperature 1, "
+             f"unbiased estimator over {k} samples per test problem.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        m = r["metrics"]
+        rank = str(order[r["name"]] + 1) if r["name"] in order else ""
+        cells = [rank, r["name"], str(len(r["seeds"]))]
+        cells += [_cell(m[key], signed="gain" in key) for key, _ in METRICS]
+        steps, minutes = r["rl_steps"]["mean"], r["rl_minutes"]["mean"]
+        cells += ["-" if steps is None else f"{steps:.0f}", "-" if minutes is None else f"{minutes:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: str, results: dict) -> list[str]:
+    """sweep_results.json, sweep_results.md and sweep_curves.png in `workdir`; returns their paths."""
+    from rftjax.metrics import plot_panels
+
+    paths = [os.path.join(workdir, f"sweep_results.{ext}") for ext in ("json", "md")] + \
+        [os.path.join(workdir, "sweep_curves.png")]
+    with open(paths[0], "w") as f:
+        json.dump(results, f, indent=1)
+    with open(paths[1], "w") as f:
+        f.write(results_markdown(results))
+    panels = [{"title": f"{title} accuracy (mean, {int(100 * results['confidence'])}% interval)",
+               "xlabel": "RL step (0 = cold start)", "ylabel": "accuracy",
+               "series": {r["name"]: (c["steps"], c["mean"], *_band_or_none(c))
+                          for r in results["rows"] if r["kind"] == "arm"
+                          for c in [r["curve"][split]] if c["steps"]}}
+              for split, title in (("test", "test"), ("test_ood", "OOD"))]
+    panels.append({"title": f"test pass@k (k <= {results.get('pass_n')}, mean over seeds)", "xlabel": "k",
+                   "ylabel": "pass@k", "logx": True,
+                   "series": {r["name"]: (np.arange(1, len(p["mean"]) + 1), p["mean"], *_band_or_none(p))
+                              for r in results["rows"] for p in [r["pass_curve"]] if p}})
+    plot_panels(paths[2], panels)
+    return paths
+
+
+def _band_or_none(c: dict) -> tuple:
+    """`(lo, hi)` of a band with NaN where a point has no interval, or `(None, None)` when no point has one."""
+    if all(x is None for x in c["lo"]):
+        return None, None
+    return tuple(np.asarray([np.nan if x is None else x for x in c[key]], np.float64) for key in ("lo", "hi"))
+
+
+def main(config, workdir):
+    from absl import flags
+    from ml_collections import config_flags
+
+    f = flags.FLAGS
+    seeds = [int(s) for s in f.seeds]
+    spec = {"config_file": config_flags.get_config_filename(f["config"]),
+            "overrides": {k: str(v) for k, v in config_flags.get_override_values(f["config"]).items()}}
+    if f.summarize_only:
+        arms = make_arms(config, f.grid or [])
+        results = summarize(os.path.abspath(workdir), arms, seeds, f.control)
+        write_results(os.path.abspath(workdir), results)
+        print(results_markdown(results))
+        return
+    run_sweep(config, workdir, f.grid or [], seeds, f.control, spec)
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    from rftjax.configs import run_cli
+
+    flags.DEFINE_multi_string("grid", None, "KEY=V1,V2,...: a config field and its values (repeat for a grid)")
+    flags.DEFINE_list("seeds", ["0"], "seeds (each gets its own cold start)")
+    flags.DEFINE_bool("control", False, "add the equal-time SFT control of each seed")
+    flags.DEFINE_bool("summarize_only", False, "only rewrite sweep_results.* from the runs there are")
+    run_cli(main, "sweep directory (created; rerun to resume)")
