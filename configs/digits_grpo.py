@@ -20,7 +20,10 @@ Control run (same budget, more SFT instead of RL): add --config.rl.control_sft_s
 from rftjax.configs import base_config
 
 
-def get_config():
+def get_config(setting: str = ""):
+    """The main job; `configs/digits_grpo.py:scarce` is issue 16's scarce-traces setting (see `scarce`)."""
+    if setting not in ("", "scarce"):
+        raise ValueError(f"configs/digits_grpo.py:{setting}: choose no setting or :scarce")
     c = base_config()
     c.model.preset = "default"
     # 16 px patches: one patch per digit cell of the 64 px canvas -> 16 image tokens per prompt.
@@ -53,4 +56,15 @@ def get_config():
     # Safety nets for slow machines: a stage that runs out of its budget ends early, with its evaluation
     # (summary.json says so: sft_end_reason / rl_end_reason = "max_seconds").
     c.sft.max_seconds, c.rl.max_seconds = 1020.0, 480.0
+    return scarce(c) if setting == "scarce" else c
+
+
+def scarce(c):
+    """Scarce traces: 500 traced examples of 1-3 digits only; RL's answer-only problems and the test have 1-5
+    digits (4-5 digit problems have no trace at all), OOD 6. Sums of 5 digits write up to ~78 tokens, of 6 ~92,
+    hence the longer budgets; 500 examples are ~32 epochs at 500 steps, so the cold start is shorter."""
+    c.data.num_digits.update(sft="1-3", rl="1-5", test="1-5", test_ood="6")
+    c.data.sft_examples = 500
+    c.sft.max_steps = 400
+    c.rl.max_new_tokens, c.eval.max_new_tokens = 96, 112
     return c

@@ -302,11 +302,36 @@ def _sources(c: ml_collections.ConfigDict, workdir: str, model_config, pre: Prep
         return {name: file_source(spec, name, pre, d.max_prompt_len, reports) for name, spec in specs.items()
                 if spec}
     # Procedural images are square; a dynamic-resolution (Qwen-VL) model sees them at the tasks' native 64 px.
-    task = get_task(d.task, seed=c.seed, image_size=getattr(model_config.vision, "image_size", 64))
+    image_size = getattr(model_config.vision, "image_size", 64)
+    tasks = {name: get_task(d.task, seed=c.seed, image_size=image_size, **options)
+             for name, options in task_options(c).items()}
     splits = {"sft": ("train", d.sft_examples, 0), "val": ("validation", d.val_examples, 0),
               "rl": ("train", d.rl_examples, d.sft_examples), "test": ("test", d.test_examples, 0),
               "test_ood": ("test_ood", d.ood_examples, 0)}
-    return {name: _source(c, workdir, task, *split) for name, split in splits.items()}
+    return {name: _source(c, workdir, tasks["sft" if name in ("sft", "val") else "rl"], *split)
+            for name, split in splits.items()}
+
+
+def task_options(c: ml_collections.ConfigDict) -> dict[str, dict]:
+    """The procedural task's options for the cold start's sources (`sft`, with `val`) and the others (`rl`, with
+    `test`, `test_ood`): for digits, `num_digits` from `data.num_digits`; other tasks take none.
+
+    Raises:
+      ValueError: `data.num_digits` changed for another task or for TFDS data (built with the default counts),
+        or a malformed range.
+    """
+    from rftjax.data.tasks.digits import NUM_DIGITS, parse_range
+
+    n = {k: parse_range(v) for k, v in c.data.num_digits.items()}
+    default = {"sft": NUM_DIGITS["train"], "rl": NUM_DIGITS["train"], "test": NUM_DIGITS["test"],
+               "test_ood": NUM_DIGITS["test_ood"]}
+    if n == default:
+        return {"sft": {}, "rl": {}}
+    if c.data.task != "digits" or c.data.source != "procedural":
+        raise ValueError(f"bad config: data.num_digits={c.data.num_digits.to_dict()} applies to data.task=digits with "
+                         f"data.source=procedural only (TFDS data is built with the default counts)")
+    return {"sft": {"num_digits": {"train": n["sft"], "validation": n["sft"]}},
+            "rl": {"num_digits": {"train": n["rl"], "test": n["test"], "test_ood": n["test_ood"]}}}
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:

@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.rl_examples = 50000          # answer-only training problems for RL (train split, after the SFT ones)
     c.data.test_examples = 500          # held-out test problems (digit images never seen in training)
     c.data.ood_examples = 300           # out-of-distribution test problems
+    c.data.num_digits = ml_collections.ConfigDict({  # digits task: digits per image, "N-M" or "N"
+        "sft": "1-4",                   # cold-start traces and validation (e.g. 1-3: traces are scarce)
+        "rl": "1-4", "test": "1-4",     # RL problems, test
+        "test_ood": "5-6"})             # out of distribution
     c.data.augment = ""                 # "" | "noise:0.1" (NoisyRollout) | "crop:0.8", applied to RL prompts
     c.data.num_workers = 0              # grain worker processes
 

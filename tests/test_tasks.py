@@ -115,3 +115,33 @@ def test_unknown_task_and_split():
         get_task("digits").example("dev", 0)
     with pytest.raises(ValueError, match="image_size"):
         get_task("digits", image_size=40)
+
+
+def test_digits_per_split_follow_data_num_digits():
+    """Scarce traces (issue 16): `data.num_digits` gives the cold start's sources 1-3 digits and RL / test 1-5,
+    OOD 6, as counted from the examples' own digit lists; the defaults are 1-4 and 5-6; bad ranges, too many
+    digits for the canvas and num_digits on another task are config errors."""
+    from rftjax.build import task_options
+    from rftjax.configs import base_config
+
+    def counts(task, split, n=60):
+        return {len(json.loads(task.example(split, i)["meta"])["digits"]) for i in range(n)}
+
+    default = get_task("digits")
+    assert counts(default, "train") == {1, 2, 3, 4} and counts(default, "test_ood") == {5, 6}
+    c = base_config()
+    c.data.num_digits.update(sft="1-3", rl="1-5", test="1-5", test_ood="6")
+    options = task_options(c)
+    sft, rest = (get_task("digits", **options[k]) for k in ("sft", "rl"))
+    assert counts(sft, "train") == counts(sft, "validation") == {1, 2, 3}
+    assert counts(rest, "train") == counts(rest, "test") == {1, 2, 3, 4, 5} and counts(rest, "test_ood") == {6}
+    assert task_options(base_config()) == {"sft": {}, "rl": {}}
+    for bad, message in (({"sft": "3-1"}, "N-M"), ({"test_ood": "17"}, "at most 16 digits")):
+        c = base_config()
+        c.data.num_digits.update(bad)
+        with pytest.raises(ValueError, match=message):
+            get_task("digits", **task_options(c)["rl"])
+    c = base_config()
+    c.data.task, c.data.num_digits.rl = "shapes", "1-5"
+    with pytest.raises(ValueError, match="applies to data.task=digits"):
+        task_options(c)

@@ -8,15 +8,18 @@ from rftjax.data.tasks.shapes import ShapesTask
 TASKS = {t.name: t for t in (DigitsTask, ShapesTask, GroundingTask)}
 
 
-def get_task(name: str, seed: int = 0, image_size: int = 64) -> Task:
-    """An instance of task `name`.
+def get_task(name: str, seed: int = 0, image_size: int = 64, **options) -> Task:
+    """An instance of task `name`, with the task's own `options` (e.g. digits' `num_digits`).
 
     Raises:
-      ValueError: unknown task.
+      ValueError: unknown task, or options it does not take.
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    return TASKS[name](seed=seed, image_size=image_size)
+    try:
+        return TASKS[name](seed=seed, image_size=image_size, **options)
+    except TypeError as e:
+        raise ValueError(f"task {name!r} does not take the options {sorted(options)}: {e}") from e
 
 
 __all__ = ["ANSWER_TYPES", "SPLITS", "TASKS", "Task", "get_task", "make_example", "format_box", "DigitsTask",

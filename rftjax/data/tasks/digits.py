@@ -3,7 +3,8 @@
 Digit images are scikit-learn's bundled `load_digits` (1,797 8x8 scans from UCI, shipped in the wheel,
 works offline), upscaled 2x. The image pool is split once: train, validation and test draw from disjoint
 images, so test problems only show digit images never seen in training. `test_ood` shows 5-6 digits (more
-than training ever shows) drawn from the test pool.
+than training ever shows) drawn from the test pool. `data.num_digits` changes the counts per split (e.g. traces
+for 1-3 digits only, RL and test on 1-5, OOD 6).
 """
 
 from __future__ import annotations
@@ -49,21 +50,52 @@ def digit_pool() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     return imgs, np.asarray(data.target), pools
 
 
+NUM_DIGITS = {"train": (1, 4), "validation": (1, 4), "test": (1, 4), "test_ood": (5, 6)}
+"""Digits per image of each split, `(fewest, most)`: the default task (`DigitsTask(num_digits=...)` changes them)."""
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """"1-4" -> (1, 4), "6" -> (6, 6).
+
+    Raises:
+      ValueError: not N or N-M with 1 <= N <= M.
+    """
+    lo, _, hi = str(text).partition("-")
+    try:
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        lo = hi = 0
+    if not 1 <= lo <= hi:
+        raise ValueError(f"digits per image {text!r}: write N or N-M with 1 <= N <= M (e.g. 1-3)")
+    return lo, hi
+
+
 class DigitsTask(Task):
-    """See the module docstring. `image_size` must be a multiple of 16 and at least 48 (a 3x3 grid)."""
+    """See the module docstring. `image_size` must be a multiple of 16 and at least 48 (a 3x3 grid).
+    `num_digits` overrides the digits per image of some splits (`{split: (fewest, most)}`, see `NUM_DIGITS`), e.g.
+    scarce traces: `{"train": (1, 3)}` for the SFT examples; at most one digit per 16 px cell of the canvas.
+
+    Raises:
+      ValueError: a bad image size, an unknown split or more digits than cells.
+    """
 
     name = "digits"
 
-    def __init__(self, seed: int = 0, image_size: int = 64):
+    def __init__(self, seed: int = 0, image_size: int = 64, num_digits: dict | None = None):
         super().__init__(seed, image_size)
         if image_size % CELL or image_size < 3 * CELL:
             raise ValueError(f"digits: image_size={image_size} must be a multiple of {CELL} and >= {3 * CELL}")
+        self.num_digits = {**NUM_DIGITS, **(num_digits or {})}
+        cells = (image_size // CELL) ** 2
+        if set(self.num_digits) - set(NUM_DIGITS) or max(hi for _, hi in self.num_digits.values()) > cells:
+            raise ValueError(f"digits: num_digits={num_digits} must map splits {sorted(NUM_DIGITS)} to at most "
+                             f"{cells} digits (the cells of a {image_size} px canvas)")
 
     def example(self, split: str, index: int) -> dict:
         rng = example_rng(self.seed, split, index)
         imgs, labels, pools = digit_pool()
         grid = self.image_size // CELL
-        lo, hi = (5, 6) if split == "test_ood" else (1, 4)
+        lo, hi = self.num_digits[split]
         n = int(rng.integers(lo, hi + 1))
         cells = np.sort(rng.choice(grid * grid, size=n, replace=False))  # row-major reading order
         sources = rng.choice(pools[split], size=n, replace=False)
