@@ -144,6 +144,23 @@ def evaluate_splits(run: Run, params, logger: RunLogger, step: int, stage: str, 
     return results
 
 
+def greedy_samples(run: Run, params, split: str = "test", n: int = 8) -> list[dict]:
+    """The first `n` problems of the run's `split` with the model's greedy completion (one process): dicts with
+    `image` (uint8 `[H, W, 3]`, as the task made it), `question`, `completion` (text), `answer` (the reference),
+    `correct` (0/1 by the run's reward). For showing what a model writes (the Colab notebook)."""
+    source = run.sources[split]
+    n = min(n, len(source))
+    batch = next(iter(make_dataset(source, run.prompt_pre, shuffle=False, num_epochs=None, num_threads=1,
+                                   **process_share(n))))
+    _, texts = generate_texts(params, run.model_config, run.tokenizer, batch, run.key, group_size=1,
+                              max_new_tokens=configs.eval_max_new_tokens(run.config), greedy=True, place=run.place)
+    correct = run.scorer.score(texts, list(batch["answer"]), list(batch["answer_type"]))["correct"]
+    rows = [source[i] for i in range(n)]
+    return [{"image": np.asarray(r["image"].load() if hasattr(r["image"], "load") else r["image"]),
+             "question": r["question"], "completion": t, "answer": r["answer"], "correct": float(c)}
+            for r, t, c in zip(rows, texts, correct)]
+
+
 def latest_params(run: Run) -> tuple[object, int]:
     """`(params, step)` of the run's latest checkpoint (only the policy params are read).
 
