@@ -220,15 +220,22 @@ def _fmt_minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def estimate_seconds(done: list[dict], jobs: list[Job]) -> float | None:
+def estimate_seconds(done: list[dict], jobs: list[Job]) -> tuple[float, int]:
     """Estimated wall time of `jobs` from the finished runs `done` (sweep_log.jsonl records: `kind`, `wall_s`):
-    each job at the mean of its kind's runs (controls at the arms' mean); None until a cold start and an arm have
-    finished."""
-    means = {k: np.mean([d["wall_s"] for d in done if d["kind"] == k]) for k in (COLD_START, "arm")
+    each job at the mean of its kind's runs (controls at the arms' mean, as long as them by design). Returns
+    `(seconds, jobs of a kind not timed yet)` (those are left out of the seconds)."""
+    means = {k: float(np.mean([d["wall_s"] for d in done if d["kind"] == k])) for k in (COLD_START, "arm")
              if any(d["kind"] == k for d in done)}
-    if len(means) < 2:
-        return None
-    return float(sum(means[COLD_START if j.kind == COLD_START else "arm"] for j in jobs))
+    kinds = [COLD_START if j.kind == COLD_START else "arm" for j in jobs]
+    return sum(means.get(k, 0.0) for k in kinds), sum(k not in means for k in kinds)
+
+
+def _eta(done: list[dict], jobs: list[Job]) -> str:
+    seconds, untimed = estimate_seconds(done, jobs)
+    if seconds == 0:
+        return ""
+    return f" (estimated time left for the sweep: {_fmt_minutes(seconds)}" + \
+        (f" + {untimed} run(s) of a kind not timed yet)" if untimed else ")")
 
 
 def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], seeds: list[int], control: bool,
@@ -248,7 +255,8 @@ def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], se
     arms = make_arms(base, grid)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    _check_same_base(workdir, base, {**(spec or {}), "grid": grid, "seeds": seeds, "control": control})
+    _check_same_base(workdir, base, {**(spec or {}), "grid": grid, "seeds": seeds, "control": control},
+                     write=jax.process_index() == 0)
     jobs = plan(arms, seeds, control)
     log_path = os.path.join(workdir, "sweep_log.jsonl")
     from rftjax.metrics import read_jsonl
@@ -259,9 +267,7 @@ def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], se
              len(arms), len(seeds), " + control" if control else "", len(jobs), len(seeds), len(jobs) - len(todo),
              len(todo))
     for i, job in enumerate(todo):
-        eta = estimate_seconds(done, todo[i:])
-        log.info("sweep [%d/%d] %s%s", len(jobs) - len(todo) + i + 1, len(jobs), job.directory,
-                 f" (estimated time left for the sweep: {_fmt_minutes(eta)})" if eta else "")
+        log.info("sweep [%d/%d] %s%s", len(jobs) - len(todo) + i + 1, len(jobs), job.directory, _eta(done, todo[i:]))
         t0 = time.perf_counter()
         Trainer(job_config(base, workdir, job, arms), os.path.join(workdir, job.directory)).run()
         jax.clear_caches()
@@ -284,9 +290,9 @@ def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], se
     return results
 
 
-def _check_same_base(workdir: str, base: ml_collections.ConfigDict, spec: dict) -> None:
-    """Write WORKDIR/sweep.json, or check that the sweep there has the same base config (the grid and seeds may
-    change: finished runs are reused).
+def _check_same_base(workdir: str, base: ml_collections.ConfigDict, spec: dict, write: bool = True) -> None:
+    """Check that the sweep in `workdir` (if any) has the same base config (the grid and seeds may change: finished
+    runs are reused), then (`write`) record this one in WORKDIR/sweep.json.
 
     Raises:
       ValueError: the base configs differ (names the first differing fields).
@@ -300,8 +306,9 @@ def _check_same_base(workdir: str, base: ml_collections.ConfigDict, spec: dict) 
         if diff:
             raise ValueError(f"{workdir} holds a sweep of another base config (differs in {diff[:5]}): use another "
                              f"--workdir, or the same config and overrides")
-    with open(path, "w") as f:
-        json.dump({**spec, "base_config": base_dict}, f, indent=1)
+    if write:
+        with open(path, "w") as f:
+            json.dump({**spec, "base_config": base_dict}, f, indent=1)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

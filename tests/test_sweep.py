@@ -47,6 +47,13 @@ def test_grid_gives_typed_arms_and_rejects_what_cannot_work():
             sweep.make_arms(c, grid)
 
 
+def test_time_estimate_uses_the_mean_of_each_kind():
+    done = [{"kind": "cold_start", "wall_s": 100.0}, {"kind": "arm", "wall_s": 50.0}, {"kind": "arm", "wall_s": 70.0}]
+    jobs = sweep.plan([sweep.Arm("a", {})], [0, 1], control=True)  # cold, arm, control for each seed
+    assert sweep.estimate_seconds(done, jobs) == (2 * (100 + 60 + 60), 0)
+    assert sweep.estimate_seconds(done[1:], jobs) == (4 * 60, 2)  # no cold start timed yet: those two left out
+
+
 def _sweep_cli(workdir, *extra):
     return [sys.executable, "-m", "rftjax.sweep", "--config", os.path.join(ROOT, "configs", "smoke.py"),
             "--workdir", workdir, "--grid", "rl.algorithm=grpo,dr_grpo", "--seeds", "0,1", "--control",
@@ -68,6 +75,7 @@ def test_two_arms_two_seeds_share_cold_starts_resume_after_a_kill_and_write_resu
     proc = subprocess.run(_sweep_cli(workdir), capture_output=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     assert "sweep: 2 arm(s) x 2 seed(s) + control = 8 runs (2 cold starts); 2 finished, 6 to run" in proc.stdout.decode()
+    assert "(estimated time left for the sweep: " in proc.stdout.decode()
     for path, (mtime, text) in kept.items():  # finished runs are not redone
         assert os.path.getmtime(path) == mtime and open(path).read() == text, path
 

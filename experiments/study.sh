@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 16's study: every RL preset x 3 seeds from shared cold starts on the main job, with the equal-time SFT
+# control; and the scarce-traces setting (traces for 1-3 digits; RL and test on 1-5; OOD 6), GRPO vs control.
+#
+#   bash experiments/study.sh algos  [WORKDIR]     # default /tmp/study/algos
+#   bash experiments/study.sh scarce [WORKDIR]     # default /tmp/study/scarce
+#   ADOPT="0=runs/digits_seed0 2=runs/digits_seed2" bash experiments/study.sh algos   # reuse those cold starts
+#
+# Budget (sized for one 2-core CPU): step budgets instead of the main job's time budgets, so that a machine shared
+# with other work changes only the wall time (the cold start runs its 560 steps or stops by patience; RL 30 steps
+# instead of ~65 in 8 minutes); an evaluation at RL step 15 (200 problems) and at the end (500 test / 300 OOD), with
+# pass@k over 16 samples of 50 problems. Rerun the same command to resume; results in WORKDIR/sweep_results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OV=(--config.sft.max_seconds=0 --config.rl.max_seconds=0 --config.rl.steps=30 --config.eval.every=15
+    --config.eval.pass_n=16 --config.eval.pass_problems=50 --config.log.progress=False)
+case "${1:-}" in
+  algos)
+    W=${2:-/tmp/study/algos}
+    for pair in ${ADOPT:-}; do
+      s=${pair%%=*}
+      [ -e "$W/cold_start/seed$s/summary.json" ] || python experiments/adopt_cold_start.py \
+        --config configs/digits_grpo.py --workdir "$W/cold_start/seed$s" --source "${pair#*=}" --config.seed="$s" "${OV[@]}"
+    done
+    python -m rftjax.sweep --config configs/digits_grpo.py --workdir "$W" \
+      --grid rl.algorithm=grpo,dr_grpo,dapo,gspo,rloo,reinforce_pp,ppo --seeds 0,2,1 --control "${OV[@]}" ;;
+  scarce)
+    W=${2:-/tmp/study/scarce}
+    python -m rftjax.sweep --config configs/digits_grpo.py:scarce --workdir "$W" --grid rl.algorithm=grpo \
+      --seeds 0,1,2 --control "${OV[@]}" ;;
+  *) echo "usage: bash experiments/study.sh algos|scarce [WORKDIR]" >&2; exit 2 ;;
+esac
