@@ -28,5 +28,12 @@ case "${1:-}" in
     W=${2:-/tmp/study/scarce}
     python -m rftjax.sweep --config configs/digits_grpo.py:scarce --workdir "$W" --grid rl.algorithm=grpo \
       --seeds 0,1,2 --control "${OV[@]}" ;;
-  *) echo "usage: bash experiments/study.sh algos|scarce [WORKDIR]" >&2; exit 2 ;;
+  collect)  # copy a finished study's results and run logs (no checkpoints) into experiments/results/study_NAME/
+    W=${2:?give the study directory}
+    D=experiments/results/study_$(basename "$W")
+    (cd "$W" && find . -maxdepth 3 \( -name 'sweep*' -o -name summary.json -o -name eval.jsonl -o -name metrics.jsonl \
+      -o -name curves.png \) -not -path '*/tensorboard/*') | while read -r f; do
+      mkdir -p "$D/$(dirname "$f")" && cp "$W/$f" "$D/$f"; done
+    gzip -f "$D"/*/seed*/metrics.jsonl ;;
+  *) echo "usage: bash experiments/study.sh algos|scarce [WORKDIR] | collect WORKDIR" >&2; exit 2 ;;
 esac
