@@ -61,9 +61,11 @@ def _config():
 
 
 def _numbers(rows):
-    """Metric rows without timings, values as float arrays (None -> nan) per key."""
+    """Metric rows without timings, values as float arrays (None -> nan) per key (list values, such as the pass@k
+    curve, as rows of a 2-D array)."""
     keys = sorted({k for r in rows for k in r} - set(TIMING_KEYS) - {"stage", "split"})
-    return {k: np.asarray([np.nan if r.get(k) is None else float(r[k]) for r in rows]) for k in keys}
+    return {k: np.asarray([np.nan if r.get(k) is None else np.asarray(r[k], np.float64) for r in rows])
+            for k in keys}
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="the one-process reference needs 4 (virtual) devices")
