@@ -150,8 +150,9 @@ def plot_curves(workdir: str) -> list[str]:
 
 def plot_panels(path: str, panels: list[dict]) -> str:
     """One PNG of side-by-side line plots. Each panel is a dict: `title`, `xlabel`, `ylabel`, optional `logx`
-    (log2 x axis), and `series`: `{label: (x, y)}` or `{label: (x, y, lo, hi)}` (a shaded band from lo to hi, e.g.
-    a confidence interval; None values are left out). Returns `path`."""
+    (log2 x axis), `series`: `{label: (x, y)}` or `{label: (x, y, lo, hi)}` (a shaded band from lo to hi, e.g.
+    a confidence interval; None values are left out), and optional `hlines`: `{label: y}` (dashed reference lines).
+    Returns `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,6 +164,8 @@ def plot_panels(path: str, panels: list[dict]) -> str:
             (line,) = ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, lw=1.5, label=label)
             if band and band[0] is not None:
                 ax.fill_between(x, band[0], band[1], color=line.get_color(), alpha=0.2, lw=0)
+        for label, y in panel.get("hlines", {}).items():
+            ax.axhline(y, ls="--", lw=1, color="gray", label=label)
         if panel.get("logx"):
             ax.set_xscale("log", base=2)
         ax.set(title=panel["title"], xlabel=panel["xlabel"], ylabel=panel.get("ylabel", ""))

@@ -464,8 +464,10 @@ def write_results(workdir: str, results: dict) -> list[str]:
                "xlabel": "RL step (0 = cold start)", "ylabel": "accuracy",
                "series": {r["name"]: (c["steps"], c["mean"], *_band_or_none(c))
                           for r in results["rows"] if r["kind"] == "arm"
-                          for c in [r["curve"][split]] if c["steps"]}}
-              for split, title in (("test", "test"), ("test_ood", "OOD"))]
+                          for c in [r["curve"][split]] if c["steps"]},
+               "hlines": {f"control (mean, after {r['rl_steps']['mean']:.0f} SFT steps)": r["metrics"][key]["mean"]
+                          for r in results["rows"] if r["kind"] == CONTROL and r["metrics"][key]["mean"] is not None}}
+              for split, key, title in (("test", "test", "test"), ("test_ood", "ood", "OOD"))]
     panels.append({"title": f"test pass@k (k <= {results.get('pass_n')}, mean over seeds)", "xlabel": "k",
                    "ylabel": "pass@k", "logx": True,
                    "series": {r["name"]: (np.arange(1, len(p["mean"]) + 1), p["mean"], *_band_or_none(p))
