@@ -64,8 +64,13 @@ def _numbers(rows):
     """Metric rows without timings, values as float arrays (None -> nan) per key (list values, such as the pass@k
     curve, as rows of a 2-D array)."""
     keys = sorted({k for r in rows for k in r} - set(TIMING_KEYS) - {"stage", "split"})
-    return {k: np.asarray([np.nan if r.get(k) is None else np.asarray(r[k], np.float64) for r in rows])
-            for k in keys}
+    out = {}
+    for k in keys:
+        values = [r.get(k) for r in rows]
+        width = max((len(v) for v in values if isinstance(v, list)), default=None)
+        missing = np.nan if width is None else np.full(width, np.nan)
+        out[k] = np.asarray([missing if v is None else np.asarray(v, np.float64) for v in values])
+    return out
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="the one-process reference needs 4 (virtual) devices")
