@@ -417,11 +417,15 @@ def _pct(x) -> str:
 
 
 def _cell(ci: dict, signed: bool = False) -> str:
-    """`mean [lo, hi]` in percentage points (`-` without values; the mean alone for one seed)."""
+    """`mean [lo, hi]` in percentage points (`-` without values; the mean alone for one seed). An accuracy's
+    interval (`signed` False: not a difference) is shown clipped to [0, 100] (the JSON keeps it as computed)."""
     if ci["mean"] is None:
         return "-"
     mean = f"{100 * ci['mean']:+.1f}" if signed else f"{100 * ci['mean']:.1f}"
-    return mean if ci["lo"] is None else f"{mean} [{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]"
+    if ci["lo"] is None:
+        return mean
+    lo, hi = (ci["lo"], ci["hi"]) if signed else (max(ci["lo"], 0.0), min(ci["hi"], 1.0))
+    return f"{mean} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def results_markdown(results: dict) -> str:
@@ -436,7 +440,7 @@ def results_markdown(results: dict) -> str:
     rows = sorted(results["rows"], key=lambda r: place.get(r["kind"], order.get(r["name"], len(order))))
     lines = [f"# Sweep results ({len(results['seeds'])} seeds: {results['seeds']})", "",
              f"Accuracy in %, mean over seeds with its {conf}% t-interval in brackets (scipy.stats.t; one seed: the "
-             f"value alone). Gains are paired by seed, in points. pass@1 / pass@{k}: sampled at temperature 1, "
+             f"value alone; accuracies' intervals clipped to [0, 100]). Gains are paired by seed, in points. pass@1 / pass@{k}: sampled at temperature 1, "
              f"unbiased estimator over {k} samples per test problem.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
