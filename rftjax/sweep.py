@@ -292,7 +292,8 @@ def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], se
 
 def _check_same_base(workdir: str, base: ml_collections.ConfigDict, spec: dict, write: bool = True) -> None:
     """Check that the sweep in `workdir` (if any) has the same base config (the grid and seeds may change: finished
-    runs are reused), then (`write`) record this one in WORKDIR/sweep.json.
+    runs are reused; fields that only one of them has, from another rftjax version, are logged), then (`write`)
+    record this one in WORKDIR/sweep.json.
 
     Raises:
       ValueError: the base configs differ (names the first differing fields).
@@ -300,12 +301,14 @@ def _check_same_base(workdir: str, base: ml_collections.ConfigDict, spec: dict, 
     path = os.path.join(workdir, "sweep.json")
     base_dict = json.loads(base.to_json())
     if os.path.exists(path):
-        old = json.load(open(path))["base_config"]
-        diff = [k for k in sorted(set(_flatten(old)) | set(_flatten(base_dict)))
-                if _flatten(old).get(k) != _flatten(base_dict).get(k)]
+        old, new = _flatten(json.load(open(path))["base_config"]), _flatten(base_dict)
+        diff = [k for k in sorted(set(old) & set(new)) if old[k] != new[k]]
         if diff:
             raise ValueError(f"{workdir} holds a sweep of another base config (differs in {diff[:5]}): use another "
                              f"--workdir, or the same config and overrides")
+        if set(old) ^ set(new):  # fields added or removed by another rftjax version: their defaults apply
+            log.warning("sweep.json: config fields only in the sweep or only in this version: %s",
+                        sorted(set(old) ^ set(new))[:10])
     if write:
         with open(path, "w") as f:
             json.dump({**spec, "base_config": base_dict}, f, indent=1)

@@ -114,3 +114,15 @@ def test_two_arms_two_seeds_share_cold_starts_resume_after_a_kill_and_write_resu
     table = open(os.path.join(workdir, "sweep_results.md")).read()
     assert all(f"| {name} |" in table for name in rows)
     assert os.path.getsize(os.path.join(workdir, "sweep_curves.png")) > 10_000
+
+
+def test_a_rerun_needs_the_same_base_config_but_tolerates_new_fields(tmp_path):
+    c = base_config()
+    sweep._check_same_base(str(tmp_path), c, {})
+    saved = json.load(open(tmp_path / "sweep.json"))
+    del saved["base_config"]["data"]["num_digits"]  # a sweep begun before that field existed
+    json.dump(saved, open(tmp_path / "sweep.json", "w"))
+    sweep._check_same_base(str(tmp_path), c, {})
+    c.rl.lr = 1e-3
+    with pytest.raises(ValueError, match=r"another base config \(differs in \['rl.lr'\]\)"):
+        sweep._check_same_base(str(tmp_path), c, {})
