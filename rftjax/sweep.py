@@ -364,7 +364,8 @@ def summarize(workdir: str, arms: list[Arm], seeds: list[int], control: bool) ->
 
     Returns `{"rows": [{"name", "kind", "seeds", "metrics": {name: mean_ci}, "rl_steps", "rl_minutes",
     "pass_curve", "curve"}], "ranking": [arm names], "pass_n", "confidence"}`; `curve` is `{split: {"steps",
-    "mean", "lo", "hi"}}` (per RL step over the seeds evaluated there), `pass_curve` `{"mean", "lo", "hi"}`.
+    "mean", "lo", "hi"}}`, the accuracy gain over the seed's cold start per RL step (paired, over the seeds evaluated
+    there), `pass_curve` `{"mean", "lo", "hi"}`.
     """
     rows = []
     groups = [(COLD_START, COLD_START, COLD_START)] + [(a.name, "arm", a.name) for a in arms]
@@ -388,12 +389,19 @@ def summarize(workdir: str, arms: list[Arm], seeds: list[int], control: bool) ->
                      "metrics": metrics, "rl_steps": mean_ci([v["rl_steps"] for v in per_seed.values()]),
                      "rl_minutes": mean_ci([v["rl_minutes"] for v in per_seed.values()]),
                      "pass_curve": _band([v["pass_curve"] for v in per_seed.values() if v["pass_curve"]]),
-                     "curve": {split: _curve_band([v["curve"][split] for v in per_seed.values()])
+                     "curve": {split: _curve_band([_paired(v["curve"][split]) for v in per_seed.values()])
                                for split in ("test", "test_ood")}})
     ranked = sorted((r for r in rows if r["kind"] == "arm" and r["metrics"]["test"]["mean"] is not None),
                     key=lambda r: -r["metrics"]["test"]["mean"])
     return {"rows": rows, "ranking": [r["name"] for r in ranked], "pass_n": pass_n, "confidence": CONFIDENCE,
             "seeds": seeds}
+
+
+def _paired(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """A seed's `(rl_step, accuracy)` curve as gains over its own step 0 (the cold start): seed-to-seed differences
+    of the cold starts do not widen the band."""
+    start = dict(curve).get(0)
+    return [] if start is None else [(step, acc - start) for step, acc in curve]
 
 
 def _diff(a, b):
@@ -467,27 +475,30 @@ def write_results(workdir: str, results: dict) -> list[str]:
         json.dump(results, f, indent=1)
     with open(paths[1], "w") as f:
         f.write(results_markdown(results))
-    panels = [{"title": f"{title} accuracy (mean, {int(100 * results['confidence'])}% interval)",
-               "xlabel": "RL step (0 = cold start)", "ylabel": "accuracy",
+    panels = [{"title": f"{title} accuracy gain over the cold start (mean, {int(100 * results['confidence'])}% "
+                        f"interval)", "xlabel": "RL step", "ylabel": "accuracy - cold start's (paired by seed)",
                "series": {r["name"]: (c["steps"], c["mean"], *_band_or_none(c))
                           for r in results["rows"] if r["kind"] == "arm"
                           for c in [r["curve"][split]] if c["steps"]},
-               "hlines": {f"control (mean, after {r['rl_steps']['mean']:.0f} SFT steps)": r["metrics"][key]["mean"]
-                          for r in results["rows"] if r["kind"] == CONTROL and r["metrics"][key]["mean"] is not None}}
+               "hlines": {f"control (mean, after {r['rl_steps']['mean']:.0f} SFT steps)":
+                          r["metrics"][f"{key}_gain_vs_cold"]["mean"] for r in results["rows"]
+                          if r["kind"] == CONTROL and r["metrics"][f"{key}_gain_vs_cold"]["mean"] is not None}}
               for split, key, title in (("test", "test", "test"), ("test_ood", "ood", "OOD"))]
     panels.append({"title": f"test pass@k (k <= {results.get('pass_n')}, mean over seeds)", "xlabel": "k",
                    "ylabel": "pass@k", "logx": True,
-                   "series": {r["name"]: (np.arange(1, len(p["mean"]) + 1), p["mean"], *_band_or_none(p))
+                   "series": {r["name"]: (np.arange(1, len(p["mean"]) + 1), p["mean"], *_band_or_none(p, clip=True))
                               for r in results["rows"] for p in [r["pass_curve"]] if p}})
     plot_panels(paths[2], panels)
     return paths
 
 
-def _band_or_none(c: dict) -> tuple:
-    """`(lo, hi)` of a band with NaN where a point has no interval, or `(None, None)` when no point has one."""
+def _band_or_none(c: dict, clip: bool = False) -> tuple:
+    """`(lo, hi)` of a band with NaN where a point has no interval, or `(None, None)` when no point has one;
+    pass@k bands (`clip`) are clipped to [0, 1]."""
     if all(x is None for x in c["lo"]):
         return None, None
-    return tuple(np.asarray([np.nan if x is None else x for x in c[key]], np.float64) for key in ("lo", "hi"))
+    lo, hi = (np.asarray([np.nan if x is None else x for x in c[key]], np.float64) for key in ("lo", "hi"))
+    return (np.clip(lo, 0, 1), np.clip(hi, 0, 1)) if clip else (lo, hi)
 
 
 def main(config, workdir):
