@@ -190,6 +190,25 @@ def eval_max_new_tokens(c: ml_collections.ConfigDict) -> int:
     return c.eval.max_new_tokens or c.rl.max_new_tokens
 
 
+def field_parent(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """`(the ConfigDict holding dotted field key, its last name)`: `field_parent(c, "rl.algo.kl_coef")` ->
+    `(c.rl.algo, "kl_coef")`.
+
+    Raises:
+      KeyError / AttributeError: a missing parent.
+    """
+    *parents, leaf = key.split(".")
+    for p in parents:
+        config = config[p]
+    return config, leaf
+
+
+def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
+    """`config.a.b = value` for the dotted `key` "a.b"."""
+    node, leaf = field_parent(config, key)
+    node[leaf] = value
+
+
 def pass_at_k_prompts(batch_size: int, pass_n: int) -> int:
     """Prompts per generation batch of the pass@k evaluation (each sampled `pass_n` times in that batch):
     `batch_size // pass_n`, at least 1."""

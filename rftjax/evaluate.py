@@ -154,7 +154,7 @@ def greedy_samples(run: Run, params, split: str = "test", n: int = 8) -> list[di
                                    **process_share(n))))
     _, texts = generate_texts(params, run.model_config, run.tokenizer, batch, run.key, group_size=1,
                               max_new_tokens=configs.eval_max_new_tokens(run.config), greedy=True, place=run.place)
-    correct = run.scorer.score(texts, list(batch["answer"]), list(batch["answer_type"]))["correct"]
+    correct = score_groups(texts, batch, 1, run.scorer)["correct"]
     rows = [source[i] for i in range(n)]
     return [{"image": np.asarray(r["image"].load() if hasattr(r["image"], "load") else r["image"]),
              "question": r["question"], "completion": t, "answer": r["answer"], "correct": float(c)}

@@ -191,11 +191,7 @@ def levers(c: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
 def _with(c: ml_collections.ConfigDict, settings: dict) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(c.to_dict())
     for key, value in settings.items():
-        *parents, name = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[name] = value
+        configs.set_field(c, key, value)
     return c
 
 

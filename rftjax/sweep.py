@@ -38,6 +38,8 @@ import time
 import ml_collections
 import numpy as np
 
+from rftjax import configs
+
 log = logging.getLogger("rftjax")
 
 FIXED_BY_COLD_START = ("model.", "data.", "sft.", "mesh.", "seed")
@@ -78,11 +80,8 @@ def parse_value(config: ml_collections.ConfigDict, key: str, text: str):
     Raises:
       ValueError: no such field, or `text` is not a value of its type.
     """
-    *parents, leaf = key.split(".")
-    node = config
     try:
-        for p in parents:
-            node = node[p]
+        node, leaf = configs.field_parent(config, key)
         kind = node.get_type(leaf)
     except (KeyError, AttributeError) as e:
         raise ValueError(f"--grid {key}: no such config field") from e
@@ -94,15 +93,6 @@ def parse_value(config: ml_collections.ConfigDict, key: str, text: str):
         return kind(text) if kind in (int, float, str) else json.loads(text)
     except ValueError as e:
         raise ValueError(f"--grid {key}={text}: not a {kind.__name__}") from e
-
-
-def set_value(config: ml_collections.ConfigDict, key: str, value) -> None:
-    """`config.a.b = value` for `key` "a.b"."""
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,12 +197,12 @@ def job_config(base: ml_collections.ConfigDict, workdir: str, job: Job, arms: li
     c.rl.init_from_sft = cold
     if job.kind == "arm":
         for key, value in job.arm.overrides.items():
-            set_value(c, key, value)
+            configs.set_field(c, key, value)
         return c
-    dirs = [os.path.join(workdir, a.name, f"seed{job.seed}") for a in arms]
-    if not all(os.path.exists(os.path.join(d, "summary.json")) for d in dirs):
+    arm_jobs = [j for j in plan(arms, [job.seed], control=False) if j.kind == "arm"]
+    if not all(finished(workdir, j) for j in arm_jobs):
         raise RuntimeError(f"the control of seed {job.seed} needs that seed's arms finished first")
-    c.rl.control_sft_seconds = float(np.mean([training_seconds(d) for d in dirs]))
+    c.rl.control_sft_seconds = float(np.mean([training_seconds(os.path.join(workdir, j.directory)) for j in arm_jobs]))
     return c
 
 
@@ -283,6 +273,13 @@ def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], se
         values = run_values(os.path.join(workdir, job.directory), job.kind)
         log.info("sweep: %s done in %s: test %s%%, OOD %s%%", job.directory, _fmt_minutes(record["wall_s"]),
                  _pct(values["test"]), _pct(values["ood"]))
+    return report(workdir, arms, seeds, control)
+
+
+def report(workdir: str, arms: list[Arm], seeds: list[int], control: bool) -> dict:
+    """`summarize` the runs there are, and on process 0 write the results (`write_results`) and print the table."""
+    import jax
+
     results = summarize(workdir, arms, seeds, control)
     if jax.process_index() == 0:
         write_results(workdir, results)
@@ -368,14 +365,13 @@ def summarize(workdir: str, arms: list[Arm], seeds: list[int], control: bool) ->
     there), `pass_curve` `{"mean", "lo", "hi"}`.
     """
     rows = []
-    groups = [(COLD_START, COLD_START, COLD_START)] + [(a.name, "arm", a.name) for a in arms]
-    groups += [(CONTROL, CONTROL, CONTROL)] if control else []
-    cold = {s: run_values(os.path.join(workdir, COLD_START, f"seed{s}"), COLD_START) for s in seeds}
-    ctrl = {s: run_values(os.path.join(workdir, CONTROL, f"seed{s}"), CONTROL) for s in seeds} if control else {}
+    groups = [(COLD_START, COLD_START)] + [(a.name, "arm") for a in arms] + ([(CONTROL, CONTROL)] if control else [])
+    values = {name: {s: run_values(os.path.join(workdir, name, f"seed{s}"), kind) for s in seeds}
+              for name, kind in groups}
+    cold, ctrl = values[COLD_START], values.get(CONTROL, {})
     pass_n = None
-    for name, kind, directory in groups:
-        per_seed = {s: run_values(os.path.join(workdir, directory, f"seed{s}"), kind) for s in seeds}
-        per_seed = {s: v for s, v in per_seed.items() if v["test"] is not None}
+    for name, kind in groups:
+        per_seed = {s: v for s, v in values[name].items() if v["test"] is not None}
         metrics = {}
         for key in ("test", "ood", "pass_at_1", "pass_at_k"):
             metrics[key] = mean_ci([v[key] for v in per_seed.values()])
@@ -451,8 +447,8 @@ def results_markdown(results: dict) -> str:
     rows = sorted(results["rows"], key=lambda r: place.get(r["kind"], order.get(r["name"], len(order))))
     lines = [f"# Sweep results ({len(results['seeds'])} seeds: {results['seeds']})", "",
              f"Accuracy in %, mean over seeds with its {conf}% t-interval in brackets (scipy.stats.t; one seed: the "
-             f"value alone; accuracies' intervals clipped to [0, 100]). Gains are paired by seed, in points. pass@1 / pass@{k}: sampled at temperature 1, "
-             f"unbiased estimator over {k} samples per test problem.", "",
+             f"value alone; accuracies' intervals clipped to [0, 100]). Gains are paired by seed, in points. "
+             f"pass@1 / pass@{k}: sampled at temperature 1, unbiased estimator over {k} samples per test problem.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m = r["metrics"]
@@ -510,10 +506,7 @@ def main(config, workdir):
     spec = {"config_file": config_flags.get_config_filename(f["config"]),
             "overrides": {k: str(v) for k, v in config_flags.get_override_values(f["config"]).items()}}
     if f.summarize_only:
-        arms = make_arms(config, f.grid or [])
-        results = summarize(os.path.abspath(workdir), arms, seeds, f.control)
-        write_results(os.path.abspath(workdir), results)
-        print(results_markdown(results))
+        report(os.path.abspath(workdir), make_arms(config, f.grid or []), seeds, f.control)
         return
     run_sweep(config, workdir, f.grid or [], seeds, f.control, spec)
 
