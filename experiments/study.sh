@@ -10,6 +10,8 @@
 # with other work changes only the wall time (the cold start runs its 560 steps or stops by patience; RL 30 steps
 # instead of ~65 in 8 minutes); an evaluation at RL step 15 (200 problems) and at the end (500 test / 300 OOD), with
 # pass@k over 16 samples of 50 problems. Rerun the same command to resume; results in WORKDIR/sweep_results.md.
+# The algorithm study's control restarts the SFT schedule (rl.control_schedule=restart, the only design when it ran);
+# the scarce study's continues the cold start's annealed schedule (continue, the default since).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OV=(--config.sft.max_seconds=0 --config.rl.max_seconds=0 --config.rl.steps=30 --config.eval.every=15
@@ -23,7 +25,8 @@ case "${1:-}" in
         --config configs/digits_grpo.py --workdir "$W/cold_start/seed$s" --source "${pair#*=}" --config.seed="$s" "${OV[@]}"
     done
     python -m rftjax.sweep --config configs/digits_grpo.py --workdir "$W" \
-      --grid rl.algorithm=grpo,dr_grpo,dapo,gspo,rloo,reinforce_pp,ppo --seeds 0,2,1 --control "${OV[@]}" ;;
+      --grid rl.algorithm=grpo,dr_grpo,dapo,gspo,rloo,reinforce_pp,ppo --seeds 0,2,1 --control \
+      --config.rl.control_schedule=restart "${OV[@]}" ;;
   scarce)
     W=${2:-/tmp/study/scarce}
     python -m rftjax.sweep --config configs/digits_grpo.py:scarce --workdir "$W" --grid rl.algorithm=grpo \

@@ -54,6 +54,9 @@ def validate_config(c: ml_collections.ConfigDict, n_data_shards: int, algo: rl.A
     need(c.eval.pass_n == 0 or configs.pass_at_k_prompts(c.eval.batch_size, c.eval.pass_n) % n_data_shards == 0,
          f"eval.batch_size={c.eval.batch_size} // eval.pass_n={c.eval.pass_n} (prompts per pass@k batch, at least 1) "
          f"must be a multiple of the {n_data_shards} data devices: raise eval.batch_size")
+    need(c.rl.control_schedule in ("continue", "restart"),
+         f"rl.control_schedule={c.rl.control_schedule!r}: choose continue (the cold start's schedule goes on) or "
+         f"restart (warm-up to sft.lr again)")
     need(c.data.source in ("procedural", "tfds"), f"data.source={c.data.source!r}: choose procedural or tfds")
     need(c.reward.answer_format in INSTRUCTIONS, f"reward.answer_format={c.reward.answer_format!r}: choose one of "
                                                  f"{sorted(INSTRUCTIONS)}")

@@ -86,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
         c.rl[old] = ml_collections.config_dict.placeholder(int)
     c.rl.max_seconds = 0.0              # > 0: the RL stage's time budget, as sft.max_seconds (rl_end_reason)
     c.rl.control_sft_seconds = 0.0      # > 0: a control run: spend this long on more SFT instead of RL
+    c.rl.control_schedule = "continue"  # the control's SFT learning rate: continue the cold start's schedule where
+                                        # it stopped (its annealed tail), or restart it (warm-up to sft.lr again)
     c.rl.init_from_sft = ""             # another run's workdir: start from its cold-start result (sft_checkpoint/)
 
     c.optim = ml_collections.ConfigDict()

@@ -129,9 +129,9 @@ class RunState:
         """The trainable part of full `params`."""
         return self.setup.split(params)[0]
 
-    def _train_state(self, params, lr: float, warmup: int, total: int, weight_decay: float):
+    def _train_state(self, params, lr: float, warmup: int, total: int, weight_decay: float, start_step: int = 0):
         o = self.c.optim
-        schedule = steps.make_schedule(lr, total, warmup, o.lr_decay)
+        schedule = steps.make_schedule(lr, total, warmup, o.lr_decay, start_step)
         vision = {name: o.vision_lr_scale for name in VISION_MODULES if name in params}
         tx = steps.make_optimizer(schedule, weight_decay, o.b1, o.b2, o.grad_clip, o.grad_accum, vision)
         create = functools.partial(TrainState.create, tx=tx)
@@ -145,8 +145,10 @@ class RunState:
         c, mc, algo = self.c, self.setup.model_config, self.setup.algo
         params = self.trainable(params)
         if self.counters.stage != "rl" or self.control:
+            # The control continues the cold start's schedule where it stopped, or restarts it (rl.control_schedule)
+            start = self.counters.sft_step if self.control and c.rl.control_schedule == "continue" else 0
             policy, schedule = self._train_state(params, c.sft.lr, c.sft.warmup_steps, c.sft.max_steps,
-                                                 c.sft.weight_decay)
+                                                 c.sft.weight_decay, start)
             update = steps.make_update(functools.partial(steps.sft_loss, config=mc), _shardings(policy), c.seed)
             self.stage = StageState(policy, schedule, update)
             return

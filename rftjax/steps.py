@@ -106,8 +106,13 @@ class TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
 
 
-def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, decay: str = "cosine"):
-    """Linear warm-up to `lr`, then cosine decay to `0.1 * lr` at `total_steps` (or constant)."""
+def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", start_step: int = 0):
+    """Linear warm-up to `lr`, then cosine decay to `0.1 * lr` at `total_steps` (or constant): an optax schedule,
+    update count -> learning rate. `start_step` > 0 continues such a schedule from that step (count 0 gets its
+    value at `start_step`): the SFT control's `rl.control_schedule=continue`."""
+    if start_step:
+        schedule = make_schedule(lr, total_steps, warmup_steps, decay)
+        return lambda count: schedule(count + start_step)
     if decay == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
                                     [max(warmup_steps, 1)]) if warmup_steps else optax.constant_schedule(lr)

@@ -236,12 +236,14 @@ class Trainer:
             self._end_stage("rl_end", self.params)
 
     def run_control_sft(self):
-        """Control: spend `rl.control_sft_seconds` on more SFT over the same traced set (no early stopping)."""
+        """Control: spend `rl.control_sft_seconds` on more SFT over the same traced set (no early stopping), at
+        the learning rate `rl.control_schedule` says: the cold start's schedule continued from the step it stopped
+        at (`continue`), or that schedule anew from its warm-up (`restart`)."""
         counters = self.state.counters
         if self._loop("control_sft", "rl_step", "rl_time_s",
                       lambda: self._within("rl", {"control_sft_seconds": (counters.rl_time_s,
                                                                           self.c.rl.control_sft_seconds)}),
-                      lambda n: (self._sft_update(), False),
+                      lambda n: ({**self._sft_update(), "lr": float(self.state.stage.schedule(n - 1))}, False),
                       desc="control sft"):
             self._end_stage("control_end", self.params)
 

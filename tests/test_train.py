@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from rftjax import configs, rl
+from rftjax import configs, rl, steps
 from rftjax.checkpoint import Checkpointer
 from rftjax.metrics import read_jsonl
 from rftjax.train import Trainer
@@ -76,8 +76,11 @@ def test_rl_and_control_start_from_another_runs_cold_start(tmp_path):
     step = Ckpt(src, subdir=SFT_CHECKPOINT).latest_step()
     for name, extra, stage, reason in (
             ("rl", {"rl.max_seconds": 1e-3}, "rl", "max_seconds"),
-            ("control", {"rl.control_sft_seconds": 2.0}, "control_sft", "control_sft_seconds")):
-        trainer = Trainer(_config(**{"rl.init_from_sft": src, **extra}), str(tmp_path / name))
+            ("control", {"rl.control_sft_seconds": 2.0}, "control_sft", "control_sft_seconds"),
+            ("restart", {"rl.control_sft_seconds": 1.0, "rl.control_schedule": "restart"}, "control_sft",
+             "control_sft_seconds")):
+        config = _config(**{"rl.init_from_sft": src, **extra})
+        trainer = Trainer(config, str(tmp_path / name))
         assert trainer.meta["global_step"] == step and trainer.meta["stage"] == "rl"
         summary = trainer.run()
         assert summary["rl_end_reason"] == reason and summary["test_accuracy_final"] is not None
@@ -85,6 +88,11 @@ def test_rl_and_control_start_from_another_runs_cold_start(tmp_path):
         assert rows and {r["stage"] for r in rows} == {stage} and rows[0]["step"] == step + 1
         if name == "rl":
             assert len(rows) == 1 and summary["rl_steps"] == 1
+        else:  # the control's first update continues the cold start's schedule (its 1 step done), or restarts it
+            sft_lr = steps.make_schedule(config.sft.lr, config.sft.max_steps, config.sft.warmup_steps)
+            expected = [float(sft_lr(n + (1 if name == "control" else 0))) for n in range(len(rows))]
+            assert float(sft_lr(1)) != pytest.approx(float(sft_lr(0)))  # (warm-up) the two designs differ
+            assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-6)
         evals = read_jsonl(os.path.join(trainer.workdir, "eval.jsonl"))
         assert [e for e in evals if e["stage"] == "sft_end"] == [e for e in read_jsonl(os.path.join(
             src, "eval.jsonl")) if e["stage"] == "sft_end"]
