@@ -220,6 +220,36 @@ def estimate_seconds(done: list[dict], jobs: list[Job]) -> tuple[float, int]:
     return sum(means.get(k, 0.0) for k in kinds), sum(k not in means for k in kinds)
 
 
+def first_arm_seconds(step_s: list[float], config: ml_collections.ConfigDict, cold_evals: list[dict]) -> float:
+    """An arm's wall time estimated from its first RL steps' `step_s` (seconds each): `rl.steps` steps at their
+    mean, the final evaluation as long as its cold start's (`sft_end` records' `eval_time_s`), and each
+    intermediate one (every `eval.every` steps, no pass@k) at `eval.during_rl_examples / data.test_examples` of
+    that. (An estimate: the cold start's evaluation includes its pass@k samples.)"""
+    final = sum(e.get("eval_time_s", 0.0) for e in cold_evals if e["stage"] == "sft_end")
+    n_mid = len(range(config.eval.every, config.rl.steps, config.eval.every)) if config.eval.every else 0
+    mid = final * min(config.eval.during_rl_examples / max(config.data.test_examples, 1), 1.0)
+    return config.rl.steps * float(np.mean(step_s)) + final + n_mid * mid
+
+
+def _early_eta(done: list[dict], jobs: list[Job], config: ml_collections.ConfigDict, run_dir: str,
+               after_steps: int = 3):
+    """A `Trainer.on_step` hook for the sweep's first arm (`jobs[0]`; no arm timed yet): after its `after_steps`-th
+    RL step it logs the sweep's estimated time left, timing the arms (and controls) by `first_arm_seconds`."""
+    step_s, t0 = [], time.perf_counter()
+
+    def on_step(stage, counters, metrics):
+        if stage != "rl" or len(step_s) >= after_steps:
+            return
+        step_s.append(metrics["time_per_step_s"])
+        if len(step_s) == after_steps:
+            arm_s = first_arm_seconds(step_s, config, read_run(run_dir)[1])
+            seconds, untimed = estimate_seconds(done + [{"kind": "arm", "wall_s": arm_s}], jobs[1:])
+            log.info("sweep: %.1f s per RL step in %s: estimated time left for the sweep %s%s", np.mean(step_s),
+                     jobs[0].directory, _fmt_minutes(seconds + max(arm_s - (time.perf_counter() - t0), 0.0)),
+                     f" + {untimed} run(s) of a kind not timed yet" if untimed else "")
+    return on_step
+
+
 def _eta(done: list[dict], jobs: list[Job]) -> str:
     seconds, untimed = estimate_seconds(done, jobs)
     if seconds == 0:
@@ -259,7 +289,11 @@ def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], se
     for i, job in enumerate(todo):
         log.info("sweep [%d/%d] %s%s", len(jobs) - len(todo) + i + 1, len(jobs), job.directory, _eta(done, todo[i:]))
         t0 = time.perf_counter()
-        Trainer(job_config(base, workdir, job, arms), os.path.join(workdir, job.directory)).run()
+        config = job_config(base, workdir, job, arms)
+        trainer = Trainer(config, os.path.join(workdir, job.directory))
+        if job.kind == "arm" and not any(d["kind"] == "arm" for d in done):
+            trainer.on_step = _early_eta(done, todo[i:], config, trainer.workdir)
+        trainer.run()
         jax.clear_caches()
         if not finished(workdir, job):
             log.warning("sweep stopped during %s; rerun the same command to resume", job.directory)

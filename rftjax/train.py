@@ -35,7 +35,7 @@ from rftjax.data.pipeline import make_dataset
 from rftjax.evaluate import evaluate_splits
 from rftjax.rollout import Rollouts, collect_rollouts
 from rftjax.sharding import process_share
-from rftjax.state import RunState
+from rftjax.state import Counters, RunState
 from rftjax.steps import SequenceBatch
 
 log = logging.getLogger("rftjax")
@@ -59,6 +59,8 @@ class Trainer:
                                             enabled=jax.process_index() == 0, resume_lines=self.state.resume_log_lines)
         self.state.log_lines = self.logger.line_counts  # each checkpoint records how far the logs had got
         self.stop_requested = False
+        # Called after each logged step as on_step(stage, counters, metrics) (the sweep's early time estimate)
+        self.on_step: Callable[[str, Counters, dict], None] | None = None
 
     @property
     def params(self):
@@ -89,6 +91,8 @@ class Trainer:
             m, stop = step(getattr(c, counter))
             setattr(c, clock, time.perf_counter() - t_start)
             self.logger.log(c.global_step, stage, m)
+            if self.on_step is not None:
+                self.on_step(stage, c, m)
             bar.update(1)
             bar.set_postfix(postfix(m))
             if c.global_step % self.c.checkpoint.every == 0:

@@ -3,6 +3,7 @@ sweep of the smoke config with its control that shares one cold start per seed, 
 without redoing finished runs, and writes its results."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -54,6 +55,15 @@ def test_time_estimate_uses_the_mean_of_each_kind():
     assert sweep.estimate_seconds(done[1:], jobs) == (4 * 60, 2)  # no cold start timed yet: those two left out
 
 
+def test_first_arm_estimate_from_its_step_time_and_the_cold_starts_evaluation():
+    c = base_config()
+    c.rl.steps, c.eval.every, c.eval.during_rl_examples, c.data.test_examples = 30, 15, 200, 500
+    evals = [{"stage": "sft_end", "eval_time_s": 40.0}, {"stage": "sft_end", "eval_time_s": 10.0},
+             {"stage": "rl", "eval_time_s": 99.0}]  # test and OOD at the cold start's end; not its own
+    # 30 steps x 3 s + the final evaluation (50 s) + one at step 15 over 200 / 500 problems (20 s)
+    assert sweep.first_arm_seconds([2.0, 4.0, 3.0], c, evals) == pytest.approx(90 + 50 + 20)
+
+
 def _sweep_cli(workdir, *extra):
     return [sys.executable, "-m", "rftjax.sweep", "--config", os.path.join(ROOT, "configs", "smoke.py"),
             "--workdir", workdir, "--grid", "rl.algorithm=grpo,dr_grpo", "--seeds", "0,1", "--control",
@@ -66,6 +76,9 @@ def test_two_arms_two_seeds_share_cold_starts_resume_after_a_kill_and_write_resu
     env = {**os.environ, "RFTJAX_FAULT": "update:5"}  # update 5 = the 2nd RL step of the 2nd arm of seed 0
     proc = subprocess.run(_sweep_cli(workdir), env=env, capture_output=True, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    # the first arm's 3rd RL step gives the time left, before any arm has finished
+    assert re.search(r"s per RL step in algorithm=grpo/seed0: estimated time left for the sweep \d+\.\d min",
+                     proc.stdout.decode())
     first, second = (os.path.join(workdir, arm, "seed0") for arm in ("algorithm=grpo", "algorithm=dr_grpo"))
     assert os.path.exists(os.path.join(first, "summary.json")) and not os.path.exists(os.path.join(second,
                                                                                                    "summary.json"))
