@@ -14,7 +14,8 @@ in them and the model never learns to read digits (per-digit reading at chance, 
 counting alone); at 3e-4 it reads ~95% of digits (experiments/digits_breakdown.py shows this per run). Held-out
 accuracy is measured on 500 test problems whose digit images never appear in training, and on 300
 out-of-distribution problems (5-6 digits; training shows at most 4).
-Control run (same budget, more SFT instead of RL): add --config.rl.control_sft_seconds=SECONDS.
+Control run (same budget, more SFT instead of RL): add --config.rl.control_sft_seconds=SECONDS (it continues the
+cold start's learning-rate schedule; --config.rl.control_schedule=restart warms up to sft.lr again).
 """
 
 from rftjax.configs import base_config
