@@ -3,6 +3,7 @@
 # control; and the scarce-traces setting (traces for 1-3 digits; RL and test on 1-5; OOD 6), GRPO vs control.
 #
 #   bash experiments/study.sh algos  [WORKDIR]     # default /tmp/study/algos
+#   bash experiments/study.sh algos_continue [WORKDIR]  # its arms vs the continue control, in WORKDIR_continue
 #   bash experiments/study.sh scarce [WORKDIR]     # default /tmp/study/scarce
 #   ADOPT="0=runs/digits_seed0 2=runs/digits_seed2" bash experiments/study.sh algos   # reuse those cold starts
 #
@@ -10,7 +11,8 @@
 # with other work changes only the wall time (the cold start runs its 560 steps or stops by patience; RL 30 steps
 # instead of ~65 in 8 minutes); an evaluation at RL step 15 (200 problems) and at the end (500 test / 300 OOD), with
 # pass@k over 16 samples of 50 problems. Rerun the same command to resume; results in WORKDIR/sweep_results.md.
-# The algorithm study's control restarts the SFT schedule (rl.control_schedule=restart, the only design when it ran);
+# The algorithm study's control restarts the SFT schedule (rl.control_schedule=restart, the only design when it ran;
+# algos_continue adds the continue control to the same arms);
 # the scarce study's continues the cold start's annealed schedule (continue, the default since).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +29,15 @@ case "${1:-}" in
     python -m rftjax.sweep --config configs/digits_grpo.py --workdir "$W" \
       --grid rl.algorithm=grpo,dr_grpo,dapo,gspo,rloo,reinforce_pp,ppo --seeds 0,2,1 --control \
       --config.rl.control_schedule=restart "${OV[@]}" ;;
+  algos_continue)  # the algorithm study's arms against the continue control: hard-linked copies of its cold
+                   # starts and arms (finished, so only read) in WORKDIR_continue, then 3 controls of the same budgets
+    W=${2:-/tmp/study/algos}
+    mkdir -p "${W}_continue"
+    for d in "$W"/cold_start "$W"/algorithm=*; do
+      [ -e "${W}_continue/$(basename "$d")" ] || cp -al "$d" "${W}_continue/"; done
+    python -m rftjax.sweep --config configs/digits_grpo.py --workdir "${W}_continue" \
+      --grid rl.algorithm=grpo,dr_grpo,dapo,gspo,rloo,reinforce_pp,ppo --seeds 0,2,1 --control \
+      --config.rl.control_schedule=continue "${OV[@]}" ;;
   scarce)
     W=${2:-/tmp/study/scarce}
     python -m rftjax.sweep --config configs/digits_grpo.py:scarce --workdir "$W" --grid rl.algorithm=grpo \
@@ -38,5 +49,5 @@ case "${1:-}" in
       -o -name curves.png \) -not -path '*/tensorboard/*') | while read -r f; do
       mkdir -p "$D/$(dirname "$f")" && cp "$W/$f" "$D/$f"; done
     gzip -f "$D"/*/seed*/metrics.jsonl ;;
-  *) echo "usage: bash experiments/study.sh algos|scarce [WORKDIR] | collect WORKDIR" >&2; exit 2 ;;
+  *) echo "usage: bash experiments/study.sh algos|algos_continue|scarce [WORKDIR] | collect WORKDIR" >&2; exit 2 ;;
 esac
