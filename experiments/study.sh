@@ -48,6 +48,6 @@ case "${1:-}" in
     (cd "$W" && find . -maxdepth 3 \( -name 'sweep*' -o -name summary.json -o -name eval.jsonl -o -name metrics.jsonl \
       -o -name curves.png \) -not -path '*/tensorboard/*') | while read -r f; do
       mkdir -p "$D/$(dirname "$f")" && cp "$W/$f" "$D/$f"; done
-    gzip -f "$D"/*/seed*/metrics.jsonl ;;
+    gzip -nf "$D"/*/seed*/metrics.jsonl ;;
   *) echo "usage: bash experiments/study.sh algos|algos_continue|scarce [WORKDIR] | collect WORKDIR" >&2; exit 2 ;;
 esac
