@@ -393,8 +393,9 @@ def summarize(workdir: str, arms: list[Arm], seeds: list[int], control: bool) ->
     by seed: an arm's test / OOD accuracy minus its own cold start's (`*_gain_vs_cold`) and minus the same seed's
     control (`*_gain_vs_control`), then averaged with their interval. Arms are ranked by mean test accuracy.
 
-    Returns `{"rows": [{"name", "kind", "seeds", "metrics": {name: mean_ci}, "rl_steps", "rl_minutes",
-    "pass_curve", "curve"}], "ranking": [arm names], "pass_n", "confidence"}`; `curve` is `{split: {"steps",
+    Returns `{"rows": [{"name", "kind", "seeds" (sorted: the order of every `values` list), "metrics": {name:
+    mean_ci}, "rl_steps", "rl_minutes", "pass_curve", "curve"}], "ranking": [arm names], "pass_n",
+    "confidence"}`; `curve` is `{split: {"steps",
     "mean", "lo", "hi"}}`, the accuracy gain over the seed's cold start per RL step (paired, over the seeds evaluated
     there), `pass_curve` `{"mean", "lo", "hi"}`.
     """
@@ -405,7 +406,7 @@ def summarize(workdir: str, arms: list[Arm], seeds: list[int], control: bool) ->
     cold, ctrl = values[COLD_START], values.get(CONTROL, {})
     pass_n = None
     for name, kind in groups:
-        per_seed = {s: v for s, v in values[name].items() if v["test"] is not None}
+        per_seed = {s: values[name][s] for s in sorted(values[name]) if values[name][s]["test"] is not None}
         metrics = {}
         for key in ("test", "ood", "pass_at_1", "pass_at_k"):
             metrics[key] = mean_ci([v[key] for v in per_seed.values()])
