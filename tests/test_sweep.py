@@ -139,3 +139,20 @@ def test_a_rerun_needs_the_same_base_config_but_tolerates_new_fields(tmp_path):
     c.rl.lr = 1e-3
     with pytest.raises(ValueError, match=r"another base config \(differs in \['rl.lr'\]\)"):
         sweep._check_same_base(str(tmp_path), c, {})
+
+
+def test_per_seed_values_follow_the_sorted_seeds_whatever_the_run_order(tmp_path):
+    """Seeds run in the order given (here 1 then 0), but every `values` list lines up with the sorted `seeds`."""
+    acc = {("cold_start", 0): 0.5, ("cold_start", 1): 0.7, ("a", 0): 0.6, ("a", 1): 0.9}
+    for (name, seed), accuracy in acc.items():
+        run = tmp_path / name / f"seed{seed}"
+        run.mkdir(parents=True)
+        stage = "sft_end" if name == "cold_start" else "rl_end"
+        json.dump({"rl_steps": 3, "rl_time_s": 60.0}, open(run / "summary.json", "w"))
+        with open(run / "eval.jsonl", "w") as f:
+            for split in ("test", "test_ood"):
+                f.write(json.dumps({"stage": stage, "split": split, "step": 5, "accuracy": accuracy}) + "\n")
+    results = sweep.summarize(str(tmp_path), [sweep.Arm("a", {})], [1, 0], control=False)
+    rows = {r["name"]: r for r in results["rows"]}
+    assert rows["a"]["seeds"] == [0, 1] and rows["a"]["metrics"]["test"]["values"] == [0.6, 0.9]
+    assert rows["a"]["metrics"]["test_gain_vs_cold"]["values"] == pytest.approx([0.1, 0.2])
