@@ -89,3 +89,25 @@ def test_bad_reward_function_specs_fail_at_configuration(spec, message):
         RewardConfig(timeout_s=0)
     with pytest.raises(ValueError, match="on_error"):
         RewardConfig(on_error="ignore")
+
+
+def test_workers_of_a_python_dash_m_program_do_not_warn_about_its_main_module(tmp_path):
+    """`python -m pkg.mod` (as `python -m rftjax.train`): the forkserver preloads `pkg.mod` and each worker re-runs
+    it (multiprocessing's main-module fixup); runpy's 'found in sys.modules' warning must not reach the log."""
+    import subprocess
+    import sys
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "mod.py").write_text(
+        "from rftjax.rewards import RewardConfig, RewardScorer\n"
+        "if __name__ == '__main__':\n"
+        "    scorer = RewardScorer(RewardConfig(num_workers=1))\n"
+        "    print(scorer.score(['<answer>3</answer>', '4'], ['3', '3'], ['int', 'int'])['total'].tolist())\n"
+        "    scorer.close()\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pkg.mod"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([root, str(tmp_path)])}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[1.0, 0.0]"  # scored by the worker
+    assert "found in sys.modules" not in proc.stderr, proc.stderr[-2000:]

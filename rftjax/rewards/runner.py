@@ -22,6 +22,7 @@ import atexit
 import concurrent.futures
 import multiprocessing
 import sys
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +30,10 @@ import numpy as np
 from rftjax.rewards.compose import COMPONENTS, RewardConfig, check_lengths, finish, score_one
 
 FLAGS = ("timeout", "error")  # per-completion 0/1 components added by the scorer
+
+# A worker re-runs the program's main module (multiprocessing's fixup) that the forkserver preloaded, and runpy warns
+# that `pkg.mod` is already imported: expected there. The forkserver imports this module, so its workers inherit it.
+warnings.filterwarnings("ignore", r"'.*' found in sys\.modules after import of package", RuntimeWarning)
 
 
 class RewardScorer:
@@ -47,7 +52,7 @@ class RewardScorer:
             context = multiprocessing.get_context("forkserver")
             main = getattr(sys.modules["__main__"].__spec__, "name", None) or "__main__"
             # (a `pkg.__main__` main module is not re-imported by workers, and importing it would run it)
-            context.set_forkserver_preload(["rftjax.rewards.compose", "math_verify",  # restarts need not import it
+            context.set_forkserver_preload(["rftjax.rewards.runner", "math_verify",  # restarts need not import it
                                             *([] if main.endswith("__main__") else [main])])
             self._pool = pebble.ProcessPool(max_workers=self.config.num_workers, context=context)
             atexit.register(self.close)
