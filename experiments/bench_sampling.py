@@ -120,7 +120,7 @@ def decode_breakdown(config, params, batch: int, context: int, repeats: int) -> 
     kw = dict(temperature=1.0, top_k=0, top_p=1.0, greedy=False, suppress_ids=(config.image_token_id,))
 
     def cache_at_context():
-        cache = model.init_cache(batch, slots)
+        cache = model.init_state(batch, slots)
         return cache.replace(mask=jnp.broadcast_to(jnp.arange(slots) < context, (batch, slots)),
                              next_pos=jnp.full((batch,), context, jnp.int32), index=jnp.asarray(context, jnp.int32))
 
@@ -130,8 +130,8 @@ def decode_breakdown(config, params, batch: int, context: int, repeats: int) -> 
                 token = jnp.argmax(logits, -1).astype(jnp.int32)
             else:
                 token = sampling.sample_tokens(key, logits, **kw)[0]
-            logits, cache = model.apply(variables, None, token[:, None], live, cache=cache)
-            return logits[:, 0], cache
+            out = model.apply(variables, None, token[:, None], live, state=cache)
+            return out.logits[:, 0], out.state
 
         fn = jax.jit(step, donate_argnums=1)
         state = {"cache": cache_at_context(), "logits": jnp.zeros((batch, t.vocab_size), jnp.float32)}

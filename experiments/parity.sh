@@ -18,3 +18,4 @@ wait
 run dapo configs/smoke.py:dapo &
 run reinforce_pp configs/smoke.py:reinforce_pp
 wait
+python experiments/parity_qwen.py "$out" > "$out/qwen_grpo.log" 2>&1

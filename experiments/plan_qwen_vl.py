@@ -35,7 +35,7 @@ SETTINGS = {
 def main():
     base = qwen2_5_vl_easyr1.get_config()
     base.plan.num_devices, base.mesh.data, base.mesh.fsdp = 8, 1, 8
-    terms = ["params", "optimizer", "gradients", "reference", "sampling copy", "kv cache", "activations"]
+    terms = ["params", "optimizer", "gradients", "reference", "sampling copy", "decode state", "activations"]
     lines = ["| model | setting | " + " | ".join(terms) + " | total GB/device | v5e-8 (16 GB) | 8x80 GB |",
              "|---|---|" + "---|" * (len(terms) + 3)]
     for preset in ("qwen2_5_vl_3b", "qwen2_5_vl_7b"):

@@ -25,7 +25,7 @@ from rftjax.data import importers
 from rftjax.data.pipeline import Preprocess, TaskSource, image_input_for, make_dataset
 from rftjax.data.tasks import get_task
 from rftjax.data.tokenizer import TextTokenizer
-from rftjax.models import (LoraConfig, QwenVLConfig, VLMConfig, abstract_params, dummy_inputs, get_preset, model_for,
+from rftjax.models import (LoraConfig, ModelConfig, abstract_params, dummy_inputs, family_of, get_preset, model_for,
                            param_count)
 from rftjax.models import hf as rhf
 from rftjax.models import lora as lora_lib
@@ -132,7 +132,7 @@ class Run:
     Attributes:
       config: the run's `ml_collections.ConfigDict`; workdir: absolute path of the run directory.
       mesh: the `(data, fsdp, tensor)` device mesh.
-      model_config: the `VLMConfig` or `QwenVLConfig`; algo: the `rl.AlgorithmConfig` (preset + `rl.algo`
+      model_config: the model config (any registered family); algo: the `rl.AlgorithmConfig` (preset + `rl.algo`
         overrides).
       params: the initial params (random init or `model.checkpoint`, LoRA adapters at their init), sharded by
         `param_shardings`.
@@ -151,7 +151,7 @@ class Run:
     config: ml_collections.ConfigDict
     workdir: str
     mesh: Mesh
-    model_config: VLMConfig | QwenVLConfig
+    model_config: ModelConfig
     algo: rl.AlgorithmConfig
     params: Any
     param_shardings: Any
@@ -264,10 +264,11 @@ def tokenizer_of(c: ml_collections.ConfigDict, model_config) -> TextTokenizer:
 
         tokenizer = CheckpointTokenizer(c.model.checkpoint, model_config.image_token_id, instruction)
     else:
-        if isinstance(model_config, QwenVLConfig):
-            raise ValueError(f"bad config: model.preset={c.model.preset!r} is a Qwen-VL model, which needs its own "
-                             f"tokenizer and chat template: set model.checkpoint=DIR (an HF Qwen2-VL/2.5-VL "
-                             f"directory), or use a LLaVA-layout preset")
+        family = family_of(model_config)
+        if family.needs_checkpoint_tokenizer:
+            raise ValueError(f"bad config: model.preset={c.model.preset!r} is a {family.name} model, which needs its "
+                             f"own tokenizer and chat template: set model.checkpoint=DIR (an HF checkpoint directory "
+                             f"of that family), or use a LLaVA-layout preset")
         tokenizer = TextTokenizer(instruction=instruction)
         if model_config.image_token_id != tokenizer.image_id:
             raise ValueError(f"bad config: the packaged tokenizer's image id is {tokenizer.image_id}, the model's "
@@ -356,8 +357,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     validate_config(c, mesh.shape["data"] * mesh.shape["fsdp"], algo)
     model_config = model_config_of(c)
     tokenizer = tokenizer_of(c, model_config)
-    if isinstance(model_config, QwenVLConfig) and c.data.augment:
-        raise ValueError("bad config: data.augment works on square LLaVA images; set data.augment='' for Qwen-VL")
+    if c.data.augment and not family_of(model_config).augmentable:
+        raise ValueError(f"bad config: data.augment works on square LLaVA images; set data.augment='' for "
+                         f"{family_of(model_config).name}")
     parse_augment(c.data.augment)  # a bad spec fails here, not after the model is built
     d, images = c.data, image_input_for(model_config)
     prompt_pre = Preprocess(tokenizer, images, d.max_prompt_len)

@@ -25,7 +25,7 @@ from rftjax.checkpoint import Checkpointer
 from rftjax.data.pipeline import Preprocess, make_dataset
 from rftjax.data.tokenizer import TextTokenizer
 from rftjax.metrics import RunLogger, pass_at_k_panel, plot_panels
-from rftjax.models import VLMConfig
+from rftjax.models import ModelConfig
 from rftjax.rollout import generate_texts, score_groups
 from rftjax.sharding import HOST, Placement, process_share
 
@@ -61,7 +61,7 @@ def pass_at_k_curve(n: int, correct) -> np.ndarray:
     return 1.0 - miss.mean(1)
 
 
-def evaluate(params, config: VLMConfig, tokenizer: TextTokenizer, source, preprocess: Preprocess, *,
+def evaluate(params, config: ModelConfig, tokenizer: TextTokenizer, source, preprocess: Preprocess, *,
              batch_size: int, max_new_tokens: int, rng, pass_n: int = 0, pass_problems: int = 0,
              scorer: rewards.RewardScorer = rewards.RewardScorer(), place: Placement = HOST,
              num_examples: int | None = None) -> dict:

@@ -16,7 +16,8 @@ logical-axis shardings `rftjax.sharding` gives each param:
   critic        PPO: the critic's trainable backbone copy + value head, its optimizer state and gradients.
   sampling copy the compute-dtype copy of the kernels the sampler makes (`cast_for_compute`) when `dtype` differs
                 from `param_dtype`.
-  kv cache      the rollout's KV cache: `(gen_prompts_per_round or prompts_per_step) x group_size` rows (and the
+  decode state  the rollout's decode state (the model's `init_state`, shapes by `jax.eval_shape`; a KV cache for
+                attention layers): `(gen_prompts_per_round or prompts_per_step) x group_size` rows (and the
                 evaluation batch, whichever is larger) x (max_prompt_len + max_new_tokens) slots x layers x 2
                 x kv heads x head dim, compute dtype, rows over data x fsdp, kv heads over tensor.
   activations   an estimate for one update minibatch (rows over data x fsdp): what the backward pass keeps per
@@ -45,8 +46,8 @@ from jax.sharding import PartitionSpec
 
 from rftjax import configs, steps, trainable
 from rftjax.build import model_config_of
-from rftjax.models import QwenVLConfig, dummy_inputs, model_for
-from rftjax.models.family import VISION_MODULES
+from rftjax.models import dummy_inputs, model_for
+from rftjax.models.family import abstract_state, family_of
 from rftjax.sharding import logical_specs, mesh_shape
 
 GB = 1e9
@@ -107,15 +108,12 @@ def _activations(mc, rows: float, seq: int, completion: int) -> float:
     else:
         kept = e * d + (saved_matmuls if mc.remat_policy != "full" else 0)
         text = t.num_layers * rows * seq * kept + layer
-    v = mc.vision
-    if isinstance(mc, QwenVLConfig):
-        patches, dv, depth, heads, mv = mc.max_image_tokens * v.merge_unit, v.hidden_size, v.depth, v.num_heads, \
-            v.intermediate_size
-    else:
-        patches, dv, depth, heads, mv = v.num_patches, v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size
+    patches, dv, depth, heads, mv, vision_remat = family_of(mc).vision_dims(mc)
     vision_layer = rows * patches * (e * (10 * dv + 4 * mv) + heads * patches * (4 + e))
-    vision_remat = mc.remat and isinstance(mc, QwenVLConfig)  # the LLaVA ViT has no remat
-    vision = depth * rows * patches * e * dv + vision_layer if vision_remat else depth * vision_layer
+    if mc.remat and vision_remat:
+        vision = depth * rows * patches * e * dv + vision_layer
+    else:
+        vision = depth * vision_layer
     logits = 4.0 * t.vocab_size * rows * (2 * seq + 2 * completion)  # logits + grad, log-softmax + probs
     return text + vision + logits
 
@@ -152,8 +150,9 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     slots = c.data.max_prompt_len + c.rl.max_new_tokens
     gen_rows = (algo.gen_prompts_per_round or c.rl.prompts_per_step) * algo.group_size
     rows = max(gen_rows, c.eval.batch_size) / n_data
-    kv_heads = t.num_kv_heads / (sizes["tensor"] if t.num_kv_heads % sizes["tensor"] == 0 else 1)
-    terms["kv cache"] = 2.0 * t.num_layers * rows * kv_heads * slots * t.head_dim * jnp.dtype(mc.compute_dtype).itemsize
+    per_row = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state(mc, 1, slots).layers))
+    heads_split = sizes["tensor"] if t.num_kv_heads % sizes["tensor"] == 0 else 1  # kv heads over tensor
+    terms["decode state"] = float(rows * per_row / heads_split)
     mb_rows = (c.rl.minibatch_size or c.rl.prompts_per_step * algo.group_size) / n_data
     terms["activations"] = _activations(mc, mb_rows, slots, c.rl.max_new_tokens)
     memory = c.plan.device_memory_gb * GB if c.plan.device_memory_gb else _local_memory()
@@ -179,7 +178,8 @@ def levers(c: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
     if not c.model.overrides.get("remat", False):
         out.append(("remat", {"model.overrides.remat": True}))
     if not c.optim.freeze and not c.model.lora.rank:
-        out.append(("frozen vision tower", {"optim.freeze": f"({'|'.join(VISION_MODULES)})/.*"}))
+        vision = family_of(model_config_of(c)).vision_modules
+        out.append(("frozen vision tower", {"optim.freeze": f"({'|'.join(vision)})/.*"}))
     algo, sizes = configs.algorithm(c), mesh_sizes(c)
     rows, n_data = c.rl.prompts_per_step * algo.group_size, sizes["data"] * sizes["fsdp"]
     if (c.rl.minibatch_size or rows) > n_data and rows % n_data == 0 and c.optim.grad_accum == 1:

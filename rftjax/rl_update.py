@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from rftjax import rl, steps
-from rftjax.models import VLMConfig
+from rftjax.models import ModelConfig
 from rftjax.steps import RolloutBatch, TrainState, UpdateBatch
 from rftjax.trainable import combine
 
@@ -33,7 +33,7 @@ Array = jax.Array
 UPDATE_STREAM = 1 << 30  # fold_in data of the update's key; rollout rounds use 0, 1, ... of the same step key
 
 
-def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, *, config: VLMConfig,
+def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, *, config: ModelConfig,
             algo: rl.AlgorithmConfig, temperature: float, on_policy: bool) -> UpdateBatch:
     """The `UpdateBatch` of a rollout batch: advantages by `algo` (`rl.compute_advantages`), `old_logprobs`
     under the current params (unless `on_policy`; also needed for a KL penalty in the reward),
@@ -59,7 +59,7 @@ def minibatch_indices(key: Array, n_rows: int, minibatch_size: int, num_iteratio
     return jnp.concatenate(passes).reshape(-1, minibatch_size)
 
 
-def make_rl_update(config: VLMConfig, algo: rl.AlgorithmConfig, temperature: float, minibatch_size: int,
+def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: float, minibatch_size: int,
                    policy_shardings=None, critic_shardings=None) -> Callable:
     """`rl_update(policy, critic, ref_params, frozen, batch, key) -> (policy, critic, (policy_metrics,
     critic_metrics))`, jitted, `policy` and `critic` donated.

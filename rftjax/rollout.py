@@ -19,7 +19,7 @@ import numpy as np
 
 from rftjax import rewards, sampling
 from rftjax.data.tokenizer import TextTokenizer
-from rftjax.models import VLMConfig, placeholder_ids
+from rftjax.models import ModelConfig, placeholder_ids
 from rftjax.rl.dapo import groups_with_signal
 from rftjax.sharding import HOST, Placement
 from rftjax.steps import RolloutBatch, SequenceBatch
@@ -105,7 +105,7 @@ def concat_rows(*parts):
     return jax.tree.map(concat, *parts)
 
 
-def generate_texts(params, config: VLMConfig, tokenizer: TextTokenizer, batch: dict, rng, *, group_size: int,
+def generate_texts(params, config: ModelConfig, tokenizer: TextTokenizer, batch: dict, rng, *, group_size: int,
                    max_new_tokens: int, greedy: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    place: Placement = HOST) -> tuple[sampling.SamplingOutput, list[str]]:
     """Generate `group_size` completions for each prompt of a host batch (`pixel_values`, `prompt_ids`,
@@ -148,7 +148,7 @@ def trim_completions(seq: SequenceBatch, multiple: int = 16, longest: int | None
     return seq.replace(completion_ids=seq.completion_ids[:, :keep], completion_mask=seq.completion_mask[:, :keep])
 
 
-def collect_rollouts(params, model_config: VLMConfig, tokenizer: TextTokenizer, prompts, key,
+def collect_rollouts(params, model_config: ModelConfig, tokenizer: TextTokenizer, prompts, key,
                      config: RolloutConfig, scorer: rewards.RewardScorer, place: Placement = HOST) -> Rollouts:
     """One RL step's rollouts: generate and score G samples per prompt from the `prompts` iterator (host
     batches of this process's rows), with DAPO's dynamic sampling when `config.dynamic_sampling` (rounds of

@@ -2,8 +2,9 @@
 
 `generate` is the one entry point for rollouts (training) and evaluation. It is one XLA program per
 (config, shapes, sampling settings): no per-token Python. Each prompt's image is encoded and its prompt
-prefilled once; the resulting KV cache is repeated for the G samples of its group, which then decode with
-independent randomness. The loop stops as soon as every row has emitted an EOS id or the budget is spent;
+prefilled once; the model's decode state (`rftjax.models.DecoderState`: a KV cache, recurrent states, whatever
+its layer kinds keep) is repeated for the G samples of its group, which then decode with independent
+randomness. The sampler touches the state only through its protocol (`init_state`, `repeat`, `take`). The loop stops as soon as every row has emitted an EOS id or the budget is spent;
 before that, rows that have finished are dropped from the decode batch (it halves once half of it is done:
 `decode_sizes`), so short completions stop costing decode steps.
 
@@ -22,9 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rftjax.models import (QwenVLConfig, VLMConfig, cast_for_compute, check_image_tokens, model_for, num_rows,
+from rftjax.models import (DecoderState, cast_for_compute, check_image_tokens, model_for, num_rows,
                            placeholder_ids)
-from rftjax.models.llm import KVCache
 
 Array = jax.Array
 NEG_INF = float("-inf")
@@ -56,7 +56,7 @@ class SamplingOutput:
 
 
 @flax.struct.dataclass
-class DecodeState:
+class LoopState:
     """The carry of a decode `lax.while_loop` (N = B * G rows, T = max_new_tokens) over M <= N slots: all N rows
     at first; once finished rows are dropped (`decode_sizes`), the M slots hold the rows still decoding.
 
@@ -67,7 +67,7 @@ class DecodeState:
       model_logprobs: float32 `[N, T]`, the same under the unfiltered tempered model distribution.
       rows: int32 `[M]`, the row (of N) each slot decodes.
       done: bool `[M]`, slots whose row has emitted an EOS id.
-      cache: the decoder's `KVCache` of the M slots (every prompt repeated G times, then compacted).
+      state: the model's `DecoderState` of the M slots (every prompt repeated G times, then compacted).
       last_logits: float32 `[M, V]`, logits of the next token of each slot.
     """
 
@@ -77,7 +77,7 @@ class DecodeState:
     model_logprobs: Array
     rows: Array
     done: Array
-    cache: KVCache
+    state: DecoderState
     last_logits: Array
 
 
@@ -156,7 +156,7 @@ def sample_tokens(key: Array, logits: Array, *, temperature: float, top_k: int, 
     return tokens.astype(jnp.int32), logp(x), logp(logits.astype(jnp.float32) / temperature)
 
 
-def _validate(config: VLMConfig, pixel_values, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature,
+def _validate(config, pixel_values, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature,
               top_k, top_p, pad_id):
     if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids and prompt_mask must both be [B, P], got {prompt_ids.shape} and "
@@ -186,43 +186,43 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
     features = None
     if pixel_values is not None:
         features = model.apply(variables, pixel_values, method="encode_images")
-    cache = model.init_cache(b, p + max_new_tokens)
-    logits, cache = model.apply(variables, None, prompt_ids, prompt_mask, cache=cache, image_features=features)
-    last_logits = logits[:, -1]  # prompts are left-padded: the last column is every row's last real token
+    out = model.apply(variables, None, prompt_ids, prompt_mask, state=model.init_state(b, p + max_new_tokens),
+                      image_features=features)
+    last_logits = out.logits[:, -1]  # prompts are left-padded: the last column is every row's last real token
 
     # Repeat for the G samples of each group (rows b*G .. b*G+G-1 share prompt b).
-    state = DecodeState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((n, max_new_tokens), pad_id, jnp.int32),
+    state = LoopState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((n, max_new_tokens), pad_id, jnp.int32),
                         logprobs=jnp.zeros((n, max_new_tokens), jnp.float32),
                         model_logprobs=jnp.zeros((n, max_new_tokens), jnp.float32),
                         rows=jnp.arange(n, dtype=jnp.int32), done=jnp.zeros((n,), bool),
-                        cache=cache.repeat(group_size), last_logits=jnp.repeat(last_logits, group_size, axis=0))
+                        state=out.state.repeat(group_size), last_logits=jnp.repeat(last_logits, group_size, axis=0))
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     sizes = decode_sizes(n, compact)
 
-    def body(s: DecodeState) -> DecodeState:
+    def body(s: LoopState) -> LoopState:
         compacted = s.rows.shape[0] < n
         token, logp, model_logp = sample_tokens(
             jax.random.fold_in(rng, s.step), s.last_logits, temperature=temperature, top_k=top_k, top_p=top_p,
             greedy=greedy, suppress_ids=suppress_ids, rows=s.rows if compacted else None, num_rows=n)
         live = ~s.done
         token = jnp.where(live, token, pad_id)
-        logits, cache = model.apply(variables, None, token[:, None], live[:, None], cache=s.cache)
+        decoded = model.apply(variables, None, token[:, None], live[:, None], state=s.state)
         at = (jnp.where(live, s.rows, n), s.step)  # finished slots write nothing (row n is out of range: dropped)
         return s.replace(step=s.step + 1, tokens=s.tokens.at[at].set(token, mode="drop"),
                          logprobs=s.logprobs.at[at].set(logp, mode="drop"),
                          model_logprobs=s.model_logprobs.at[at].set(model_logp, mode="drop"),
-                         done=s.done | jnp.isin(token, eos), cache=cache, last_logits=logits[:, 0])
+                         done=s.done | jnp.isin(token, eos), state=decoded.state, last_logits=decoded.logits[:, 0])
 
     # Decode phases over fewer and fewer slots: phase k runs while more rows are unfinished than phase k+1 has
     # slots; then the unfinished rows (and some finished ones, if fewer remain) move to the smaller batch.
     for k, size in enumerate(sizes):
         if k:
             keep = jnp.argsort(state.done, stable=True)[:size]  # unfinished slots first
-            state = state.replace(rows=state.rows[keep], done=state.done[keep], cache=state.cache.take(keep),
+            state = state.replace(rows=state.rows[keep], done=state.done[keep], state=state.state.take(keep),
                                   last_logits=state.last_logits[keep])
         fewer = sizes[k + 1] if k + 1 < len(sizes) else 0
 
-        def cond(s: DecodeState, fewer=fewer):
+        def cond(s: LoopState, fewer=fewer):
             return (s.step < max_new_tokens) & (jnp.sum(~s.done) > fewer)
 
         state = jax.lax.while_loop(cond, body, state)
@@ -240,7 +240,7 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
                           truncated=~jnp.any(is_eos & mask, axis=1))
 
 
-def generate(params, config: VLMConfig | QwenVLConfig, pixel_values, prompt_ids: Array, prompt_mask: Array,
+def generate(params, config, pixel_values, prompt_ids: Array, prompt_mask: Array,
              rng: Array, *, group_size: int = 1, max_new_tokens: int = 64, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (), greedy: bool = False,
              pad_id: int = 0, suppress_ids: Sequence[int] | None = None,
@@ -249,7 +249,7 @@ def generate(params, config: VLMConfig | QwenVLConfig, pixel_values, prompt_ids:
 
     Args:
       params: `model_for(config)` params (may be sharded; the batch may be sharded over the mesh's data axes).
-      config: the model config (static): `VLMConfig` (LLaVA) or `QwenVLConfig` (Qwen2-VL / Qwen2.5-VL).
+      config: the model config (static) of any registered family (`rftjax.models.family`).
       pixel_values: one image per prompt, or None for text-only prompts: float `[B, H, W, C]` (LLaVA) or
         `QwenImages` (padded patches + `grid_thw`; the M-RoPE positions continue past the image while
         decoding).
@@ -268,7 +268,7 @@ def generate(params, config: VLMConfig | QwenVLConfig, pixel_values, prompt_ids:
       compact: drop finished rows from the decode batch (`decode_sizes`: the batch halves, up to 3 times, once at
         most half of it is still decoding). The output is the same as without (each row's noise does not
         depend on the batch), up to float rounding of the smaller batch's matmuls. None (default): on unless the
-        prompts are sharded over several devices, where gathering rows would move KV caches between devices
+        prompts are sharded over several devices, where gathering rows would move decode states between devices
         (called under an outer jit, where the placement is not known: on).
 
     Returns:

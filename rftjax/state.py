@@ -24,7 +24,7 @@ from rftjax import steps
 from rftjax.build import Run, train_iterators
 from rftjax.checkpoint import SFT_CHECKPOINT, Checkpointer
 from rftjax.data.pipeline import iterator_state
-from rftjax.models.family import VISION_MODULES
+from rftjax.models.family import vision_modules
 from rftjax.rl_update import make_rl_update
 from rftjax.steps import TrainState
 from rftjax.trainable import combine
@@ -132,7 +132,7 @@ class RunState:
     def _train_state(self, params, lr: float, warmup: int, total: int, weight_decay: float, start_step: int = 0):
         o = self.c.optim
         schedule = steps.make_schedule(lr, total, warmup, o.lr_decay, start_step)
-        vision = {name: o.vision_lr_scale for name in VISION_MODULES if name in params}
+        vision = {name: o.vision_lr_scale for name in vision_modules(self.setup.model_config) if name in params}
         tx = steps.make_optimizer(schedule, weight_decay, o.b1, o.b2, o.grad_clip, o.grad_accum, vision)
         create = functools.partial(TrainState.create, tx=tx)
         shardings = steps.state_shardings(jax.eval_shape(create, params), _shardings(params), self.setup.mesh)

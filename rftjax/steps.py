@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from rftjax import rl
-from rftjax.models import VLMConfig, model_for, uses_dropout
+from rftjax.models import ModelConfig, model_for, uses_dropout
 from rftjax.rl.masking import masked_mean
 from rftjax.trainable import combine
 
@@ -188,7 +188,7 @@ def skipped_updates(opt_state) -> Array:
     return found[0] if found else jnp.zeros((), jnp.int32)
 
 
-def completion_logits(params, config: VLMConfig, batch: SequenceBatch, return_hidden: bool = False,
+def completion_logits(params, config: ModelConfig, batch: SequenceBatch, return_hidden: bool = False,
                       rng: Array | None = None) -> Array:
     """Logits `[N, T, V]` (float32) predicting each completion token (or the hidden states `[N, T, D]` at
     the same positions), from one forward pass over prompt + completion. `rng`: a training forward pass, with
@@ -199,10 +199,10 @@ def completion_logits(params, config: VLMConfig, batch: SequenceBatch, return_hi
     out = model_for(config, train=train).apply({"params": params}, batch.pixel_values, ids, mask,
                                                return_hidden=return_hidden, rngs={"dropout": rng} if train else None)
     p, t = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-    return out[:, p - 1:p - 1 + t]
+    return (out.hidden if return_hidden else out.logits)[:, p - 1:p - 1 + t]
 
 
-def completion_logprobs(params, config: VLMConfig, batch: SequenceBatch, temperature: float = 1.0,
+def completion_logprobs(params, config: ModelConfig, batch: SequenceBatch, temperature: float = 1.0,
                         rng: Array | None = None) -> tuple[Array, Array]:
     """`(logprobs, entropy)`, float32 `[N, T]`, of the completion tokens under `softmax(logits / temperature)`
     (0 where masked); `rng` as `completion_logits`."""
@@ -224,7 +224,7 @@ def logprob_gap(trainer_logprobs: Array, sampler_logprobs: Array, completion_mas
     return {"sampler_logprob_gap_mean": masked_mean(gap, m.astype(jnp.float32)), "sampler_logprob_gap_max": gap.max()}
 
 
-def sft_loss(params, batch: SequenceBatch, config: VLMConfig, rng: Array | None = None) -> tuple[Array, dict]:
+def sft_loss(params, batch: SequenceBatch, config: ModelConfig, rng: Array | None = None) -> tuple[Array, dict]:
     """Cross-entropy of the completion tokens (token mean over the batch) - the SFT cold start."""
     lp, _ = completion_logprobs(params, config, batch, rng=rng)
     m = batch.completion_mask.astype(jnp.float32)
@@ -232,7 +232,7 @@ def sft_loss(params, batch: SequenceBatch, config: VLMConfig, rng: Array | None 
     return loss, {"sft_loss": loss, "tokens": m.sum()}
 
 
-def rl_loss(params, batch: UpdateBatch, config: VLMConfig, algo: rl.AlgorithmConfig,
+def rl_loss(params, batch: UpdateBatch, config: ModelConfig, algo: rl.AlgorithmConfig,
             temperature: float, rng: Array | None = None) -> tuple[Array, dict]:
     """`rl.policy_loss` on freshly computed log-probs. Without `old_logprobs` the update is on-policy
     (mu = 1, one minibatch): old = stop_gradient(current), ratio exactly 1, as TRL does; with
@@ -250,14 +250,14 @@ def rl_loss(params, batch: UpdateBatch, config: VLMConfig, algo: rl.AlgorithmCon
 # Critic (PPO): the VLM backbone with a scalar head on the final hidden states.
 
 
-def init_critic(policy_params, config: VLMConfig) -> dict:
+def init_critic(policy_params, config: ModelConfig) -> dict:
     """Critic params initialised from the policy backbone, value head zero (`V = 0` at the start). Given the
     policy's trainable params only, the critic's backbone shares the policy's frozen ones (`critic_frozen`)."""
     return {"backbone": policy_params, "head": {"kernel": jnp.zeros((config.text.hidden_size,), jnp.float32),
                                                 "bias": jnp.zeros((), jnp.float32)}}
 
 
-def critic_values(critic_params, config: VLMConfig, batch: SequenceBatch) -> Array:
+def critic_values(critic_params, config: ModelConfig, batch: SequenceBatch) -> Array:
     """Values `[N, T]` (float32) of the states before each completion token; 0 where masked."""
     h = completion_logits(critic_params["backbone"], config, batch, return_hidden=True).astype(jnp.float32)
     v = h @ critic_params["head"]["kernel"] + critic_params["head"]["bias"]
@@ -269,7 +269,7 @@ def critic_frozen(frozen: dict) -> dict:
     return {"backbone": frozen} if frozen else {}
 
 
-def critic_loss(critic_params, batch: UpdateBatch, config: VLMConfig, algo: rl.AlgorithmConfig,
+def critic_loss(critic_params, batch: UpdateBatch, config: ModelConfig, algo: rl.AlgorithmConfig,
                 rng: Array | None = None) -> tuple[Array, dict]:
     """`algo.value_coef` x the clipped value loss (`rl.value_loss`) of the critic on `batch.returns` (`rng` is
     unused: the critic's forward pass is deterministic)."""

@@ -128,7 +128,7 @@ def test_qwen_checkpoint_trains_resumes_evaluates_and_exports(qwen_dir, files, t
     batch = qwen_batch(np.random.default_rng(1), ids=QWEN_TOKEN_IDS, vocab=320, low=7)
     ours = model_for(config).apply({"params": params}, QwenImages(jnp.asarray(batch["patches"]),
                                                                   jnp.asarray(batch["grid_thw"])),
-                                   jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["attention_mask"], bool))
+                                   jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["attention_mask"], bool)).logits
     valid = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(hf_qwen_logits(reloaded, batch)[valid], np.asarray(ours)[valid], atol=1e-4, rtol=0)
     assert AutoTokenizer.from_pretrained(export_dir).chat_template == hf_tok.chat_template
@@ -163,7 +163,7 @@ def test_llava_checkpoint_trains_resumes_and_exports(llava_dir, files, tmp_path)
     mask[1, :2] = 0
     pixels = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
     ours = model_for(config).apply({"params": params}, jnp.asarray(pixels), jnp.asarray(ids, jnp.int32),
-                                   jnp.asarray(mask, bool))
+                                   jnp.asarray(mask, bool)).logits
     valid = mask.astype(bool)
     np.testing.assert_allclose(hf_logits(reloaded, pixels, ids, mask)[valid], np.asarray(ours)[valid], atol=1e-4,
                                rtol=0)

@@ -33,7 +33,7 @@ def _inputs(config, seed=0):
 
 def _ours(config, params, pixels, ids, mask):
     return np.asarray(VLM(config).apply({"params": params}, jnp.asarray(pixels), jnp.asarray(ids, jnp.int32),
-                                        jnp.asarray(mask, bool)))
+                                        jnp.asarray(mask, bool)).logits)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

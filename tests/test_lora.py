@@ -43,7 +43,7 @@ def _train(ckpt_dir, files, workdir, **settings):
 def _qwen_logits(config, params, batch):
     return np.asarray(model_for(config).apply(
         {"params": params}, QwenImages(jnp.asarray(batch["patches"]), jnp.asarray(batch["grid_thw"])),
-        jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["attention_mask"], bool)))
+        jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["attention_mask"], bool)).logits)
 
 
 def test_grpo_with_lora_on_decoder_and_vision_exports_to_transformers_and_peft(qwen_dir, files, tmp_path):
@@ -105,7 +105,7 @@ def _llava_inputs(config):
 def _llava_logits(config, params, inputs):
     pixels, ids, mask = inputs
     return np.asarray(model_for(config).apply({"params": params}, jnp.asarray(pixels), jnp.asarray(ids, jnp.int32),
-                                              jnp.asarray(mask, bool)))
+                                              jnp.asarray(mask, bool)).logits)
 
 
 def test_grpo_with_lora_on_the_decoder_exports_to_peft(llava_dir, files, tmp_path):
@@ -177,7 +177,7 @@ def test_remat_policies_give_the_gradients_of_no_remat(policy):
     images = images.replace(patches=jax.random.normal(jax.random.key(1), images.patches.shape))
 
     def grads(c):
-        return jax.jit(jax.grad(lambda p: jnp.sum(model_for(c).apply({"params": p}, images, ids) ** 2)))(params)
+        return jax.jit(jax.grad(lambda p: jnp.sum(model_for(c).apply({"params": p}, images, ids).logits ** 2)))(params)
 
     for a, b in zip(jax.tree.leaves(grads(config)), jax.tree.leaves(grads(config.replace(remat=True,
                                                                                           remat_policy=policy)))):
@@ -199,7 +199,7 @@ def test_lora_merge_equals_the_adapted_model_and_bad_settings_raise():
     pixels = jax.random.normal(jax.random.key(2), pixels.shape)
 
     def logits(c, p):
-        return jax.jit(lambda p: model_for(c).apply({"params": p}, pixels, ids))(p)
+        return jax.jit(lambda p: model_for(c).apply({"params": p}, pixels, ids).logits)(p)
 
     plain = config.replace(lora=None)
     adapted, merged = logits(config, params), logits(plain, lora_lib.merge(params, config.lora))

@@ -47,21 +47,23 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(tiny):
     new_tokens = jax.random.randint(jax.random.key(3), (prompt.shape[0], n_new), 4, config.text.vocab_size)
     full_ids = jnp.concatenate([prompt, new_tokens], axis=1)
     full_mask = jnp.concatenate([prompt_mask, jnp.ones_like(new_tokens, bool)], axis=1)
-    full = model.apply({"params": params}, pixels, full_ids, full_mask)
+    full = model.apply({"params": params}, pixels, full_ids, full_mask).logits
 
-    cache = model.init_cache(prompt.shape[0], full_ids.shape[1] + 3)  # spare slots stay masked
-    prefill, cache = model.apply({"params": params}, pixels, prompt, prompt_mask, cache=cache)
-    step = jax.jit(lambda p, ids, c: model.apply({"params": p}, None, ids, jnp.ones_like(ids, bool), cache=c))
+    state = model.init_state(prompt.shape[0], full_ids.shape[1] + 3)  # spare slots stay masked
+    out = model.apply({"params": params}, pixels, prompt, prompt_mask, state=state)
+    prefill, state = out.logits, out.state
+    step = jax.jit(lambda p, ids, s: model.apply({"params": p}, None, ids, jnp.ones_like(ids, bool), state=s))
     decoded = []
     for j in range(n_new):
-        logits, cache = step(params, new_tokens[:, j:j + 1], cache)
-        decoded.append(logits)
+        out = step(params, new_tokens[:, j:j + 1], state)
+        state = out.state
+        decoded.append(out.logits)
     decoded = jnp.concatenate(decoded, axis=1)
     p = prompt.shape[1]
     np.testing.assert_allclose(prefill[prompt_mask], full[:, :p][prompt_mask], atol=1e-5, rtol=0)
     np.testing.assert_allclose(decoded, full[:, p:], atol=1e-5, rtol=0)
-    assert int(cache.index) == full_ids.shape[1]
-    np.testing.assert_array_equal(cache.next_pos, full_mask.sum(1))
+    assert int(state.index) == full_ids.shape[1]
+    np.testing.assert_array_equal(state.next_pos, full_mask.sum(1))
 
 
 def test_cache_positions_follow_the_mask():
@@ -78,8 +80,8 @@ def test_left_padding_does_not_change_logits(tiny):
     pad = 3
     padded_ids = jnp.pad(ids, ((0, 0), (pad, 0)))
     padded_mask = jnp.pad(mask, ((0, 0), (pad, 0)))
-    a = VLM(config).apply({"params": params}, pixels, ids, mask)
-    b = VLM(config).apply({"params": params}, pixels, padded_ids, padded_mask)
+    a = VLM(config).apply({"params": params}, pixels, ids, mask).logits
+    b = VLM(config).apply({"params": params}, pixels, padded_ids, padded_mask).logits
     np.testing.assert_allclose(a[0], b[0, pad:], atol=1e-5, rtol=0)
 
 
@@ -87,17 +89,17 @@ def test_causality_and_image_conditioning(tiny):
     config, params = tiny
     model = VLM(config)
     pixels, ids, mask = _batch(config, pad=(0, 0))
-    base = model.apply({"params": params}, pixels, ids, mask)
+    base = model.apply({"params": params}, pixels, ids, mask).logits
     # A later token never changes earlier logits.
     t = ids.shape[1] - 2
     changed = ids.at[:, t].set((ids[:, t] + 1) % config.text.vocab_size)
-    after = model.apply({"params": params}, pixels, changed, mask)
+    after = model.apply({"params": params}, pixels, changed, mask).logits
     np.testing.assert_array_equal(np.asarray(after[:, :t]), np.asarray(base[:, :t]))
     assert np.abs(np.asarray(after[:, t:] - base[:, t:])).max() > 1e-3
     # Another image changes the text logits after the image tokens, not before.
     first_img = int(np.argmax(np.asarray(ids[0]) == config.image_token_id))
     last_img = first_img + config.num_image_tokens
-    other = model.apply({"params": params}, pixels[::-1] + 1.0, ids, mask)
+    other = model.apply({"params": params}, pixels[::-1] + 1.0, ids, mask).logits
     np.testing.assert_array_equal(np.asarray(other[:, :first_img]), np.asarray(base[:, :first_img]))
     assert np.abs(np.asarray(other[:, last_img:] - base[:, last_img:])).min(axis=-1).max() > 0
     assert np.abs(np.asarray(other[:, last_img:] - base[:, last_img:])).max() > 1e-3
@@ -109,16 +111,16 @@ def test_image_token_count_mismatch_names_both_counts(tiny):
     truncated = ids[:, 3:]  # cuts the first text tokens and one image token
     with pytest.raises(ValueError, match=rf"{config.num_image_tokens - 1} image tokens.*{config.num_image_tokens} "
                                          r"features"):
-        VLM(config).apply({"params": params}, pixels, truncated, mask[:, 3:])
+        VLM(config).apply({"params": params}, pixels, truncated, mask[:, 3:]).logits
     with pytest.raises(ValueError, match="no image was given"):
-        VLM(config).apply({"params": params}, None, ids, mask)
+        VLM(config).apply({"params": params}, None, ids, mask).logits
 
 
 def test_bfloat16_compute_is_close_to_float32(tiny):
     config, params = tiny
     pixels, ids, mask = _batch(config, pad=(0, 2))
-    f32 = VLM(config).apply({"params": params}, pixels, ids, mask)
-    bf16 = VLM(config.replace(dtype="bfloat16")).apply({"params": params}, pixels, ids, mask)
+    f32 = VLM(config).apply({"params": params}, pixels, ids, mask).logits
+    bf16 = VLM(config.replace(dtype="bfloat16")).apply({"params": params}, pixels, ids, mask).logits
     assert bf16.dtype == jnp.float32  # logits always float32
     m = np.asarray(mask)
     err = np.abs(np.asarray(bf16)[m] - np.asarray(f32)[m]).max()
@@ -142,7 +144,7 @@ def test_flops_formula_by_hand_and_against_xla():
     config = get_preset("default").replace(text={"vocab_size": 256})
     pixels, ids = dummy_inputs(config, 1, 64)
     params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    compiled = jax.jit(lambda p, x, i: VLM(config).apply({"params": p}, x, i)).lower(params, pixels, ids).compile()
+    compiled = jax.jit(lambda p, x, i: VLM(config).apply({"params": p}, x, i).logits).lower(params, pixels, ids).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     ours = forward_flops(config, ids.shape[1], 1)
@@ -183,6 +185,6 @@ def test_cast_for_compute_is_numerically_identical(tiny):
     cast = cast_for_compute(params, config)
     kinds = {str(x.dtype) for x in jax.tree.leaves(cast)}
     assert kinds == {"bfloat16", "float32"}  # kernels cast, norms and biases kept
-    a = VLM(config).apply({"params": params}, pixels, ids, mask)
-    b = VLM(config).apply({"params": cast}, pixels, ids, mask)
+    a = VLM(config).apply({"params": params}, pixels, ids, mask).logits
+    b = VLM(config).apply({"params": cast}, pixels, ids, mask).logits
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,5 +1,5 @@
 """`rftjax.plan` against what a live run allocates: the persistent terms (params, optimizer state, reference) equal
-the bytes of the run's own device arrays per device, and the KV cache the sampler's cache, within 10%, for float32
+the bytes of the run's own device arrays per device, and the decode state the sampler's state, within 10%, for float32
 and bfloat16 params, with and without LoRA, on a 2-device FSDP mesh; the activation estimate is compared with
 XLA's temp-buffer figure for the compiled update."""
 
@@ -46,8 +46,8 @@ def test_plan_matches_a_live_run(param_dtype, lora, tmp_path):
             "reference": _bytes_per_device(state.stage.ref)}
     mc = run.model_config
     rows = max(c.rl.prompts_per_step * run.algo.group_size, c.eval.batch_size)
-    cache = jax.eval_shape(lambda: model_for(mc).init_cache(rows, c.data.max_prompt_len + c.rl.max_new_tokens))
-    live["kv cache"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers)) / 2  # rows over fsdp=2
+    cache = jax.eval_shape(lambda: model_for(mc).init_state(rows, c.data.max_prompt_len + c.rl.max_new_tokens))
+    live["decode state"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers)) / 2  # rows over fsdp=2
     print(param_dtype, lora, {k: (p.terms[k], v) for k, v in live.items()})
     for key, value in live.items():
         assert p.terms[key] == pytest.approx(value, rel=0.10), key

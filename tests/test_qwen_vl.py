@@ -21,7 +21,8 @@ from rftjax import sampling
 from rftjax.data.qwen_image import QwenImageProcessor, choose_bucket, pad_images, smart_resize
 from rftjax.models import QwenImages, get_preset, model_for, param_count
 from rftjax.models import hf as rhf
-from rftjax.models.config import QwenVLConfig, forward_flops, qwen_vision_flops
+from rftjax.models import forward_flops
+from rftjax.models.config import QwenVLConfig, qwen_vision_flops
 from rftjax.models.qwen_vl import check_image_tokens, mrope_positions
 
 CASES = {"qwen2_5_vl_untied": ("qwen2_5_vl", False), "qwen2_5_vl_tied": ("qwen2_5_vl", True),
@@ -54,7 +55,7 @@ def _images(batch):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(config, params, images, ids, mask):
-    return model_for(config).apply({"params": params}, images, ids, mask)
+    return model_for(config).apply({"params": params}, images, ids, mask).logits
 
 
 def _ours(config, params, batch):
@@ -104,13 +105,13 @@ def test_kv_cache_decode_equals_full_forward(hf_models, batch):
     new = jnp.asarray(np.random.default_rng(1).integers(4, 150, (2, 4)), jnp.int32)
     full = np.asarray(_apply(config, params, _images(batch), jnp.concatenate([ids, new], 1),
                              jnp.concatenate([mask, jnp.ones_like(new, bool)], 1)))
-    cache = model.init_cache(2, ids.shape[1] + 4)
-    step = jax.jit(lambda images, ids, mask, cache: model.apply({"params": params}, images, ids, mask, cache=cache))
-    logits, cache = step(_images(batch), ids, mask, cache)
-    steps = [np.asarray(logits)]
+    state = model.init_state(2, ids.shape[1] + 4)
+    step = jax.jit(lambda images, ids, mask, state: model.apply({"params": params}, images, ids, mask, state=state))
+    out = step(_images(batch), ids, mask, state)
+    steps = [np.asarray(out.logits)]
     for t in range(4):
-        logits, cache = step(None, new[:, t:t + 1], jnp.ones((2, 1), bool), cache)
-        steps.append(np.asarray(logits))
+        out = step(None, new[:, t:t + 1], jnp.ones((2, 1), bool), out.state)
+        steps.append(np.asarray(out.logits))
     cached = np.concatenate(steps, axis=1)
     valid = np.concatenate([batch["attention_mask"], np.ones((2, 4))], 1).astype(bool)
     np.testing.assert_allclose(cached[valid], full[valid], atol=1e-5, rtol=0)
@@ -178,7 +179,7 @@ def test_unsupported_config_fields_are_named(change, field):
     hf = rhf.qwen_config_to_hf(get_preset("qwen_vl_tiny"))
     change(hf)
     with pytest.raises(ValueError, match=field):
-        rhf.family_of(hf["model_type"]).config_from_hf(hf)
+        rhf.layout_of(hf["model_type"]).config_from_hf(hf)
 
 
 def test_old_config_layout_with_top_level_text_fields():
@@ -243,7 +244,7 @@ def test_other_image_sizes_in_the_same_bucket_do_not_recompile(hf_models):
     @jax.jit
     def forward(params, images, ids, mask):
         traces.append(1)
-        return model_for(config).apply({"params": params}, images, ids, mask)
+        return model_for(config).apply({"params": params}, images, ids, mask).logits
 
     shapes = set()
     for sizes in [((112, 84), (56, 140)), ((84, 112), (112, 56)), ((56, 56), (140, 56))]:
@@ -262,7 +263,7 @@ def test_presets_param_count_match_transformers():
                       ("qwen2_5_vl_7b", Qwen2_5_VLForConditionalGeneration),
                       ("qwen2_vl_2b", Qwen2VLForConditionalGeneration)):
         config = get_preset(name)
-        hf_config = rhf.family_of(config.model_type).config_to_hf(config)
+        hf_config = rhf.layout_of(config.model_type).config_to_hf(config)
         hf_config.pop("architectures")
         with torch.device("meta"):
             model = cls(cls.config_class(**{k: v for k, v in hf_config.items() if k != "model_type"}))

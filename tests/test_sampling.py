@@ -52,7 +52,7 @@ def _prompts(config, pads=(0, 3, 1), text=(2, 3), seed=0):
 
 def _full_logits(config, params, pixels, ids, mask):
     """The full forward pass's logits `[B, T, V]` (jitted: one compilation per shape)."""
-    return np.asarray(jax.jit(lambda p, x, i, m: VLM(config).apply({"params": p}, x, i, m))(params, pixels, ids, mask))
+    return np.asarray(jax.jit(lambda p, x, i, m: VLM(config).apply({"params": p}, x, i, m).logits)(params, pixels, ids, mask))
 
 
 def _naive_greedy(config, params, pixels, ids, mask, steps, eos, suppress):
@@ -222,7 +222,7 @@ def test_image_token_is_never_generated(tiny):
     lm["lm_head"] = {"kernel": kernel.at[:, config.image_token_id].set(kernel[:, config.image_token_id] + 50.0)}
     boosted = {**params, "language_model": lm}
     pixels, ids, mask = _prompts(config)
-    plain = VLM(config).apply({"params": boosted}, pixels, ids, mask)
+    plain = VLM(config).apply({"params": boosted}, pixels, ids, mask).logits
     assert (np.asarray(plain[:, -1]).argmax(-1) == config.image_token_id).all()  # it would be chosen
     for greedy in (True, False):
         out = sampling.generate(boosted, config, pixels, ids, mask, jax.random.key(0), group_size=4,

@@ -32,13 +32,13 @@ def test_sharded_params_give_single_device_logits(scan):
     assert len(q_kernel.addressable_shards) == 8 and q_kernel.addressable_shards[0].data.size < q_kernel.size
 
     batch = sharding.batch_sharding(mesh)
-    apply = jax.jit(lambda p, x, i, m: model.apply({"params": p}, x, i, m),
+    apply = jax.jit(lambda p, x, i, m: model.apply({"params": p}, x, i, m).logits,
                     in_shardings=(shardings, sharding.batch_sharding(mesh, 4), batch, batch))
     sharded_logits = np.asarray(apply(params, pixels, ids, mask))
 
     single = init_params(config, jax.random.key(0))
     single = jax.device_put(single, jax.devices()[0])
-    ref = np.asarray(model.apply({"params": single}, pixels, ids, mask))
+    ref = np.asarray(model.apply({"params": single}, pixels, ids, mask).logits)
     np.testing.assert_allclose(sharded_logits, ref, atol=1e-5, rtol=0)
 
 
@@ -77,9 +77,9 @@ def test_sharded_qwen_vl_forward_equals_single_device():
     assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.size < kernel.size
     image_shardings = QwenImages(sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 2))
     batch = sharding.batch_sharding(mesh)
-    apply = jax.jit(lambda p, x, i, m: model.apply({"params": p}, x, i, m),
+    apply = jax.jit(lambda p, x, i, m: model.apply({"params": p}, x, i, m).logits,
                     in_shardings=(shardings, image_shardings, batch, batch))
     sharded = np.asarray(apply(params, images, jnp.asarray(ids), jnp.asarray(mask)))
     single = jax.device_put(jax.device_get(params), jax.devices()[0])
-    ref = np.asarray(jax.jit(lambda p, x, i, m: model.apply({"params": p}, x, i, m))(single, images, ids, mask))
+    ref = np.asarray(jax.jit(lambda p, x, i, m: model.apply({"params": p}, x, i, m).logits)(single, images, ids, mask))
     np.testing.assert_allclose(sharded[mask], ref[mask], atol=1e-5, rtol=0)

@@ -33,7 +33,7 @@ from rftjax.data.qwen_image import QwenImageProcessor, choose_bucket, pad_images
 from rftjax.data.tasks import Task
 from rftjax.data.tasks.grounding import format_box
 from rftjax.data.tokenizer import TextTokenizer, pad_left, pad_right
-from rftjax.models.config import QwenVLConfig
+from rftjax.models.family import family_of
 from rftjax.models.qwen_vl import QwenImages
 from rftjax.rewards.boxes import parse_box
 
@@ -144,11 +144,9 @@ class QwenPatchImages:
 
 
 def image_input_for(config) -> SquareImages | QwenPatchImages:
-    """The image input of a model config: `QwenPatchImages` for a `QwenVLConfig`, else `SquareImages`."""
-    if isinstance(config, QwenVLConfig):
-        return QwenPatchImages(QwenImageProcessor.for_model(config), config.max_image_tokens,
-                               config.vision.merge_unit, config.buckets)
-    return SquareImages(config.vision.image_size, config.num_image_tokens)
+    """The media input of a model config (its family's `media_input`: `SquareImages` for LLaVA,
+    `QwenPatchImages` for Qwen-VL)."""
+    return family_of(config).media_input(config)
 
 
 @dataclasses.dataclass(frozen=True)

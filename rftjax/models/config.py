@@ -111,6 +111,8 @@ class TextConfig:
     with `qkv_bias` is Llama's `attention_bias=True`. `rope_theta` is the RoPE base (Llama 1e4, Qwen2 1e6).
     `mrope_section`: Qwen2-VL's multimodal RoPE (M-RoPE): how many of the `head_dim / 2` rotary frequencies
     take the temporal, height and width position (HF `rope_parameters["mrope_section"]`); None: 1-D RoPE.
+    `layer_pattern`: the repeating block of decoder layer kinds (`rftjax.models.llm.LAYER_KINDS`; layer i has
+    kind `layer_pattern[i % len(layer_pattern)]`); `("attention",)` is the Llama/Qwen2 decoder.
     """
 
     vocab_size: int = 512
@@ -127,8 +129,13 @@ class TextConfig:
     o_bias: bool = False
     max_position_embeddings: int = 4096
     mrope_section: tuple[int, ...] | None = None
+    layer_pattern: tuple[str, ...] = ("attention",)
 
     def __post_init__(self):
+        object.__setattr__(self, "layer_pattern", tuple(str(k) for k in self.layer_pattern))
+        if not self.layer_pattern or self.num_layers % len(self.layer_pattern):
+            raise ValueError(f"TextConfig.layer_pattern={self.layer_pattern} must be a non-empty repeating block of "
+                             f"layer kinds whose length divides num_layers={self.num_layers}")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
         if self.mrope_section is not None:
@@ -360,11 +367,6 @@ class QwenVLConfig(_ModelConfig):
         return cls(vision=QwenVisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
 
 
-def config_from_dict(d: dict) -> "VLMConfig | QwenVLConfig":
-    """The model config a `to_dict()` wrote (either family)."""
-    return QwenVLConfig.from_dict(d) if d.get("family") == "qwen_vl" else VLMConfig.from_dict(d)
-
-
 def _qwen2_5_vl(out: int, text: TextConfig) -> QwenVLConfig:
     return QwenVLConfig(vision=QwenVisionConfig(out_hidden_size=out), text=text)
 
@@ -467,13 +469,6 @@ def qwen_vision_param_count(v: QwenVisionConfig) -> int:
     return v.patch_dim * d + v.depth * block + merger
 
 
-def param_count(c: VLMConfig | QwenVLConfig) -> int:
-    """Total number of parameters of the model of `c` (embeddings included)."""
-    if isinstance(c, QwenVLConfig):
-        return qwen_vision_param_count(c.vision) + text_param_count(c.text)
-    return vision_param_count(c.vision) + projector_param_count(c) + text_param_count(c.text)
-
-
 def text_flops_per_token(t: TextConfig, context_len: int) -> float:
     """Forward FLOPs of the decoder per token at a mean attended context of `context_len` tokens.
 
@@ -512,13 +507,3 @@ def qwen_vision_flops(v: QwenVisionConfig, image_tokens: int) -> float:
     merged = d * v.merge_unit
     merger = 2 * image_tokens * (merged * merged + merged * v.out_hidden_size)
     return float(2 * p * v.patch_dim * d + v.depth * linear + attn + merger)
-
-
-def forward_flops(c: VLMConfig | QwenVLConfig, seq_len: int, num_images: int = 1,
-                  image_tokens: int | None = None) -> float:
-    """Forward FLOPs of one sequence of `seq_len` tokens (causal: mean context `(seq_len + 1) / 2`) with
-    `num_images` images (Qwen-VL: of `image_tokens` LM tokens each, default `max_image_tokens`)."""
-    text = seq_len * text_flops_per_token(c.text, (seq_len + 1) / 2)
-    if isinstance(c, QwenVLConfig):
-        return text + num_images * qwen_vision_flops(c.vision, image_tokens or c.max_image_tokens)
-    return text + num_images * vision_flops_per_image(c)

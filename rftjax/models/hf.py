@@ -2,7 +2,7 @@
 `Qwen2VLForConditionalGeneration` directories, dispatching on `config.json`'s `model_type` (`load_pretrained`,
 `save_pretrained`; `load_llava`/`save_llava`, `load_qwen_vl`/`save_qwen_vl` for one family).
 
-Each family is one `Family` entry: its config parser/writer, its tensor-name map (canonical HF name, rftjax
+Each family's layout is one `HFLayout` (`Family.hf`): its config parser/writer, its tensor-name map (canonical HF name, rftjax
 param path, conversion kind) and the on-disk name prefixes it accepts and writes.
 
 LLaVA: a SigLIP vision tower (`siglip_vision_model`), the 2-layer GELU projector, a Llama or Qwen2 text
@@ -36,7 +36,7 @@ import safetensors
 import safetensors.flax
 
 from rftjax.models.config import QwenVisionConfig, QwenVLConfig, TextConfig, VisionConfig, VLMConfig
-from rftjax.models.family import abstract_params
+from rftjax.models.family import abstract_params, families, family_of
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -49,12 +49,14 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 class Entry(NamedTuple):
-    """One tensor: canonical HF name, rftjax param path, conversion kind, HF shape (only for "patch")."""
+    """One tensor: canonical HF name, rftjax param path, conversion kind, HF shape (only for "patch"), and for
+    "linear" the number of leading kernel dims that are input dims (2 for the `[H, hd, D]` output projections)."""
 
     name: str
     path: tuple[str, ...]
     kind: str
     hf_shape: tuple[int, ...] | None = None
+    num_in: int = 1
 
 
 def _norm_entries(hf: str, ours: tuple[str, ...], with_bias: bool):
@@ -63,8 +65,8 @@ def _norm_entries(hf: str, ours: tuple[str, ...], with_bias: bool):
         yield Entry(hf + ".bias", (*ours, "bias"), "copy")
 
 
-def _linear_entries(hf: str, ours: tuple[str, ...], with_bias: bool):
-    yield Entry(hf + ".weight", (*ours, "kernel"), "linear")
+def _linear_entries(hf: str, ours: tuple[str, ...], with_bias: bool, num_in: int = 1):
+    yield Entry(hf + ".weight", (*ours, "kernel"), "linear", num_in=num_in)
     if with_bias:
         yield Entry(hf + ".bias", (*ours, "bias"), "bias")
 
@@ -80,7 +82,7 @@ def _vision_entries(v: VisionConfig):
         for name, hf_name in (("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"),
                               ("v_proj", "self_attn.v_proj"), ("out_proj", "self_attn.out_proj"),
                               ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
-            yield from _linear_entries(hf + hf_name, (*ours, name), True)
+            yield from _linear_entries(hf + hf_name, (*ours, name), True, 2 if name == "out_proj" else 1)
     yield from _norm_entries("vision.post_layernorm", ("vision_tower", "post_layernorm"), True)
 
 
@@ -97,7 +99,7 @@ def _text_entries(t: TextConfig):
         yield from _norm_entries(hf + "post_attention_layernorm", (*ours, "post_attention_layernorm"), False)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             bias = (t.qkv_bias and proj != "o_proj") or (t.o_bias and proj == "o_proj")
-            yield from _linear_entries(hf + f"self_attn.{proj}", (*ours, proj), bias)
+            yield from _linear_entries(hf + f"self_attn.{proj}", (*ours, proj), bias, 2 if proj == "o_proj" else 1)
         for proj in ("gate_proj", "up_proj", "down_proj"):
             yield from _linear_entries(hf + f"mlp.{proj}", (*ours, proj), False)
     yield from _norm_entries("text.norm", ("language_model", "norm"), False)
@@ -122,7 +124,7 @@ def _qwen_entries(c: QwenVLConfig) -> Iterator[Entry]:
         for norm in ("norm1", "norm2"):
             yield from _norm_entries(hf + norm, (*ours, norm), layer_norm)
         for proj in ("qkv", "proj"):
-            yield from _linear_entries(hf + f"attn.{proj}", (*ours, proj), True)
+            yield from _linear_entries(hf + f"attn.{proj}", (*ours, proj), True, 2 if proj == "proj" else 1)
         for proj in mlp:
             yield from _linear_entries(hf + f"mlp.{proj}", (*ours, proj), True)
     yield from _norm_entries("visual.merger.ln_q", ("visual", "merger", "ln_q"), layer_norm)
@@ -204,6 +206,9 @@ def _text_from_hf(tc: dict, root: dict, qkv_bias: bool, o_bias: bool, family: st
 
 
 def _text_to_hf(t: TextConfig, model_type: str) -> dict:
+    if t.layer_pattern != ("attention",):
+        raise ValueError(f"text.layer_pattern={t.layer_pattern} has no {model_type} equivalent (attention layers "
+                         f"only)")
     rope = {"rope_type": "default", "rope_theta": t.rope_theta}
     if t.mrope_section is not None:
         rope["mrope_section"] = list(t.mrope_section)
@@ -368,9 +373,11 @@ def qwen_config_to_hf(config: QwenVLConfig) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class Family:
-    """How one HF model family maps onto rftjax: config parser/writer, tensor map, on-disk name prefixes."""
+class HFLayout:
+    """How one HF model family maps onto rftjax (a model family's `Family.hf`): config parser/writer, tensor map,
+    on-disk name prefixes."""
 
+    model_types: tuple[str, ...]  # config.json model_type values it reads
     config_from_hf: Callable[..., Any]
     config_to_hf: Callable[[Any], dict]
     entries: Callable[[Any], Iterator[Entry]]
@@ -380,47 +387,52 @@ class Family:
     skip: tuple[str, ...] = ()  # canonical prefixes of tensors rftjax does not use
 
 
-LLAVA = Family(config_from_hf, config_to_hf, _llava_entries, _LLAVA_PREFIXES, _LLAVA_HUB, {
+LLAVA = HFLayout(("llava",), config_from_hf, config_to_hf, _llava_entries, _LLAVA_PREFIXES, _LLAVA_HUB, {
     "text.lm_head.": "lm_head.", "vision.": "model.vision_tower.vision_model.",
     "projector.": "model.multi_modal_projector.", "text.": "model.language_model."}, ("vision.head.",))
-QWEN_VL = Family(qwen_config_from_hf, qwen_config_to_hf, _qwen_entries, _QWEN_PREFIXES, _QWEN_HUB, {
-    "text.lm_head.": "lm_head.", "visual.": "model.visual.", "text.": "model.language_model."})
-FAMILIES: dict[str, Family] = {"llava": LLAVA, "qwen2_5_vl": QWEN_VL, "qwen2_vl": QWEN_VL}
+QWEN_VL = HFLayout(("qwen2_5_vl", "qwen2_vl"), qwen_config_from_hf, qwen_config_to_hf, _qwen_entries,
+                   _QWEN_PREFIXES, _QWEN_HUB, {
+                       "text.lm_head.": "lm_head.", "visual.": "model.visual.", "text.": "model.language_model."})
 
 
-def _family_for(config: VLMConfig | QwenVLConfig) -> Family:
-    """The `Family` that writes a model config (`QwenVLConfig`: Qwen-VL, else LLaVA)."""
-    return QWEN_VL if isinstance(config, QwenVLConfig) else LLAVA
+def _layout_for(config) -> HFLayout:
+    """The `HFLayout` of `config`'s family.
+
+    Raises:
+      ValueError: the family has no HF layout.
+    """
+    family = family_of(config)
+    if family.hf is None:
+        raise ValueError(f"model family {family.name!r} has no Hugging Face layout: it cannot be saved or loaded "
+                         f"as an HF directory")
+    return family.hf
 
 
-def family_of(model_type: str | None) -> Family:
-    """The `Family` of a `config.json` `model_type`.
+def layout_of(model_type: str | None) -> HFLayout:
+    """The `HFLayout` of a `config.json` `model_type` (among the registered families').
 
     Raises:
       ValueError: a model type rftjax does not support (lists the supported ones).
     """
-    if model_type not in FAMILIES:
-        raise ValueError(f"config.json model_type={model_type!r} is not supported; rftjax loads {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
+    layouts = {t: f.hf for f in families() if f.hf is not None for t in f.hf.model_types}
+    if model_type not in layouts:
+        raise ValueError(f"config.json model_type={model_type!r} is not supported; rftjax loads {sorted(layouts)}")
+    return layouts[model_type]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Tensor conversion
 
 
-def _num_in(path: tuple[str, ...]) -> int:
-    """Number of leading kernel dims that are input dims (2 for the `[H, hd, D]` output projections)."""
-    return 2 if path[-2] in ("o_proj", "out_proj", "proj") else 1
-
-
-def _to_ours(kind: str, path, x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+def _to_ours(e: Entry, x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    kind = e.kind
     if kind == "patch":
         if x.ndim != 5 or (x.shape[0], int(np.prod(x.shape[1:]))) != (shape[1], shape[0]):
             raise ValueError(f"tensor {name} has shape {x.shape}, expected [{shape[1]}, C, t, p, p] with C*t*p*p = "
                              f"{shape[0]} from config.json")
         return x.reshape(x.shape[0], -1).T
     if kind == "linear":
-        n_in = _num_in(path)
+        n_in = e.num_in
         want = (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in])))
         if x.shape != want:
             raise ValueError(f"tensor {name} has shape {x.shape}, expected {want} from config.json")
@@ -435,12 +447,12 @@ def _to_ours(kind: str, path, x: np.ndarray, shape: tuple[int, ...], name: str) 
     return x.reshape(shape)
 
 
-def _to_hf(kind: str, path, x: np.ndarray, hf_shape=None) -> np.ndarray:
+def _to_hf(e: Entry, x: np.ndarray) -> np.ndarray:
+    kind = e.kind
     if kind == "patch":
-        return x.T.reshape(hf_shape)
+        return x.T.reshape(e.hf_shape)
     if kind == "linear":
-        n_in = _num_in(path)
-        return x.reshape(int(np.prod(x.shape[:n_in])), -1).T
+        return x.reshape(int(np.prod(x.shape[:e.num_in])), -1).T
     if kind == "conv":
         return x.transpose(3, 2, 0, 1)
     if kind == "bias":
@@ -493,7 +505,7 @@ def read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
-def _load(path: str, family: Family, hf_config: dict, overrides: dict):
+def _load(path: str, family: HFLayout, hf_config: dict, overrides: dict):
     config = family.config_from_hf(hf_config, **overrides)
     tensors: dict[str, Any] = {}
     for fname in _weight_files(path):
@@ -509,7 +521,7 @@ def _load(path: str, family: Family, hf_config: dict, overrides: dict):
             raise ValueError(f"checkpoint {path} lacks tensor {_hub_name(e.name, family.hub)!r} that its "
                              f"config.json needs")
         key, x = tensors[e.name]
-        value = _to_ours(e.kind, e.path, np.asarray(x.astype(jnp.float32)), tuple(_get(shapes, e.path).shape), key)
+        value = _to_ours(e, np.asarray(x.astype(jnp.float32)), tuple(_get(shapes, e.path).shape), key)
         _set(params, e.path, jnp.asarray(value, config.params_dtype))
     if config.scan_layers:
         params = stack_layers(params, config.text.num_layers)
@@ -523,7 +535,7 @@ def load_config(path: str, **overrides) -> VLMConfig | QwenVLConfig:
       ValueError: unsupported model type or config field.
     """
     hf_config = read_hf_config(path)
-    return family_of(hf_config.get("model_type")).config_from_hf(hf_config, **overrides)
+    return layout_of(hf_config.get("model_type")).config_from_hf(hf_config, **overrides)
 
 
 def load_pretrained(path: str, **overrides) -> tuple[VLMConfig | QwenVLConfig, dict]:
@@ -544,7 +556,7 @@ def load_pretrained(path: str, **overrides) -> tuple[VLMConfig | QwenVLConfig, d
       ValueError: unsupported model type or config field; missing or misshapen tensor (names it).
     """
     hf_config = read_hf_config(path)
-    return _load(path, family_of(hf_config.get("model_type")), hf_config, overrides)
+    return _load(path, layout_of(hf_config.get("model_type")), hf_config, overrides)
 
 
 def load_llava(path: str, **overrides) -> tuple[VLMConfig, dict]:
@@ -575,7 +587,7 @@ def save_pretrained(path: str, config: VLMConfig | QwenVLConfig, params: dict, m
     Raises:
       ValueError: a config with no HF equivalent (see `config_to_hf`).
     """
-    family = _family_for(config)
+    family = _layout_for(config)
     hf_config = family.config_to_hf(config)
     if config.lora is not None:  # the adapters folded into the weights they adapt
         from rftjax.models import lora as lora_lib
@@ -586,7 +598,7 @@ def save_pretrained(path: str, config: VLMConfig | QwenVLConfig, params: dict, m
     tensors = {}
     for e in family.entries(config):
         x = np.asarray(jax.device_get(_get(params, e.path)))
-        x = np.ascontiguousarray(_to_hf(e.kind, e.path, x, e.hf_shape))
+        x = np.ascontiguousarray(_to_hf(e, x))
         tensors[_hub_name(e.name, family.hub)] = jnp.asarray(x, dtype) if dtype else jnp.asarray(x)
     os.makedirs(path, exist_ok=True)
     hf_config["torch_dtype"] = hf_config["dtype"] = str(next(iter(tensors.values())).dtype)
@@ -636,7 +648,7 @@ def save_adapter(path: str, config: VLMConfig | QwenVLConfig, params: dict, base
 
     if config.lora is None:
         raise ValueError("save_adapter: the model config has no LoRA (config.lora is None)")
-    family = _family_for(config)
+    family = _layout_for(config)
     if config.scan_layers:
         params = unstack_layers(params, config.text.num_layers)
     entries = {e.path: e for e in family.entries(config)}

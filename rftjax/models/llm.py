@@ -1,4 +1,4 @@
-"""Llama/Qwen2-style decoder LM with an explicit KV cache.
+"""Llama/Qwen2-style decoder LM with an explicit decode state, and the decoder-layer-kind registry.
 
 RMSNorm, rotary position embeddings (RoPE, `rotate_half` convention of HF Llama), grouped-query attention,
 SwiGLU MLP, optional tied embeddings and attention biases. Sources: Touvron et al. 2023 (Llama), Su et al.
@@ -11,7 +11,8 @@ every row's first real token at position 0, as HF `generate` does.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -26,79 +27,157 @@ Array = jax.Array
 
 
 # ----------------------------------------------------------------------------------------------------------
-# KV cache
+# Decode state and model output
 
 
 @flax.struct.dataclass
-class KVCache:
-    """Decoding state of the decoder: keys/values of every layer plus per-row bookkeeping.
+class DecoderState:
+    """Decoding state of the decoder: every layer's own state plus per-row bookkeeping (the model owns it:
+    `init_state`; the sampler uses only `repeat`, `take`, `next_pos`).
 
     Attributes:
-      layers: per-layer `{'k': [B, K, S, hd], 'v': [B, K, S, hd]}` dicts (heads-major: attention reads the
-        cache without transposing it) (a tuple, one per layer), or, when
-        the model scans its layers, one such dict with a leading `[L]` axis on every array.
+      layers: the layers' states, each a pytree whose arrays lead with the row axis `[B, ...]` (an attention
+        layer: `{'k': [B, K, S, hd], 'v': [B, K, S, hd]}`, heads-major so attention reads it without a
+        transpose; a recurrent layer: its recurrent tensors): a tuple with one state per layer, or, when the
+        model scans its layers, the scanned block's state with a leading `[L / len(layer_pattern)]` axis.
       mask: bool `[B, S]`, True where a slot holds a real (non-padding) token.
       next_pos: int32 `[B]`, the position id the next real token of each row gets (= real tokens so far).
       index: int32 `[]`, number of slots written (the next write starts here); the same for all rows.
+      layer_batch_axis: static; the row axis of the arrays in `layers` (0, or 1 when scanned).
     """
 
     layers: Any
     mask: Array
     next_pos: Array
     index: Array
+    layer_batch_axis: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def max_len(self) -> int:
         """Number of slots S."""
         return self.mask.shape[1]
 
-    def repeat(self, n: int) -> "KVCache":
+    def repeat(self, n: int) -> "DecoderState":
         """Each row repeated `n` times in place (rows `b*n .. b*n+n-1` copy row b): `B` rows become `B*n`.
 
-        Used to decode G samples of a group from one prefilled prompt. Works for both layouts of `layers`
-        (per-layer `[B, K, S, hd]`, or `[L, B, K, S, hd]` when the layers are scanned).
+        Used to decode G samples of a group from one prefilled prompt.
         """
         return self._map_rows(lambda x, axis: jnp.repeat(x, n, axis=axis))
 
-    def take(self, rows: Array) -> "KVCache":
-        """The cache of rows `rows` (int `[M]`, indices into `[B]`, in that order): `B` rows become `M` (the
+    def take(self, rows: Array) -> "DecoderState":
+        """The state of rows `rows` (int `[M]`, indices into `[B]`, in that order): `B` rows become `M` (the
         sampler drops finished rows with it)."""
         return self._map_rows(lambda x, axis: jnp.take(x, rows, axis=axis))
 
-    def _map_rows(self, fn) -> "KVCache":
-        """`fn(array, batch_axis)` applied to every per-row array (both layouts of `layers`: per-layer
-        `[B, K, S, hd]`, or `[L, B, K, S, hd]` when the layers are scanned); `index` is shared by all rows."""
-        batch_axis = 1 if isinstance(self.layers, dict) else 0  # a dict of stacked arrays: the scanned layout
-        return self.replace(layers=jax.tree.map(lambda x: fn(x, batch_axis), self.layers), mask=fn(self.mask, 0),
+    def _map_rows(self, fn) -> "DecoderState":
+        """`fn(array, row_axis)` applied to every per-row array; `index` is shared by all rows."""
+        axis = self.layer_batch_axis
+        return self.replace(layers=jax.tree.map(lambda x: fn(x, axis), self.layers), mask=fn(self.mask, 0),
                             next_pos=fn(self.next_pos, 0))
 
 
-def init_cache(config: TextConfig, batch_size: int, max_len: int, dtype=jnp.float32,
-               scan_layers: bool = False) -> KVCache:
-    """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + generated).
+@flax.struct.dataclass
+class ModelOutput:
+    """What a model call returns.
 
-    `scan_layers` must match the model's (`VLMConfig.scan_layers`). Memory:
-    `2 * num_layers * batch_size * max_len * num_kv_heads * head_dim` elements of `dtype`.
+    Attributes:
+      logits: float32 `[B, T, V]`; None when the call asked for `return_hidden` (the LM head is skipped).
+      state: the `DecoderState` after the call's tokens, when the call was given one; else None.
+      hidden: the decoder's final normalised hidden states `[B, T, D]` (compute dtype) with `return_hidden`;
+        else None.
     """
-    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+
+    logits: Array | None = None
+    state: DecoderState | None = None
+    hidden: Array | None = None
+
+
+@flax.struct.dataclass
+class LayerInputs:
+    """What every decoder layer reads besides its hidden states and its own state (one object, broadcast over a
+    scan of layers).
+
+    Attributes:
+      positions: int32 `[B, T]` or `[3, B, T]` (M-RoPE) position ids of the T new tokens.
+      mask: bool `[B, T, S]`, query t may attend key slot s (causal, real keys only; S = T without a state).
+      token_mask: bool `[B, T]`, True on the new tokens that are real (False on padding): a recurrent layer
+        leaves its state unchanged on padding.
+      index: int32 `[]`, the first slot the new tokens are written to (0 without a state).
+    """
+
+    positions: Array
+    mask: Array
+    token_mask: Array
+    index: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """One kind of decoder layer: a Linen module class and its empty decode state.
+
+    Attributes:
+      module: a Linen module class built as `module(config, dtype, param_dtype, name=...)` and called as
+        `(x [B, T, D], state or None, LayerInputs) -> (x [B, T, D], new state or None)`. Without a state it
+        processes the T tokens from scratch (a full forward); with one it continues from it.
+      init_state: `(config: TextConfig, batch_size, max_len, dtype) -> ` the layer's empty state, a pytree of
+        arrays leading with the row axis `[batch_size, ...]`.
+    """
+
+    module: type
+    init_state: Callable[[TextConfig, int, int, Any], Any]
+
+
+LAYER_KINDS: dict[str, LayerKind] = {}
+"""Decoder layer kinds by name (`TextConfig.layer_pattern` names them); `register_layer_kind` adds one."""
+
+
+def register_layer_kind(name: str, kind: LayerKind) -> LayerKind:
+    """Make `kind` available to `TextConfig.layer_pattern` as `name` (replacing one of that name)."""
+    LAYER_KINDS[name] = kind
+    return kind
+
+
+def layer_kind(name: str) -> LayerKind:
+    """The registered layer kind `name`.
+
+    Raises:
+      ValueError: no such kind (lists the registered ones).
+    """
+    if name not in LAYER_KINDS:
+        raise ValueError(f"TextConfig.layer_pattern names layer kind {name!r}; registered kinds: "
+                         f"{sorted(LAYER_KINDS)}")
+    return LAYER_KINDS[name]
+
+
+def init_state(config: TextConfig, batch_size: int, max_len: int, dtype=jnp.float32,
+               scan_layers: bool = False) -> DecoderState:
+    """An empty `DecoderState` for `batch_size` rows of up to `max_len` tokens (prompt + generated).
+
+    `scan_layers` must match the model's (`VLMConfig.scan_layers`). Attention layers hold
+    `2 * batch_size * max_len * num_kv_heads * head_dim` elements of `dtype` each; other kinds what their
+    `LayerKind.init_state` gives.
+    """
+    pattern = config.layer_pattern
+    empty = [layer_kind(kind).init_state(config, batch_size, max_len, dtype) for kind in pattern]
     if scan_layers:
-        full = (config.num_layers, *shape)
-        layers = {"k": jnp.zeros(full, dtype), "v": jnp.zeros(full, dtype)}
+        blocks = config.num_layers // len(pattern)
+        stacked = [jax.tree.map(lambda x: jnp.broadcast_to(x, (blocks, *x.shape)), e) for e in empty]
+        layers = stacked[0] if len(pattern) == 1 else tuple(stacked)
     else:
-        layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                       for _ in range(config.num_layers))
-    return KVCache(layers=layers, mask=jnp.zeros((batch_size, max_len), bool),
-                   next_pos=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))
+        layers = tuple(empty[i % len(pattern)] for i in range(config.num_layers))
+    return DecoderState(layers=layers, mask=jnp.zeros((batch_size, max_len), bool),
+                        next_pos=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32),
+                        layer_batch_axis=1 if scan_layers else 0)
 
 
-class ModelCacheMixin:
-    """`init_cache` for a model module (`VLM`, `QwenVL`) whose `config` has `text`, `compute_dtype` and
+class ModelStateMixin:
+    """`init_state` for a model module (`VLM`, `QwenVL`) whose `config` has `text`, `compute_dtype` and
     `scan_layers`."""
 
-    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
-        """Empty `KVCache` for this model (see `init_cache`); dtype defaults to the compute dtype."""
+    def init_state(self, batch_size: int, max_len: int, dtype=None) -> DecoderState:
+        """Empty `DecoderState` for this model (see `init_state`); dtype defaults to the compute dtype."""
         c = self.config
-        return init_cache(c.text, batch_size, max_len, dtype or c.compute_dtype, c.scan_layers)
+        return init_state(c.text, batch_size, max_len, dtype or c.compute_dtype, c.scan_layers)
 
 
 def positions_from_mask(attention_mask: Array, start: Array | int = 0) -> Array:
@@ -149,12 +228,13 @@ def rotate(x: Array, angles: Array) -> Array:
 
 
 class DecoderLayer(nn.Module):
-    """One decoder block: `x + attn(rmsnorm(x))`, then `x + swiglu(rmsnorm(x))`.
+    """One attention decoder block (layer kind `"attention"`): `x + attn(rmsnorm(x))`, then
+    `x + swiglu(rmsnorm(x))`.
 
-    Call: `(x [B, T, D], layer_cache, positions [B, T] or [3, B, T], mask [B, T, S], cache_index [])`
-    -> `(x [B, T, D], new layer_cache)`. With `layer_cache=None` the keys are the T new tokens (S = T);
-    otherwise the new keys/values are written at slots `[cache_index, cache_index + T)` and the query
-    attends over all S cached slots.
+    Call: `(x [B, T, D], state, inputs: LayerInputs) -> (x [B, T, D], new state)`. With `state=None` the keys are
+    the T new tokens (S = T); otherwise (`{'k', 'v'}: [B, K, S, hd]`) the new keys/values are written at slots
+    `[inputs.index, inputs.index + T)` and the query attends over all S slots (padding is masked by
+    `inputs.mask`).
     """
 
     config: TextConfig
@@ -162,7 +242,7 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask, cache_index):
+    def __call__(self, x, state, inputs: LayerInputs):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
@@ -172,44 +252,84 @@ class DecoderLayer(nn.Module):
                    name="k_proj", **kw)(h)
         v = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias,
                    name="v_proj", **kw)(h)
-        q = apply_rope(q, positions, c.rope_theta, c.mrope_section)
-        k = apply_rope(k, positions, c.rope_theta, c.mrope_section).transpose(0, 2, 1, 3)  # [B, K, T, hd]
+        q = apply_rope(q, inputs.positions, c.rope_theta, c.mrope_section)
+        k = apply_rope(k, inputs.positions, c.rope_theta, c.mrope_section).transpose(0, 2, 1, 3)  # [B, K, T, hd]
         v = v.transpose(0, 2, 1, 3)
-        if layer_cache is not None:
-            start = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-            layer_cache = {"k": k, "v": v}
-        a = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask)
+        if state is not None:
+            start = (0, 0, inputs.index, 0)
+            k = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), start)
+            state = {"k": k, "v": v}
+        a = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), inputs.mask)
         x = x + Linear(c.hidden_size, ("heads", "head_dim", "embed"), num_in=2, use_bias=c.o_bias,
                        name="o_proj", **kw)(a)
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(h)
         up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(h)
         x = x + Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
-        return x, layer_cache
+        return x, state
+
+
+def _kv_state(config: TextConfig, batch_size: int, max_len: int, dtype) -> dict:
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+register_layer_kind("attention", LayerKind(DecoderLayer, _kv_state))
+
+
+class DecoderBlock(nn.Module):
+    """One repeat of `config.layer_pattern` (its layers in order, params under `{kind}_{j}`): the unit
+    `DecoderLM` scans when the pattern has several kinds (MaxText's scannable block).
+
+    Call: `(x [B, T, D], states (tuple, one per layer of the pattern) or None, inputs) -> (x, new states)`.
+    """
+
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    remat_policy: Any = None
+
+    @nn.compact
+    def __call__(self, x, states, inputs: LayerInputs):
+        new = []
+        for j, kind in enumerate(self.config.layer_pattern):
+            cls = _layer_class(kind, self.remat, self.remat_policy, prevent_cse=False)
+            x, s = cls(self.config, self.dtype, self.param_dtype, name=f"{kind}_{j}")(
+                x, None if states is None else states[j], inputs)
+            new.append(s)
+        return x, tuple(new)
+
+
+def _layer_class(kind: str, remat: bool, policy, prevent_cse: bool):
+    cls = layer_kind(kind).module
+    return nn.remat(cls, prevent_cse=prevent_cse, policy=policy) if remat else cls
 
 
 class DecoderLM(nn.Module):
-    """Decoder-only LM.
+    """Decoder-only LM over a pattern of layer kinds (`config.layer_pattern`, repeated to `num_layers`).
 
     Call: `(input_ids int [B, T] | None, attention_mask [B, T], inputs_embeds [B, T, D] | None,
-    cache: KVCache | None, return_hidden=False, positions=None)` -> `(logits float32 [B, T, V], new cache |
-    None)`; with `return_hidden` (no cache) the final normalised hidden states `[B, T, D]` instead of logits.
-    Give exactly one of `input_ids` / `inputs_embeds` (the VLM passes embeddings with image features merged
-    in; use `embed` to get token embeddings).
+    state: DecoderState | None, return_hidden=False, positions=None)` -> `ModelOutput`: logits float32
+    `[B, T, V]` (or, with `return_hidden`, the final normalised hidden states `[B, T, D]` and no logits), and the
+    new state when given one. Give exactly one of `input_ids` / `inputs_embeds` (the VLM passes embeddings with
+    image features merged in; use `embed` to get token embeddings).
 
-    Attention: query t sees key s iff s is at or before t and s is a real token (mask). With a cache, the T
-    new tokens are appended at slots `[cache.index, cache.index + T)`, their positions continue from
-    `cache.next_pos`, and masked (padding) new tokens are never attended to later.
+    Attention: query t sees key s iff s is at or before t and s is a real token (mask). With a state, the T
+    new tokens are appended at slots `[state.index, state.index + T)`, their positions continue from
+    `state.next_pos`, and masked (padding) new tokens are never attended to later; recurrent layer kinds skip
+    them.
 
-    Positions: by default `cumsum(mask) - 1` from `cache.next_pos` (left padding does not shift them). Explicit
-    `positions` int `[B, T]` or `[3, B, T]` (M-RoPE, see `apply_rope`) override that; the cache then records
+    Positions: by default `cumsum(mask) - 1` from `state.next_pos` (left padding does not shift them). Explicit
+    `positions` int `[B, T]` or `[3, B, T]` (M-RoPE, see `apply_rope`) override that; the state then records
     `next_pos = max(position) + 1` over each row's real tokens, so the text decoded after a Qwen-VL prompt
     continues from its largest 3-D position: `next_pos` plays the role of HF's `rope_deltas`
     (`next_pos = cache length + rope_delta`).
 
-    Layer params live under `layers_{i}` (or one stacked `layers` when `scan_layers`).
+    Layer params live under `layers_{i}`; with `scan_layers`, under one stacked `layers` (a single-kind pattern
+    scans the layer itself, so its params keep the layer's names; a pattern of several kinds scans a
+    `DecoderBlock`, params under `layers/{kind}_{j}`).
     """
 
     config: TextConfig
@@ -224,18 +344,21 @@ class DecoderLM(nn.Module):
         self.embed_tokens = self.param(
             "embed_tokens", nn.with_logical_partitioning(normal_init(), ("vocab", "embed")),
             (c.vocab_size, c.hidden_size), self.param_dtype)
-        layer_cls = DecoderLayer
-        if self.remat:
-            layer_cls = nn.remat(layer_cls, prevent_cse=not self.scan_layers, policy=self.remat_policy)
+        pattern = c.layer_pattern
         if self.scan_layers:
+            if len(pattern) == 1:
+                unit = _layer_class(pattern[0], self.remat, self.remat_policy, prevent_cse=False)
+                args = (c, self.dtype, self.param_dtype)
+            else:
+                unit, args = DecoderBlock, (c, self.dtype, self.param_dtype, self.remat, self.remat_policy)
             self.layers = nn.scan(
-                layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                unit, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast), length=c.num_layers // len(pattern),
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, self.dtype, self.param_dtype)
+            )(*args)
         else:
-            self.layers = [layer_cls(c, self.dtype, self.param_dtype, name=f"layers_{i}")
-                           for i in range(c.num_layers)]
+            self.layers = [_layer_class(pattern[i % len(pattern)], self.remat, self.remat_policy, prevent_cse=True)(
+                c, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
@@ -245,8 +368,8 @@ class DecoderLM(nn.Module):
         """Token embeddings `[B, T, D]` (compute dtype) of int ids `[B, T]`."""
         return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
 
-    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, cache: KVCache | None = None,
-                 return_hidden: bool = False, positions: Array | None = None):
+    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, state: DecoderState | None = None,
+                 return_hidden: bool = False, positions: Array | None = None) -> ModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
@@ -255,41 +378,43 @@ class DecoderLM(nn.Module):
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
         explicit = positions is not None
-        if cache is None:
+        if state is None:
             positions = positions_from_mask(attention_mask) if positions is None else positions
-            key_valid, index, layer_caches = attention_mask, jnp.zeros((), jnp.int32), None
+            key_valid, index, layer_states = attention_mask, jnp.zeros((), jnp.int32), None
             key_slot = jnp.arange(t)
         else:
-            positions = positions_from_mask(attention_mask, cache.next_pos) if positions is None else positions
-            index = cache.index
-            key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
-            key_slot = jnp.arange(cache.max_len) - index  # slot relative to the first new token
-            layer_caches = cache.layers
+            positions = positions_from_mask(attention_mask, state.next_pos) if positions is None else positions
+            index = state.index
+            key_valid = jax.lax.dynamic_update_slice(state.mask, attention_mask, (0, index))
+            key_slot = jnp.arange(state.max_len) - index  # slot relative to the first new token
+            layer_states = state.layers
         causal = key_slot[None, :] <= jnp.arange(t)[:, None]  # [T, S]
-        mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
+        inputs = LayerInputs(positions=positions, mask=causal[None] & key_valid[:, None, :],
+                             token_mask=attention_mask, index=index)
 
         if self.scan_layers:
-            x, new_layers = self.layers(x, layer_caches, positions, mask, index)
+            x, new_layers = self.layers(x, layer_states, inputs)
         else:
             new_layers = []
             for i, layer in enumerate(self.layers):
-                x, lc = layer(x, None if layer_caches is None else layer_caches[i], positions, mask, index)
-                new_layers.append(lc)
+                x, s = layer(x, None if layer_states is None else layer_states[i], inputs)
+                new_layers.append(s)
             new_layers = tuple(new_layers)
         x = self.norm(x)
+        new_state = None
+        if state is not None:
+            if explicit:  # the largest position of each row's real tokens, + 1 (rows without any keep theirs)
+                top = positions.max(0) if positions.ndim == 3 else positions
+                next_pos = jnp.maximum(state.next_pos, jnp.max(jnp.where(attention_mask, top + 1, 0), axis=1))
+            else:
+                next_pos = state.next_pos + attention_mask.sum(1)
+            new_state = state.replace(layers=new_layers, mask=key_valid, next_pos=next_pos.astype(jnp.int32),
+                                      index=index + t)
         if return_hidden:  # final hidden states [B, T, D] (e.g. for a value head), no LM head
-            return x, None
+            return ModelOutput(state=new_state, hidden=x)
         if self.config.tie_word_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens.astype(self.dtype),
                                 preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)
-        if cache is None:
-            return logits, None
-        if explicit:  # the largest position of each row's real tokens, + 1 (rows without any keep theirs)
-            top = positions.max(0) if positions.ndim == 3 else positions
-            next_pos = jnp.maximum(cache.next_pos, jnp.max(jnp.where(attention_mask, top + 1, 0), axis=1))
-        else:
-            next_pos = cache.next_pos + attention_mask.sum(1)
-        new_cache = KVCache(layers=new_layers, mask=key_valid, next_pos=next_pos.astype(jnp.int32), index=index + t)
-        return logits, new_cache
+        return ModelOutput(logits=logits, state=new_state)

@@ -25,13 +25,19 @@ import numpy as np
 
 LORA_A, LORA_B = "kernel_lora_a", "kernel_lora_b"
 
-_DECODER = r"language_model/layers(_\d+)?/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-_VISION = (r"vision_tower/layers_\d+/(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"  # SigLIP (LLaVA)
-           r"|visual/blocks_\d+/(qkv|proj|gate_proj|up_proj|down_proj|fc1|fc2)")  # Qwen-VL
-TARGETS = {"decoder": _DECODER, "decoder+vision": f"{_DECODER}|{_VISION}", "vision": _VISION}
+_DECODER = r"language_model/layers(_\d+)?/(\w+_\d+/)?(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+TARGETS = ("decoder", "decoder+vision", "vision")
 """Named target sets (module-path regexes, `re.fullmatch`): the decoder's attention and MLP projections (PEFT's
-`all-linear` minus the LM head), optionally the vision tower's. The patch embeddings, the projector / merger and
-the LM head are not adapted by these presets; a custom regex may name them (export: linear layers only)."""
+`all-linear` minus the LM head), optionally the vision tower's linears (each family names them:
+`Family.lora_vision_targets`). The patch embeddings, the projector / merger and the LM head are not adapted by
+these presets; a custom regex may name them (export: linear layers only)."""
+
+
+def target_pattern(targets: str, vision: str) -> str:
+    """The module-path regex of a `TARGETS` name (with `vision`, the family's vision-linear regex), or `targets`
+    itself (a custom regex)."""
+    named = {"decoder": _DECODER, "decoder+vision": f"{_DECODER}|{vision}", "vision": vision}
+    return named.get(targets, targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,28 +64,24 @@ class LoraConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
         try:
-            re.compile(self.pattern)
+            re.compile(target_pattern(self.targets, ""))
         except re.error as e:
             raise ValueError(f"LoraConfig.targets={self.targets!r} is not a regex ({e}); or use one of "
-                             f"{sorted(TARGETS)}") from None
-
-    @property
-    def pattern(self) -> str:
-        """The module-path regex of `targets`."""
-        return TARGETS.get(self.targets, self.targets)
+                             f"{list(TARGETS)}") from None
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
 
-def adapt(module: nn.Module, lora: LoraConfig, train: bool = False) -> nn.Module:
-    """`module` with LoRA adapters on the linear layers `lora.targets` names (`qwix.apply_lora_to_model`); every
-    method the sampler calls is adapted. `train=True` applies `lora.dropout` (the call then needs
-    `rngs={"dropout": key}`); otherwise dropout is off."""
+def adapt(module: nn.Module, lora: LoraConfig, train: bool = False, vision_targets: str = "") -> nn.Module:
+    """`module` with LoRA adapters on the linear layers `lora.targets` names (`qwix.apply_lora_to_model`;
+    `vision_targets`: the family's vision-linear regex for the named target sets); every method the sampler
+    calls is adapted. `train=True` applies `lora.dropout` (the call then needs `rngs={"dropout": key}`);
+    otherwise dropout is off."""
     import qwix
 
-    provider = qwix.LoraProvider(module_path=lora.pattern, rank=lora.rank, alpha=lora.alpha,
+    provider = qwix.LoraProvider(module_path=target_pattern(lora.targets, vision_targets), rank=lora.rank, alpha=lora.alpha,
                                  dropout=lora.dropout if train else 0.0)
     return qwix.apply_lora_to_model(module, provider, methods=("__call__", "encode_images"))
 

@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rftjax.models import hf
 from rftjax.models.common import (LayerNorm, Linear, RMSNorm, dot_product_attention, gelu_exact, local_rows,
                                   merge_image_features)
-from rftjax.models.config import QwenVisionConfig, QwenVLConfig
-from rftjax.models.llm import DecoderLM, KVCache, ModelCacheMixin, rotate
+from rftjax.models.config import QwenVisionConfig, QwenVLConfig, qwen_vision_flops, qwen_vision_param_count
+from rftjax.models.family import Family, VisionDims, register
+from rftjax.models.llm import DecoderLM, DecoderState, ModelOutput, ModelStateMixin, rotate
 
 Array = jax.Array
 
@@ -260,25 +262,25 @@ def check_image_tokens(input_ids, config: QwenVLConfig, grid_thw) -> None:
                          f"Qwen-VL takes one image per row")
 
 
-class QwenVL(ModelCacheMixin, nn.Module):
+class QwenVL(ModelStateMixin, nn.Module):
     """Qwen2-VL / Qwen2.5-VL policy model: `visual` (vision tower + merger) and `language_model` (Qwen2
     decoder with M-RoPE). Same call contract as `VLM`, with images as `QwenImages`.
 
     Call:
-      `QwenVL(config).apply({'params': params}, images, input_ids, attention_mask=None, cache=None,
+      `QwenVL(config).apply({'params': params}, images, input_ids, attention_mask=None, state=None,
       image_features=None, return_hidden=False)`
 
       - images: `QwenImages` (one image per row, padded patches + grids) or None (text only).
       - input_ids: int32 `[B, T]`, left-padded; row b holds `t*h*w/4` image tokens for its image (between
         `<|vision_start|>` and `<|vision_end|>` in the chat template).
       - attention_mask: `[B, T]`, False on padding.
-      - cache: a `KVCache` to append to (then returns `(logits, new_cache)`); the prompt with its image is
-        written from the cache's `next_pos`, and later tokens continue from its largest M-RoPE position + 1.
+      - state: a `DecoderState` to continue from (the output then holds the new state); the prompt with its image
+        is written from the state's `next_pos`, and later tokens continue from its largest M-RoPE position + 1.
       - image_features: `QwenImageFeatures` from `encode_images` instead of images.
       - return_hidden: the decoder's final hidden states `[B, T, D]` instead of logits.
 
     Returns:
-      logits float32 `[B, T, V]`; with a cache, `(logits, new_cache)`.
+      `ModelOutput`: logits float32 `[B, T, V]` (or hidden), and the new state when given one.
 
     Raises:
       ValueError: (when input_ids is concrete) image tokens that do not match the image grids; both images
@@ -298,8 +300,9 @@ class QwenVL(ModelCacheMixin, nn.Module):
         """Merged image features of `images` (see `QwenImageFeatures`)."""
         return QwenImageFeatures(self.visual(images.patches, images.grid_thw), images.grid_thw)
 
-    def __call__(self, pixel_values: QwenImages | None, input_ids, attention_mask=None, cache: KVCache | None = None,
-                 image_features: QwenImageFeatures | None = None, return_hidden: bool = False):
+    def __call__(self, pixel_values: QwenImages | None, input_ids, attention_mask=None,
+                 state: DecoderState | None = None, image_features: QwenImageFeatures | None = None,
+                 return_hidden: bool = False) -> ModelOutput:
         if pixel_values is not None and image_features is not None:
             raise ValueError("give pixel_values or image_features, not both")
         source = pixel_values if pixel_values is not None else image_features
@@ -315,16 +318,10 @@ class QwenVL(ModelCacheMixin, nn.Module):
         if image_features is not None:
             embeds = merge_image_features(embeds, input_ids == self.config.image_token_id, image_features.features)
             positions = mrope_positions(input_ids, attention_mask, image_features.grid_thw, self.config)
-            if cache is not None:
-                positions = positions + cache.next_pos[None, :, None]
-        if return_hidden:
-            if cache is not None:
-                raise ValueError("return_hidden does not take a cache")
-            return self.language_model(None, attention_mask, inputs_embeds=embeds, return_hidden=True,
-                                       positions=positions)[0]
-        logits, new_cache = self.language_model(None, attention_mask, inputs_embeds=embeds, cache=cache,
-                                                positions=positions)
-        return logits if cache is None else (logits, new_cache)
+            if state is not None:
+                positions = positions + state.next_pos[None, :, None]
+        return self.language_model(None, attention_mask, inputs_embeds=embeds, state=state,
+                                   return_hidden=return_hidden, positions=positions)
 
 
 def dummy_inputs(config: QwenVLConfig, batch_size: int = 1, text_len: int = 4):
@@ -337,3 +334,29 @@ def dummy_inputs(config: QwenVLConfig, batch_size: int = 1, text_len: int = 4):
     ids = jnp.concatenate([jnp.full((batch_size, 4), config.image_token_id, jnp.int32),
                            jnp.zeros((batch_size, text_len), jnp.int32)], axis=1)
     return images, ids
+
+
+def _media_input(config: QwenVLConfig):
+    from rftjax.data.pipeline import QwenPatchImages
+    from rftjax.data.qwen_image import QwenImageProcessor
+
+    return QwenPatchImages(QwenImageProcessor.for_model(config), config.max_image_tokens, config.vision.merge_unit,
+                           config.buckets)
+
+
+def _vision_dims(c: QwenVLConfig) -> VisionDims:
+    v = c.vision
+    return VisionDims(c.max_image_tokens * v.merge_unit, v.hidden_size, v.depth, v.num_heads, v.intermediate_size,
+                      remat=True)
+
+
+QWEN_VL = register(Family(
+    name="qwen_vl", config_cls=QwenVLConfig, module=QwenVL, dummy_inputs=dummy_inputs, media_input=_media_input,
+    placeholder_ids=lambda c: (c.image_token_id, c.video_token_id),
+    check_media_tokens=lambda ids, c, images: check_image_tokens(ids, c, None if images is None else images.grid_thw),
+    media_param_count=lambda c: qwen_vision_param_count(c.vision),
+    media_flops=lambda c, image_tokens: qwen_vision_flops(c.vision, image_tokens or c.max_image_tokens),
+    vision_dims=_vision_dims, vision_modules=("visual",),
+    lora_vision_targets=r"visual/blocks_\d+/(qkv|proj|gate_proj|up_proj|down_proj|fc1|fc2)",
+    hf=hf.QWEN_VL, needs_checkpoint_tokenizer=True, augmentable=False))
+"""The Qwen2-VL / Qwen2.5-VL family: dynamic-resolution patches, M-RoPE, the checkpoint's own tokenizer."""

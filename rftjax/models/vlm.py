@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rftjax.models import hf
 from rftjax.models.common import Linear, gelu_exact, local_rows, merge_image_features
-from rftjax.models.config import VLMConfig
-from rftjax.models.llm import DecoderLM, KVCache, ModelCacheMixin
+from rftjax.models.config import VLMConfig, projector_param_count, vision_flops_per_image, vision_param_count
+from rftjax.models.family import Family, VisionDims, register
+from rftjax.models.llm import DecoderLM, DecoderState, ModelOutput, ModelStateMixin
 from rftjax.models.vit import VisionTransformer
 
 Array = jax.Array
@@ -59,25 +61,25 @@ def check_image_tokens(input_ids, config: VLMConfig, has_images: bool = True) ->
             f"image tokens (id {config.image_token_id}) but no image was given (0 features)")
 
 
-class VLM(ModelCacheMixin, nn.Module):
+class VLM(ModelStateMixin, nn.Module):
     """Vision-language policy model (LLaVA layout).
 
     Call:
-      `VLM(config).apply({'params': params}, pixel_values, input_ids, attention_mask=None, cache=None,
-      image_features=None)`
+      `VLM(config).apply({'params': params}, pixel_values, input_ids, attention_mask=None, state=None,
+      image_features=None, return_hidden=False)`
 
       - pixel_values: float `[B, H, W, C]` normalised images (channels last), one per row, or None for a
         text-only call (decode steps).
       - input_ids: int32 `[B, T]`, with `num_image_tokens` placeholders per row where an image is given.
       - attention_mask: `[B, T]` (bool or 0/1), False on padding; default all True. Prompts are left-padded.
-      - cache: a `KVCache` (see `init_cache`) to append to; then the call returns `(logits, new_cache)`.
+      - state: a `DecoderState` (see `init_state`) to continue from; the output then holds the new state.
       - image_features: precomputed `encode_images` output `[B, P, D]` instead of pixel_values (lets the
         sampler encode each image once and reuse it for the G samples of its group).
 
-      - return_hidden: return the decoder's final hidden states `[B, T, D]` instead of logits (value heads).
+      - return_hidden: the decoder's final hidden states `[B, T, D]` instead of logits (value heads).
 
     Returns:
-      logits float32 `[B, T, V]`; with a cache, `(logits, new_cache)`.
+      `ModelOutput`: logits float32 `[B, T, V]` (or hidden), and the new state when given one.
 
     Raises:
       ValueError: (when input_ids is concrete, i.e. outside jit) a row's image-token count differs from the
@@ -106,8 +108,8 @@ class VLM(ModelCacheMixin, nn.Module):
             return embeds
         return merge_image_features(embeds, input_ids == self.config.image_token_id, image_features)
 
-    def __call__(self, pixel_values, input_ids, attention_mask=None, cache: KVCache | None = None,
-                 image_features=None, return_hidden: bool = False):
+    def __call__(self, pixel_values, input_ids, attention_mask=None, state: DecoderState | None = None,
+                 image_features=None, return_hidden: bool = False) -> ModelOutput:
         if pixel_values is not None and image_features is not None:
             raise ValueError("give pixel_values or image_features, not both")
         if not isinstance(input_ids, jax.core.Tracer):
@@ -118,12 +120,8 @@ class VLM(ModelCacheMixin, nn.Module):
             raise ValueError(f"{image_features.shape[0]} images for {input_ids.shape[0]} rows of input_ids: "
                              f"give one image per row")
         embeds = self.embed(input_ids, image_features)
-        if return_hidden:
-            if cache is not None:
-                raise ValueError("return_hidden does not take a cache")
-            return self.language_model(None, attention_mask, inputs_embeds=embeds, return_hidden=True)[0]
-        logits, new_cache = self.language_model(None, attention_mask, inputs_embeds=embeds, cache=cache)
-        return logits if cache is None else (logits, new_cache)
+        return self.language_model(None, attention_mask, inputs_embeds=embeds, state=state,
+                                   return_hidden=return_hidden)
 
 
 def dummy_inputs(config: VLMConfig, batch_size: int = 1, text_len: int = 4):
@@ -133,3 +131,26 @@ def dummy_inputs(config: VLMConfig, batch_size: int = 1, text_len: int = 4):
     ids = jnp.concatenate([jnp.full((batch_size, config.num_image_tokens), config.image_token_id, jnp.int32),
                            jnp.zeros((batch_size, text_len), jnp.int32)], axis=1)
     return pixels, ids
+
+
+def _media_input(config: VLMConfig):
+    from rftjax.data.pipeline import SquareImages
+
+    return SquareImages(config.vision.image_size, config.num_image_tokens)
+
+
+def _vision_dims(c: VLMConfig) -> VisionDims:
+    v = c.vision
+    return VisionDims(v.num_patches, v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size, remat=False)
+
+
+LLAVA = register(Family(
+    name="llava", config_cls=VLMConfig, module=VLM, dummy_inputs=dummy_inputs, media_input=_media_input,
+    placeholder_ids=lambda c: (c.image_token_id,),
+    check_media_tokens=lambda ids, c, images: check_image_tokens(ids, c, images is not None),
+    media_param_count=lambda c: vision_param_count(c.vision) + projector_param_count(c),
+    media_flops=lambda c, image_tokens: vision_flops_per_image(c), vision_dims=_vision_dims,
+    vision_modules=("vision_tower",),
+    lora_vision_targets=r"vision_tower/layers_\d+/(q_proj|k_proj|v_proj|out_proj|fc1|fc2)",  # SigLIP
+    hf=hf.LLAVA))
+"""The LLaVA family: SigLIP ViT + GELU projector + Llama/Qwen2 decoder, square images."""
