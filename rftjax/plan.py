@@ -24,8 +24,9 @@ logical-axis shardings `rftjax.sharding` gives each param:
                 decoder layer and token (Korthikanti et al. 2022 sec. 4, for SwiGLU/GQA: the norm, projection and
                 MLP intermediates, the attention probabilities in float32), for every layer without remat, the
                 layer inputs plus one layer with `remat` (policy `full`; `dots` keeps the matmul outputs too);
-                the vision tower's likewise per image; the float32 logits over the whole sequence and their
-                log-softmax over the completion, with the logits' gradient.
+                the vision tower's likewise per image (each prompt's media once per minibatch); the float32
+                logits over the whole sequence and their log-softmax over the completion, with the logits'
+                gradient.
 
 When the total exceeds `plan.device_memory_gb` the planner says which settings bring it under, each alone, with
 its figure: bf16 params, LoRA, FSDP over all devices, remat, smaller minibatches, a frozen vision tower.
@@ -95,8 +96,9 @@ def _per_device(boxed, sizes: dict[str, int]) -> dict[tuple[str, ...], float]:
     return traverse_util.flatten_dict(per_leaf)
 
 
-def _activations(mc, rows: float, seq: int, completion: int) -> float:
-    """The activation estimate of one update minibatch (see the module docstring), bytes per device."""
+def _activations(mc, rows: float, seq: int, completion: int, media_rows: float) -> float:
+    """The activation estimate of one update minibatch of `rows` rows using `media_rows` prompts' media (see the
+    module docstring), bytes per device."""
     e = jnp.dtype(mc.compute_dtype).itemsize
     t = mc.text
     d, hd, h, k, m = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads, t.intermediate_size
@@ -109,9 +111,9 @@ def _activations(mc, rows: float, seq: int, completion: int) -> float:
         kept = e * d + (saved_matmuls if mc.remat_policy != "full" else 0)
         text = t.num_layers * rows * seq * kept + layer
     patches, dv, depth, heads, mv, vision_remat = family_of(mc).vision_dims(mc)
-    vision_layer = rows * patches * (e * (10 * dv + 4 * mv) + heads * patches * (4 + e))
+    vision_layer = media_rows * patches * (e * (10 * dv + 4 * mv) + heads * patches * (4 + e))
     if mc.remat and vision_remat:
-        vision = depth * rows * patches * e * dv + vision_layer
+        vision = depth * media_rows * patches * e * dv + vision_layer
     else:
         vision = depth * vision_layer
     logits = 4.0 * t.vocab_size * rows * (2 * seq + 2 * completion)  # logits + grad, log-softmax + probs
@@ -154,7 +156,8 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     heads_split = sizes["tensor"] if t.num_kv_heads % sizes["tensor"] == 0 else 1  # kv heads over tensor
     terms["decode state"] = float(rows * per_row / heads_split)
     mb_rows = (c.rl.minibatch_size or c.rl.prompts_per_step * algo.group_size) / n_data
-    terms["activations"] = _activations(mc, mb_rows, slots, c.rl.max_new_tokens)
+    media_rows = min(mb_rows, c.rl.prompts_per_step / n_data)  # each prompt's media is encoded once per minibatch
+    terms["activations"] = _activations(mc, mb_rows, slots, c.rl.max_new_tokens, media_rows)
     memory = c.plan.device_memory_gb * GB if c.plan.device_memory_gb else _local_memory()
     return Plan(terms, memory, sizes)
 

@@ -91,7 +91,7 @@ def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: f
 
         def one_update(states, rows):
             policy, critic = states
-            part = full if mb == n else jax.tree.map(lambda x: x[rows], full)
+            part = full if mb == n else full.take(rows)
             policy, metrics = steps.apply_gradients(policy_loss, policy, part, frozen, dropout_key)
             critic_metrics = {}
             if critic is not None:

@@ -188,8 +188,8 @@ def collect_rollouts(params, model_config: ModelConfig, tokenizer: TextTokenizer
         correct += float(np.sum(every["correct"]))
         for i in range(len(batch["answer"])):
             rows = slice(i * g, (i + 1) * g)
-            group = {**{k: jax.tree.map(lambda x: np.repeat(x[i:i + 1], g, 0), batch[k])
-                        for k in ("pixel_values", "prompt_ids", "prompt_mask")},
+            group = {"pixel_values": jax.tree.map(lambda x: x[i:i + 1], batch["pixel_values"]),  # once per prompt
+                     **{k: np.repeat(batch[k][i:i + 1], g, 0) for k in ("prompt_ids", "prompt_mask")},
                      "completion_ids": out.completion_ids[rows], "completion_mask": out.completion_mask[rows],
                      "sampler_logprobs": out.model_logprobs[rows],
                      "truncated": out.truncated[rows], "lengths": out.lengths[rows],
@@ -215,6 +215,8 @@ def collect_rollouts(params, model_config: ModelConfig, tokenizer: TextTokenizer
              "rollout_accuracy": correct / (generated * g),  # over every rollout, not only the groups kept
              "groups_with_signal": float(np.mean(every["has_signal"])),
              "data_rows_skipped": skipped_rows}  # unreadable dataset rows replaced by the next readable ones
+    # Row n of this process's block points at its prompt in the global media batch (blocks in process order).
+    rows["prompt_index"] = (jax.process_index() * len(groups) + np.repeat(np.arange(len(groups)), g)).astype(np.int32)
     seq = trim_completions(SequenceBatch.from_dict(rows), longest=int(every["lengths"].max()))
     sampler_logprobs = rows["sampler_logprobs"][:, :seq.completion_ids.shape[1]]
     return Rollouts(batch=RolloutBatch(seq=seq, rewards=rows["reward_total"], sampler_logprobs=sampler_logprobs),

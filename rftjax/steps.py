@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from rftjax import rl
-from rftjax.models import ModelConfig, model_for, uses_dropout
+from rftjax.models import ModelConfig, model_for, num_rows, uses_dropout
 from rftjax.rl.masking import masked_mean
 from rftjax.trainable import combine
 
@@ -26,14 +26,18 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class SequenceBatch:
-    """N rows of prompt + completion.
+    """N rows of prompt + completion, with the media of their prompts.
 
     Attributes:
-      pixel_values: float32 `[N, H, W, C]`, one image per row.
+      pixel_values: the model family's media batch (LLaVA pixels float32 `[M, H, W, C]`, Qwen-VL `QwenImages`):
+        one item per row (M = N) when `prompt_index` is None, else one per prompt, each stored once.
       prompt_ids: int32 `[N, P]`, left-padded, with the image placeholders.
       prompt_mask: bool `[N, P]`, False on padding.
       completion_ids: int32 `[N, T]`, right-padded.
       completion_mask: bool `[N, T]`, True on completion tokens (the EOS included).
+      prompt_index: int32 `[N]` or None: row n's media is item `prompt_index[n]` of `pixel_values` (rollouts: the
+        G rows of a group point at their prompt, so each forward pass encodes a prompt's media once and gathers
+        the features into its rows: `completion_logits`).
     """
 
     pixel_values: Array
@@ -41,11 +45,28 @@ class SequenceBatch:
     prompt_mask: Array
     completion_ids: Array
     completion_mask: Array
+    prompt_index: Array | None = None
 
     @classmethod
     def from_dict(cls, batch: dict) -> "SequenceBatch":
-        """The five arrays of a pipeline batch (a dict that also holds strings such as `answer`)."""
-        return cls(**{f.name: batch[f.name] for f in dataclasses.fields(cls)})
+        """The arrays of a pipeline or rollout batch (a dict that also holds strings such as `answer`; without a
+        `prompt_index`, one media item per row)."""
+        return cls(**{f.name: batch.get(f.name) for f in dataclasses.fields(cls)})
+
+    def take(self, rows: Array) -> "SequenceBatch":
+        """The rows `rows` (int `[R]`) with their media. With `prompt_index`: when R is below the number of
+        prompts, only the prompts these rows use (a static-size `jnp.unique`, padded with repeats of one of them:
+        at most R items to encode) and `prompt_index` renumbered into them; otherwise every prompt's media."""
+        take_rows = lambda x: x[rows]  # noqa: E731
+        if self.prompt_index is None:
+            return jax.tree.map(take_rows, self)
+        index, media = self.prompt_index[rows], self.pixel_values
+        if rows.shape[0] < num_rows(media):
+            used, index = jnp.unique(index, size=rows.shape[0], return_inverse=True)
+            media = jax.tree.map(lambda x: x[used], media)
+        return SequenceBatch(pixel_values=media, prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows],
+                             completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
+                             prompt_index=index.reshape(-1).astype(jnp.int32))
 
 
 @flax.struct.dataclass
@@ -54,7 +75,8 @@ class RolloutBatch:
 
     Attributes:
       seq: `SequenceBatch` of `N = B * G` rows; rows `b*G .. b*G+G-1` are the G samples of prompt b (the
-        prompt and image repeated), completions trimmed by `rftjax.rollout.trim_completions`.
+        prompt repeated, its media stored once: `prompt_index`), completions trimmed by
+        `rftjax.rollout.trim_completions`.
       rewards: float32 `[N]`, the total reward of each completion (finite: checked on the host).
       sampler_logprobs: float32 `[N, T]`, the sampler's log-prob of each completion token under the unfiltered
         tempered model distribution (`SamplingOutput.model_logprobs`); the update reports how far the trainer's
@@ -89,6 +111,12 @@ class UpdateBatch:
     old_values: Array | None = None
     returns: Array | None = None
     sampler_logprobs: Array | None = None
+
+    def take(self, rows: Array) -> "UpdateBatch":
+        """The minibatch of rows `rows` (int `[R]`): every per-row array gathered, the media as
+        `SequenceBatch.take` keeps them."""
+        per_row = jax.tree.map(lambda x: x[rows], self.replace(seq=None))
+        return per_row.replace(seq=self.seq.take(rows))
 
 
 @flax.struct.dataclass
@@ -196,8 +224,12 @@ def completion_logits(params, config: ModelConfig, batch: SequenceBatch, return_
     ids = jnp.concatenate([batch.prompt_ids, batch.completion_ids], axis=1)
     mask = jnp.concatenate([batch.prompt_mask, batch.completion_mask], axis=1)
     train = rng is not None and uses_dropout(config)
-    out = model_for(config, train=train).apply({"params": params}, batch.pixel_values, ids, mask,
-                                               return_hidden=return_hidden, rngs={"dropout": rng} if train else None)
+    model, variables, rngs = model_for(config, train=train), {"params": params}, {"dropout": rng} if train else None
+    media, features = batch.pixel_values, None
+    if batch.prompt_index is not None:  # each prompt's media encoded once, its features gathered into its rows
+        encoded = model.apply(variables, media, method="encode_images", rngs=rngs)
+        features, media = jax.tree.map(lambda x: jnp.take(x, batch.prompt_index, axis=0), encoded), None
+    out = model.apply(variables, media, ids, mask, image_features=features, return_hidden=return_hidden, rngs=rngs)
     p, t = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     return (out.hidden if return_hidden else out.logits)[:, p - 1:p - 1 + t]
 
