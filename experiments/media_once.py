@@ -51,7 +51,8 @@ def batches(config, rng: np.random.Generator, b: int = B, g: int = G):
         prompt[i, width - k - 3:] = np.concatenate([np.full(k, config.image_token_id), rng.integers(4, 40, 3)])
         prompt_mask[i, width - k - 3:] = True
     completion_mask = np.arange(t)[None] < rng.integers(1, t + 1, n)[:, None]
-    common = dict(prompt_ids=jnp.asarray(np.repeat(prompt, G, 0)), prompt_mask=jnp.asarray(np.repeat(prompt_mask, G, 0)),
+    common = dict(prompt_ids=jnp.asarray(np.repeat(prompt, G, 0)),
+                  prompt_mask=jnp.asarray(np.repeat(prompt_mask, G, 0)),
                   completion_ids=jnp.asarray(np.where(completion_mask, rng.integers(4, 40, (n, t)), 0), jnp.int32),
                   completion_mask=jnp.asarray(completion_mask))
     once = steps.SequenceBatch(pixel_values=media, prompt_index=jnp.repeat(jnp.arange(B, dtype=jnp.int32), G),

@@ -4,9 +4,10 @@
 (config, shapes, sampling settings): no per-token Python. Each prompt's image is encoded and its prompt
 prefilled once; the model's decode state (`rftjax.models.DecoderState`: a KV cache, recurrent states, whatever
 its layer kinds keep) is repeated for the G samples of its group, which then decode with independent
-randomness. The sampler touches the state only through its protocol (`init_state`, `repeat`, `take`). The loop stops as soon as every row has emitted an EOS id or the budget is spent;
-before that, rows that have finished are dropped from the decode batch (it halves once half of it is done:
-`decode_sizes`), so short completions stop costing decode steps.
+randomness. The sampler touches the state only through its protocol (`init_state`, `repeat`, `take`). The
+loop stops as soon as every row has emitted an EOS id or the budget is spent; before that, rows that have
+finished are dropped from the decode batch (it halves once half of it is done: `decode_sizes`), so short
+completions stop costing decode steps.
 
 Sampling follows HF's logits-processor order: temperature, then top-k, then top-p (nucleus; Holtzman et al.
 2020, "The Curious Case of Neural Text Degeneration"). Token ids that must never be generated (the image

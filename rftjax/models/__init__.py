@@ -9,8 +9,8 @@ the LLaVA family (`rftjax.models.vlm`), Qwen2-VL / Qwen2.5-VL (`rftjax.models.qw
 from rftjax.models.lora import LoraConfig
 from rftjax.models.config import (PRESETS, QwenVisionConfig, QwenVLConfig, TextConfig, VisionConfig, VLMConfig,
                                   get_preset, text_flops_per_token, vision_flops_per_image)
-from rftjax.models.family import (Family, ModelConfig, abstract_params, abstract_state, cast_for_compute, check_image_tokens,
-                                  config_from_dict, dummy_inputs, families, family_of, forward_flops, init_params,
+from rftjax.models.family import (Family, ModelConfig, abstract_params, abstract_state, cast_for_compute,
+                                  check_image_tokens, config_from_dict, dummy_inputs, families, family_of, forward_flops, init_params,
                                   model_for, num_rows, param_count, placeholder_ids, register, uses_dropout)
 from rftjax.models.llm import (LAYER_KINDS, DecoderLM, DecoderState, LayerInputs, LayerKind, ModelOutput, init_state,
                                positions_from_mask, register_layer_kind)
@@ -21,9 +21,9 @@ from rftjax.models.vlm import VLM
 __all__ = [
     "LoraConfig", "PRESETS", "QwenVisionConfig", "QwenVLConfig", "TextConfig", "VisionConfig", "VLMConfig",
     "get_preset", "text_flops_per_token", "vision_flops_per_image",
-    "Family", "ModelConfig", "abstract_params", "abstract_state", "cast_for_compute", "check_image_tokens", "config_from_dict",
-    "dummy_inputs", "families", "family_of", "forward_flops", "init_params", "model_for", "num_rows", "param_count",
-    "placeholder_ids", "register", "uses_dropout",
+    "Family", "ModelConfig", "abstract_params", "abstract_state", "cast_for_compute", "check_image_tokens",
+    "config_from_dict", "dummy_inputs", "families", "family_of", "forward_flops", "init_params", "model_for",
+    "num_rows", "param_count", "placeholder_ids", "register", "uses_dropout",
     "LAYER_KINDS", "DecoderLM", "DecoderState", "LayerInputs", "LayerKind", "ModelOutput", "init_state",
     "positions_from_mask", "register_layer_kind",
     "QwenImageFeatures", "QwenImages", "QwenVL", "VisionTransformer", "VLM",

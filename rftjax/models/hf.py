@@ -2,8 +2,8 @@
 `Qwen2VLForConditionalGeneration` directories, dispatching on `config.json`'s `model_type` (`load_pretrained`,
 `save_pretrained`; `load_llava`/`save_llava`, `load_qwen_vl`/`save_qwen_vl` for one family).
 
-Each family's layout is one `HFLayout` (`Family.hf`): its config parser/writer, its tensor-name map (canonical HF name, rftjax
-param path, conversion kind) and the on-disk name prefixes it accepts and writes.
+Each family's layout is one `HFLayout` (`Family.hf`): its config parser/writer, its tensor-name map (canonical HF
+name, rftjax param path, conversion kind) and the on-disk name prefixes it accepts and writes.
 
 LLaVA: a SigLIP vision tower (`siglip_vision_model`), the 2-layer GELU projector, a Llama or Qwen2 text
 model, `vision_feature_select_strategy="full"` with one int `vision_feature_layer`, default RoPE.

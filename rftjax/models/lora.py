@@ -81,8 +81,8 @@ def adapt(module: nn.Module, lora: LoraConfig, train: bool = False, vision_targe
     otherwise dropout is off."""
     import qwix
 
-    provider = qwix.LoraProvider(module_path=target_pattern(lora.targets, vision_targets), rank=lora.rank, alpha=lora.alpha,
-                                 dropout=lora.dropout if train else 0.0)
+    provider = qwix.LoraProvider(module_path=target_pattern(lora.targets, vision_targets), rank=lora.rank,
+                                 alpha=lora.alpha, dropout=lora.dropout if train else 0.0)
     return qwix.apply_lora_to_model(module, provider, methods=("__call__", "encode_images"))
 
 
