@@ -216,7 +216,8 @@ def collect_rollouts(params, model_config: ModelConfig, tokenizer: TextTokenizer
              "groups_with_signal": float(np.mean(every["has_signal"])),
              "data_rows_skipped": skipped_rows}  # unreadable dataset rows replaced by the next readable ones
     # Row n of this process's block points at its prompt in the global media batch (blocks in process order).
-    rows["prompt_index"] = (jax.process_index() * len(groups) + np.repeat(np.arange(len(groups)), g)).astype(np.int32)
+    first = jax.process_index() * len(groups)
+    rows["prompt_index"] = (first + np.repeat(np.arange(len(groups)), g)).astype(np.int32)
     seq = trim_completions(SequenceBatch.from_dict(rows), longest=int(every["lengths"].max()))
     sampler_logprobs = rows["sampler_logprobs"][:, :seq.completion_ids.shape[1]]
     return Rollouts(batch=RolloutBatch(seq=seq, rewards=rows["reward_total"], sampler_logprobs=sampler_logprobs),

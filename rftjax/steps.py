@@ -57,16 +57,14 @@ class SequenceBatch:
         """The rows `rows` (int `[R]`) with their media. With `prompt_index`: when R is below the number of
         prompts, only the prompts these rows use (a static-size `jnp.unique`, padded with repeats of one of them:
         at most R items to encode) and `prompt_index` renumbered into them; otherwise every prompt's media."""
-        take_rows = lambda x: x[rows]  # noqa: E731
         if self.prompt_index is None:
-            return jax.tree.map(take_rows, self)
+            return jax.tree.map(lambda x: x[rows], self)
         index, media = self.prompt_index[rows], self.pixel_values
         if rows.shape[0] < num_rows(media):
             used, index = jnp.unique(index, size=rows.shape[0], return_inverse=True)
             media = jax.tree.map(lambda x: x[used], media)
-        return SequenceBatch(pixel_values=media, prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows],
-                             completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
-                             prompt_index=index.reshape(-1).astype(jnp.int32))
+        per_row = jax.tree.map(lambda x: x[rows], self.replace(pixel_values=None, prompt_index=None))
+        return per_row.replace(pixel_values=media, prompt_index=index.reshape(-1).astype(jnp.int32))
 
 
 @flax.struct.dataclass
@@ -219,7 +217,8 @@ def skipped_updates(opt_state) -> Array:
 def completion_logits(params, config: ModelConfig, batch: SequenceBatch, return_hidden: bool = False,
                       rng: Array | None = None) -> Array:
     """Logits `[N, T, V]` (float32) predicting each completion token (or the hidden states `[N, T, D]` at
-    the same positions), from one forward pass over prompt + completion. `rng`: a training forward pass, with
+    the same positions), from one forward pass over prompt + completion; with `batch.prompt_index`, each prompt's
+    media is encoded once and its features gathered into its rows. `rng`: a training forward pass, with
     the LoRA adapters' dropout when the config has one (`uses_dropout`); None: deterministic."""
     ids = jnp.concatenate([batch.prompt_ids, batch.completion_ids], axis=1)
     mask = jnp.concatenate([batch.prompt_mask, batch.completion_mask], axis=1)

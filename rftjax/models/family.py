@@ -69,7 +69,7 @@ class Family:
       name: written as `"family"` by the config's `to_dict` (LLaVA configs write none: `"llava"` is the default).
       config_cls: the frozen config dataclass (`to_dict` / `from_dict`, `lora`, `text: TextConfig`, dtypes).
       module: `config -> nn.Module` (call contract of `rftjax.models.vlm.VLM`: `(media, input_ids,
-        attention_mask, state=None, media_features=None, return_hidden=False) -> ModelOutput`, with
+        attention_mask, state=None, image_features=None, return_hidden=False) -> ModelOutput`, with
         `encode_images` and `init_state`).
       dummy_inputs: `(config, batch_size, text_len) -> (media, input_ids)` for `init`.
       media_input: `config -> ` the data pipeline's media processor (`rftjax.data.pipeline.SquareImages` /
