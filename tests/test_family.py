@@ -175,8 +175,18 @@ class GatedLinearAttention(nn.Module):
         return x + nn.Dense(c.hidden_size, name="out")(o), (None if state is None else {"s": s})
 
 
+def _gla_params(c: TextConfig) -> int:
+    d, inner = c.hidden_size, c.num_heads * c.head_dim
+    return d + 3 * (d * inner + inner) + (d * c.num_heads + c.num_heads) + (inner * d + d)
+
+
+def _gla_flops(c: TextConfig, context_len: float) -> float:
+    d, inner = c.hidden_size, c.num_heads * c.head_dim
+    return 2.0 * (4 * d * inner + d * c.num_heads) + 4.0 * inner * c.head_dim  # projections, k^T v and q S
+
+
 register_layer_kind("gla", LayerKind(GatedLinearAttention, lambda c, b, max_len, dtype: {
-    "s": jnp.zeros((b, c.num_heads, c.head_dim, c.head_dim), jnp.float32)}))
+    "s": jnp.zeros((b, c.num_heads, c.head_dim, c.head_dim), jnp.float32)}, _gla_params, _gla_flops))
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scan"])
@@ -207,6 +217,7 @@ def _llava_prompts(config, pads):
 
 def test_hybrid_params_follow_the_pattern(hybrid):
     config, params = hybrid
+    assert param_count(config) == sum(x.size for x in jax.tree.leaves(params))  # counted per layer kind
     lm = params["language_model"]
     if config.scan_layers:
         assert sorted(lm["layers"]) == ["attention_1", "gla_0"]

@@ -8,12 +8,12 @@ the LLaVA family (`rftjax.models.vlm`), Qwen2-VL / Qwen2.5-VL (`rftjax.models.qw
 
 from rftjax.models.lora import LoraConfig
 from rftjax.models.config import (PRESETS, QwenVisionConfig, QwenVLConfig, TextConfig, VisionConfig, VLMConfig,
-                                  get_preset, text_flops_per_token, vision_flops_per_image)
+                                  get_preset, vision_flops_per_image)
 from rftjax.models.family import (Family, ModelConfig, abstract_params, abstract_state, cast_for_compute,
                                   check_image_tokens, config_from_dict, dummy_inputs, families, family_of, forward_flops, init_params,
                                   model_for, num_rows, param_count, placeholder_ids, register, uses_dropout)
 from rftjax.models.llm import (LAYER_KINDS, DecoderLM, DecoderState, LayerInputs, LayerKind, ModelOutput, init_state,
-                               positions_from_mask, register_layer_kind)
+                               positions_from_mask, register_layer_kind, text_flops_per_token, text_param_count)
 from rftjax.models.qwen_vl import QwenImageFeatures, QwenImages, QwenVL
 from rftjax.models.vit import VisionTransformer
 from rftjax.models.vlm import VLM
@@ -25,6 +25,6 @@ __all__ = [
     "config_from_dict", "dummy_inputs", "families", "family_of", "forward_flops", "init_params", "model_for",
     "num_rows", "param_count", "placeholder_ids", "register", "uses_dropout",
     "LAYER_KINDS", "DecoderLM", "DecoderState", "LayerInputs", "LayerKind", "ModelOutput", "init_state",
-    "positions_from_mask", "register_layer_kind",
+    "positions_from_mask", "register_layer_kind", "text_flops_per_token", "text_param_count",
     "QwenImageFeatures", "QwenImages", "QwenVL", "VisionTransformer", "VLM",
 ]

@@ -441,7 +441,8 @@ def vision_param_count(v: VisionConfig) -> int:
     return patch + pos + v.num_layers * block + 2 * d
 
 
-def text_param_count(t: TextConfig) -> int:
+def attention_layer_params(t: TextConfig) -> int:
+    """Parameters of one attention decoder layer (GQA projections with their biases, SwiGLU MLP, two RMSNorms)."""
     d, m, hd = t.hidden_size, t.intermediate_size, t.head_dim
     q, kv = t.num_heads * hd, t.num_kv_heads * hd
     attn = d * q + 2 * d * kv + q * d
@@ -449,9 +450,7 @@ def text_param_count(t: TextConfig) -> int:
         attn += q + 2 * kv
     if t.o_bias:
         attn += d
-    block = attn + 3 * d * m + 2 * d
-    emb = t.vocab_size * d
-    return emb + t.num_layers * block + d + (0 if t.tie_word_embeddings else emb)
+    return attn + 3 * d * m + 2 * d
 
 
 def projector_param_count(c: VLMConfig) -> int:
@@ -469,17 +468,13 @@ def qwen_vision_param_count(v: QwenVisionConfig) -> int:
     return v.patch_dim * d + v.depth * block + merger
 
 
-def text_flops_per_token(t: TextConfig, context_len: int) -> float:
-    """Forward FLOPs of the decoder per token at a mean attended context of `context_len` tokens.
-
-    Counts matmuls only (2 FLOPs per multiply-add): the layer weights, the LM head, and attention
-    (`QK^T` and `AV`, `2 * 2 * num_heads * head_dim * context_len` per layer). The embedding lookup is free.
-    Backward is ~2x forward, so a training step costs ~3x this per token (the PaLM/MaxText MFU convention).
-    """
+def attention_layer_flops(t: TextConfig, context_len: float) -> float:
+    """Forward FLOPs per token of one attention decoder layer at a mean attended context of `context_len` tokens:
+    matmuls only (2 FLOPs per multiply-add), the layer's weights and attention (`QK^T` and `AV`,
+    `2 * 2 * num_heads * head_dim * context_len`)."""
     d, m, hd = t.hidden_size, t.intermediate_size, t.head_dim
     q, kv = t.num_heads * hd, t.num_kv_heads * hd
-    layer = 2 * (d * q + 2 * d * kv + q * d + 3 * d * m) + 4 * q * context_len
-    return float(t.num_layers * layer + 2 * d * t.vocab_size)
+    return float(2 * (d * q + 2 * d * kv + q * d + 3 * d * m) + 4 * q * context_len)
 
 
 def vision_flops_per_image(c: VLMConfig) -> float:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from rftjax.models import lora
-from rftjax.models.config import text_flops_per_token, text_param_count
+from rftjax.models.llm import text_flops_per_token, text_param_count
 
 Array = jax.Array
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rftjax.models.common import Linear, RMSNorm, dot_product_attention, normal_init
-from rftjax.models.config import TextConfig
+from rftjax.models.config import TextConfig, attention_layer_flops, attention_layer_params
 
 Array = jax.Array
 
@@ -121,10 +121,15 @@ class LayerKind:
         processes the T tokens from scratch (a full forward); with one it continues from it.
       init_state: `(config: TextConfig, batch_size, max_len, dtype) -> ` the layer's empty state, a pytree of
         arrays leading with the row axis `[batch_size, ...]`.
+      param_count: `config -> ` the layer's parameters (`text_param_count`, `rftjax.models.param_count`).
+      flops_per_token: `(config, mean context length) -> ` the layer's forward FLOPs per token (matmuls only;
+        `text_flops_per_token`, MFU).
     """
 
     module: type
     init_state: Callable[[TextConfig, int, int, Any], Any]
+    param_count: Callable[[TextConfig], int]
+    flops_per_token: Callable[[TextConfig, float], float]
 
 
 LAYER_KINDS: dict[str, LayerKind] = {}
@@ -147,6 +152,30 @@ def layer_kind(name: str) -> LayerKind:
         raise ValueError(f"TextConfig.layer_pattern names layer kind {name!r}; registered kinds: "
                          f"{sorted(LAYER_KINDS)}")
     return LAYER_KINDS[name]
+
+
+def _layer_kinds(config: TextConfig) -> list[LayerKind]:
+    """The kind of every layer, `[num_layers]`."""
+    pattern = config.layer_pattern
+    return [layer_kind(pattern[i % len(pattern)]) for i in range(config.num_layers)]
+
+
+def text_param_count(t: TextConfig) -> int:
+    """Parameters of the decoder: embeddings, every layer by its kind, the final norm, the LM head unless tied."""
+    emb = t.vocab_size * t.hidden_size
+    layers = sum(kind.param_count(t) for kind in _layer_kinds(t))
+    return emb + layers + t.hidden_size + (0 if t.tie_word_embeddings else emb)
+
+
+def text_flops_per_token(t: TextConfig, context_len: float) -> float:
+    """Forward FLOPs of the decoder per token at a mean attended context of `context_len` tokens.
+
+    Counts matmuls only (2 FLOPs per multiply-add): every layer by its kind (attention: the weights plus `QK^T`
+    and `AV`) and the LM head. The embedding lookup is free. Backward is ~2x forward, so a training step costs
+    ~3x this per token (the PaLM/MaxText MFU convention).
+    """
+    layers = sum(kind.flops_per_token(t, context_len) for kind in _layer_kinds(t))
+    return float(layers + 2 * t.hidden_size * t.vocab_size)
 
 
 def init_state(config: TextConfig, batch_size: int, max_len: int, dtype=jnp.float32,
@@ -275,7 +304,7 @@ def _kv_state(config: TextConfig, batch_size: int, max_len: int, dtype) -> dict:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-register_layer_kind("attention", LayerKind(DecoderLayer, _kv_state))
+register_layer_kind("attention", LayerKind(DecoderLayer, _kv_state, attention_layer_params, attention_layer_flops))
 
 
 class DecoderBlock(nn.Module):
