@@ -4,6 +4,10 @@ repeated in every row, and the losses of both.
 
     python experiments/media_once.py        # prints the table, saves experiments/results/media_once.md
 
+It also times both compiled updates side by side (median of 5) and reports each one's achieved FLOP/s as a
+fraction of this machine's float32 matmul rate measured in the same run (`experiments/roofline.py`): tiny models,
+so the fraction is low and the time ratio says more than the FLOP ratio about dispatch-bound programs.
+
 For each model (the tiny LLaVA and Qwen2.5-VL presets), B = 2 prompts x G = 8 rows, GRPO on-policy (one
 minibatch) with a KL term (so the reference's forward pass runs too). The vision share is XLA's count of the
 vision tower's own work in the per-row update: the forward of `encode_images` on N images for the reference
@@ -22,6 +26,7 @@ import numpy as np
 from rftjax import rl, steps
 from rftjax.models import QwenImages, get_preset, init_params, model_for
 from rftjax.rl_update import make_rl_update
+from roofline import describe, matmul_rate, median_time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, G = 2, 8
@@ -80,7 +85,9 @@ def vision_flops(config, params, media) -> float:
     return cost(encode) + cost(fwd_bwd)
 
 
-def measure(preset: str) -> dict:
+def measure(preset: str, repeats: int = 0) -> dict:
+    """FLOPs (and with `repeats`, median seconds) of the compiled update both ways, the vision share, and how far
+    the two updates' losses and params are apart."""
     config = get_preset(preset)
     algo = rl.get_algorithm("grpo", group_size=G, kl_coef=0.05)
     params, ref = init_params(config, jax.random.key(0)), init_params(config, jax.random.key(1))
@@ -93,20 +100,27 @@ def measure(preset: str) -> dict:
         compiled = update.lower(state, None, ref, {}, batch, jax.random.key(2)).compile()
         policy, _, (metrics, _) = compiled(state, None, ref, {}, batch, jax.random.key(2))
         out[name] = dict(flops=float(compiled.cost_analysis()["flops"]), loss=float(metrics["loss"][0]),
-                         params=policy.params)
+                         params=policy.params, seconds=float("nan"))
+        if repeats:  # the update donates its state: a fresh copy per call, made before the clock starts
+            states = [steps.TrainState.create(jax.tree.map(jnp.copy, params), tx) for _ in range(repeats + 1)]
+            out[name]["seconds"] = median_time(lambda: jax.block_until_ready(
+                compiled(states.pop(), None, ref, {}, batch, jax.random.key(2))), repeats=repeats)
     vision = vision_flops(config, params, per_row.seq.pixel_values)
     param_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out["once"]["params"]),
                                                                       jax.tree.leaves(out["per_row"]["params"])))
     saved = out["per_row"]["flops"] - out["once"]["flops"]
     return dict(preset=preset, per_row=out["per_row"]["flops"], once=out["once"]["flops"], vision=vision,
+                per_row_s=out["per_row"]["seconds"], once_s=out["once"]["seconds"],
                 saved=saved, saved_of_vision=saved / vision, expected=(G - 1) / G,
                 loss_diff=abs(out["once"]["loss"] - out["per_row"]["loss"]), param_diff=param_diff)
 
 
 def main() -> None:
-    rows = [measure(p) for p in ("tiny", "qwen_vl_tiny")]
+    rows = [measure(p, repeats=5) for p in ("tiny", "qwen_vl_tiny")]
+    peak = matmul_rate(512, 512, 512)
     lines = [f"B = {B} prompts x G = {G} rows, GRPO on-policy with a KL term, one compiled update (XLA "
-             f"`cost_analysis()` FLOPs). `python experiments/media_once.py`", "",
+             f"`cost_analysis()` FLOPs). `python experiments/media_once.py`", "", describe(),
+             f"float32 matmul rate at 512^3 in this run: {peak / 1e9:.1f} GFLOP/s", "",
              "| model | update FLOPs, media per row | media once per prompt | saved | vision share (per row) | "
              "saved / vision share | expected (G-1)/G | loss diff | max param diff |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -115,6 +129,12 @@ def main() -> None:
                      f"{r['saved'] / 1e6:.2f} M ({r['saved'] / r['per_row']:.1%}) | {r['vision'] / 1e6:.2f} M | "
                      f"{r['saved_of_vision']:.3f} | {r['expected']:.3f} | {r['loss_diff']:.1e} | "
                      f"{r['param_diff']:.1e} |")
+    lines += ["", "| model | ms per update, media per row | media once | speed-up | per row: FLOP/s / matmul rate | "
+              "once: FLOP/s / matmul rate |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['per_row_s'] * 1e3:.1f} | {r['once_s'] * 1e3:.1f} | "
+                     f"{r['per_row_s'] / r['once_s']:.2f}x | {r['per_row'] / r['per_row_s'] / peak:.3f} | "
+                     f"{r['once'] / r['once_s'] / peak:.3f} |")
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.join(ROOT, "experiments", "results"), exist_ok=True)
