@@ -187,13 +187,13 @@ def init_state(config: TextConfig, batch_size: int, max_len: int, dtype=jnp.floa
     `LayerKind.init_state` gives.
     """
     pattern = config.layer_pattern
-    empty = [layer_kind(kind).init_state(config, batch_size, max_len, dtype) for kind in pattern]
     if scan_layers:
         blocks = config.num_layers // len(pattern)
-        stacked = [jax.tree.map(lambda x: jnp.broadcast_to(x, (blocks, *x.shape)), e) for e in empty]
+        stacked = [jax.tree.map(lambda x: jnp.broadcast_to(x, (blocks, *x.shape)),
+                                layer_kind(kind).init_state(config, batch_size, max_len, dtype)) for kind in pattern]
         layers = stacked[0] if len(pattern) == 1 else tuple(stacked)
-    else:
-        layers = tuple(empty[i % len(pattern)] for i in range(config.num_layers))
+    else:  # a fresh state per layer: no two layers share a buffer (a donated state must not hold one twice)
+        layers = tuple(kind.init_state(config, batch_size, max_len, dtype) for kind in _layer_kinds(config))
     return DecoderState(layers=layers, mask=jnp.zeros((batch_size, max_len), bool),
                         next_pos=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32),
                         layer_batch_axis=1 if scan_layers else 0)
