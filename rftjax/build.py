@@ -45,6 +45,10 @@ def validate_config(c: ml_collections.ConfigDict, n_data_shards: int, algo: rl.A
     mb = c.rl.minibatch_size or n_rows
     need(c.rl.prompts_per_step >= 1 and c.rl.steps >= 0, "rl.prompts_per_step must be >= 1 and rl.steps >= 0")
     need(n_rows % mb == 0, f"rl.minibatch_size={mb} must divide prompts_per_step x group_size = {n_rows}")
+    micro = c.rl.micro_batch_size or mb
+    need(micro >= 1 and mb % micro == 0 and micro % n_data_shards == 0,
+         f"rl.micro_batch_size={micro} must divide the minibatch ({mb} rows) and be a multiple of the mesh's data x "
+         f"fsdp = {n_data_shards} devices")
     for name, rows in (("sft.batch_size", c.sft.batch_size), ("rl.minibatch_size (or prompts x group_size)", mb),
                        ("rl.prompts_per_step", c.rl.prompts_per_step), ("eval.batch_size", c.eval.batch_size)):
         need(rows % n_data_shards == 0, f"{name}={rows} is not divisible by the mesh's data x fsdp = "

@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.steps = 200
     c.rl.prompts_per_step = 8           # B prompts per step; N = B * group_size completions
     c.rl.minibatch_size = 0             # rows per update; 0 = all N (one update per iteration)
+    c.rl.micro_batch_size = 0           # rows per forward/backward pass (gradients summed); 0 = the minibatch
     c.rl.lr = 2e-5
     c.rl.critic_lr = 1e-4
     c.rl.warmup_steps = 0

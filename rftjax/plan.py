@@ -155,8 +155,8 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     per_row = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state(mc, 1, slots).layers))
     heads_split = sizes["tensor"] if t.num_kv_heads % sizes["tensor"] == 0 else 1  # kv heads over tensor
     terms["decode state"] = float(rows * per_row / heads_split)
-    mb_rows = (c.rl.minibatch_size or c.rl.prompts_per_step * algo.group_size) / n_data
-    media_rows = min(mb_rows, c.rl.prompts_per_step / n_data)  # each prompt's media is encoded once per minibatch
+    mb_rows = (c.rl.micro_batch_size or c.rl.minibatch_size or c.rl.prompts_per_step * algo.group_size) / n_data
+    media_rows = min(mb_rows, c.rl.prompts_per_step / n_data)  # each prompt's media is encoded once per micro-batch
     terms["activations"] = _activations(mc, mb_rows, slots, c.rl.max_new_tokens, media_rows)
     memory = c.plan.device_memory_gb * GB if c.plan.device_memory_gb else _local_memory()
     return Plan(terms, memory, sizes)
@@ -185,9 +185,8 @@ def levers(c: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
         out.append(("frozen vision tower", {"optim.freeze": f"({'|'.join(vision)})/.*"}))
     algo, sizes = configs.algorithm(c), mesh_sizes(c)
     rows, n_data = c.rl.prompts_per_step * algo.group_size, sizes["data"] * sizes["fsdp"]
-    if (c.rl.minibatch_size or rows) > n_data and rows % n_data == 0 and c.optim.grad_accum == 1:
-        out.append(("1 row per device per micro-batch (same updates)",
-                    {"rl.minibatch_size": n_data, "optim.grad_accum": rows // n_data}))
+    if (c.rl.micro_batch_size or c.rl.minibatch_size or rows) > n_data and rows % n_data == 0:
+        out.append(("1 row per device per micro-batch (same updates)", {"rl.micro_batch_size": n_data}))
     return out
 
 

@@ -34,17 +34,22 @@ UPDATE_STREAM = 1 << 30  # fold_in data of the update's key; rollout rounds use 
 
 
 def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, *, config: ModelConfig,
-            algo: rl.AlgorithmConfig, temperature: float, on_policy: bool) -> UpdateBatch:
+            algo: rl.AlgorithmConfig, temperature: float, on_policy: bool, micro_batches: int = 1) -> UpdateBatch:
     """The `UpdateBatch` of a rollout batch: advantages by `algo` (`rl.compute_advantages`), `old_logprobs`
     under the current params (unless `on_policy`; also needed for a KL penalty in the reward),
     `ref_logprobs` under `ref_params` (when `algo` has a KL term), critic values and returns (PPO); on-policy, the
-    sampler's log-probs pass through for the loss to report `steps.logprob_gap`.
+    sampler's log-probs pass through for the loss to report `steps.logprob_gap`. The forward passes run over
+    `micro_batches` micro-batches of rows (`steps.map_micro_batches`).
     Rewards are not checked here (inside jit): `rftjax.rollout.collect_rollouts` checks them on the host."""
     seq = batch.seq
-    logprobs = functools.partial(steps.completion_logprobs, config=config, batch=seq, temperature=temperature)
-    old = logprobs(policy_params)[0] if not on_policy or algo.kl_in_reward else None
-    ref = logprobs(ref_params)[0] if algo.uses_reference else None
-    values = steps.critic_values(critic_params, config, seq) if algo.uses_critic else None
+
+    def each(fn, params):
+        return steps.map_micro_batches(lambda part: fn(params, config, part), seq, micro_batches)
+
+    logprobs = lambda params, config, part: steps.completion_logprobs(params, config, part, temperature)[0]  # noqa: E731
+    old = each(logprobs, policy_params) if not on_policy or algo.kl_in_reward else None
+    ref = each(logprobs, ref_params) if algo.uses_reference else None
+    values = each(steps.critic_values, critic_params) if algo.uses_critic else None
     advantages, returns = rl.compute_advantages(algo, batch.rewards, seq.completion_mask, old, ref, values)
     return UpdateBatch(seq=seq, advantages=advantages, old_logprobs=None if on_policy else old,
                        ref_logprobs=None if algo.kl_in_reward else ref, old_values=values, returns=returns,
@@ -60,7 +65,7 @@ def minibatch_indices(key: Array, n_rows: int, minibatch_size: int, num_iteratio
 
 
 def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: float, minibatch_size: int,
-                   policy_shardings=None, critic_shardings=None) -> Callable:
+                   policy_shardings=None, critic_shardings=None, micro_batch_size: int = 0) -> Callable:
     """`rl_update(policy, critic, ref_params, frozen, batch, key) -> (policy, critic, (policy_metrics,
     critic_metrics))`, jitted, `policy` and `critic` donated.
 
@@ -70,7 +75,9 @@ def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: f
         not train (`rftjax.trainable.split`; `{}` when all do), shared by the policy, the reference and the critic's
         backbone; batch: a `RolloutBatch` of N rows on the devices; key: the step's PRNG key (the minibatch
         permutations come from `fold_in(key, UPDATE_STREAM)`, LoRA dropout from `fold_in(key, UPDATE_STREAM + 1)`).
-    `minibatch_size` (0 = N) must divide N. Returns the metrics of every update stacked, float32
+    `minibatch_size` (0 = N) must divide N. `micro_batch_size` (0 = the minibatch) rows go through one forward
+    (and backward) pass at a time: the old / reference / value passes and each update's gradients run over
+    micro-batches (`steps.map_micro_batches`, `steps.apply_gradients`); it must divide the minibatch. Returns the metrics of every update stacked, float32
     `[num_iterations * N / minibatch_size]` per key, among them `sampler_logprob_gap_mean/max` (`steps.logprob_gap`
     of the trainer's log-probs at the rollout params); the critic's (empty without a critic) are `vf_loss`,
     `vf_clip_frac`, `value_mean` and its `critic_loss`, `critic_grad_norm`, `critic_skipped_updates`.
@@ -82,20 +89,24 @@ def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: f
                   key: Array):
         n = batch.rewards.shape[0]
         mb = minibatch_size or n
+        micro = micro_batch_size or mb
+        if mb % micro:
+            raise ValueError(f"micro_batch_size={micro} must divide the minibatch's {mb} rows")
         on_policy = algo.num_iterations == 1 and mb == n
         critic_frozen = steps.critic_frozen(frozen)
         full = prepare(combine(policy.params, frozen), None if ref_params is None else combine(ref_params, frozen),
                        None if critic is None else combine(critic.params, critic_frozen), batch, config=config,
-                       algo=algo, temperature=temperature, on_policy=on_policy)
+                       algo=algo, temperature=temperature, on_policy=on_policy, micro_batches=n // micro)
         dropout_key = jax.random.fold_in(key, UPDATE_STREAM + 1)
 
         def one_update(states, rows):
             policy, critic = states
             part = full if mb == n else full.take(rows)
-            policy, metrics = steps.apply_gradients(policy_loss, policy, part, frozen, dropout_key)
+            policy, metrics = steps.apply_gradients(policy_loss, policy, part, frozen, dropout_key, mb // micro)
             critic_metrics = {}
             if critic is not None:
-                critic, critic_metrics = steps.apply_gradients(critic_loss, critic, part, critic_frozen)
+                critic, critic_metrics = steps.apply_gradients(critic_loss, critic, part, critic_frozen,
+                                                               micro_batches=mb // micro)
                 # loss, grad_norm, skipped_updates: the critic's get a prefix, the policy's keep their names
                 critic_metrics = {f"critic_{k}" if k in metrics else k: v for k, v in critic_metrics.items()}
             return (policy, critic), (metrics, critic_metrics)

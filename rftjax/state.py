@@ -158,7 +158,7 @@ class RunState:
         critic = self._train_state(steps.init_critic(params, mc), c.rl.critic_lr, 0, n_updates, 0.0)[0] \
             if algo.uses_critic else None
         rl_update = make_rl_update(mc, algo, c.rl.temperature, c.rl.minibatch_size, _shardings(policy),
-                                   _shardings(critic))
+                                   _shardings(critic), c.rl.micro_batch_size)
         self.stage = StageState(policy, schedule, rl_update=rl_update, critic=critic,
                                 ref=jax.tree.map(jnp.copy, params) if algo.uses_reference else None)
 

@@ -9,6 +9,7 @@ and `UpdateBatch` (a `SequenceBatch` plus what the RL losses need).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -37,7 +38,7 @@ class SequenceBatch:
       completion_mask: bool `[N, T]`, True on completion tokens (the EOS included).
       prompt_index: int32 `[N]` or None: row n's media is item `prompt_index[n]` of `pixel_values` (rollouts: the
         G rows of a group point at their prompt, so each forward pass encodes a prompt's media once and gathers
-        the features into its rows: `completion_logits`).
+        the features into its rows: `completion_hidden`).
     """
 
     pixel_values: Array
@@ -214,35 +215,103 @@ def skipped_updates(opt_state) -> Array:
     return found[0] if found else jnp.zeros((), jnp.int32)
 
 
-def completion_logits(params, config: ModelConfig, batch: SequenceBatch, return_hidden: bool = False,
-                      rng: Array | None = None) -> Array:
-    """Logits `[N, T, V]` (float32) predicting each completion token (or the hidden states `[N, T, D]` at
-    the same positions), from one forward pass over prompt + completion; with `batch.prompt_index`, each prompt's
-    media is encoded once and its features gathered into its rows. `rng`: a training forward pass, with
-    the LoRA adapters' dropout when the config has one (`uses_dropout`); None: deterministic."""
+LOGPROB_CHUNK_BYTES = 128 << 20
+"""Float32 logits held at once by `completion_logprobs` (one chunk of `[C, V]`; forward and backward)."""
+
+
+def _apply(params, config: ModelConfig, rng: Array | None):
+    """`(fn(*args, **kw) -> model.apply(...))` of `config`'s module with `params` (LoRA dropout on when `rng` is given
+    and the config has dropout)."""
+    train = rng is not None and uses_dropout(config)
+    model, variables = model_for(config, train=train), {"params": params}
+    rngs = {"dropout": rng} if train else None
+    return lambda *args, **kw: model.apply(variables, *args, rngs=rngs, **kw)
+
+
+def completion_hidden(params, config: ModelConfig, batch: SequenceBatch, rng: Array | None = None) -> Array:
+    """The decoder's final hidden states `[N, T, D]` (compute dtype) at the positions that predict each
+    completion token, from one forward pass over prompt + completion; with `batch.prompt_index`, each prompt's
+    media is encoded once and its features gathered into its rows. `rng`: a training forward pass, with the
+    LoRA adapters' dropout when the config has one (`uses_dropout`); None: deterministic."""
+    apply = _apply(params, config, rng)
     ids = jnp.concatenate([batch.prompt_ids, batch.completion_ids], axis=1)
     mask = jnp.concatenate([batch.prompt_mask, batch.completion_mask], axis=1)
-    train = rng is not None and uses_dropout(config)
-    model, variables, rngs = model_for(config, train=train), {"params": params}, {"dropout": rng} if train else None
     media, features = batch.pixel_values, None
     if batch.prompt_index is not None:  # each prompt's media encoded once, its features gathered into its rows
-        encoded = model.apply(variables, media, method="encode_images", rngs=rngs)
+        encoded = apply(media, method="encode_images")
         features, media = jax.tree.map(lambda x: jnp.take(x, batch.prompt_index, axis=0), encoded), None
-    out = model.apply(variables, media, ids, mask, image_features=features, return_hidden=return_hidden, rngs=rngs)
+    out = apply(media, ids, mask, image_features=features, return_hidden=True)
     p, t = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-    return (out.hidden if return_hidden else out.logits)[:, p - 1:p - 1 + t]
+    return out.hidden[:, p - 1:p - 1 + t]
+
+
+def token_logprobs(head: Callable[[Array], Array], hidden: Array, targets: Array, temperature: float = 1.0,
+                   chunk_bytes: int | None = None) -> tuple[Array, Array]:
+    """`(logprobs, entropy)`, float32 `[N, T]`, of `targets` (int `[N, T]`) under `softmax(head(hidden) /
+    temperature)`, never holding more than one chunk of float32 logits `[C, V]`.
+
+    The N*T positions are cut into chunks of C = max(8, chunk_bytes / (4 V)) tokens; a `lax.scan` computes each
+    chunk's logits, logsumexp, target log-prob and entropy under `jax.checkpoint`, so the backward pass recomputes
+    a chunk's logits instead of storing them (levanter's blockwise cross-entropy, MaxText's vocabulary tiling over
+    tokens). Equal to `log_softmax` of the full logits up to float32 rounding.
+
+    Args:
+      head: float32 logits `[C, V]` of hidden states `[C, D]` (the model's `head` method).
+      hidden: `[N, T, D]`, any float dtype.
+      targets: int `[N, T]` token ids in `[0, V)`.
+      temperature: divides the logits (> 0).
+      chunk_bytes: float32 logits bytes per chunk (default `LOGPROB_CHUNK_BYTES`).
+    """
+    n, t, d = hidden.shape
+    chunk_bytes = chunk_bytes or LOGPROB_CHUNK_BYTES
+    vocab = jax.eval_shape(head, jax.ShapeDtypeStruct((1, d), hidden.dtype)).shape[-1]
+    total = n * t
+    chunk = max(8, min(total, chunk_bytes // (4 * vocab)))
+    k = -(-total // chunk)
+    pad = k * chunk - total
+    h = jnp.pad(hidden.reshape(total, d), ((0, pad), (0, 0))).reshape(k, chunk, d)
+    y = jnp.pad(targets.reshape(total), (0, pad)).reshape(k, chunk)
+
+    @jax.checkpoint
+    def one_chunk(h_c, y_c):
+        logits = head(h_c).astype(jnp.float32) / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        lp = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0] - lse
+        entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+        return lp, entropy
+
+    _, (lp, entropy) = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (h, y))
+    return lp.reshape(-1)[:total].reshape(n, t), entropy.reshape(-1)[:total].reshape(n, t)
 
 
 def completion_logprobs(params, config: ModelConfig, batch: SequenceBatch, temperature: float = 1.0,
                         rng: Array | None = None) -> tuple[Array, Array]:
     """`(logprobs, entropy)`, float32 `[N, T]`, of the completion tokens under `softmax(logits / temperature)`
-    (0 where masked); `rng` as `completion_logits`."""
-    logits = completion_logits(params, config, batch, rng=rng) / temperature
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    lp = jnp.take_along_axis(logp_all, batch.completion_ids[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    (0 where masked); `rng` as `completion_hidden`. The LM head runs in chunks (`token_logprobs`): no `[N, T, V]`
+    array exists in the forward or the backward pass."""
+    hidden = completion_hidden(params, config, batch, rng=rng)
+    head = functools.partial(_apply(params, config, rng), method="head")
+    lp, entropy = token_logprobs(head, hidden, batch.completion_ids, temperature)
     m = batch.completion_mask.astype(jnp.float32)
     return lp * m, entropy * m
+
+
+def map_micro_batches(fn: Callable[[SequenceBatch], Any], seq: SequenceBatch, micro_batches: int = 1):
+    """`fn(part)` (a pytree of `[R, ...]` arrays) on K = `micro_batches` micro-batches of R = N / K consecutive rows
+    of `seq`, one after the other (`lax.map`: one micro-batch's activations at a time), concatenated to
+    `[N, ...]`: the forward-only passes (old / reference log-probs, values) in the update's memory.
+
+    Raises:
+      ValueError: K does not divide N.
+    """
+    if micro_batches == 1:
+        return fn(seq)
+    n = seq.completion_ids.shape[0]
+    if n % micro_batches:
+        raise ValueError(f"{micro_batches} micro-batches do not divide the batch's {n} rows")
+    r = n // micro_batches
+    out = jax.lax.map(lambda i: fn(seq.take(jnp.arange(r) + i * r)), jnp.arange(micro_batches))
+    return jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), out)
 
 
 def logprob_gap(trainer_logprobs: Array, sampler_logprobs: Array, completion_mask: Array) -> dict[str, Array]:
@@ -255,23 +324,32 @@ def logprob_gap(trainer_logprobs: Array, sampler_logprobs: Array, completion_mas
     return {"sampler_logprob_gap_mean": masked_mean(gap, m.astype(jnp.float32)), "sampler_logprob_gap_max": gap.max()}
 
 
-def sft_loss(params, batch: SequenceBatch, config: ModelConfig, rng: Array | None = None) -> tuple[Array, dict]:
-    """Cross-entropy of the completion tokens (token mean over the batch) - the SFT cold start."""
+def sft_loss(params, batch: SequenceBatch, config: ModelConfig, rng: Array | None = None,
+             whole_mask: Array | None = None) -> tuple[Array, dict]:
+    """Cross-entropy of the completion tokens (token mean over the batch) - the SFT cold start. `whole_mask`: the
+    completion mask `[N, T]` of the whole batch when `batch` is one micro-batch of it (`apply_gradients`): the
+    mean is then over the whole batch's tokens, so the micro-batches' losses sum to the batch's."""
     lp, _ = completion_logprobs(params, config, batch, rng=rng)
     m = batch.completion_mask.astype(jnp.float32)
-    loss = -masked_mean(lp, m)
+    loss = -(lp * m).sum() / rl.denominator(batch.completion_mask if whole_mask is None else whole_mask, "token-mean")
     return loss, {"sft_loss": loss, "tokens": m.sum()}
 
 
+def _normalizer(whole_mask: Array | None, algo: rl.AlgorithmConfig) -> Array | None:
+    return None if whole_mask is None else rl.denominator(whole_mask, algo.loss_agg_mode, algo.norm_len)
+
+
 def rl_loss(params, batch: UpdateBatch, config: ModelConfig, algo: rl.AlgorithmConfig,
-            temperature: float, rng: Array | None = None) -> tuple[Array, dict]:
+            temperature: float, rng: Array | None = None, whole_mask: Array | None = None) -> tuple[Array, dict]:
     """`rl.policy_loss` on freshly computed log-probs. Without `old_logprobs` the update is on-policy
     (mu = 1, one minibatch): old = stop_gradient(current), ratio exactly 1, as TRL does; with
-    `sampler_logprobs` the metrics include `logprob_gap`."""
+    `sampler_logprobs` the metrics include `logprob_gap`. `whole_mask` as `sft_loss` (the aggregation's
+    denominator is the whole minibatch's: `rl.denominator`)."""
     lp, entropy = completion_logprobs(params, config, batch.seq, temperature, rng=rng)
     old = jax.lax.stop_gradient(lp) if batch.old_logprobs is None else batch.old_logprobs
     loss, metrics = rl.policy_loss(lp, old, batch.advantages, batch.seq.completion_mask, algo,
-                                   ref_logprobs=batch.ref_logprobs, entropy=entropy)
+                                   ref_logprobs=batch.ref_logprobs, entropy=entropy,
+                                   normalizer=_normalizer(whole_mask, algo))
     if batch.sampler_logprobs is not None:
         metrics = {**metrics, **logprob_gap(lp, batch.sampler_logprobs, batch.seq.completion_mask)}
     return loss, metrics
@@ -290,7 +368,7 @@ def init_critic(policy_params, config: ModelConfig) -> dict:
 
 def critic_values(critic_params, config: ModelConfig, batch: SequenceBatch) -> Array:
     """Values `[N, T]` (float32) of the states before each completion token; 0 where masked."""
-    h = completion_logits(critic_params["backbone"], config, batch, return_hidden=True).astype(jnp.float32)
+    h = completion_hidden(critic_params["backbone"], config, batch).astype(jnp.float32)
     v = h @ critic_params["head"]["kernel"] + critic_params["head"]["bias"]
     return v * batch.completion_mask.astype(jnp.float32)
 
@@ -301,30 +379,80 @@ def critic_frozen(frozen: dict) -> dict:
 
 
 def critic_loss(critic_params, batch: UpdateBatch, config: ModelConfig, algo: rl.AlgorithmConfig,
-                rng: Array | None = None) -> tuple[Array, dict]:
+                rng: Array | None = None, whole_mask: Array | None = None) -> tuple[Array, dict]:
     """`algo.value_coef` x the clipped value loss (`rl.value_loss`) of the critic on `batch.returns` (`rng` is
-    unused: the critic's forward pass is deterministic)."""
+    unused: the critic's forward pass is deterministic; `whole_mask` as `rl_loss`)."""
     values = critic_values(critic_params, config, batch.seq)
     loss, metrics = rl.value_loss(values, batch.old_values, batch.returns, batch.seq.completion_mask,
-                                  algo.clip_eps_value, algo.loss_agg_mode)
+                                  algo.clip_eps_value, algo.loss_agg_mode, normalizer=_normalizer(whole_mask, algo))
     return algo.value_coef * loss, metrics
 
 
+def _completion_mask(batch) -> Array:
+    return (batch.seq if isinstance(batch, UpdateBatch) else batch).completion_mask
+
+
+def merge_micro_metrics(metrics: dict[str, Array], tokens: Array) -> dict[str, Array]:
+    """One update's metrics from its micro-batches' (each `[K]`, K micro-batches with `tokens` `[K]` completion
+    tokens): `*_max` the max, `*_min` the min, `tokens` and `*_loss`/`loss` terms (already over the whole batch's
+    denominator) the sum, every other metric the token-weighted mean (exact for the masked means over tokens;
+    for per-sequence statistics such as `adv_std` the micro-batches' mean)."""
+    w = tokens / jnp.maximum(tokens.sum(), 1.0)
+
+    def merge(key, x):
+        if key.endswith("_max"):
+            return x.max()
+        if key.endswith("_min"):
+            return x.min()
+        if key == "tokens" or key == "loss" or key.endswith("_loss"):
+            return x.sum()
+        return (x * w).sum()
+
+    return {k: merge(k, v) for k, v in metrics.items()}
+
+
 def apply_gradients(loss_fn: Callable[..., tuple[Array, dict]], state: TrainState, batch, frozen: dict | None = None,
-                    key: Array | None = None) -> tuple[TrainState, dict]:
+                    key: Array | None = None, micro_batches: int = 1) -> tuple[TrainState, dict]:
     """One optimizer update (pure): gradients of `loss_fn(params, batch, rng=...) -> (loss, metrics)` with respect
     to the trainable `state.params` only (`params` = them combined with `frozen`, which gets no gradient), the
     optimizer step, and the metrics plus `loss`, `grad_norm` and `skipped_updates` (float32 / int32 scalars).
-    `rng` is `fold_in(key, state.step)` (None without a key): the training forward pass's dropout."""
+    `rng` is `fold_in(key, state.step)` (None without a key): the training forward pass's dropout.
+
+    `micro_batches` K > 1 (dividing the batch's N rows) splits the batch into K micro-batches of consecutive rows
+    (a `lax.scan`: one micro-batch's activations live at a time) and sums their gradients; each is called as
+    `loss_fn(params, part, rng=..., whole_mask=[N, T] completion mask of the batch)` so that its loss uses the
+    whole batch's denominator and the sum is the batch's loss (verl's micro-batches with a global token count).
+    Metrics: `merge_micro_metrics`.
+    """
     rng = None if key is None else jax.random.fold_in(key, state.step)
 
-    def loss_of(trainable):
-        return loss_fn(combine(trainable, frozen or {}), batch, rng=rng)
+    def grads_of(part, rng, whole_mask=None):
+        def loss_of(trainable):
+            kw = {} if whole_mask is None else {"whole_mask": whole_mask}
+            return loss_fn(combine(trainable, frozen or {}), part, rng=rng, **kw)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        return jax.value_and_grad(loss_of, has_aux=True)(state.params)
+
+    if micro_batches == 1:
+        (loss, metrics), grads = grads_of(batch, rng)
+    else:
+        whole_mask = _completion_mask(batch)
+        n = whole_mask.shape[0]
+        if n % micro_batches:
+            raise ValueError(f"{micro_batches} micro-batches do not divide the batch's {n} rows")
+
+        def one(acc, i):
+            rows = jnp.arange(n // micro_batches) + i * (n // micro_batches)
+            part = batch.take(rows)
+            (loss, metrics), grads = grads_of(part, None if rng is None else jax.random.fold_in(rng, i), whole_mask)
+            return jax.tree.map(jnp.add, acc, grads), (metrics, loss, _completion_mask(part).sum())
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (metrics, losses, tokens) = jax.lax.scan(one, zeros, jnp.arange(micro_batches))
+        loss, metrics = losses.sum(), merge_micro_metrics(metrics, tokens.astype(jnp.float32))
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                "skipped_updates": skipped_updates(opt_state)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

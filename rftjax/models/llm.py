@@ -200,13 +200,19 @@ def init_state(config: TextConfig, batch_size: int, max_len: int, dtype=jnp.floa
 
 
 class ModelStateMixin:
-    """`init_state` for a model module (`VLM`, `QwenVL`) whose `config` has `text`, `compute_dtype` and
-    `scan_layers`."""
+    """`init_state` and `head` for a model module (`VLM`, `QwenVL`) whose `config` has `text`, `compute_dtype`
+    and `scan_layers` and whose decoder is `self.language_model`."""
 
     def init_state(self, batch_size: int, max_len: int, dtype=None) -> DecoderState:
         """Empty `DecoderState` for this model (see `init_state`); dtype defaults to the compute dtype."""
         c = self.config
         return init_state(c.text, batch_size, max_len, dtype or c.compute_dtype, c.scan_layers)
+
+    def head(self, hidden: Array) -> Array:
+        """float32 logits `[..., V]` of the decoder's final hidden states `[..., D]` (`return_hidden=True`
+        output): what `__call__` returns as logits, applied to any subset of positions (`rftjax.steps`'s chunked
+        log-probs never hold `[N, T, V]`)."""
+        return self.language_model.logits(hidden)
 
 
 def positions_from_mask(attention_mask: Array, start: Array | int = 0) -> Array:
@@ -441,9 +447,12 @@ class DecoderLM(nn.Module):
                                       index=index + t)
         if return_hidden:  # final hidden states [B, T, D] (e.g. for a value head), no LM head
             return ModelOutput(state=new_state, hidden=x)
+        return ModelOutput(logits=self.logits(x), state=new_state)
+
+    def logits(self, hidden: Array) -> Array:
+        """The LM head: float32 logits `[..., V]` of final hidden states `[..., D]` (the tied embedding table or
+        `lm_head`; compute-dtype inputs, float32 accumulation)."""
         if self.config.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens.astype(self.dtype),
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = self.lm_head(x)
-        return ModelOutput(logits=logits, state=new_state)
+            return jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), self.embed_tokens.astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+        return self.lm_head(hidden)

@@ -83,7 +83,7 @@ def adapt(module: nn.Module, lora: LoraConfig, train: bool = False, vision_targe
 
     provider = qwix.LoraProvider(module_path=target_pattern(lora.targets, vision_targets), rank=lora.rank,
                                  alpha=lora.alpha, dropout=lora.dropout if train else 0.0)
-    return qwix.apply_lora_to_model(module, provider, methods=("__call__", "encode_images"))
+    return qwix.apply_lora_to_model(module, provider, methods=("__call__", "encode_images", "head"))
 
 
 def is_adapter(path: tuple[str, ...]) -> bool:

@@ -4,7 +4,7 @@ from rftjax.rl import advantages, dapo, kl, losses, masking
 from rftjax.rl.advantages import compute_advantages
 from rftjax.rl.config import PRESETS, AlgorithmConfig, get_algorithm
 from rftjax.rl.kl import kl_penalised_rewards, kl_penalty
-from rftjax.rl.losses import aggregate, policy_loss, value_loss
+from rftjax.rl.losses import aggregate, denominator, policy_loss, value_loss
 
 __all__ = ["advantages", "dapo", "kl", "losses", "masking", "compute_advantages", "PRESETS", "AlgorithmConfig",
-           "get_algorithm", "aggregate", "kl_penalised_rewards", "kl_penalty", "policy_loss", "value_loss"]
+           "get_algorithm", "aggregate", "denominator", "kl_penalised_rewards", "kl_penalty", "policy_loss", "value_loss"]

@@ -45,18 +45,26 @@ def aggregate(loss_mat: Array, completion_mask: Array, loss_agg_mode: str, norm_
     """
     m = completion_mask.astype(jnp.float32)
     lm = loss_mat.astype(jnp.float32) * m
-    n_rows = float(m.shape[0])
-    if loss_agg_mode == "token-mean":
-        denom = jnp.maximum(m.sum(), 1.0) if normalizer is None else normalizer
-        return lm.sum() / denom
+    denom = denominator(completion_mask, loss_agg_mode, norm_len) if normalizer is None else normalizer
     if loss_agg_mode == "seq-mean-token-mean":
-        per_seq = lm.sum(-1) / jnp.maximum(m.sum(-1), 1.0)
-        return per_seq.sum() / (n_rows if normalizer is None else normalizer)
-    if loss_agg_mode == "seq-mean-token-sum":
-        return lm.sum() / (n_rows if normalizer is None else normalizer)
+        return (lm.sum(-1) / jnp.maximum(m.sum(-1), 1.0)).sum() / denom
+    return lm.sum() / denom
+
+
+def denominator(completion_mask: Array, loss_agg_mode: str, norm_len: int | None = None) -> Array:
+    """The denominator `aggregate` uses on the whole `completion_mask` `[N, T]` (float32 []): pass it as
+    `normalizer` to each micro-batch of that batch, and their losses sum to the whole batch's loss.
+
+    Raises:
+      ValueError: unknown mode.
+    """
+    m = completion_mask.astype(jnp.float32)
+    if loss_agg_mode == "token-mean":
+        return jnp.maximum(m.sum(), 1.0)
+    if loss_agg_mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        return jnp.asarray(m.shape[0], jnp.float32)
     if loss_agg_mode == "seq-mean-token-sum-norm":
-        length = float(norm_len if norm_len is not None else m.shape[1])
-        return lm.sum() / (n_rows * length if normalizer is None else normalizer)
+        return jnp.asarray(m.shape[0] * float(norm_len if norm_len is not None else m.shape[1]), jnp.float32)
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; choose one of {list(LOSS_AGG_MODES)}")
 
 

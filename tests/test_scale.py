@@ -1,0 +1,111 @@
+"""Real-scale memory paths: log-probs without full logits, attention without dense masks, micro-batched
+updates, and ahead-of-time compilation of a run's programs."""
+
+import dataclasses
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rftjax import steps
+from rftjax.models import get_preset, init_params, model_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import media_once  # noqa: E402 - experiments/ on the path
+
+
+def _full_logit_logprobs(params, config, seq, temperature):
+    """The reference: the whole `[N, P+T, V]` logits of one forward pass, `log_softmax`, gather, entropy."""
+    ids = jnp.concatenate([seq.prompt_ids, seq.completion_ids], axis=1)
+    mask = jnp.concatenate([seq.prompt_mask, seq.completion_mask], axis=1)
+    media = jax.tree.map(lambda x: jnp.take(x, seq.prompt_index, axis=0), seq.pixel_values)
+    logits = model_for(config).apply({"params": params}, media, ids, mask).logits
+    p, t = seq.prompt_ids.shape[1], seq.completion_ids.shape[1]
+    logp = jax.nn.log_softmax(logits[:, p - 1:p - 1 + t] / temperature, axis=-1)
+    lp = jnp.take_along_axis(logp, seq.completion_ids[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    m = seq.completion_mask.astype(jnp.float32)
+    return lp * m, entropy * m
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen_vl_tiny"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_logprobs_and_gradients_equal_the_full_logits(preset, tied, monkeypatch):
+    """Chunks of 8 tokens over 2 x 3 rows of 6 completion tokens (5 chunks, the last one padded): log-probs,
+    entropy and the gradient of a loss using both equal the full-logit path within 1e-5 (float32)."""
+    config = get_preset(preset)
+    config = config.replace(text=dataclasses.replace(config.text, tie_word_embeddings=tied))
+    params = init_params(config, jax.random.key(0))
+    batch, _ = media_once.batches(config, np.random.default_rng(0), b=2, g=3)
+    seq = batch.seq
+    monkeypatch.setattr(steps, "LOGPROB_CHUNK_BYTES", 8 * 4 * config.text.vocab_size)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(seq.completion_ids.shape), jnp.float32)
+
+    def loss(fn, p):
+        lp, ent = fn(p)
+        return jnp.sum(lp * weights) + 0.3 * jnp.sum(ent * weights), (lp, ent)
+
+    ours = lambda p: steps.completion_logprobs(p, config, seq, 0.7)  # noqa: E731
+    ref = lambda p: _full_logit_logprobs(p, config, seq, 0.7)  # noqa: E731
+    (_, (lp, ent)), grads = jax.value_and_grad(lambda p: loss(ours, p), has_aux=True)(params)
+    (_, (lp_ref, ent_ref)), grads_ref = jax.value_and_grad(lambda p: loss(ref, p), has_aux=True)(params)
+    np.testing.assert_allclose(lp, lp_ref, atol=1e-5)
+    np.testing.assert_allclose(ent, ent_ref, atol=1e-5)
+    assert float(jnp.abs(lp).max()) > 1.0 and float(ent.max()) > 1.0  # real values, not zeros
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_token_logprobs_never_hold_the_full_logits():
+    """V = 4096, 2 x 512 positions: with 1 MiB chunks the compiled forward + backward's temporaries stay far below
+    one float32 `[N, T, V]` array (16 MiB), which the full-logit path needs several of."""
+    d, v, n, t = 32, 4096, 2, 512
+    kernel = jax.random.normal(jax.random.key(0), (d, v)) * 0.1
+    hidden = jax.random.normal(jax.random.key(1), (n, t, d))
+    targets = jax.random.randint(jax.random.key(2), (n, t), 0, v)
+
+    def chunked(w, h):
+        lp, ent = steps.token_logprobs(lambda x: x @ w, h, targets, chunk_bytes=1 << 20)
+        return lp.sum() + ent.sum()
+
+    def full(w, h):
+        logp = jax.nn.log_softmax(h @ w, axis=-1)
+        return jnp.take_along_axis(logp, targets[..., None], -1).sum() - (jnp.exp(logp) * logp).sum()
+
+    temp = {name: jax.jit(jax.grad(fn, argnums=(0, 1))).lower(kernel, hidden).compile().memory_analysis()
+            .temp_size_in_bytes for name, fn in (("chunked", chunked), ("full", full))}
+    full_logits = n * t * v * 4
+    assert temp["chunked"] < full_logits / 2 < temp["full"], temp
+    np.testing.assert_allclose(chunked(kernel, hidden), full(kernel, hidden), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batches_give_the_whole_minibatch_update(loss_agg_mode):
+    """2 prompts x G = 3 rows, GRPO with a KL term, 2 iterations: the update in micro-batches of 2 rows (3
+    forward/backward passes per update, old and reference log-probs in 3 passes too) gives the loss, the gradient
+    norm and the params of the update over all 6 rows at once."""
+    from rftjax import rl
+    from rftjax.rl_update import make_rl_update
+
+    config = get_preset("qwen_vl_tiny")
+    algo = rl.get_algorithm("grpo", group_size=3, num_iterations=2, kl_coef=0.05, loss_agg_mode=loss_agg_mode)
+    batch, _ = media_once.batches(config, np.random.default_rng(2), b=2, g=3)
+    params, ref = init_params(config, jax.random.key(0)), init_params(config, jax.random.key(1))
+    tx = optax.sgd(1.0)  # params move by the gradients themselves (Adam would amplify rounding where they are ~0)
+    out = {}
+    for micro in (0, 2):
+        update = make_rl_update(config, algo, 1.0, minibatch_size=0, micro_batch_size=micro)
+        state = steps.TrainState.create(jax.tree.map(jnp.copy, params), tx)
+        out[micro] = update(state, None, ref, {}, batch, jax.random.key(3))
+    (whole, _, (m_whole, _)), (micro, _, (m_micro, _)) = out[0], out[2]
+    for key in ("loss", "grad_norm", "pg_loss", "kl_loss", "kl_ref", "ratio_max", "ratio_min", "clip_frac_low"):
+        np.testing.assert_allclose(m_micro[key], m_whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert float(jnp.abs(m_whole["kl_loss"][1])) > 0 and float(m_whole["grad_norm"][0]) > 1e-3
+    for a, b in zip(jax.tree.leaves(micro.params), jax.tree.leaves(whole.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
