@@ -109,3 +109,52 @@ def test_micro_batches_give_the_whole_minibatch_update(loss_agg_mode):
     assert float(jnp.abs(m_whole["kl_loss"][1])) > 0 and float(m_whole["grad_norm"][0]) > 1e-3
     for a, b in zip(jax.tree.leaves(micro.params), jax.tree.leaves(whole.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_attention_implementations_agree_with_left_padding_and_gqa():
+    """`jax.nn.dot_product_attention` (cuDNN flash attention on GPUs) and the XLA einsums give the same output
+    within 1e-5 on GQA (8 query heads over 2 kv heads), a causal mask with left padding (row 1's first 5 keys are
+    padding), prefill (T = S) and a decode step (T = 1)."""
+    from rftjax.models.common import dot_product_attention
+
+    rng = np.random.default_rng(0)
+    b, s, h, kvh, hd = 2, 12, 8, 2, 16
+    valid = np.arange(s)[None] >= np.asarray([[0], [5]])
+    for t in (s, 1):
+        q = jnp.asarray(rng.standard_normal((b, t, h, hd)), jnp.float32)
+        k, v = (jnp.asarray(rng.standard_normal((b, kvh, s, hd)), jnp.float32) for _ in range(2))
+        causal = np.arange(s)[None, :] <= np.arange(s - t, s)[:, None]
+        mask = jnp.asarray(causal[None] & valid[:, None, :])
+        xla, ref = (dot_product_attention(q, k, v, mask, implementation=i) for i in ("xla", "jax"))
+        np.testing.assert_allclose(xla, ref, atol=1e-5)
+        keep = np.asarray(mask).any(-1)  # rows with at least one key (a padding query's output is unused)
+        assert np.abs(np.asarray(xla)[keep]).max() > 0.1
+
+
+@pytest.mark.parametrize("grid", [(1, 12, 16), (2, 8, 12)], ids=["image", "two-frames"])
+def test_vision_attention_without_dense_masks_equals_dense_masked_attention(grid):
+    """The vision tower's block attention (windows in window order with a band; frames in blocks of queries) equals
+    dense `[P, P]`-masked attention over the same patches within 1e-5: 4 x 4-token windows (16 patches, partial
+    windows at the edges), an image over several windows, two frames, and padding slots after the patches."""
+    from rftjax.models.common import dot_product_attention, segment_attention
+    from rftjax.models.qwen_vl import patch_layout
+
+    config = get_preset("qwen_vl_tiny").vision
+    p = 256
+    layout = jax.tree.map(np.asarray, patch_layout(jnp.asarray([grid], jnp.int32), p, config))
+    valid = layout["valid"]
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, p, 2, 8)), jnp.float32) for _ in range(3))
+    dense = lambda seg: dot_product_attention(  # noqa: E731 - [P, P] mask of the same segments
+        q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.asarray(seg[:, :, None] == seg[:, None, :]))
+    frames = np.where(valid, layout["frame"], -1)
+    np.testing.assert_allclose(segment_attention(q, k, v, jnp.asarray(frames), 64)[valid], dense(frames)[valid],
+                               atol=1e-5)
+    windows = np.where(valid, layout["window"], -1)
+    assert len(np.unique(windows[valid])) >= 6
+    order = np.argsort(np.where(valid, layout["window"], p * p), axis=1, kind="stable")
+    sort = lambda a: jnp.asarray(np.take_along_axis(np.asarray(a), order.reshape(1, p, *[1] * (a.ndim - 2)), 1))  # noqa: E731
+    got = segment_attention(sort(q), sort(k), sort(v), sort(windows), 16, band=True)
+    want = sort(dense(windows))
+    keep = sort(valid)
+    np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(want)[keep], atol=1e-5)

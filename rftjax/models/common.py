@@ -122,7 +122,7 @@ class RMSNorm(nn.Module):
 _FEW_QUERIES = 8
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str | None = None) -> Array:
     """Multi-head / grouped-query scaled dot-product attention.
 
     Args:
@@ -131,6 +131,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
         their batch dims `(B, K)` leading and need no transpose of the cache), `H % K == 0`; query head `h`
         uses kv head `h // (H // K)`, the grouping of HF's `repeat_kv`.
       mask: bool `[B, T, S]`, True where query t may attend to key s.
+      implementation: `"xla"` (the einsums below), `"jax"` (`jax.nn.dot_product_attention`: cuDNN's fused flash
+        attention on GPUs where it applies, XLA otherwise); None picks `"jax"` on GPUs for more than
+        `_FEW_QUERIES` query rows per kv head (prefill, training) and `"xla"` otherwise.
 
     Returns:
       `[B, T, H, hd]` in q's dtype. Scores and softmax are float32; scale is `hd ** -0.5`.
@@ -140,6 +143,14 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     if h % kvh:
         raise ValueError(f"num_heads={h} is not a multiple of num_kv_heads={kvh}")
     r = h // kvh
+    if implementation is None:
+        implementation = "jax" if jax.default_backend() == "gpu" and r * t > _FEW_QUERIES else "xla"
+    if implementation == "jax":
+        out = jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3).astype(q.dtype),
+                                           v.transpose(0, 2, 1, 3).astype(q.dtype), mask=mask[:, None])
+        return out.astype(q.dtype)
+    if implementation != "xla":
+        raise ValueError(f"attention implementation {implementation!r}: choose xla or jax")
     qg = q.reshape(b, t, kvh, r, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, r * t, hd)
     if r * t <= _FEW_QUERIES:  # decode: one broadcast multiply-reduce instead of B*K tiny GEMMs
         scores = jnp.sum(qg[:, :, :, None, :].astype(jnp.float32) * k[:, :, None, :, :].astype(jnp.float32), -1)
@@ -150,6 +161,53 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     probs = jax.nn.softmax(scores, axis=-1).reshape(b, kvh, r * t, s)
     out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, kvh, r, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
+
+
+def segment_attention(q: Array, k: Array, v: Array, segments: Array, block: int, band: bool = False) -> Array:
+    """Attention within segments, one block of queries at a time: no `[P, P]` scores or mask ever exist.
+
+    Args:
+      q, k, v: `[B, P, H, hd]` (self-attention: queries and keys are the same P positions).
+      segments: int `[B, P]`: position p attends to the positions of its own segment (a vision tower's frame or
+        window); -1 marks padding, never attended to (a padding query gets an output that must not be used).
+      block: queries per block (P is padded up to a multiple of it).
+      band: the segments are contiguous runs of at most `block` positions (windows sorted into window order):
+        a query block then attends to its own block and the two next to it only (`[block, 3 block]` scores),
+        the FLOPs of windowed attention up to a factor 3. Otherwise each query block attends to all P keys.
+
+    Returns:
+      `[B, P, H, hd]` in q's dtype. Scores and softmax in float32, scale `hd ** -0.5`; each block runs under
+      `jax.checkpoint`, so its scores are recomputed in the backward pass instead of stored (the flash-attention
+      trade, in XLA).
+    """
+    b, p, h, hd = q.shape
+    nb = -(-p // block)
+    pad = nb * block - p
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        segments = jnp.pad(segments, ((0, 0), (0, pad)), constant_values=-1)
+    if band:  # keys of block i: blocks i-1, i, i+1 (zero blocks of padding at both ends)
+        edge = ((0, 0), (block, block), (0, 0), (0, 0))
+        k, v = jnp.pad(k, edge), jnp.pad(v, edge)
+        key_segments = jnp.pad(segments, ((0, 0), (block, block)), constant_values=-1)
+
+    @jax.checkpoint
+    def one_block(i):
+        start = i * block
+        qb = jax.lax.dynamic_slice_in_dim(q, start, block, axis=1)
+        sq = jax.lax.dynamic_slice_in_dim(segments, start, block, axis=1)
+        if band:
+            kb, vb = (jax.lax.dynamic_slice_in_dim(x, start, 3 * block, axis=1) for x in (k, v))
+            sk = jax.lax.dynamic_slice_in_dim(key_segments, start, 3 * block, axis=1)
+        else:
+            kb, vb, sk = k, v, segments
+        scores = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32) * (hd ** -0.5)
+        allowed = (sq[:, :, None] == sk[:, None, :]) & (sk[:, None, :] >= 0)
+        probs = jax.nn.softmax(jnp.where(allowed[:, None], scores, MASK_VALUE), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+
+    out = jax.lax.map(one_block, jnp.arange(nb))  # [nb, B, block, H, hd]
+    return out.transpose(1, 0, 2, 3, 4).reshape(b, nb * block, h, hd)[:, :p].astype(q.dtype)
 
 
 def merge_image_features(embeds: Array, is_image: Array, features: Array) -> Array:

@@ -15,8 +15,10 @@ patches in both orders). A model call compiles once per `(B, P, T)`: with `QwenV
 of k budgets and one prompt length, a run triggers at most k compilations of each jitted function, whatever
 the image sizes (a batch with other sizes in the same bucket reuses the program).
 
-Cost note: window attention runs as dense `[P, P]` masked attention per row (exact, but `P / 64` times the
-FLOPs of a windowed kernel in the windowed blocks); `config.qwen_vision_flops` counts the windowed work.
+Attention never builds `[P, P]` scores: the patches are sorted into window order once (as HF does), windowed
+blocks attend block-banded (a window's run of patches against the three blocks around it: at most 3x the FLOPs of
+a windowed kernel) and full-attention blocks one block of 512 queries at a time (`segment_attention`); after the
+last block the patches return to HF's order for the merger. `config.qwen_vision_flops` counts the windowed work.
 
 Limits: one image per row (or none); images only (no video inputs).
 """
@@ -32,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rftjax.models import hf
-from rftjax.models.common import (LayerNorm, Linear, RMSNorm, dot_product_attention, gelu_exact, local_rows,
-                                  merge_image_features)
+from rftjax.models.common import (LayerNorm, Linear, RMSNorm, gelu_exact, local_rows, merge_image_features,
+                                  segment_attention)
 from rftjax.models.config import QwenVisionConfig, QwenVLConfig, qwen_vision_flops, qwen_vision_param_count
 from rftjax.models.family import Family, VisionDims, register
 from rftjax.models.llm import DecoderLM, DecoderState, ModelOutput, ModelStateMixin, rotate
@@ -111,19 +113,26 @@ def vision_rope_angles(row: Array, col: Array, v: QwenVisionConfig) -> Array:
     return jnp.concatenate([row[..., None] * inv_freq, col[..., None] * inv_freq], axis=-1).astype(jnp.float32)
 
 
+FULL_ATTENTION_BLOCK = 512
+"""Queries per block of the vision tower's full attention (`segment_attention`): scores `[B, H, 512, P]`."""
+
+
 class QwenVisionBlock(nn.Module):
     """Pre-norm ViT block: `x + proj(attn(rope(qkv(norm1(x)))))`, then `x + mlp(norm2(x))`.
 
-    Call: `(x [B, P, D], angles float32 [B, P, hd/2], mask bool [B, P, P]) -> [B, P, D]`. Fused qkv with bias
+    Call: `(x [B, P, D], angles float32 [B, P, hd/2], segments int [B, P]) -> [B, P, D]`: each patch attends to
+    the patches of its segment (-1: padding); `windowed` blocks get window segments in window order (contiguous
+    runs of at most one window, `segment_attention` with a band), the others frame segments. Fused qkv with bias
     (kernel `[D, 3, H, hd]`), output projection with bias, MLP gated (SwiGLU-style with `hidden_act`) or plain.
     """
 
     config: QwenVisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    windowed: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, angles: Array, mask: Array) -> Array:
+    def __call__(self, x: Array, angles: Array, segments: Array) -> Array:
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
         norm = _norm(c)
@@ -131,7 +140,10 @@ class QwenVisionBlock(nn.Module):
         qkv = Linear((3, c.num_heads, c.head_dim), ("embed", None, "heads", "head_dim"), name="qkv", **kw)(h)
         q, k, vv = (qkv[:, :, i] for i in range(3))
         q, k = rotate(q, angles), rotate(k, angles)
-        a = dot_product_attention(q, k.transpose(0, 2, 1, 3), vv.transpose(0, 2, 1, 3), mask)
+        if self.windowed:
+            a = segment_attention(q, k, vv, segments, c.window_units ** 2 * c.merge_unit, band=True)
+        else:
+            a = segment_attention(q, k, vv, segments, min(FULL_ATTENTION_BLOCK, x.shape[1]))
         x = x + Linear(c.hidden_size, ("heads", "head_dim", "embed"), num_in=2, name="proj", **kw)(a)
         h = norm(c.norm_eps, self.dtype, self.param_dtype, name="norm2")(x)
         act = _activation(c.hidden_act)
@@ -189,17 +201,21 @@ class QwenVisionTower(nn.Module):
                              f"{tuple(patches.shape)}")
         layout = patch_layout(grid_thw, p, c)
         valid = layout["valid"]
-        both_valid = valid[:, :, None] & valid[:, None, :]
-        same = lambda key: layout[key][:, :, None] == layout[key][:, None, :]  # noqa: E731
-        full_mask = both_valid & same("frame")
-        window_mask = full_mask & same("window") if c.window_units is not None else full_mask
+        frames = jnp.where(valid, layout["frame"], -1)
         angles = vision_rope_angles(layout["row"], layout["col"], c)
         x = Linear(c.hidden_size, (None, "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                    name="patch_embed")(patches)
+        if c.window_units is not None:  # window order (HF's get_window_index): each window a contiguous run
+            order = jnp.argsort(jnp.where(valid, layout["window"], p * p), axis=1, stable=True)
+            take = lambda a: jnp.take_along_axis(a, order.reshape(b, p, *[1] * (a.ndim - 2)), axis=1)  # noqa: E731
+            x, angles, frames = take(x), take(angles), take(frames)
+            windows = jnp.where(take(valid), take(layout["window"]), -1)
         block = nn.remat(QwenVisionBlock, policy=self.remat_policy) if self.remat else QwenVisionBlock
         for i in range(c.depth):
-            mask = window_mask if c.is_windowed(i) else full_mask
-            x = block(c, self.dtype, self.param_dtype, name=f"blocks_{i}")(x, angles, mask)
+            segments = windows if c.is_windowed(i) else frames
+            x = block(c, self.dtype, self.param_dtype, c.is_windowed(i), name=f"blocks_{i}")(x, angles, segments)
+        if c.window_units is not None:  # back to HF's patch order (merge units are contiguous in both)
+            x = jnp.take_along_axis(x, jnp.argsort(order, axis=1)[..., None], axis=1)
         out = PatchMerger(c, self.dtype, self.param_dtype, name="merger")(x)
         token_valid = valid.reshape(b, p // c.merge_unit, c.merge_unit)[:, :, 0]
         return jnp.where(token_valid[..., None], out, 0).astype(self.dtype)
