@@ -28,6 +28,7 @@ def get_config():
     c.rl.algo.kl_coef = 1e-2
     c.rl.steps = 200
     c.rl.prompts_per_step = 16
+    c.rl.micro_batch_size = 4                   # rows per forward/backward pass (EasyR1's micro-batch for update)
     c.rl.lr = 1e-6
     c.rl.warmup_steps = 10
     c.rl.max_new_tokens = 1024

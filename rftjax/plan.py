@@ -2,6 +2,7 @@
 
     python -m rftjax.plan --config configs/qwen2_5_vl_easyr1.py --config.model.preset=qwen2_5_vl_7b \\
         --config.plan.num_devices=8 --config.mesh.fsdp=8 --config.plan.device_memory_gb=16
+    ... --compile --topology v5e-8      # and XLA's own bytes per device for each program (rftjax.aot)
 
 Every figure is bytes per device for the run's mesh (`mesh.data x mesh.fsdp x mesh.tensor`, `plan.num_devices`
 devices; the mesh need not exist here), from abstract shapes (`jax.eval_shape`: no array is allocated) and the
@@ -24,9 +25,9 @@ logical-axis shardings `rftjax.sharding` gives each param:
                 decoder layer and token (Korthikanti et al. 2022 sec. 4, for SwiGLU/GQA: the norm, projection and
                 MLP intermediates, the attention probabilities in float32), for every layer without remat, the
                 layer inputs plus one layer with `remat` (policy `full`; `dots` keeps the matmul outputs too);
-                the vision tower's likewise per image (each prompt's media once per minibatch); the float32
-                logits over the whole sequence and their log-softmax over the completion, with the logits'
-                gradient.
+                the vision tower's likewise per image (each prompt's media once per micro-batch, one block of
+                attention scores at a time); one chunk of float32 logits (`steps.LOGPROB_CHUNK_BYTES`) with its
+                probabilities and gradient. Rows: `rl.micro_batch_size` (else the minibatch).
 
 When the total exceeds `plan.device_memory_gb` the planner says which settings bring it under, each alone, with
 its figure: bf16 params, LoRA, FSDP over all devices, remat, smaller minibatches, a frozen vision tower.
@@ -49,6 +50,7 @@ from rftjax import configs, steps, trainable
 from rftjax.build import model_config_of
 from rftjax.models import dummy_inputs, model_for
 from rftjax.models.family import abstract_state, family_of
+from rftjax.models.common import FULL_ATTENTION_BLOCK
 from rftjax.sharding import logical_specs, mesh_shape
 
 GB = 1e9
@@ -111,12 +113,14 @@ def _activations(mc, rows: float, seq: int, completion: int, media_rows: float) 
         kept = e * d + (saved_matmuls if mc.remat_policy != "full" else 0)
         text = t.num_layers * rows * seq * kept + layer
     patches, dv, depth, heads, mv, vision_remat = family_of(mc).vision_dims(mc)
-    vision_layer = media_rows * patches * (e * (10 * dv + 4 * mv) + heads * patches * (4 + e))
+    block = min(patches, FULL_ATTENTION_BLOCK)  # one block of queries' float32 scores and probs at a time
+    vision_layer = media_rows * patches * (e * (10 * dv + 4 * mv) + heads * block * (4 + e))
     if mc.remat and vision_remat:
         vision = depth * media_rows * patches * e * dv + vision_layer
     else:
         vision = depth * vision_layer
-    logits = 4.0 * t.vocab_size * rows * (2 * seq + 2 * completion)  # logits + grad, log-softmax + probs
+    # one chunk of float32 logits at a time (steps.token_logprobs): logits, probabilities and their gradient
+    logits = 3.0 * min(steps.LOGPROB_CHUNK_BYTES, 4.0 * t.vocab_size * rows * completion)
     return text + vision + logits
 
 
@@ -221,8 +225,14 @@ def report(c: ml_collections.ConfigDict) -> str:
     return "\n".join(out)
 
 
-def main(config, workdir=None):
+def main(config, workdir=None, topology: str | None = None, search: bool = True):
+    """Print the plan; with `topology`, also XLA's own figures for the run's programs compiled for it
+    (`rftjax.aot.report`; `search`: the largest micro-batch that compiles)."""
     print(report(config))
+    if topology:
+        from rftjax import aot
+
+        print(aot.report(config, topology, search))
 
 
 if __name__ == "__main__":
@@ -230,5 +240,9 @@ if __name__ == "__main__":
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/NAME.py)")
+    flags.DEFINE_bool("compile", False, "also compile the run's programs ahead of time (rftjax.aot)")
+    flags.DEFINE_string("topology", "cpu", "with --compile: cpu, v5e-1, v5e-8, v6e-8, v5p-8 or v4-8")
+    flags.DEFINE_bool("search", True, "with --compile: search the largest RL micro-batch that compiles")
     flags.mark_flags_as_required(["config"])
-    app.run(lambda argv: main(flags.FLAGS.config))
+    app.run(lambda argv: main(flags.FLAGS.config, topology=flags.FLAGS.topology if flags.FLAGS.compile else None,
+                              search=flags.FLAGS.search))

@@ -111,15 +111,18 @@ def test_micro_batches_give_the_whole_minibatch_update(loss_agg_mode):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_decoder_attention_implementations_agree_with_left_padding_and_gqa():
-    """`jax.nn.dot_product_attention` (cuDNN flash attention on GPUs) and the XLA einsums give the same output
-    within 1e-5 on GQA (8 query heads over 2 kv heads), a causal mask with left padding (row 1's first 5 keys are
-    padding), prefill (T = S) and a decode step (T = 1)."""
+def test_decoder_attention_implementations_agree_with_left_padding_and_gqa(monkeypatch):
+    """`jax.nn.dot_product_attention` (cuDNN flash attention on GPUs) and the XLA einsums in blocks of 5 queries
+    give the same output within 1e-5 on GQA (8 query heads over 2 kv heads), a causal mask with left padding (row
+    1's first 5 keys are padding), prefill (T = S) and a decode step (T = 1)."""
     from rftjax.models.common import dot_product_attention
+
+    from rftjax.models import common
 
     rng = np.random.default_rng(0)
     b, s, h, kvh, hd = 2, 12, 8, 2, 16
     valid = np.arange(s)[None] >= np.asarray([[0], [5]])
+    monkeypatch.setattr(common, "QUERY_BLOCK", 5)  # the XLA path then runs 3 blocks of queries (the last one padded)
     for t in (s, 1):
         q = jnp.asarray(rng.standard_normal((b, t, h, hd)), jnp.float32)
         k, v = (jnp.asarray(rng.standard_normal((b, kvh, s, hd)), jnp.float32) for _ in range(2))
@@ -129,6 +132,11 @@ def test_decoder_attention_implementations_agree_with_left_padding_and_gqa():
         np.testing.assert_allclose(xla, ref, atol=1e-5)
         keep = np.asarray(mask).any(-1)  # rows with at least one key (a padding query's output is unused)
         assert np.abs(np.asarray(xla)[keep]).max() > 0.1
+        w = jnp.asarray(keep[..., None, None] * rng.standard_normal(xla.shape), jnp.float32)
+        grads = [jax.grad(lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, mask, implementation=i) * w),
+                          argnums=(0, 1, 2))(q, k, v) for i in ("xla", "jax")]
+        for a, b_ in zip(*grads):
+            np.testing.assert_allclose(a, b_, atol=1e-5)
 
 
 @pytest.mark.parametrize("grid", [(1, 12, 16), (2, 8, 12)], ids=["image", "two-frames"])
@@ -158,3 +166,48 @@ def test_vision_attention_without_dense_masks_equals_dense_masked_attention(grid
     want = sort(dense(windows))
     keep = sort(valid)
     np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(want)[keep], atol=1e-5)
+
+
+def _smoke(**settings):
+    from rftjax.plan import _with
+
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import smoke
+
+    return _with(smoke.get_config(), settings)
+
+
+def test_aot_compiles_a_tiny_runs_programs_for_the_cpu_topology():
+    """`rftjax.aot` lowers the run's sampler, RL update and SFT update with abstract sharded inputs on 8 devices
+    (FSDP) and compiles them: every program reports bytes, and the micro-batch search finds the largest that fits."""
+    from rftjax import aot
+
+    c = _smoke(**{"mesh.fsdp": 8, "mesh.data": 1, "plan.num_devices": 8, "rl.prompts_per_step": 8})
+    devices = aot.topology_devices("cpu")[:8]
+    programs = aot.run_programs(c, devices)
+    assert set(programs) == {"sampler", "rl_update", "sft_update"}
+    results = {name: aot.compile_program(p) for name, p in programs.items()}
+    for name, r in results.items():
+        assert r.fits and r.arguments > 0 and r.temp > 0, (name, r)
+    rows = c.rl.prompts_per_step * c.rl.algo.group_size // 8
+    best, tried = aot.largest_micro_batch(c, devices, memory=1e12)
+    assert best == rows and sorted(tried) == [r for r in range(1, rows + 1) if rows % r == 0]
+    best, tried = aot.largest_micro_batch(c, devices, memory=tried[1].total - 1)  # nothing fits: stops at once
+    assert best == 0 and list(tried) == [1]
+
+
+def test_aot_compiles_for_a_tpu_slice_where_libtpu_is_installed():
+    """The same programs for a v5e-8 slice (compile-only devices from `jax.experimental.topologies`)."""
+    import importlib.util
+
+    from rftjax import aot
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip('libtpu is not installed: pip install "rftjax[aot]" (the TPU compiler) to run this test')
+    try:
+        devices = aot.topology_devices("v5e-8")
+    except ValueError as e:
+        pytest.skip(f"TPU compile-only devices are unavailable in this process: {e}")
+    c = _smoke(**{"mesh.fsdp": 8, "mesh.data": 1, "plan.num_devices": 8, "rl.prompts_per_step": 8})
+    r = aot.compile_program(aot.run_programs(c, devices)["rl_update"])
+    assert r.fits and r.temp > 0

@@ -122,6 +122,10 @@ class RMSNorm(nn.Module):
 _FEW_QUERIES = 8
 
 
+QUERY_BLOCK = 512
+"""Queries per block of the XLA attention when T is longer: float32 scores `[B, H, 512, S]` at a time."""
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str | None = None) -> Array:
     """Multi-head / grouped-query scaled dot-product attention.
 
@@ -136,7 +140,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementat
         `_FEW_QUERIES` query rows per kv head (prefill, training) and `"xla"` otherwise.
 
     Returns:
-      `[B, T, H, hd]` in q's dtype. Scores and softmax are float32; scale is `hd ** -0.5`.
+      `[B, T, H, hd]` in q's dtype. Scores and softmax are float32; scale is `hd ** -0.5`. In XLA, T over
+      `QUERY_BLOCK` runs one block of queries at a time under `jax.checkpoint` (`[B, H, T, S]` scores never
+      exist, and the backward pass recomputes a block's instead of storing them).
     """
     b, t, h, hd = q.shape
     kvh, s = k.shape[1], k.shape[2]
@@ -151,6 +157,19 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementat
         return out.astype(q.dtype)
     if implementation != "xla":
         raise ValueError(f"attention implementation {implementation!r}: choose xla or jax")
+    if t > QUERY_BLOCK:  # long prefill / training: one block of queries at a time, recomputed in the backward pass
+        nb = -(-t // QUERY_BLOCK)
+        pad = nb * QUERY_BLOCK - t
+        qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        mp = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+
+        @jax.checkpoint
+        def one_block(i):
+            rows = lambda x: jax.lax.dynamic_slice_in_dim(x, i * QUERY_BLOCK, QUERY_BLOCK, axis=1)  # noqa: E731
+            return dot_product_attention(rows(qp), k, v, rows(mp), "xla")
+
+        out = jax.lax.map(one_block, jnp.arange(nb))  # [nb, B, block, H, hd]
+        return out.transpose(1, 0, 2, 3, 4).reshape(b, nb * QUERY_BLOCK, h, hd)[:, :t]
     qg = q.reshape(b, t, kvh, r, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, r * t, hd)
     if r * t <= _FEW_QUERIES:  # decode: one broadcast multiply-reduce instead of B*K tiny GEMMs
         scores = jnp.sum(qg[:, :, :, None, :].astype(jnp.float32) * k[:, :, None, :, :].astype(jnp.float32), -1)
@@ -161,6 +180,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementat
     probs = jax.nn.softmax(scores, axis=-1).reshape(b, kvh, r * t, s)
     out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, kvh, r, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
+
+
+FULL_ATTENTION_BLOCK = 512
+"""Queries per block of a vision tower's full attention (`segment_attention`): scores `[B, H, 512, P]`."""
 
 
 def segment_attention(q: Array, k: Array, v: Array, segments: Array, block: int, band: bool = False) -> Array:

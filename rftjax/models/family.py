@@ -86,6 +86,9 @@ class Family:
       needs_checkpoint_tokenizer: the packaged tokenizer cannot serve it (its chat template and special tokens
         come from `model.checkpoint`).
       augmentable: `data.augment` (square-image augmentations) applies to its images.
+      media_shapes: `(config, n) -> ` the media batch of n items at the config's largest size, as a pytree of
+        `jax.ShapeDtypeStruct` (ahead-of-time compilation: `rftjax.aot`); None: the family cannot be compiled
+        ahead of time.
     """
 
     name: str
@@ -103,6 +106,7 @@ class Family:
     hf: Any = None
     needs_checkpoint_tokenizer: bool = False
     augmentable: bool = True
+    media_shapes: Callable[[Any, int], Any] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}

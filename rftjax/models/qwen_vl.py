@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rftjax.models import hf
-from rftjax.models.common import (LayerNorm, Linear, RMSNorm, gelu_exact, local_rows, merge_image_features,
-                                  segment_attention)
+from rftjax.models.common import (FULL_ATTENTION_BLOCK, LayerNorm, Linear, RMSNorm, gelu_exact, local_rows,
+                                  merge_image_features, segment_attention)
 from rftjax.models.config import QwenVisionConfig, QwenVLConfig, qwen_vision_flops, qwen_vision_param_count
 from rftjax.models.family import Family, VisionDims, register
 from rftjax.models.llm import DecoderLM, DecoderState, ModelOutput, ModelStateMixin, rotate
@@ -111,10 +111,6 @@ def vision_rope_angles(row: Array, col: Array, v: QwenVisionConfig) -> Array:
     quarter = v.head_dim // 2
     inv_freq = 1.0 / (v.rope_theta ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter))
     return jnp.concatenate([row[..., None] * inv_freq, col[..., None] * inv_freq], axis=-1).astype(jnp.float32)
-
-
-FULL_ATTENTION_BLOCK = 512
-"""Queries per block of the vision tower's full attention (`segment_attention`): scores `[B, H, 512, P]`."""
 
 
 class QwenVisionBlock(nn.Module):
@@ -366,6 +362,12 @@ def _vision_dims(c: QwenVLConfig) -> VisionDims:
                       remat=True)
 
 
+def _media_shapes(c: QwenVLConfig, n: int) -> QwenImages:
+    v = c.vision
+    return QwenImages(jax.ShapeDtypeStruct((n, c.max_image_tokens * v.merge_unit, v.patch_dim), jnp.float32),
+                      jax.ShapeDtypeStruct((n, 3), jnp.int32))
+
+
 QWEN_VL = register(Family(
     name="qwen_vl", config_cls=QwenVLConfig, module=QwenVL, dummy_inputs=dummy_inputs, media_input=_media_input,
     placeholder_ids=lambda c: (c.image_token_id, c.video_token_id),
@@ -374,5 +376,5 @@ QWEN_VL = register(Family(
     media_flops=lambda c, image_tokens: qwen_vision_flops(c.vision, image_tokens or c.max_image_tokens),
     vision_dims=_vision_dims, vision_modules=("visual",),
     lora_vision_targets=r"visual/blocks_\d+/(qkv|proj|gate_proj|up_proj|down_proj|fc1|fc2)",
-    hf=hf.QWEN_VL, needs_checkpoint_tokenizer=True, augmentable=False))
+    hf=hf.QWEN_VL, needs_checkpoint_tokenizer=True, augmentable=False, media_shapes=_media_shapes))
 """The Qwen2-VL / Qwen2.5-VL family: dynamic-resolution patches, M-RoPE, the checkpoint's own tokenizer."""

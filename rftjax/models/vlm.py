@@ -152,5 +152,6 @@ LLAVA = register(Family(
     media_flops=lambda c, image_tokens: vision_flops_per_image(c), vision_dims=_vision_dims,
     vision_modules=("vision_tower",),
     lora_vision_targets=r"vision_tower/layers_\d+/(q_proj|k_proj|v_proj|out_proj|fc1|fc2)",  # SigLIP
-    hf=hf.LLAVA))
+    hf=hf.LLAVA, media_shapes=lambda c, n: jax.ShapeDtypeStruct(
+        (n, c.vision.image_size, c.vision.image_size, c.vision.num_channels), jnp.float32)))
 """The LLaVA family: SigLIP ViT + GELU projector + Llama/Qwen2 decoder, square images."""
