@@ -6,8 +6,8 @@ to 1,024 tokens with up to 1,024 image tokens, completions up to 1,024 tokens): 
     python experiments/real_images.py        # prints the table, saves experiments/results/real_images.md
 
 The rows: the 640x480 blood-smear photos of ../shared/data/bccd ("how many red blood cells?", the count from its
-annotations) and the large, mixed-aspect MathVista/MATH-V figures of ../shared/data/mathv_testmini (up to
-2520x2761 px; the processor resizes them to at most 1,024 tokens = 4,096 patches), alternating. Needs torch and
+annotations) and the largest, mixed-aspect MATH-V figures of ../shared/data/mathv_testmini (1,383x1,774 to
+2,520x2,761 px; the processor resizes them to at most 1,024 tokens = 4,096 patches), alternating. Needs torch and
 transformers (the checkpoint); the run itself is rftjax only.
 """
 
@@ -36,8 +36,10 @@ def write_rows(path: str, n: int) -> dict:
         for row in csv.DictReader(f):
             counts[row["filename"]] = counts.get(row["filename"], 0) + (row["cell_type"] == "RBC")
     photos = sorted(counts)
-    figures = sorted(glob.glob(os.path.join(DATA, "mathv_testmini", "images", "*")))
     from PIL import Image
+
+    figures = sorted(glob.glob(os.path.join(DATA, "mathv_testmini", "images", "*")),
+                     key=lambda f: -Image.open(f).size[0] * Image.open(f).size[1])  # the largest first
 
     rows, sizes = [], []
     for i in range(n):
@@ -47,7 +49,7 @@ def write_rows(path: str, n: int) -> dict:
             rows.append({"problem": "<image>How many red blood cells are in this smear?", "answer": str(counts[name]),
                          "images": [image]})
         else:
-            image = figures[(i // 2 * 7) % len(figures)]
+            image = figures[i // 2 % len(figures)]
             rows.append({"problem": "<image>What is the largest number written in the figure?", "answer": "1",
                          "images": [image]})
         sizes.append(Image.open(image).size)
@@ -87,8 +89,7 @@ def run(extra: tuple[str, ...] = ()) -> dict:
     return {**info, "command": " ".join(cmd[2:]), "peak RSS GB": peak_kb / 2 ** 20, "wall": wall, "steps": len(rl),
             "first step s (compiles)": rl[0]["time_per_step_s"], "step s (after the first)": mean("time_per_step_s"),
             "rollout s": mean("rollout_time_s"), "reward s": mean("reward_time_s"), "update s": mean("update_time_s"),
-            "completion tokens (mean)": mean("completion_len_mean"),
-            "image tokens per prompt (max)": max(r.get("image_tokens_max", 0) for r in rl) or "-"}
+            "completion tokens (mean)": mean("completion_len_mean")}
 
 
 def main() -> None:

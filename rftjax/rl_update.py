@@ -34,17 +34,18 @@ UPDATE_STREAM = 1 << 30  # fold_in data of the update's key; rollout rounds use 
 
 
 def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, *, config: ModelConfig,
-            algo: rl.AlgorithmConfig, temperature: float, on_policy: bool, micro_batches: int = 1) -> UpdateBatch:
+            algo: rl.AlgorithmConfig, temperature: float, on_policy: bool,
+            micro: steps.MicroBatching = steps.MicroBatching()) -> UpdateBatch:
     """The `UpdateBatch` of a rollout batch: advantages by `algo` (`rl.compute_advantages`), `old_logprobs`
     under the current params (unless `on_policy`; also needed for a KL penalty in the reward),
     `ref_logprobs` under `ref_params` (when `algo` has a KL term), critic values and returns (PPO); on-policy, the
     sampler's log-probs pass through for the loss to report `steps.logprob_gap`. The forward passes run over
-    `micro_batches` micro-batches of rows (`steps.map_micro_batches`).
+    the micro-batches `micro` (`steps.map_micro_batches`).
     Rewards are not checked here (inside jit): `rftjax.rollout.collect_rollouts` checks them on the host."""
     seq = batch.seq
 
     def each(fn, params):
-        return steps.map_micro_batches(lambda part: fn(params, config, part), seq, micro_batches)
+        return steps.map_micro_batches(lambda part: fn(params, config, part), seq, micro)
 
     logprobs = lambda params, config, part: steps.completion_logprobs(params, config, part, temperature)[0]  # noqa: E731
     old = each(logprobs, policy_params) if not on_policy or algo.kl_in_reward else None
@@ -83,6 +84,8 @@ def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: f
     `vf_clip_frac`, `value_mean` and its `critic_loss`, `critic_grad_norm`, `critic_skipped_updates`.
     """
     policy_loss = functools.partial(steps.rl_loss, config=config, algo=algo, temperature=temperature)
+    shardings = jax.tree.leaves(policy_shardings)
+    mesh = getattr(shardings[0], "mesh", None) if shardings else None  # micro-batches laid out over its data axes
     critic_loss = functools.partial(steps.critic_loss, config=config, algo=algo)
 
     def rl_update(policy: TrainState, critic: TrainState | None, ref_params: Any, frozen: dict, batch: RolloutBatch,
@@ -96,17 +99,19 @@ def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: f
         critic_frozen = steps.critic_frozen(frozen)
         full = prepare(combine(policy.params, frozen), None if ref_params is None else combine(ref_params, frozen),
                        None if critic is None else combine(critic.params, critic_frozen), batch, config=config,
-                       algo=algo, temperature=temperature, on_policy=on_policy, micro_batches=n // micro)
+                       algo=algo, temperature=temperature, on_policy=on_policy,
+                       micro=steps.MicroBatching(n // micro, mesh))
+        update_micro = steps.MicroBatching(mb // micro, mesh)
         dropout_key = jax.random.fold_in(key, UPDATE_STREAM + 1)
 
         def one_update(states, rows):
             policy, critic = states
             part = full if mb == n else full.take(rows)
-            policy, metrics = steps.apply_gradients(policy_loss, policy, part, frozen, dropout_key, mb // micro)
+            policy, metrics = steps.apply_gradients(policy_loss, policy, part, frozen, dropout_key, update_micro)
             critic_metrics = {}
             if critic is not None:
                 critic, critic_metrics = steps.apply_gradients(critic_loss, critic, part, critic_frozen,
-                                                               micro_batches=mb // micro)
+                                                               micro=update_micro)
                 # loss, grad_norm, skipped_updates: the critic's get a prefix, the policy's keep their names
                 critic_metrics = {f"critic_{k}" if k in metrics else k: v for k, v in critic_metrics.items()}
             return (policy, critic), (metrics, critic_metrics)

@@ -296,21 +296,51 @@ def completion_logprobs(params, config: ModelConfig, batch: SequenceBatch, tempe
     return lp * m, entropy * m
 
 
-def map_micro_batches(fn: Callable[[SequenceBatch], Any], seq: SequenceBatch, micro_batches: int = 1):
-    """`fn(part)` (a pytree of `[R, ...]` arrays) on K = `micro_batches` micro-batches of R = N / K consecutive rows
-    of `seq`, one after the other (`lax.map`: one micro-batch's activations at a time), concatenated to
-    `[N, ...]`: the forward-only passes (old / reference log-probs, values) in the update's memory.
+@dataclasses.dataclass(frozen=True)
+class MicroBatching:
+    """How one pass over a batch splits into micro-batches (static).
+
+    Attributes:
+      count: K micro-batches of N / K consecutive rows each (1: the whole batch at once).
+      mesh: when given, each micro-batch's rows and media are laid out over the mesh's `data x fsdp` axes (arrays
+        whose leading dim they divide); without it XLA may keep a gathered micro-batch (and its images) whole on
+        every device, repeating its vision work on each.
+    """
+
+    count: int = 1
+    mesh: jax.sharding.Mesh | None = None
+
+    def part(self, batch, i: Array, n: int):
+        """Micro-batch `i` (int []) of `batch` (N = `n` rows, a `SequenceBatch` or `UpdateBatch`)."""
+        if n % self.count:
+            raise ValueError(f"{self.count} micro-batches do not divide the batch's {n} rows")
+        r = n // self.count
+        part = batch.take(jnp.arange(r) + i * r)
+        if self.mesh is None:
+            return part
+        n_data = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        spec = jax.sharding.PartitionSpec(("data", "fsdp"))
+
+        def lay_out(x):
+            if x.ndim and x.shape[0] % n_data == 0:
+                return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
+            return x
+
+        return jax.tree.map(lay_out, part)
+
+
+def map_micro_batches(fn: Callable[[SequenceBatch], Any], seq: SequenceBatch, micro: MicroBatching = MicroBatching()):
+    """`fn(part)` (a pytree of `[R, ...]` arrays) on the micro-batches of `seq` (`micro`), one after the other
+    (`lax.map`: one micro-batch's activations at a time), concatenated to `[N, ...]`: the forward-only passes
+    (old / reference log-probs, values) in the update's memory.
 
     Raises:
       ValueError: K does not divide N.
     """
-    if micro_batches == 1:
+    if micro.count == 1:
         return fn(seq)
     n = seq.completion_ids.shape[0]
-    if n % micro_batches:
-        raise ValueError(f"{micro_batches} micro-batches do not divide the batch's {n} rows")
-    r = n // micro_batches
-    out = jax.lax.map(lambda i: fn(seq.take(jnp.arange(r) + i * r)), jnp.arange(micro_batches))
+    out = jax.lax.map(lambda i: fn(micro.part(seq, i, n)), jnp.arange(micro.count))
     return jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), out)
 
 
@@ -412,13 +442,13 @@ def merge_micro_metrics(metrics: dict[str, Array], tokens: Array) -> dict[str, A
 
 
 def apply_gradients(loss_fn: Callable[..., tuple[Array, dict]], state: TrainState, batch, frozen: dict | None = None,
-                    key: Array | None = None, micro_batches: int = 1) -> tuple[TrainState, dict]:
+                    key: Array | None = None, micro: MicroBatching = MicroBatching()) -> tuple[TrainState, dict]:
     """One optimizer update (pure): gradients of `loss_fn(params, batch, rng=...) -> (loss, metrics)` with respect
     to the trainable `state.params` only (`params` = them combined with `frozen`, which gets no gradient), the
     optimizer step, and the metrics plus `loss`, `grad_norm` and `skipped_updates` (float32 / int32 scalars).
     `rng` is `fold_in(key, state.step)` (None without a key): the training forward pass's dropout.
 
-    `micro_batches` K > 1 (dividing the batch's N rows) splits the batch into K micro-batches of consecutive rows
+    `micro` with K > 1 micro-batches (dividing the batch's N rows: `MicroBatching`) runs them one after the other
     (a `lax.scan`: one micro-batch's activations live at a time) and sums their gradients; each is called as
     `loss_fn(params, part, rng=..., whole_mask=[N, T] completion mask of the batch)` so that its loss uses the
     whole batch's denominator and the sum is the batch's loss (verl's micro-batches with a global token count).
@@ -433,22 +463,18 @@ def apply_gradients(loss_fn: Callable[..., tuple[Array, dict]], state: TrainStat
 
         return jax.value_and_grad(loss_of, has_aux=True)(state.params)
 
-    if micro_batches == 1:
+    if micro.count == 1:
         (loss, metrics), grads = grads_of(batch, rng)
     else:
         whole_mask = _completion_mask(batch)
-        n = whole_mask.shape[0]
-        if n % micro_batches:
-            raise ValueError(f"{micro_batches} micro-batches do not divide the batch's {n} rows")
 
         def one(acc, i):
-            rows = jnp.arange(n // micro_batches) + i * (n // micro_batches)
-            part = batch.take(rows)
+            part = micro.part(batch, i, whole_mask.shape[0])
             (loss, metrics), grads = grads_of(part, None if rng is None else jax.random.fold_in(rng, i), whole_mask)
             return jax.tree.map(jnp.add, acc, grads), (metrics, loss, _completion_mask(part).sum())
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (metrics, losses, tokens) = jax.lax.scan(one, zeros, jnp.arange(micro_batches))
+        grads, (metrics, losses, tokens) = jax.lax.scan(one, zeros, jnp.arange(micro.count))
         loss, metrics = losses.sum(), merge_micro_metrics(metrics, tokens.astype(jnp.float32))
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
