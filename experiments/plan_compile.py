@@ -33,18 +33,20 @@ MODELS = {"3b": "qwen2_5_vl_3b", "7b": "qwen2_5_vl_7b"}
 TOPOLOGIES = ("v5e-8", "v6e-8", "v5p-8")
 
 
-def measure(model: str, topology: str, setting: str) -> dict:
-    """One row: each program's XLA total (GB per device), the planner's total, the largest micro-batch."""
+def measure(model: str, topology: str, setting: str, candidates: tuple[int, ...] | None = None) -> dict:
+    """One row: each program's XLA total (GB per device), the planner's total, the largest micro-batch among
+    `candidates` rows per device (default all divisors of the rows per device)."""
     devices = aot.topology_devices(topology)
     c = qwen2_5_vl_easyr1.get_config()
     c = _with(c, {"model.preset": MODELS[model], "plan.num_devices": len(devices), "mesh.data": 1,
                   "mesh.fsdp": len(devices), **BASE, **SETTINGS[setting]})
     memory = aot.TOPOLOGIES[topology][3]
     t0 = time.time()
-    best, tried = aot.largest_micro_batch(c, devices, memory)
+    best, tried = aot.largest_micro_batch(c, devices, memory, candidates)
     rows = max(best, 1)
     c = _with(c, {"rl.micro_batch_size": rows * len(devices)})
-    programs = {name: aot.compile_program(p) for name, p in aot.run_programs(c, devices).items()}
+    programs = {name: aot.compile_program(p) for name, p in aot.run_programs(c, devices).items()
+                if name != "rl_update" or rows not in tried}
     tokens = rows * (c.data.max_prompt_len + c.rl.max_new_tokens)
     update = tried.get(rows) or programs["rl_update"]
     algo = configs.algorithm(c)
@@ -53,6 +55,34 @@ def measure(model: str, topology: str, setting: str) -> dict:
             "best": best, "tried": tried, "tokens": tokens, "temp_per_token": update.temp / tokens,
             "rows_per_device": (c.rl.prompts_per_step * algo.group_size) // len(devices),
             "seconds": time.time() - t0}
+
+
+def logprob_gradient(model: str, topology: str, rows: tuple[int, ...] = (1, 2)) -> str:
+    """XLA temp bytes of the gradient of the completion log-probs alone (`steps.completion_logprobs`, summed) with
+    respect to the params, at `rows` rows per device of 1,024 prompt (512 image) + 1,024 completion tokens: the
+    issue's measurement of today's 11.4-11.6 GB per row (5.5 MB per token) before chunked log-probs."""
+    import jax
+
+    from rftjax import steps
+    from rftjax.build import model_config_of
+
+    devices = aot.topology_devices(topology)
+    c = _with(qwen2_5_vl_easyr1.get_config(), {"model.preset": MODELS[model], "plan.num_devices": len(devices),
+                                               "mesh.data": 1, "mesh.fsdp": len(devices), **BASE,
+                                               "model.overrides.max_image_tokens": 512})
+    mc = model_config_of(c)
+    out = []
+    for r in rows:
+        c = _with(c, {"rl.prompts_per_step": r * len(devices), "rl.algo.group_size": 1,
+                      "rl.micro_batch_size": r * len(devices)})
+        program = aot.run_programs(c, devices)["rl_update"]
+        params = aot.combine_params(program)
+        seq = program.args[4].seq
+        fn = jax.jit(jax.grad(lambda p, s: steps.completion_logprobs(p, mc, s)[0].sum()))
+        result = aot.compile_program(aot.Program(fn, (params, seq)))
+        tokens = r * (c.data.max_prompt_len + c.rl.max_new_tokens)
+        out.append(f"{r} row(s)/device: temp {result.temp / GB:.2f} GB ({result.temp / tokens / 1e6:.2f} MB/token)")
+    return f"{model} on {topology}, gradient of the completion log-probs: " + "; ".join(out)
 
 
 def line(r: dict) -> str:
@@ -72,12 +102,21 @@ HEADER = ["| model | setting | topology (HBM/device) | sampler GB/device | RL up
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", nargs="*", default=None, help="model:topology:setting, e.g. 3b:v5e-8:full")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="model:topology:setting[:rows,rows,...] (micro-batch rows per device to try), e.g. "
+                             "3b:v5e-8:full:1,5")
+    parser.add_argument("--logprob-gradient", default="", help="model:topology, e.g. 3b:v6e-8")
     args = parser.parse_args()
-    cases = [tuple(s.split(":")) for s in args.only] if args.only else [
-        (m, t, s) for m in MODELS for s in SETTINGS for t in TOPOLOGIES]
+    cases = [(*s.split(":")[:3], tuple(int(r) for r in s.split(":")[3].split(",")) if s.count(":") == 3 else None)
+             for s in args.only] if args.only else [(m, t, s, None) for m in MODELS for s in SETTINGS for t in TOPOLOGIES]
     out = os.path.join(ROOT, "experiments", "results", "plan_compile.md")
     lines = list(HEADER)
+    if args.logprob_gradient:
+        text = logprob_gradient(*args.logprob_gradient.split(":"))
+        print(text, flush=True)
+        with open(os.path.join(ROOT, "experiments", "results", "plan_compile_logprob_grad.md"), "a") as f:
+            f.write(text + "\n")
+        return
     for case in cases:
         lines.append(line(measure(*case)))
         print(lines[-1], flush=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from typing import Any, Callable
 
@@ -59,6 +60,7 @@ def topology_devices(name: str) -> list:
         raise ValueError(f"unknown topology {name!r}; choose cpu or one of {sorted(TOPOLOGIES)}")
     from jax.experimental import topologies
 
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to share, no lockfile
     topology, chip, bounds, _ = TOPOLOGIES[name]
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=chip,
@@ -151,6 +153,12 @@ def run_programs(c: ml_collections.ConfigDict, devices: list) -> dict[str, Progr
     return out
 
 
+def combine_params(program: Program):
+    """The full abstract params (trainable and frozen combined) of an `rl_update` `Program`."""
+    policy, frozen = program.args[0], program.args[3]
+    return trainable.combine(policy.params, frozen)
+
+
 def steps_sampler():
     """The sampler's jitted program (`rftjax.sampling._generate`, static settings as keyword arguments)."""
     from rftjax import sampling
@@ -201,15 +209,17 @@ def compile_program(program: Program) -> Compiled:
                     flops=float((cost or {}).get("flops", 0.0)))
 
 
-def largest_micro_batch(c: ml_collections.ConfigDict, devices: list, memory: float) -> tuple[int, dict[int, Any]]:
-    """The largest rows per device per micro-batch (the divisors of the minibatch's rows per device, ascending)
-    whose RL update compiles within `memory` bytes per device; returns it (0 when none does) and
-    `{rows per device: Compiled}` of those tried (up to the first that does not fit)."""
+def largest_micro_batch(c: ml_collections.ConfigDict, devices: list, memory: float,
+                        candidates: tuple[int, ...] | None = None) -> tuple[int, dict[int, Any]]:
+    """The largest rows per device per micro-batch among `candidates` (default: every divisor of the minibatch's
+    rows per device), tried ascending, whose RL update compiles within `memory` bytes per device; returns it (0 when
+    none does) and `{rows per device: Compiled}` of those tried (up to the first that does not fit)."""
     algo = configs.algorithm(c)
     n_data = len(devices) // (c.mesh.tensor or 1)
     per_device = (c.rl.minibatch_size or c.rl.prompts_per_step * algo.group_size) // n_data
+    divisors = [r for r in range(1, per_device + 1) if per_device % r == 0]
     tried, best = {}, 0
-    for r in (r for r in range(1, per_device + 1) if per_device % r == 0):
+    for r in sorted(divisors if candidates is None else set(candidates) & set(divisors)):
         trial = ml_collections.ConfigDict(c.to_dict())
         trial.rl.micro_batch_size = r * n_data
         result = compile_program(run_programs(trial, devices)["rl_update"])

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from rftjax import rl, steps
 from rftjax.models import ModelConfig
+from rftjax.models.common import rows_over
 from rftjax.steps import RolloutBatch, TrainState, UpdateBatch
 from rftjax.trainable import combine
 
@@ -90,6 +91,10 @@ def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: f
 
     def rl_update(policy: TrainState, critic: TrainState | None, ref_params: Any, frozen: dict, batch: RolloutBatch,
                   key: Array):
+        with rows_over(mesh):  # activations' rows over the data axes (`shard_rows`), as the batch's
+            return _rl_update(policy, critic, ref_params, frozen, batch, key)
+
+    def _rl_update(policy, critic, ref_params, frozen, batch, key):
         n = batch.rewards.shape[0]
         mb = minibatch_size or n
         micro = micro_batch_size or mb

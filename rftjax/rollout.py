@@ -97,6 +97,8 @@ def concat_rows(*parts):
     """Row-wise `np.concatenate` of batch arrays (or image pytrees); Qwen-VL patches `[B, P, D]` of different
     buckets are zero-padded to the largest `P` first (padding past a row's grid is ignored by the model)."""
     def concat(*xs):
+        if len(xs) == 1:
+            return xs[0]
         width = max(x.shape[1] for x in xs) if xs[0].ndim == 3 else None
         if width is not None:
             xs = [np.pad(x, ((0, 0), (0, width - x.shape[1]), (0, 0))) for x in xs]

@@ -19,6 +19,7 @@ import optax
 
 from rftjax import rl
 from rftjax.models import ModelConfig, model_for, num_rows, uses_dropout
+from rftjax.models.common import shard_rows
 from rftjax.rl.masking import masked_mean
 from rftjax.trainable import combine
 
@@ -316,17 +317,7 @@ class MicroBatching:
             raise ValueError(f"{self.count} micro-batches do not divide the batch's {n} rows")
         r = n // self.count
         part = batch.take(jnp.arange(r) + i * r)
-        if self.mesh is None:
-            return part
-        n_data = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        spec = jax.sharding.PartitionSpec(("data", "fsdp"))
-
-        def lay_out(x):
-            if x.ndim and x.shape[0] % n_data == 0:
-                return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
-            return x
-
-        return jax.tree.map(lay_out, part)
+        return part if self.mesh is None else jax.tree.map(lambda x: shard_rows(x, self.mesh), part)
 
 
 def map_micro_batches(fn: Callable[[SequenceBatch], Any], seq: SequenceBatch, micro: MicroBatching = MicroBatching()):

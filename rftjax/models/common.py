@@ -7,17 +7,45 @@ fast path and the accurate one. Softmax and normalisation statistics are always 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 Array = jax.Array
 # Large negative finite value for masked attention scores. A fully masked query row (a left-padding
 # position) then gets a uniform distribution instead of NaN; its output is never used.
 MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+_ROW_MESH: contextvars.ContextVar = contextvars.ContextVar("rftjax_row_mesh", default=None)
+
+
+@contextlib.contextmanager
+def rows_over(mesh: jax.sharding.Mesh | None):
+    """While tracing inside this context, `shard_rows` lays activations' rows over `mesh`'s `data x fsdp` axes
+    (None: no constraint). A trace-time setting: enter it inside the function `jax.jit` traces."""
+    token = _ROW_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ROW_MESH.reset(token)
+
+
+def shard_rows(x: Array, mesh: jax.sharding.Mesh | None = None) -> Array:
+    """`x` `[B, ...]` constrained to rows over the `data x fsdp` axes of `mesh` (default: the `rows_over` context's);
+    unchanged without a mesh or when those axes do not divide B. The decoder layers and vision blocks call it on
+    their inputs: under FSDP, XLA's sharding propagation may otherwise shard activations along the hidden
+    dimension (the params' FSDP axis) and keep every row on every device."""
+    mesh = mesh or _ROW_MESH.get()
+    if mesh is None or not x.ndim or x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
 
 
 def normal_init(std: float = 0.02):
@@ -122,8 +150,8 @@ class RMSNorm(nn.Module):
 _FEW_QUERIES = 8
 
 
-QUERY_BLOCK = 512
-"""Queries per block of the XLA attention when T is longer: float32 scores `[B, H, 512, S]` at a time."""
+QUERY_BLOCK = 256
+"""Queries per block of the XLA attention when T is longer: float32 scores `[B, H, 256, S]` at a time."""
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str | None = None) -> Array:
@@ -182,8 +210,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementat
     return out.reshape(b, kvh, r, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
 
 
-FULL_ATTENTION_BLOCK = 512
-"""Queries per block of a vision tower's full attention (`segment_attention`): scores `[B, H, 512, P]`."""
+FULL_ATTENTION_BLOCK = 256
+"""Queries per block of a vision tower's full attention (`segment_attention`): scores `[B, H, 256, P]`."""
 
 
 def segment_attention(q: Array, k: Array, v: Array, segments: Array, block: int, band: bool = False) -> Array:

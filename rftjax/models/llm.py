@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rftjax.models.common import Linear, RMSNorm, dot_product_attention, normal_init
+from rftjax.models.common import Linear, RMSNorm, dot_product_attention, normal_init, shard_rows
 from rftjax.models.config import TextConfig, attention_layer_flops, attention_layer_params
 
 Array = jax.Array
@@ -280,6 +280,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, state, inputs: LayerInputs):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = shard_rows(x)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
         q = Linear((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias,
                    name="q_proj", **kw)(h)

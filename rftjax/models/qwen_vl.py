@@ -17,8 +17,9 @@ the image sizes (a batch with other sizes in the same bucket reuses the program)
 
 Attention never builds `[P, P]` scores: the patches are sorted into window order once (as HF does), windowed
 blocks attend block-banded (a window's run of patches against the three blocks around it: at most 3x the FLOPs of
-a windowed kernel) and full-attention blocks one block of 512 queries at a time (`segment_attention`); after the
-last block the patches return to HF's order for the merger. `config.qwen_vision_flops` counts the windowed work.
+a windowed kernel) and full-attention blocks one block of `FULL_ATTENTION_BLOCK` queries at a time
+(`segment_attention`); after the last block the patches return to HF's order for the merger.
+`config.qwen_vision_flops` counts the windowed work.
 
 Limits: one image per row (or none); images only (no video inputs).
 """
@@ -35,7 +36,7 @@ import numpy as np
 
 from rftjax.models import hf
 from rftjax.models.common import (FULL_ATTENTION_BLOCK, LayerNorm, Linear, RMSNorm, gelu_exact, local_rows,
-                                  merge_image_features, segment_attention)
+                                  merge_image_features, segment_attention, shard_rows)
 from rftjax.models.config import QwenVisionConfig, QwenVLConfig, qwen_vision_flops, qwen_vision_param_count
 from rftjax.models.family import Family, VisionDims, register
 from rftjax.models.llm import DecoderLM, DecoderState, ModelOutput, ModelStateMixin, rotate
@@ -132,6 +133,7 @@ class QwenVisionBlock(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
         norm = _norm(c)
+        x = shard_rows(x)
         h = norm(c.norm_eps, self.dtype, self.param_dtype, name="norm1")(x)
         qkv = Linear((3, c.num_heads, c.head_dim), ("embed", None, "heads", "head_dim"), name="qkv", **kw)(h)
         q, k, vv = (qkv[:, :, i] for i in range(3))
@@ -353,7 +355,7 @@ def _media_input(config: QwenVLConfig):
     from rftjax.data.qwen_image import QwenImageProcessor
 
     return QwenPatchImages(QwenImageProcessor.for_model(config), config.max_image_tokens, config.vision.merge_unit,
-                           config.buckets)
+                           config.buckets, config.compute_dtype)
 
 
 def _vision_dims(c: QwenVLConfig) -> VisionDims:
@@ -364,7 +366,7 @@ def _vision_dims(c: QwenVLConfig) -> VisionDims:
 
 def _media_shapes(c: QwenVLConfig, n: int) -> QwenImages:
     v = c.vision
-    return QwenImages(jax.ShapeDtypeStruct((n, c.max_image_tokens * v.merge_unit, v.patch_dim), jnp.float32),
+    return QwenImages(jax.ShapeDtypeStruct((n, c.max_image_tokens * v.merge_unit, v.patch_dim), c.compute_dtype),
                       jax.ShapeDtypeStruct((n, 3), jnp.int32))
 
 
