@@ -73,7 +73,7 @@ def logprob_gradient(model: str, topology: str, rows: tuple[int, ...] = (1, 2)) 
     mc = model_config_of(c)
     out = []
     for r in rows:
-        c = _with(c, {"rl.prompts_per_step": r * len(devices), "rl.algo.group_size": 1,
+        c = _with(c, {"rl.prompts_per_step": r * len(devices) // 2, "rl.algo.group_size": 2,
                       "rl.micro_batch_size": r * len(devices)})
         program = aot.run_programs(c, devices)["rl_update"]
         params = aot.combine_params(program)

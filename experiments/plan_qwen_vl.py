@@ -21,20 +21,20 @@ SETTINGS = {
     "full, f32 params, remat": {"model.overrides.remat": True},
     "full, bf16 params, remat": {"model.overrides.param_dtype": "bfloat16", "model.overrides.remat": True},
     "full, bf16 params, remat, 1 row/device micro-batches": {
-        "model.overrides.param_dtype": "bfloat16", "model.overrides.remat": True, "rl.minibatch_size": 8,
-        "optim.grad_accum": 10},
+        "model.overrides.param_dtype": "bfloat16", "model.overrides.remat": True, "rl.micro_batch_size": 8},
     "full, bf16, remat, 1 row/device, ViT frozen": {
-        "model.overrides.param_dtype": "bfloat16", "model.overrides.remat": True, "rl.minibatch_size": 8,
-        "optim.grad_accum": 10, "optim.freeze": "visual/.*"},
+        "model.overrides.param_dtype": "bfloat16", "model.overrides.remat": True, "rl.micro_batch_size": 8,
+        "optim.freeze": "visual/.*"},
     "LoRA r64 decoder, bf16 base, remat, 1 row/device": {
-        "model.overrides.param_dtype": "bfloat16", "model.overrides.remat": True, "rl.minibatch_size": 8,
-        "optim.grad_accum": 10, "model.lora.rank": 64, "model.lora.alpha": 128.0},
+        "model.overrides.param_dtype": "bfloat16", "model.overrides.remat": True, "rl.micro_batch_size": 8,
+        "model.lora.rank": 64, "model.lora.alpha": 128.0},
 }
 
 
 def main():
     base = qwen2_5_vl_easyr1.get_config()
     base.plan.num_devices, base.mesh.data, base.mesh.fsdp = 8, 1, 8
+    base.rl.micro_batch_size = 0  # the whole minibatch per pass unless a setting says otherwise
     terms = ["params", "optimizer", "gradients", "reference", "sampling copy", "decode state", "activations"]
     lines = ["| model | setting | " + " | ".join(terms) + " | total GB/device | v5e-8 (16 GB) | 8x80 GB |",
              "|---|---|" + "---|" * (len(terms) + 3)]

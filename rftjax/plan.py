@@ -12,7 +12,8 @@ logical-axis shardings `rftjax.sharding` gives each param:
   trainable     the part that trains (`rftjax.trainable`): all params, LoRA adapters only, minus `optim.freeze`.
   optimizer     AdamW's state for the trainable params (`optax` `init` on their shapes: two moments, plus the
                 gradient accumulator of `optim.grad_accum > 1`).
-  gradients     one gradient of the trainable params, alive during the update.
+  gradients     one gradient of the trainable params, alive during the update (two with `rl.micro_batch_size`:
+                a micro-batch's and their running sum).
   reference     the reference policy's trainable params (the frozen ones are shared), when the algorithm has a KL.
   critic        PPO: the critic's trainable backbone copy + value head, its optimizer state and gradients.
   sampling copy the compute-dtype copy of the kernels the sampler makes (`cast_for_compute`) when `dtype` differs
@@ -146,7 +147,10 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     train_elems = sum(x.size for x in jax.tree.leaves(train_shapes))
     optimizer = train_bytes * opt_elems / max(train_elems, 1)
 
-    terms = {"params": sum(per_device.values()), "optimizer": optimizer, "gradients": train_bytes,
+    minibatch = c.rl.minibatch_size or c.rl.prompts_per_step * algo.group_size
+    micro_batched = 0 < c.rl.micro_batch_size < minibatch
+    terms = {"params": sum(per_device.values()), "optimizer": optimizer,
+             "gradients": train_bytes * (2 if micro_batched else 1),  # + the micro-batches' running sum
              "reference": train_bytes if algo.uses_reference else 0.0,
              "critic": 4.0 * train_bytes if algo.uses_critic else 0.0}
     kernels = sum(v for p, v in per_device.items() if p[-1] in ("kernel", "embed_tokens"))

@@ -99,10 +99,11 @@ def test_scanned_minibatch_updates_equal_a_plain_loop():
     np.testing.assert_allclose(np.asarray(metrics["sampler_logprob_gap_max"]), gap.max(), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(metrics["sampler_logprob_gap_mean"]), gap.mean(), rtol=1e-5)
     # Params after 4 Adam steps of ~lr = 1e-2 each: float32 rounding of the scanned vs the separately jitted
-    # program, divided by Adam's sqrt(v) where a gradient is near 0, reaches ~3e-6 (1e-3 of one step); a wrong row,
-    # order or pass would move params by a whole step.
+    # program, divided by Adam's sqrt(v) where a gradient is near 0, reaches ~1.1e-5 (one element of 2048 with the
+    # LM head in checkpointed chunks; 3e-6 before: 1e-3 of one step either way); a wrong row, order or pass would
+    # move params by a whole step (1e-2).
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
     assert int(got.step) == 4 and max(abs(x) for x in losses) > 1e-4
 
 
