@@ -29,12 +29,12 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rftjax import configs, steps, trainable
+from rftjax import configs, sampling, steps, trainable
 from rftjax.build import model_config_of
 from rftjax.models import dummy_inputs, model_for
 from rftjax.models.family import family_of
 from rftjax.rl_update import make_rl_update
-from rftjax.sharding import batch_sharding, logical_shardings, make_mesh, mesh_shape
+from rftjax.sharding import batch_sharding, logical_shardings, make_mesh, mesh_shape, shardings_of
 
 GB = 1e9
 
@@ -124,31 +124,28 @@ def run_programs(c: ml_collections.ConfigDict, devices: list) -> dict[str, Progr
     def train_state(p):
         create = functools.partial(steps.TrainState.create, tx=tx)
         abstract = jax.eval_shape(create, p)
-        return _abstract(abstract, steps.state_shardings(abstract, jax.tree.map(lambda x: x.sharding, p), mesh))
+        return _abstract(abstract, steps.state_shardings(abstract, shardings_of(p), mesh))
 
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     prompts = (algo.gen_prompts_per_round or c.rl.prompts_per_step)
     g = algo.group_size
-    out = {"sampler": Program(steps_sampler(), (params, _sequences(c, mc, mesh, prompts, prompts).pixel_values,
+    out = {"sampler": Program(sampling._generate, (params, _sequences(c, mc, mesh, prompts, prompts).pixel_values,
                                                 _rows(mesh, (prompts, c.data.max_prompt_len), jnp.int32),
                                                 _rows(mesh, (prompts, c.data.max_prompt_len), bool), key),
                               dict(config=mc, group_size=g, max_new_tokens=c.rl.max_new_tokens,
                                    temperature=float(c.rl.temperature), top_k=0, top_p=1.0, eos_ids=(0,),
                                    greedy=False, pad_id=0, suppress_ids=(), compact=False))}
     policy = train_state(train)
-    critic = train_state(steps.init_critic(train, mc) if algo.uses_critic else None) if algo.uses_critic else None
-    update = make_rl_update(mc, algo, float(c.rl.temperature), c.rl.minibatch_size,
-                            jax.tree.map(lambda x: x.sharding, policy),
-                            None if critic is None else jax.tree.map(lambda x: x.sharding, critic),
-                            c.rl.micro_batch_size)
+    critic = train_state(steps.init_critic(train, mc)) if algo.uses_critic else None
+    update = make_rl_update(mc, algo, float(c.rl.temperature), c.rl.minibatch_size, shardings_of(policy),
+                            shardings_of(critic), c.rl.micro_batch_size)
     n = c.rl.prompts_per_step * g
     batch = steps.RolloutBatch(seq=_sequences(c, mc, mesh, n, c.rl.prompts_per_step),
                                rewards=_rows(mesh, (n,), jnp.float32),
                                sampler_logprobs=_rows(mesh, (n, c.rl.max_new_tokens), jnp.float32))
     out["rl_update"] = Program(update, (policy, critic, train if algo.uses_reference else None, frozen, batch, key))
     if c.sft.enabled:
-        sft = steps.make_update(functools.partial(steps.sft_loss, config=mc),
-                                jax.tree.map(lambda x: x.sharding, policy), c.seed)
+        sft = steps.make_update(functools.partial(steps.sft_loss, config=mc), shardings_of(policy), c.seed)
         out["sft_update"] = Program(sft, (policy, _sequences(c, mc, mesh, c.sft.batch_size, None), frozen))
     return out
 
@@ -157,13 +154,6 @@ def combine_params(program: Program):
     """The full abstract params (trainable and frozen combined) of an `rl_update` `Program`."""
     policy, frozen = program.args[0], program.args[3]
     return trainable.combine(policy.params, frozen)
-
-
-def steps_sampler():
-    """The sampler's jitted program (`rftjax.sampling._generate`, static settings as keyword arguments)."""
-    from rftjax import sampling
-
-    return sampling._generate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,6 +123,11 @@ def init_sharded_params(model: nn.Module, rng: jax.Array, *init_args, mesh: Mesh
     return params, shardings
 
 
+def shardings_of(tree):
+    """The `.sharding` of every array (or `jax.ShapeDtypeStruct`) of `tree`; None for None."""
+    return None if tree is None else jax.tree.map(lambda x: x.sharding, tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a batch array `[B, ...]`: B over the `data` and `fsdp` axes, other dims replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

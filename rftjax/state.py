@@ -26,6 +26,7 @@ from rftjax.checkpoint import SFT_CHECKPOINT, Checkpointer
 from rftjax.data.pipeline import iterator_state
 from rftjax.models.family import vision_modules
 from rftjax.rl_update import make_rl_update
+from rftjax.sharding import shardings_of
 from rftjax.steps import TrainState
 from rftjax.trainable import combine
 
@@ -88,10 +89,6 @@ class StageState:
     best: Any = None
 
 
-def _shardings(tree):
-    return None if tree is None else jax.tree.map(lambda x: x.sharding, tree)
-
-
 class RunState:
     """Counters, stage states and data iterators of one run, restored from its latest checkpoint when there is
     one (`restore`), else started from `rl.init_from_sft` when set, else fresh from `setup.params`.
@@ -135,7 +132,7 @@ class RunState:
         vision = {name: o.vision_lr_scale for name in vision_modules(self.setup.model_config) if name in params}
         tx = steps.make_optimizer(schedule, weight_decay, o.b1, o.b2, o.grad_clip, o.grad_accum, vision)
         create = functools.partial(TrainState.create, tx=tx)
-        shardings = steps.state_shardings(jax.eval_shape(create, params), _shardings(params), self.setup.mesh)
+        shardings = steps.state_shardings(jax.eval_shape(create, params), shardings_of(params), self.setup.mesh)
         return jax.jit(create, out_shardings=shardings)(params), schedule
 
     def enter_stage(self, params):
@@ -149,7 +146,7 @@ class RunState:
             start = self.counters.sft_step if self.control and c.rl.control_schedule == "continue" else 0
             policy, schedule = self._train_state(params, c.sft.lr, c.sft.warmup_steps, c.sft.max_steps,
                                                  c.sft.weight_decay, start)
-            update = steps.make_update(functools.partial(steps.sft_loss, config=mc), _shardings(policy), c.seed)
+            update = steps.make_update(functools.partial(steps.sft_loss, config=mc), shardings_of(policy), c.seed)
             self.stage = StageState(policy, schedule, update)
             return
         n_rows = c.rl.prompts_per_step * algo.group_size
@@ -157,8 +154,8 @@ class RunState:
         policy, schedule = self._train_state(params, c.rl.lr, c.rl.warmup_steps, n_updates, c.rl.weight_decay)
         critic = self._train_state(steps.init_critic(params, mc), c.rl.critic_lr, 0, n_updates, 0.0)[0] \
             if algo.uses_critic else None
-        rl_update = make_rl_update(mc, algo, c.rl.temperature, c.rl.minibatch_size, _shardings(policy),
-                                   _shardings(critic), c.rl.micro_batch_size)
+        rl_update = make_rl_update(mc, algo, c.rl.temperature, c.rl.minibatch_size, shardings_of(policy),
+                                   shardings_of(critic), c.rl.micro_batch_size)
         self.stage = StageState(policy, schedule, rl_update=rl_update, critic=critic,
                                 ref=jax.tree.map(jnp.copy, params) if algo.uses_reference else None)
 

@@ -150,6 +150,22 @@ class RMSNorm(nn.Module):
 _FEW_QUERIES = 8
 
 
+def _pad_rows(x: Array, block: int, value=0) -> Array:
+    """`x` `[B, T, ...]` padded with `value` along T to a multiple of `block`."""
+    pad = -x.shape[1] % block
+    return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=value) if pad else x
+
+
+def _over_query_blocks(one_block, block: int, length: int) -> Array:
+    """`one_block(start)` (`[B, block, ...]`, the outputs of the queries `[start, start + block)`) over the blocks
+    of `length` queries, one at a time (`lax.map`) under `jax.checkpoint` (the backward pass recomputes a block's
+    scores instead of storing them), concatenated to `[B, length, ...]`."""
+    nb = -(-length // block)
+    out = jax.lax.map(jax.checkpoint(one_block), jnp.arange(nb) * block)  # [nb, B, block, ...]
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(out.shape[0], nb * block, *out.shape[3:])[:, :length]
+
+
 QUERY_BLOCK = 256
 """Queries per block of the XLA attention when T is longer: float32 scores `[B, H, 256, S]` at a time."""
 
@@ -186,18 +202,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementat
     if implementation != "xla":
         raise ValueError(f"attention implementation {implementation!r}: choose xla or jax")
     if t > QUERY_BLOCK:  # long prefill / training: one block of queries at a time, recomputed in the backward pass
-        nb = -(-t // QUERY_BLOCK)
-        pad = nb * QUERY_BLOCK - t
-        qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        mp = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+        qp, mp = _pad_rows(q, QUERY_BLOCK), _pad_rows(mask, QUERY_BLOCK)
 
-        @jax.checkpoint
-        def one_block(i):
-            rows = lambda x: jax.lax.dynamic_slice_in_dim(x, i * QUERY_BLOCK, QUERY_BLOCK, axis=1)  # noqa: E731
+        def one_block(start):
+            rows = lambda x: jax.lax.dynamic_slice_in_dim(x, start, QUERY_BLOCK, axis=1)  # noqa: E731
             return dot_product_attention(rows(qp), k, v, rows(mp), "xla")
 
-        out = jax.lax.map(one_block, jnp.arange(nb))  # [nb, B, block, H, hd]
-        return out.transpose(1, 0, 2, 3, 4).reshape(b, nb * QUERY_BLOCK, h, hd)[:, :t]
+        return _over_query_blocks(one_block, QUERY_BLOCK, t)
     qg = q.reshape(b, t, kvh, r, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, r * t, hd)
     if r * t <= _FEW_QUERIES:  # decode: one broadcast multiply-reduce instead of B*K tiny GEMMs
         scores = jnp.sum(qg[:, :, :, None, :].astype(jnp.float32) * k[:, :, None, :, :].astype(jnp.float32), -1)
@@ -231,20 +242,15 @@ def segment_attention(q: Array, k: Array, v: Array, segments: Array, block: int,
       `jax.checkpoint`, so its scores are recomputed in the backward pass instead of stored (the flash-attention
       trade, in XLA).
     """
-    b, p, h, hd = q.shape
-    nb = -(-p // block)
-    pad = nb * block - p
-    if pad:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        segments = jnp.pad(segments, ((0, 0), (0, pad)), constant_values=-1)
+    p, hd = q.shape[1], q.shape[3]
+    q, k, v = (_pad_rows(x, block) for x in (q, k, v))
+    segments = _pad_rows(segments, block, -1)
     if band:  # keys of block i: blocks i-1, i, i+1 (zero blocks of padding at both ends)
         edge = ((0, 0), (block, block), (0, 0), (0, 0))
         k, v = jnp.pad(k, edge), jnp.pad(v, edge)
         key_segments = jnp.pad(segments, ((0, 0), (block, block)), constant_values=-1)
 
-    @jax.checkpoint
-    def one_block(i):
-        start = i * block
+    def one_block(start):
         qb = jax.lax.dynamic_slice_in_dim(q, start, block, axis=1)
         sq = jax.lax.dynamic_slice_in_dim(segments, start, block, axis=1)
         if band:
@@ -257,8 +263,7 @@ def segment_attention(q: Array, k: Array, v: Array, segments: Array, block: int,
         probs = jax.nn.softmax(jnp.where(allowed[:, None], scores, MASK_VALUE), axis=-1)
         return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
 
-    out = jax.lax.map(one_block, jnp.arange(nb))  # [nb, B, block, H, hd]
-    return out.transpose(1, 0, 2, 3, 4).reshape(b, nb * block, h, hd)[:, :p].astype(q.dtype)
+    return _over_query_blocks(one_block, block, p).astype(q.dtype)
 
 
 def merge_image_features(embeds: Array, is_image: Array, features: Array) -> Array:
