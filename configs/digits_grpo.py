@@ -47,7 +47,8 @@ def get_config(setting: str = ""):
     # points in issue 18's first measurement); 8-layer runs stopped by patience at 550-700 steps.
     c.sft.max_steps, c.sft.eval_every, c.sft.patience, c.sft.min_delta_rel = 560, 32, 4, 0.02
     c.rl.algorithm = "grpo"
-    c.rl.algo.update(group_size=8, kl_coef=0.0, dynamic_sampling=True, gen_prompts_per_round=32)
+    c.rl.algo.update(group_size=8, kl_coef=0.0)
+    c.rl.dynamic_sampling, c.rl.gen_prompts_per_round = True, 32
     c.rl.steps, c.rl.prompts_per_step, c.rl.max_new_tokens = 100, 8, 64
     c.rl.lr, c.rl.warmup_steps = 2e-5, 5
     c.eval.batch_size, c.eval.pass_n, c.eval.pass_problems, c.eval.every = 100, 4, 100, 50

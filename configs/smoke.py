@@ -25,8 +25,8 @@ def get_config(algorithm: str = "grpo"):
         c.rl.algo.num_iterations = 2
         c.rl.minibatch_size = 4
     if algorithm == "dapo":
-        c.rl.algo.overlong_buffer_len = 4
-        c.rl.algo.gen_prompts_per_round = 4  # oversample: 4 prompts per rollout round for 2 kept
+        c.reward.overlong_buffer_len = 4
+        c.rl.gen_prompts_per_round = 4  # oversample: 4 prompts per rollout round for 2 kept
     c.eval.batch_size, c.eval.pass_n, c.eval.pass_problems, c.eval.every = 8, 2, 4, 2
     c.eval.during_rl_examples = 8
     c.log.samples_every, c.log.progress, c.log.tensorboard = 2, False, True

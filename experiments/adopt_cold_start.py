@@ -40,7 +40,7 @@ def main(config, workdir):
     shutil.copytree(os.path.join(source, SFT_CHECKPOINT), os.path.join(trainer.workdir, SFT_CHECKPOINT))
     counters = {**dataclasses.asdict(trainer.state.counters), "stage": "done"}
     trainer.logger.close()
-    trainer.setup.scorer.close()
+    trainer.setup.rewards.close()
     summary = metrics.write_summary(trainer.workdir, counters, config.rl.algorithm, "rl_end")
     summary["adopted_from"] = source
     with open(os.path.join(trainer.workdir, "summary.json"), "w") as f:

@@ -86,8 +86,9 @@ def main():
 
     def step(state, key):
         t0 = time.perf_counter()
-        out = sampling.generate(state.params, config, media, ids, mask, key, group_size=args.group_size,
-                                max_new_tokens=args.new_tokens, eos_ids=(), suppress_ids=())
+        out = sampling.generate(state.params, config, media, ids, mask, key,
+            sampling.SamplingParams(group_size=args.group_size,
+                                max_new_tokens=args.new_tokens, eos_ids=(), suppress_ids=()))
         jax.block_until_ready(out)
         t1 = time.perf_counter()
         seq = steps.SequenceBatch(pixel_values=media, prompt_ids=jnp.repeat(ids, args.group_size, 0),

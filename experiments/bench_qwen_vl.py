@@ -86,8 +86,9 @@ def rftjax_generate_time(config, params, b, new_tokens: int, repeats: int) -> fl
     ids, mask = jnp.asarray(b["ids"], jnp.int32), jnp.asarray(b["mask"], bool)
 
     def run():
-        out = sampling.generate(params, config, images, ids, mask, jax.random.key(0), max_new_tokens=new_tokens,
-                                greedy=True)
+        out = sampling.generate(params, config, images, ids, mask, jax.random.key(0),
+            sampling.SamplingParams(max_new_tokens=new_tokens,
+                                greedy=True))
         jax.block_until_ready(out.completion_ids)
     return median_time(run, repeats)
 

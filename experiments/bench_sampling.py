@@ -62,14 +62,15 @@ def make_batch(config, batch: int, text_len: int = 16, seed: int = 0):
 
 
 def bench_rftjax(config, params, pixels, ids, mask, new_tokens: int, repeats: int, group_size: int = 1):
-    kw = dict(config=config, group_size=group_size, max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-              eos_ids=(), greedy=False, pad_id=0, suppress_ids=(config.image_token_id,), compact=True)
+    params_of = lambda t: sampling.SamplingParams(group_size=group_size, max_new_tokens=t,  # noqa: E731
+                                                  suppress_ids=(config.image_token_id,), compact=True)
+    kw = dict(config=config, params=params_of(new_tokens))
     args = (params, jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
     t0 = time.perf_counter()
     compiled = sampling._generate.lower(*args, **kw).compile()
     compile_s = time.perf_counter() - t0
     run = median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
-    prefill_compiled = sampling._generate.lower(*args, **{**kw, "max_new_tokens": 1}).compile()
+    prefill_compiled = sampling._generate.lower(*args, **{**kw, "params": params_of(1)}).compile()
     prefill = median_time(lambda: jax.block_until_ready(prefill_compiled(*args)), repeats)
     out = compiled(*args)
     assert int(out.completion_mask.sum()) == ids.shape[0] * group_size * new_tokens
@@ -117,7 +118,7 @@ def decode_breakdown(config, params, batch: int, context: int, repeats: int) -> 
     variables = {"params": cast_for_compute(params, config)}
     slots = context + 64
     live = jnp.ones((batch, 1), bool)
-    kw = dict(temperature=1.0, top_k=0, top_p=1.0, greedy=False, suppress_ids=(config.image_token_id,))
+    sample = sampling.SamplingParams(suppress_ids=(config.image_token_id,))
 
     def cache_at_context():
         cache = model.init_state(batch, slots)
@@ -129,7 +130,7 @@ def decode_breakdown(config, params, batch: int, context: int, repeats: int) -> 
             if without == "sampling":
                 token = jnp.argmax(logits, -1).astype(jnp.int32)
             else:
-                token = sampling.sample_tokens(key, logits, **kw)[0]
+                token = sampling.sample_tokens(key, logits, sample)[0]
             out = model.apply(variables, None, token[:, None], live, state=cache)
             return out.logits[:, 0], out.state
 
@@ -183,8 +184,8 @@ def bench_compaction(config, params, prompts: int, group: int, new_tokens: int, 
     eos = tuple(range(10, config.text.vocab_size, 30))
     rows, outs = [], {}
     for compact in (False, True):
-        kw = dict(config=config, group_size=group, max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                  eos_ids=eos, greedy=False, pad_id=0, suppress_ids=(config.image_token_id,), compact=compact)
+        kw = dict(config=config, params=sampling.SamplingParams(group_size=group, max_new_tokens=new_tokens, eos_ids=eos,
+                                                                suppress_ids=(config.image_token_id,), compact=compact))
         compiled = sampling._generate.lower(*args, **kw).compile()
         run = median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
         outs[compact] = out = compiled(*args)

@@ -8,7 +8,7 @@ of the run, on the held-out test split.
 Prints a table and writes experiments/results/digits_breakdown_<run name>.{md,json}. Uses the run's own config
 (stored in its checkpoint; the cold start of `rl.init_from_sft` for ablations); like `python -m rftjax.evaluate`,
 it builds the run with `rftjax.build.build_run` and reads only the params of its checkpoints. Answers are generated
-with `rftjax.rollout.generate_texts` and scored by `rftjax.rewards` (as the evaluation does).
+with `rftjax.rollout.Policy.generate` and scored by `rftjax.rewards` (as the evaluation does).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from rftjax.build import Run, build_run
 from rftjax.checkpoint import SFT_CHECKPOINT, Checkpointer
 from rftjax.data.pipeline import make_dataset
 from rftjax.evaluate import latest_params
-from rftjax.rollout import generate_texts
+from rftjax.sampling import SamplingParams
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ANSWER = {"sum": sum, "largest": max, "count": len}
@@ -46,8 +46,8 @@ def breakdown(run: Run, params, n: int) -> dict:
                            num_epochs=1, num_threads=1))
     index = 0
     for batch in it:
-        _, texts = generate_texts(params, run.model_config, run.tokenizer, batch, jax.random.key(0), group_size=1,
-                                  max_new_tokens=configs.eval_max_new_tokens(run.config), greedy=True, place=run.place)
+        greedy = SamplingParams(max_new_tokens=configs.eval_max_new_tokens(run.config), greedy=True)
+        _, texts = run.policy(params).generate(batch, jax.random.key(0), greedy, run.place)
         for text in texts:
             if index >= n:
                 break

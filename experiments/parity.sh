@@ -12,7 +12,7 @@ python -m rftjax.train --config configs/smoke.py --workdir "$out/cold" $common -
   --config.rl.enabled=False > "$out/cold.log" 2>&1
 run() { name=$1; cfg=$2; shift 2; python -m rftjax.train --config "$cfg" --workdir "$out/$name" $common \
   --config.rl.init_from_sft="$out/cold" "$@" > "$out/$name.log" 2>&1; }
-run grpo_ds configs/smoke.py --config.rl.algo.dynamic_sampling=True --config.rl.gen_prompts_per_round=4 &
+run grpo_ds configs/smoke.py --config.rl.dynamic_sampling=True --config.rl.gen_prompts_per_round=4 &
 run ppo configs/smoke.py:ppo
 wait
 run dapo configs/smoke.py:dapo &

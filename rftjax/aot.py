@@ -127,14 +127,14 @@ def run_programs(c: ml_collections.ConfigDict, devices: list) -> dict[str, Progr
         return _abstract(abstract, steps.state_shardings(abstract, shardings_of(p), mesh))
 
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-    prompts = (algo.gen_prompts_per_round or c.rl.prompts_per_step)
-    g = algo.group_size
+    prompts = (configs.schedule(c)["gen_prompts_per_round"] or c.rl.prompts_per_step)
+    sampled = sampling.SamplingParams(group_size=algo.group_size, max_new_tokens=c.rl.max_new_tokens,
+                                      temperature=float(c.rl.temperature), eos_ids=(0,), suppress_ids=(),
+                                      compact=False)
     out = {"sampler": Program(sampling._generate, (params, _sequences(c, mc, mesh, prompts, prompts).pixel_values,
                                                 _rows(mesh, (prompts, c.data.max_prompt_len), jnp.int32),
                                                 _rows(mesh, (prompts, c.data.max_prompt_len), bool), key),
-                              dict(config=mc, group_size=g, max_new_tokens=c.rl.max_new_tokens,
-                                   temperature=float(c.rl.temperature), top_k=0, top_p=1.0, eos_ids=(0,),
-                                   greedy=False, pad_id=0, suppress_ids=(), compact=False))}
+                              dict(config=mc, params=sampled))}
     policy = train_state(train)
     critic = train_state(steps.init_critic(train, mc)) if algo.uses_critic else None
     update = make_rl_update(mc, algo, float(c.rl.temperature), c.rl.minibatch_size, shardings_of(policy),

@@ -30,7 +30,8 @@ from rftjax.models import (LoraConfig, ModelConfig, abstract_params, dummy_input
 from rftjax.models import hf as rhf
 from rftjax.models import lora as lora_lib
 from rftjax.rewards.parsing import INSTRUCTIONS
-from rftjax.rollout import RolloutConfig
+from rftjax.rollout import Policy, RolloutConfig
+from rftjax.sampling import SamplingParams
 
 log = logging.getLogger("rftjax")
 
@@ -72,30 +73,43 @@ def validate_config(c: ml_collections.ConfigDict, n_data_shards: int, algo: rl.A
     need(c.sft.enabled or c.rl.enabled, "enable at least one of sft and rl")
     need(c.data.sft_examples > 0 and c.data.val_examples > 0, "data.sft_examples and val_examples must be > 0")
     need(c.optim.grad_accum >= 1, "optim.grad_accum must be >= 1")
-    gen = algo.gen_prompts_per_round
-    need(gen % c.rl.prompts_per_step == 0, f"rl.algo.gen_prompts_per_round={gen} must be a multiple of "
-                                           f"rl.prompts_per_step={c.rl.prompts_per_step}; or set it to 0")
-    need(algo.overlong_buffer_len <= c.rl.max_new_tokens,
-         f"rl.algo.overlong_buffer_len={algo.overlong_buffer_len} (DAPO's L_cache) must be <= rl.max_new_tokens="
-         f"{c.rl.max_new_tokens}; lower it or raise max_new_tokens")
 
 
-def reward_config_of(c: ml_collections.ConfigDict, algo: rl.AlgorithmConfig) -> rewards.RewardConfig:
-    """The run's `rewards.RewardConfig` (`reward.*`, DAPO's overlong shaping from `algo`).
+def rollout_config_of(c: ml_collections.ConfigDict, algo: rl.AlgorithmConfig) -> RolloutConfig:
+    """The run's `RolloutConfig`: `rl.*` sampling settings, G from `algo`, the schedule of `configs.schedule`.
 
     Raises:
-      ValueError: bad reward settings (a time limit <= 0, an unknown on_error, a reward function file or name that
-        does not exist).
+      ValueError: settings that cannot work (`RolloutConfig`, `SamplingParams`), naming them.
+    """
+    sched = configs.schedule(c)
+    try:
+        return RolloutConfig(
+            sampling=SamplingParams(group_size=algo.group_size, max_new_tokens=c.rl.max_new_tokens,
+                                    temperature=c.rl.temperature, top_k=c.rl.top_k, top_p=c.rl.top_p),
+            prompts_per_step=c.rl.prompts_per_step, dynamic_sampling=sched["dynamic_sampling"],
+            gen_prompts_per_round=sched["gen_prompts_per_round"],
+            dynamic_sampling_rounds=sched["dynamic_sampling_rounds"])
+    except ValueError as e:
+        raise ValueError(f"bad config: {e}") from None
+
+
+def rewards_of(c: ml_collections.ConfigDict, context: rewards.SourceContext) -> rewards.Rewards:
+    """The run's `rewards.Rewards`: the rules (`reward.*`), DAPO's overlong shaping (`configs.schedule`) and the
+    `reward.sources` factories, called with `context`.
+
+    Raises:
+      ValueError: bad reward settings (a time limit <= 0, an unknown on_error, a reward function or source file
+        or name that does not exist, an overlong buffer longer than rl.max_new_tokens, a name used twice).
     """
     r = c.reward
     try:
-        return rewards.RewardConfig(
-            accuracy_weight=r.accuracy_weight, format_weight=r.format_weight,
-            overlong_buffer_len=algo.overlong_buffer_len, max_len=c.rl.max_new_tokens, box_iou=r.box_iou,
+        rules = rewards.RewardConfig(
+            accuracy_weight=r.accuracy_weight, format_weight=r.format_weight, box_iou=r.box_iou,
             answer_format=r.answer_format, function=r.function, timeout_s=r.timeout_s, num_workers=r.num_workers,
             on_error=r.on_error)
+        return rewards.build_rewards(rules, configs.schedule(c)["overlong_buffer_len"], context, r.sources)
     except ValueError as e:
-        raise ValueError(f"bad config: {e}") from None
+        raise ValueError(f"bad config: {e}; see reward.* (DAPO's L_cache must be <= rl.max_new_tokens)") from None
 
 
 def parse_augment(spec: str):
@@ -148,8 +162,9 @@ class Run:
         (file datasets: `test_ood` when `data.test_ood` is set); `EVAL_SPLITS` that are present get evaluated.
       reports: the `ImportReport` of each file dataset (rows kept, bad rows, over-long prompts dropped).
       prompt_pre, sft_pre: preprocessors of prompts (RL, evaluation) and of prompt + traced completion (SFT).
-      scorer: the rewards (weights, shaping, time limit, worker processes: `rewards.RewardScorer`);
-      rollout_config: how an RL step samples.
+      rewards: the reward sources and how they add up (`rewards.Rewards`: the rules under a time limit in worker
+        processes, DAPO's overlong shaping, `reward.sources`).
+      rollout_config: how an RL step samples (`RolloutConfig`: the sampling params, the schedule).
     """
 
     config: ml_collections.ConfigDict
@@ -164,7 +179,7 @@ class Run:
     sources: dict[str, Any]
     prompt_pre: Preprocess
     sft_pre: Preprocess
-    scorer: rewards.RewardScorer
+    rewards: rewards.Rewards
     rollout_config: RolloutConfig
     reports: dict[str, importers.ImportReport] = dataclasses.field(default_factory=dict)
     trainable_paths: frozenset = frozenset()
@@ -177,6 +192,10 @@ class Run:
     def place(self) -> sharding.Placement:
         """How host batches reach the run's mesh and results come back (`rftjax.sharding.Placement`)."""
         return sharding.Placement(self.mesh)
+
+    def policy(self, params) -> Policy:
+        """The `rftjax.rollout.Policy` of `params` with the run's model config and tokenizer."""
+        return Policy(params, self.model_config, self.tokenizer)
 
     def put(self, tree):
         """This process's rows of a host batch -> global arrays sharded over the mesh's data axes
@@ -359,8 +378,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, jax.devices()[: c.mesh.num_devices or None])
     algo = configs.algorithm(c)
     validate_config(c, mesh.shape["data"] * mesh.shape["fsdp"], algo)
+    rollout_config = rollout_config_of(c, algo)
     model_config = model_config_of(c)
     tokenizer = tokenizer_of(c, model_config)
+    reward = rewards_of(c, rewards.SourceContext(sharding.Placement(mesh), model_config, tokenizer,
+                                                 c.rl.max_new_tokens))
     if c.data.augment and not family_of(model_config).augmentable:
         raise ValueError(f"bad config: data.augment works on square LLaVA images; set data.augment='' for "
                          f"{family_of(model_config).name}")
@@ -384,12 +406,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
         param_shardings=shardings, key=key, tokenizer=tokenizer,
         sources=_sources(c, workdir, model_config, prompt_pre, reports), prompt_pre=prompt_pre,
         sft_pre=dataclasses.replace(prompt_pre, with_completion=True, max_completion_len=d.max_completion_len),
-        scorer=rewards.RewardScorer(reward_config_of(c, algo)),
-        rollout_config=RolloutConfig(
-            group_size=algo.group_size, prompts_per_step=c.rl.prompts_per_step, max_new_tokens=c.rl.max_new_tokens,
-            temperature=c.rl.temperature, top_k=c.rl.top_k, top_p=c.rl.top_p,
-            dynamic_sampling=algo.dynamic_sampling, gen_prompts_per_round=algo.gen_prompts_per_round,
-            dynamic_sampling_rounds=algo.dynamic_sampling_rounds),
+        rewards=reward, rollout_config=rollout_config,
         reports=reports, trainable_paths=frozenset(paths))
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import ml_collections
 
 
-RENAMED = {"dynamic_sampling_rounds": "dynamic_sampling_rounds", "gen_prompts_per_round": "gen_prompts_per_round"}
-"""Old `rl.NAME` settings -> their `rl.algo.NAME` (AlgorithmConfig) fields."""
+MOVED = {"dynamic_sampling": "rl", "gen_prompts_per_round": "rl", "dynamic_sampling_rounds": "rl",
+         "overlong_buffer_len": "reward"}
+"""Settings that left the objective (`rl.algo.NAME`) for the rollout schedule or the reward shaping: NAME ->
+its section (`rl.NAME`, `reward.NAME`). The old keys still work, with a deprecation warning."""
+_WARNED: set[str] = set()  # deprecated keys already warned about in this process
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -81,10 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.temperature = 1.0
     c.rl.top_k = 0
     c.rl.top_p = 1.0
-    # DAPO's dynamic-sampling settings live in rl.algo (dynamic_sampling, gen_prompts_per_round,
-    # dynamic_sampling_rounds); the old names below still work, with a deprecation warning.
-    for old in RENAMED:
-        c.rl[old] = ml_collections.config_dict.placeholder(int)
+    # DAPO's dynamic sampling (Yu et al. 2025, Sec. 3.2); unset (None): the preset's (rftjax.rl.preset_settings)
+    c.rl.dynamic_sampling = ml_collections.config_dict.placeholder(bool)  # keep only groups whose rewards differ
+    c.rl.gen_prompts_per_round = ml_collections.config_dict.placeholder(int)  # prompts generated per round (verl's
+                                        # gen_batch_size, a multiple of prompts_per_step); 0 = prompts_per_step
+    c.rl.dynamic_sampling_rounds = ml_collections.config_dict.placeholder(int)  # rounds at most (default 4)
     c.rl.max_seconds = 0.0              # > 0: the RL stage's time budget, as sft.max_seconds (rl_end_reason)
     c.rl.control_sft_seconds = 0.0      # > 0: a control run: spend this long on more SFT instead of RL
     c.rl.control_schedule = "continue"  # the control's SFT learning rate: continue the cold start's schedule where
@@ -113,6 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward.num_workers = 2            # reward worker processes (one task per completion); 0 = in this process,
                                         # without a time limit
     c.reward.on_error = "raise"         # an exception in reward.function: raise (names the row) | zero (counted)
+    c.reward.overlong_buffer_len = ml_collections.config_dict.placeholder(int)  # DAPO's soft overlong punishment
+                                        # over the last N tokens of rl.max_new_tokens; 0 = off; unset: the preset's
+    c.reward.sources = ""               # more reward sources: PATH.py:FACTORY[:WEIGHT], comma-separated; FACTORY(
+                                        # rftjax.rewards.SourceContext) -> a RewardSource (rftjax.rewards.sources)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                    # -1: all devices not used by fsdp/tensor
@@ -154,38 +162,56 @@ def base_config() -> ml_collections.ConfigDict:
 def algo_overrides() -> ml_collections.ConfigDict:
     """Every `rftjax.rl.AlgorithmConfig` field as an unset placeholder, so that any of them can be set in a
     config file (`c.rl.algo.update(group_size=16)`) or on the command line (`--config.rl.algo.kl_coef=0.01`);
-    fields left unset (None) keep the preset's value."""
+    fields left unset (None) keep the preset's value. The `MOVED` names are accepted too (deprecated)."""
     import dataclasses
 
-    from rftjax.rl.config import AlgorithmConfig
+    from rftjax.rl.config import SCHEDULE_DEFAULTS, AlgorithmConfig
 
     optional = {"float | None": float, "int | None": int}
     fields = {f.name: type(f.default) if f.default is not None else optional[f.type]
               for f in dataclasses.fields(AlgorithmConfig) if f.name != "name"}
+    fields.update({k: type(SCHEDULE_DEFAULTS[k]) for k in MOVED})
     return ml_collections.ConfigDict({k: ml_collections.config_dict.placeholder(t) for k, t in fields.items()})
 
 
 def algorithm(c: ml_collections.ConfigDict):
-    """The run's `rftjax.rl.AlgorithmConfig`: preset `c.rl.algorithm` with the fields set in `c.rl.algo` (and the
-    deprecated `rl.dynamic_sampling_rounds` / `rl.gen_prompts_per_round`, see `RENAMED`); raises ValueError for an
-    unknown preset or an invalid combination. `norm_len` (Dr.GRPO's constant) defaults
-    to `c.rl.max_new_tokens`, TRL's `max_completion_length`, not to the (trimmed) length of each update batch."""
+    """The run's `rftjax.rl.AlgorithmConfig` (the objective): preset `c.rl.algorithm` with the fields set in
+    `c.rl.algo`; raises ValueError for an unknown preset or an invalid combination. `norm_len` (Dr.GRPO's
+    constant) defaults to `c.rl.max_new_tokens`, TRL's `max_completion_length`, not to the (trimmed) length of
+    each update batch."""
+    from rftjax import rl
+
+    overrides = {k: v for k, v in c.rl.algo.to_dict().items() if v is not None and k not in MOVED}
+    algo = rl.get_algorithm(c.rl.algorithm, **overrides)
+    return algo if algo.norm_len is not None else algo.replace(norm_len=c.rl.max_new_tokens)
+
+
+def schedule(c: ml_collections.ConfigDict) -> dict:
+    """The run's rollout schedule and reward shaping (`MOVED` names -> values): `rl.NAME` / `reward.NAME`, else
+    the deprecated `rl.algo.NAME` (a warning naming the new key), else the preset's (`rftjax.rl.preset_settings`).
+
+    Raises:
+      ValueError: an unknown preset, or an old and a new key set to different values.
+    """
     import logging
 
     from rftjax import rl
 
-    overrides = {k: v for k, v in c.rl.algo.to_dict().items() if v is not None}
-    for old, new in RENAMED.items():
-        value = c.rl.get(old)
-        if value is None:
-            continue
-        logging.getLogger("rftjax").warning("config rl.%s is deprecated: use rl.algo.%s", old, new)
-        if overrides.get(new, value) != value:
-            raise ValueError(f"bad config: rl.{old}={value} and rl.algo.{new}={overrides[new]} disagree; set only "
-                             f"rl.algo.{new}")
-        overrides[new] = value
-    algo = rl.get_algorithm(c.rl.algorithm, **overrides)
-    return algo if algo.norm_len is not None else algo.replace(norm_len=c.rl.max_new_tokens)
+    out = rl.preset_settings(c.rl.algorithm)
+    for name, section in MOVED.items():
+        new, old = c[section].get(name), c.rl.algo.get(name)
+        if old is not None:
+            if name not in _WARNED:
+                _WARNED.add(name)
+                logging.getLogger("rftjax").warning("config rl.algo.%s is deprecated: use %s.%s", name, section,
+                                                    name)
+            if new is not None and new != old:
+                raise ValueError(f"bad config: rl.algo.{name}={old} and {section}.{name}={new} disagree; set only "
+                                 f"{section}.{name}")
+            new = old
+        if new is not None:
+            out[name] = new
+    return out
 
 
 def eval_max_new_tokens(c: ml_collections.ConfigDict) -> int:

@@ -11,6 +11,7 @@ the unbiased pass@k curve, k = 1..64, of each split: WORKDIR/pass_at_k.json and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,10 +24,9 @@ from rftjax import configs, faults, rewards, trainable
 from rftjax.build import EVAL_SPLITS, Run, build_run, file_source
 from rftjax.checkpoint import Checkpointer
 from rftjax.data.pipeline import Preprocess, make_dataset
-from rftjax.data.tokenizer import TextTokenizer
 from rftjax.metrics import RunLogger, pass_at_k_panel, plot_panels
-from rftjax.models import ModelConfig
-from rftjax.rollout import generate_texts, score_groups
+from rftjax.rollout import Policy, score_groups
+from rftjax.sampling import SamplingParams
 from rftjax.sharding import HOST, Placement, process_share
 
 log = logging.getLogger("rftjax")
@@ -61,13 +61,37 @@ def pass_at_k_curve(n: int, correct) -> np.ndarray:
     return 1.0 - miss.mean(1)
 
 
-def evaluate(params, config: ModelConfig, tokenizer: TextTokenizer, source, preprocess: Preprocess, *,
-             batch_size: int, max_new_tokens: int, rng, pass_n: int = 0, pass_problems: int = 0,
-             scorer: rewards.RewardScorer = rewards.RewardScorer(), place: Placement = HOST,
-             num_examples: int | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What `evaluate` measures.
+
+    Attributes:
+      batch_size: rows per generation batch (all processes together).
+      max_new_tokens: the generation budget per completion.
+      pass_n: samples per problem of pass@k (0: no pass@k); pass_problems: on the first this many problems.
+      num_examples: problems of the greedy evaluation (None: the whole source).
+    """
+
+    batch_size: int
+    max_new_tokens: int
+    pass_n: int = 0
+    pass_problems: int = 0
+    num_examples: int | None = None
+
+    @classmethod
+    def of(cls, c, pass_n: int | None = None, num_examples: int | None = None) -> "EvalSettings":
+        """The settings of run config `c` (`eval.*`; `pass_n` default `eval.pass_n`)."""
+        return cls(batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
+                   pass_n=c.eval.pass_n if pass_n is None else pass_n, pass_problems=c.eval.pass_problems,
+                   num_examples=num_examples)
+
+
+def evaluate(policy: Policy, source, preprocess: Preprocess, settings: EvalSettings, rng,
+             reward: rewards.Rewards | None = None, place: Placement = HOST) -> dict:
     """Greedy accuracy (and format rate, mean length) on `source`, plus pass@k for k = 1..`pass_n` on the first
     `pass_problems` problems: `pass_n` samples per problem at temperature 1, the unbiased estimator of
-    `pass_at_k_curve` (Chen et al. 2021) over the correct counts.
+    `pass_at_k_curve` (Chen et al. 2021) over the correct counts. `reward` (default: the rules with default
+    weights) must have the rules' `correct` and `format` components.
 
     Returns a dict: `accuracy`, `format_rate`, `completion_len_mean`, `n`, `eval_time_s`, and when pass@k is asked
     (`pass_n > 0` and `pass_problems > 0`): `pass_at_k_curve` (floats `[pass_n]`, pass@1 first), `pass_at_k`
@@ -76,17 +100,19 @@ def evaluate(params, config: ModelConfig, tokenizer: TextTokenizer, source, prep
     padding is not counted. With several processes each generates and scores its block of every batch
     (`batch_size` rows in all, `configs.pass_at_k_prompts` prompts for pass@k) and the scores are gathered.
     """
-    n_total = len(source) if num_examples is None else min(num_examples, len(source))
+    reward = reward or rewards.Rewards([(rewards.RuleSource(), 1.0)])
+    s = settings
+    n_total = len(source) if s.num_examples is None else min(s.num_examples, len(source))
     t0 = time.perf_counter()
     correct, fmt, lengths, seen = [], [], [], 0
     it = iter(make_dataset(source, preprocess, shuffle=False, num_epochs=None, num_threads=1,
-                           **process_share(batch_size)))
+                           **process_share(s.batch_size)))
+    greedy = SamplingParams(max_new_tokens=s.max_new_tokens, greedy=True)
     while seen < n_total:
         batch = next(it)
-        take = min(batch_size, n_total - seen)
-        out, texts = generate_texts(params, config, tokenizer, batch, rng, group_size=1,
-                                    max_new_tokens=max_new_tokens, greedy=True, place=place)
-        sc = scorer.score(texts, list(batch["answer"]), list(batch["answer_type"]))
+        take = min(s.batch_size, n_total - seen)
+        out, texts = policy.generate(batch, rng, greedy, place)
+        sc = score_groups(reward, texts, out, batch, 1)
         sc = place.gather({"correct": sc["correct"], "format": sc["format"], "lengths": out.lengths})
         correct += sc["correct"][:take].tolist()
         fmt += sc["format"][:take].tolist()
@@ -94,31 +120,31 @@ def evaluate(params, config: ModelConfig, tokenizer: TextTokenizer, source, prep
         seen += take
     results = {"accuracy": float(np.mean(correct)), "format_rate": float(np.mean(fmt)),
                "completion_len_mean": float(np.mean(lengths)), "n": n_total}
-    if pass_n > 0 and pass_problems > 0:
-        counts = _correct_counts(params, config, tokenizer, source, preprocess, pass_n, min(pass_problems, n_total),
-                                 configs.pass_at_k_prompts(batch_size, pass_n), max_new_tokens, jax.random.fold_in(rng, 1),
-                                 scorer, place)
-        curve = pass_at_k_curve(pass_n, counts)
+    if s.pass_n > 0 and s.pass_problems > 0:
+        problems = dataclasses.replace(s, pass_problems=min(s.pass_problems, n_total))
+        counts = _correct_counts(policy, source, preprocess, problems, jax.random.fold_in(rng, 1), reward, place)
+        curve = pass_at_k_curve(s.pass_n, counts)
         results.update({"pass_at_k_curve": curve.tolist(), "pass_at_k": float(curve[-1]),
-                        "pass_at_1": float(curve[0]), "pass_n": pass_n, "pass_problems": len(counts)})
+                        "pass_at_1": float(curve[0]), "pass_n": s.pass_n, "pass_problems": len(counts)})
     results["eval_time_s"] = time.perf_counter() - t0
     return results
 
 
-def _correct_counts(params, config, tokenizer, source, preprocess, pass_n: int, problems: int, prompts_per_batch: int,
-                    max_new_tokens: int, key, scorer, place) -> np.ndarray:
-    """Correct samples (int `[problems]`) out of `pass_n` sampled at temperature 1 for each of the first
-    `problems` problems of `source`, `prompts_per_batch` prompts per generation batch."""
-    counts = []
+def _correct_counts(policy: Policy, source, preprocess, settings: EvalSettings, key, reward: rewards.Rewards,
+                    place: Placement) -> np.ndarray:
+    """Correct samples (int `[pass_problems]`) out of `pass_n` sampled at temperature 1 for each of the first
+    `pass_problems` problems of `source`, `configs.pass_at_k_prompts` prompts per generation batch."""
+    counts, problems = [], settings.pass_problems
+    prompts_per_batch = configs.pass_at_k_prompts(settings.batch_size, settings.pass_n)
+    sampled = SamplingParams(group_size=settings.pass_n, max_new_tokens=settings.max_new_tokens)
     it = iter(make_dataset(source, preprocess, shuffle=False, num_threads=1, **process_share(prompts_per_batch)))
     while len(counts) < problems:
         batch = next(it)
         take = min(prompts_per_batch, problems - len(counts))
         key, sub = jax.random.split(key)
-        _, texts = generate_texts(params, config, tokenizer, batch, sub, group_size=pass_n,
-                                  max_new_tokens=max_new_tokens, greedy=False, place=place)
-        sc = place.gather(score_groups(texts, batch, pass_n, scorer)["correct"])
-        counts += (sc.reshape(-1, pass_n) > 0).sum(1)[:take].tolist()
+        out, texts = policy.generate(batch, sub, sampled, place)
+        sc = place.gather(score_groups(reward, texts, out, batch, settings.pass_n)["correct"])
+        counts += (sc.reshape(-1, settings.pass_n) > 0).sum(1)[:take].tolist()
     return np.asarray(counts, np.int64)
 
 
@@ -127,15 +153,11 @@ def evaluate_splits(run: Run, params, logger: RunLogger, step: int, stage: str, 
     """`evaluate` on the run's evaluation sources (`test`, and `test_ood` when the run has one; the first `n`
     problems of each, default all; pass@k with `eval.pass_n` samples per problem unless `pass_n` is given, on
     `eval.pass_problems` problems), logged to eval.jsonl under `stage` at `step`. Returns `{split: results}`."""
-    c = run.config
-    pass_n = c.eval.pass_n if pass_n is None else pass_n
+    settings = EvalSettings.of(run.config, pass_n, n)
     results = {}
     for split in (s for s in EVAL_SPLITS if s in run.sources):
-        r = evaluate(params, run.model_config, run.tokenizer, run.sources[split], run.prompt_pre,
-                     batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
-                     rng=jax.random.fold_in(run.key, EVAL_STREAM + step), pass_n=pass_n,
-                     pass_problems=c.eval.pass_problems,
-                     scorer=run.scorer, place=run.place, num_examples=n)
+        r = evaluate(run.policy(params), run.sources[split], run.prompt_pre, settings,
+                     jax.random.fold_in(run.key, EVAL_STREAM + step), run.rewards, run.place)
         logger.log_eval(step, stage, {"split": split, **r})
         results[split] = r
         faults.reached("eval")
@@ -152,9 +174,9 @@ def greedy_samples(run: Run, params, split: str = "test", n: int = 8) -> list[di
     n = min(n, len(source))
     batch = next(iter(make_dataset(source, run.prompt_pre, shuffle=False, num_epochs=None, num_threads=1,
                                    **process_share(n))))
-    _, texts = generate_texts(params, run.model_config, run.tokenizer, batch, run.key, group_size=1,
-                              max_new_tokens=configs.eval_max_new_tokens(run.config), greedy=True, place=run.place)
-    correct = score_groups(texts, batch, 1, run.scorer)["correct"]
+    greedy = SamplingParams(max_new_tokens=configs.eval_max_new_tokens(run.config), greedy=True)
+    out, texts = run.policy(params).generate(batch, run.key, greedy, run.place)
+    correct = score_groups(run.rewards, texts, out, batch, 1)["correct"]
     rows = [source[i] for i in range(n)]
     return [{"image": np.asarray(r["image"].load() if hasattr(r["image"], "load") else r["image"]),
              "question": r["question"], "completion": t, "answer": r["answer"], "correct": float(c)}
@@ -183,10 +205,8 @@ def main(config, workdir):
         if config.eval.dataset:
             c = config
             source = file_source(c.eval.dataset, "eval", run.prompt_pre, c.data.max_prompt_len)
-            r = evaluate(params, run.model_config, run.tokenizer, source, run.prompt_pre,
-                         batch_size=c.eval.batch_size, max_new_tokens=configs.eval_max_new_tokens(c),
-                         rng=jax.random.key(c.seed), pass_n=c.eval.pass_n, pass_problems=c.eval.pass_problems,
-                         scorer=run.scorer, place=run.place)
+            r = evaluate(run.policy(params), source, run.prompt_pre, EvalSettings.of(c), jax.random.key(c.seed),
+                         run.rewards, run.place)
             logger.log_eval(step, "evaluate", {"split": c.eval.dataset, **r})
             print(json.dumps(r, indent=2))
         else:

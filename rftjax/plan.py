@@ -158,7 +158,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
         jnp.dtype(mc.compute_dtype).itemsize / jnp.dtype(mc.params_dtype).itemsize)
     t = mc.text
     slots = c.data.max_prompt_len + c.rl.max_new_tokens
-    gen_rows = (algo.gen_prompts_per_round or c.rl.prompts_per_step) * algo.group_size
+    gen_rows = (configs.schedule(c)["gen_prompts_per_round"] or c.rl.prompts_per_step) * algo.group_size
     rows = max(gen_rows, c.eval.batch_size) / n_data
     per_row = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state(mc, 1, slots).layers))
     heads_split = sizes["tensor"] if t.num_kv_heads % sizes["tensor"] == 0 else 1  # kv heads over tensor

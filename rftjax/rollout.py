@@ -1,18 +1,19 @@
 """Rollouts: generate completions for prompt batches, decode and score them, and assemble one RL step's batch.
 
-    prompts (host) ──generate_texts──► completions + texts ──score_groups──► reward components
+    prompts (host) ──Policy.generate──► completions + texts ──Rewards.score(RewardView)──► reward components
           └─ collect_rollouts: DAPO's dynamic sampling (oversample, keep groups with signal, refill)
                                ──► Rollouts (host): a RolloutBatch of arrays + texts, rewards, statistics
 
 The `RolloutBatch` is the only thing an RL update reads from the rollouts; the trainer moves it to the
-devices in one transfer (`rftjax.rl_update`). Evaluation generates through `generate_texts` too, so training
-and evaluation decode and score the same way.
+devices in one transfer (`rftjax.rl_update`). Evaluation generates through `Policy.generate` and scores with
+the same `Rewards`, so training and evaluation decode and score the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,8 +28,8 @@ from rftjax.steps import RolloutBatch, SequenceBatch
 
 @dataclasses.dataclass
 class Rollouts:
-    """A `RolloutBatch` and what stays on the host: per-row reward components (`accuracy`, `correct`,
-    `format`, `score`, `overlong`, `total`, and the 0/1 flags `timeout`, `error`: float32 `[N]`), `lengths` int
+    """A `RolloutBatch` and what stays on the host: per-row reward components (every component of the run's
+    `rftjax.rewards.Rewards` and `total`, float32 `[N]`), `lengths` int
     `[N]`, `truncated` bool `[N]`, decoded `texts` and gold `answers` (`[N]` lists), and `stats` (the `rollout_*`
     metrics of the step; `rollout_time_s` is generation, `reward_time_s` scoring, both in seconds).
 
@@ -55,42 +56,61 @@ class Rollouts:
         return bool(np.all(np.isfinite(self.rewards["total"])))
 
     def metrics(self) -> dict[str, float]:
-        """Rewards, accuracy, lengths and truncation of the rows trained on, plus the rollout statistics."""
+        """Rewards, accuracy, lengths and truncation of the rows trained on, plus the rollout statistics: `reward_mean`
+        and `reward_std` of the total, `reward_{component}_mean` of every component (the 0/1 flags as counts
+        `reward_{flag}s`), `accuracy` and `format_rate` (the rules' `correct` and `format`)."""
         r, lengths = self.rewards, self.lengths
-        return {"reward_mean": float(r["total"].mean()), "reward_std": float(r["total"].std()),
-                "accuracy": float(r["correct"].mean()), "format_rate": float(r["format"].mean()),
-                "reward_accuracy_mean": float(r["accuracy"].mean()), "reward_format_mean": float(r["format"].mean()),
-                "reward_overlong_mean": float(r["overlong"].mean()), "reward_timeouts": int(r["timeout"].sum()),
-                "reward_errors": int(r["error"].sum()), "completion_len_mean": float(lengths.mean()),
+        per_component = {f"reward_{k}s" if k in rewards.FLAGS else f"reward_{k}_mean":
+                         int(v.sum()) if k in rewards.FLAGS else float(v.mean()) for k, v in r.items() if k != "total"}
+        rules = {"accuracy": float(r["correct"].mean()), "format_rate": float(r["format"].mean())} \
+            if "correct" in r else {}
+        return {"reward_mean": float(r["total"].mean()), "reward_std": float(r["total"].std()), **rules,
+                **per_component, "completion_len_mean": float(lengths.mean()),
                 "completion_len_max": int(lengths.max()), "truncation_rate": float(self.truncated.mean()),
                 **self.stats}
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """How one RL step samples.
+    """How one RL step samples: the rollout schedule.
 
     Attributes:
-      group_size: G, samples per prompt.
+      sampling: the `rftjax.sampling.SamplingParams` of the rollouts (G = `sampling.group_size`, the budget, the
+        distribution; the EOS, pad and suppressed ids are the tokenizer's: `Policy.generate`).
       prompts_per_step: B, prompts (groups) trained on per step.
-      max_new_tokens: the generation budget per completion.
-      temperature, top_k, top_p: the sampling distribution (`rftjax.sampling.filter_logits`).
       dynamic_sampling: DAPO's filter: keep only groups whose rewards differ (Yu et al. 2025, Sec. 3.2).
       gen_prompts_per_round: prompts generated per round with dynamic sampling (verl's `gen_batch_size`, a
         multiple of `prompts_per_step`); 0 = `prompts_per_step`.
-      dynamic_sampling_rounds: rounds at most; a batch still short of B groups is filled with groups without
-        signal (counted in `dynamic_sampling_filled`).
+      dynamic_sampling_rounds: rounds at most (verl's `max_num_gen_batches`); a batch still short of B groups is
+        filled with groups without signal (counted in `dynamic_sampling_filled`).
+
+    Raises:
+      ValueError: B < 1, rounds < 1, or `gen_prompts_per_round` not a multiple of B or set without dynamic
+        sampling.
     """
 
-    group_size: int
+    sampling: sampling.SamplingParams
     prompts_per_step: int
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
     dynamic_sampling: bool = False
     gen_prompts_per_round: int = 0
     dynamic_sampling_rounds: int = 4
+
+    def __post_init__(self):
+        gen, b = self.gen_prompts_per_round, self.prompts_per_step
+        if b < 1 or self.dynamic_sampling_rounds < 1 or gen < 0:
+            raise ValueError(f"prompts_per_step={b} and dynamic_sampling_rounds={self.dynamic_sampling_rounds} "
+                             f"must be >= 1 and gen_prompts_per_round={gen} >= 0")
+        if gen % b:
+            raise ValueError(f"rl.gen_prompts_per_round={gen} must be a multiple of rl.prompts_per_step={b}; or set "
+                             f"it to 0")
+        if gen and not self.dynamic_sampling:
+            raise ValueError(f"rl.gen_prompts_per_round={gen} oversamples for dynamic sampling: it needs "
+                             f"rl.dynamic_sampling=True; or set it to 0")
+
+    @property
+    def group_size(self) -> int:
+        """G, samples per prompt."""
+        return self.sampling.group_size
 
 
 def concat_rows(*parts):
@@ -107,30 +127,36 @@ def concat_rows(*parts):
     return jax.tree.map(concat, *parts)
 
 
-def generate_texts(params, config: ModelConfig, tokenizer: TextTokenizer, batch: dict, rng, *, group_size: int,
-                   max_new_tokens: int, greedy: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   place: Placement = HOST) -> tuple[sampling.SamplingOutput, list[str]]:
-    """Generate `group_size` completions for each prompt of a host batch (`pixel_values`, `prompt_ids`,
-    `prompt_mask`: this process's rows); `place` moves the prompt arrays to the devices and brings this
-    process's completions back. Returns `(SamplingOutput as numpy, decoded texts)`, `[B * group_size]` rows of
-    this process. The image placeholders and the tokenizer's `never_ids` (pad, BOS) are never sampled; any of its
-    `eos_ids` ends a completion."""
-    out = sampling.generate(params, config, *place.put((batch["pixel_values"], batch["prompt_ids"],
-                                                        batch["prompt_mask"])),
-                            rng, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, eos_ids=tokenizer.eos_ids, greedy=greedy,
-                            pad_id=tokenizer.pad_id, suppress_ids=placeholder_ids(config) + tokenizer.never_ids)
-    out = place.local(out)
-    texts = [tokenizer.decode(ids[:n]) for ids, n in zip(out.completion_ids, out.lengths)]
-    return out, texts
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A policy to sample from: its `params` (possibly sharded), `config` (the model config of any family) and
+    `tokenizer`, whose EOS ids end completions and whose pad/BOS ids (`never_ids`) and the model's media
+    placeholders are never sampled."""
+
+    params: Any
+    config: ModelConfig
+    tokenizer: TextTokenizer
+
+    def generate(self, batch: dict, rng, params: sampling.SamplingParams,
+                 place: Placement = HOST) -> tuple[sampling.SamplingOutput, list[str]]:
+        """`params.group_size` completions for each prompt of a host batch (`pixel_values`, `prompt_ids`,
+        `prompt_mask`: this process's rows); `place` moves the prompt arrays to the devices and brings this
+        process's completions back. Returns `(SamplingOutput as numpy, decoded texts)`, `[B * G]` rows of this
+        process."""
+        tok = self.tokenizer
+        params = params.replace(eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                                suppress_ids=placeholder_ids(self.config) + tok.never_ids)
+        out = sampling.generate(self.params, self.config, *place.put((batch["pixel_values"], batch["prompt_ids"],
+                                                                      batch["prompt_mask"])), rng, params)
+        out = place.local(out)
+        return out, [tok.decode(ids[:n]) for ids, n in zip(out.completion_ids, out.lengths)]
 
 
-def score_groups(texts: list[str], batch: dict, group_size: int, scorer: rewards.RewardScorer,
-                 lengths=None) -> dict[str, np.ndarray]:
-    """Reward components (`rftjax.rewards.RewardScorer.score`: under its time limit, in its workers) of
-    `len(batch) * group_size` completions, each prompt's answer repeated for its group."""
-    return scorer.score(texts, list(np.repeat(batch["answer"], group_size)),
-                        list(np.repeat(batch["answer_type"], group_size)), lengths)
+def score_groups(reward: rewards.Rewards, texts: list[str], out, batch: dict, group_size: int
+                 ) -> dict[str, np.ndarray]:
+    """Every reward component and `total` (`rftjax.rewards.Rewards.score`) of `len(batch) * group_size`
+    completions (`out`, host `SamplingOutput`; `texts`), each prompt's answer repeated for its group."""
+    return reward.score(rewards.RewardView.of_groups(texts, out, batch, group_size))
 
 
 def trim_completions(seq: SequenceBatch, multiple: int = 16, longest: int | None = None) -> SequenceBatch:
@@ -150,8 +176,8 @@ def trim_completions(seq: SequenceBatch, multiple: int = 16, longest: int | None
     return seq.replace(completion_ids=seq.completion_ids[:, :keep], completion_mask=seq.completion_mask[:, :keep])
 
 
-def collect_rollouts(params, model_config: ModelConfig, tokenizer: TextTokenizer, prompts, key,
-                     config: RolloutConfig, scorer: rewards.RewardScorer, place: Placement = HOST) -> Rollouts:
+def collect_rollouts(policy: Policy, prompts, key, config: RolloutConfig, reward: rewards.Rewards,
+                     place: Placement = HOST) -> Rollouts:
     """One RL step's rollouts: generate and score G samples per prompt from the `prompts` iterator (host
     batches of this process's rows), with DAPO's dynamic sampling when `config.dynamic_sampling` (rounds of
     `gen_prompts_per_round` prompts until B groups with differing rewards are kept; kept groups first, then
@@ -171,13 +197,10 @@ def collect_rollouts(params, model_config: ModelConfig, tokenizer: TextTokenizer
         parts = [next(prompts) for _ in range(per_round)]
         batch = {k: concat_rows(*[p[k] for p in parts]) for k in parts[0]}
         t0 = time.perf_counter()
-        out, texts = generate_texts(params, model_config, tokenizer, batch, jax.random.fold_in(key, rounds),
-                                    group_size=g, max_new_tokens=config.max_new_tokens, greedy=False,
-                                    temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                                    place=place)
+        out, texts = policy.generate(batch, jax.random.fold_in(key, rounds), config.sampling, place)
         gen_time += time.perf_counter() - t0
         t0 = time.perf_counter()
-        scores = score_groups(texts, batch, g, scorer, out.lengths.tolist())
+        scores = score_groups(reward, texts, out, batch, g)
         reward_time += time.perf_counter() - t0
         finite = np.isfinite(scores["total"])  # a step with a NaN/inf reward is not trained on (`Rollouts.finite`)
         has_signal = groups_with_signal(np.where(finite, scores["total"], 0.0), g)

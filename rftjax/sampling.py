@@ -16,6 +16,7 @@ placeholder by default) are removed from the distribution before anything else.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -31,6 +32,59 @@ Array = jax.Array
 NEG_INF = float("-inf")
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How `generate` samples: a frozen, hashable settings object (a static argument of the jitted sampler; the
+    role of vLLM's `SamplingParams` and gemma's sampler settings).
+
+    Attributes:
+      group_size: G, samples per prompt (>= 1); output rows are `N = B * G`, grouped contiguously.
+      max_new_tokens: T, the token budget per completion (>= 1).
+      temperature, top_k, top_p: the sampling distribution (`filter_logits`: temperature > 0, top_k >= 0 with 0
+        = all, top_p in (0, 1]); ignored when greedy.
+      greedy: argmax decoding.
+      eos_ids: ids that end a completion (the EOS token is kept and masked in).
+      pad_id: id written after a row ends.
+      suppress_ids: ids never generated; None: the model's image (and video) placeholders. Add the pad id if it
+        is not a real token of the vocabulary.
+      compact: drop finished rows from the decode batch (`decode_sizes`: the batch halves, up to 3 times, once at
+        most half of it is still decoding). The output is the same as without (each row's noise does not depend
+        on the batch), up to float rounding of the smaller batch's matmuls. None: on unless the prompts are
+        sharded over several devices, where gathering rows would move decode states between devices (under an
+        outer jit, where the placement is not known: on).
+
+    Raises:
+      ValueError: a setting outside its range (at construction).
+    """
+
+    group_size: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    suppress_ids: tuple[int, ...] | None = None
+    compact: bool | None = None
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)  # normalise sequences to hashable int tuples
+        set_("eos_ids", tuple(int(e) for e in self.eos_ids))
+        if self.suppress_ids is not None:
+            set_("suppress_ids", tuple(int(i) for i in self.suppress_ids))
+        if self.group_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"group_size={self.group_size} and max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (use greedy=True for argmax decoding)")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 and top_p={self.top_p} in (0, 1]")
+
+    def replace(self, **changes) -> "SamplingParams":
+        """A copy with `changes` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
 @flax.struct.dataclass
 class SamplingOutput:
     """Rollouts of `N = B * G` rows, row `b * G + g` being sample g of prompt b.
@@ -38,8 +92,6 @@ class SamplingOutput:
     Attributes:
       completion_ids: int32 `[N, T]` (T = max_new_tokens), right-padded with `pad_id` after EOS.
       completion_mask: bool `[N, T]`, True on generated tokens (the EOS token included).
-      logprobs: float32 `[N, T]`, log-prob of each sampled token under the sampling distribution
-        (temperature, top-k, top-p applied; for greedy, the untempered model distribution); 0 where masked.
       model_logprobs: float32 `[N, T]`, log-prob of each sampled token under `softmax(logits / temperature)`
         without filtering or suppression (temperature 1 when greedy): the quantity the trainer's forward pass
         computes (`rftjax.steps.completion_logprobs`), so `|model_logprobs - trainer log-probs|` measures
@@ -50,7 +102,6 @@ class SamplingOutput:
 
     completion_ids: Array
     completion_mask: Array
-    logprobs: Array
     model_logprobs: Array
     lengths: Array
     truncated: Array
@@ -64,8 +115,8 @@ class LoopState:
     Attributes:
       step: int32 `[]`, tokens generated so far (the column the next token is written to).
       tokens: int32 `[N, T]`, generated ids of every row (`pad_id` after a row is done and in unwritten columns).
-      logprobs: float32 `[N, T]`, log-prob of each generated token under the sampling distribution.
-      model_logprobs: float32 `[N, T]`, the same under the unfiltered tempered model distribution.
+      model_logprobs: float32 `[N, T]`, log-prob of each generated token under the unfiltered tempered model
+        distribution.
       rows: int32 `[M]`, the row (of N) each slot decodes.
       done: bool `[M]`, slots whose row has emitted an EOS id.
       state: the model's `DecoderState` of the M slots (every prompt repeated G times, then compacted).
@@ -74,7 +125,6 @@ class LoopState:
 
     step: Array
     tokens: Array
-    logprobs: Array
     model_logprobs: Array
     rows: Array
     done: Array
@@ -129,88 +179,76 @@ def first_argmax(x: Array) -> Array:
     return jnp.min(jnp.where(x == x.max(-1, keepdims=True), iota, x.shape[-1]), axis=-1)
 
 
-def sample_tokens(key: Array, logits: Array, *, temperature: float, top_k: int, top_p: float, greedy: bool,
-                  suppress_ids: Sequence[int], rows: Array | None = None,
-                  num_rows: int = 0) -> tuple[Array, Array, Array]:
-    """One token per row from logits `[M, V]`: `(tokens int32 [M], logprobs float32 [M], model_logprobs float32
-    [M])`: the log-prob under the sampling distribution and under the unfiltered `softmax(logits / temperature)`
-    (temperature 1 when greedy).
+def sample_tokens(key: Array, logits: Array, params: SamplingParams, rows: Array | None = None,
+                  num_rows: int = 0) -> tuple[Array, Array]:
+    """One token per row from logits `[M, V]` by `params` (temperature, top-k, top-p, suppressed ids, greedy):
+    `(tokens int32 [M], model_logprobs float32 [M])`, the log-prob under the unfiltered
+    `softmax(logits / temperature)` (temperature 1 when greedy).
 
     `rows` (int `[M]`, of `num_rows`): the rows these logits belong to; row r gets the noise it would get in a
     draw over all `num_rows` rows, so dropping finished rows does not change the other rows' samples.
     """
-    temperature = 1.0 if greedy else temperature
-    if greedy:
-        x = filter_logits(logits, 1.0, 0, 1.0, suppress_ids)
-        tokens = first_argmax(x)
+    temperature = 1.0 if params.greedy else params.temperature
+    suppress = params.suppress_ids or ()
+    if params.greedy:
+        tokens = first_argmax(filter_logits(logits, 1.0, 0, 1.0, suppress))
     else:
-        x = filter_logits(logits, temperature, top_k, top_p, suppress_ids)
+        x = filter_logits(logits, temperature, params.top_k, params.top_p, suppress)
         if rows is None:
             noise = jax.random.gumbel(key, x.shape)
         else:
             noise = jax.random.gumbel(key, (num_rows, x.shape[1]))[rows]
         tokens = first_argmax(x + noise)  # = jax.random.categorical(key, x), the same draws
-
-    def logp(z):
-        return jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tokens[:, None], axis=-1)[:, 0]
-
-    return tokens.astype(jnp.int32), logp(x), logp(logits.astype(jnp.float32) / temperature)
+    model_logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1),
+                                         tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), model_logprobs
 
 
-def _validate(config, pixel_values, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature,
-              top_k, top_p, pad_id):
+def _check_prompts(config, pixel_values, prompt_ids, prompt_mask, params: SamplingParams) -> None:
     if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids and prompt_mask must both be [B, P], got {prompt_ids.shape} and "
                          f"{prompt_mask.shape}")
     if pixel_values is not None and num_rows(pixel_values) != prompt_ids.shape[0]:
         raise ValueError(f"{num_rows(pixel_values)} images for {prompt_ids.shape[0]} prompts: give one per prompt")
-    if group_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"group_size={group_size} and max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 (use greedy=True for argmax decoding)")
-    if top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]")
-    if not 0 <= pad_id < config.text.vocab_size:
-        raise ValueError(f"pad_id={pad_id} is not a token id of the vocabulary (size {config.text.vocab_size})")
+    if not 0 <= params.pad_id < config.text.vocab_size:
+        raise ValueError(f"pad_id={params.pad_id} is not a token id of the vocabulary (size "
+                         f"{config.text.vocab_size})")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "group_size", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "eos_ids", "greedy", "pad_id", "suppress_ids", "compact"))
-def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, group_size, max_new_tokens,
-              temperature, top_k, top_p, eos_ids, greedy, pad_id, suppress_ids, compact=True) -> SamplingOutput:
+@functools.partial(jax.jit, static_argnames=("config", "params"))
+def _generate(weights, pixel_values, prompt_ids, prompt_mask, rng, *, config, params: SamplingParams
+              ) -> SamplingOutput:
     model = model_for(config)
     b, p = prompt_ids.shape
-    n = b * group_size
-    variables = {"params": cast_for_compute(params, config)}  # cast once, not once per decode step
+    g, t_max = params.group_size, params.max_new_tokens
+    n = b * g
+    variables = {"params": cast_for_compute(weights, config)}  # cast once, not once per decode step
 
     # Prefill: each image encoded and each prompt processed once.
     features = None
     if pixel_values is not None:
         features = model.apply(variables, pixel_values, method="encode_images")
-    out = model.apply(variables, None, prompt_ids, prompt_mask, state=model.init_state(b, p + max_new_tokens),
+    out = model.apply(variables, None, prompt_ids, prompt_mask, state=model.init_state(b, p + t_max),
                       image_features=features)
     last_logits = out.logits[:, -1]  # prompts are left-padded: the last column is every row's last real token
 
     # Repeat for the G samples of each group (rows b*G .. b*G+G-1 share prompt b).
-    state = LoopState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((n, max_new_tokens), pad_id, jnp.int32),
-                        logprobs=jnp.zeros((n, max_new_tokens), jnp.float32),
-                        model_logprobs=jnp.zeros((n, max_new_tokens), jnp.float32),
-                        rows=jnp.arange(n, dtype=jnp.int32), done=jnp.zeros((n,), bool),
-                        state=out.state.repeat(group_size), last_logits=jnp.repeat(last_logits, group_size, axis=0))
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-    sizes = decode_sizes(n, compact)
+    state = LoopState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((n, t_max), params.pad_id, jnp.int32),
+                      model_logprobs=jnp.zeros((n, t_max), jnp.float32),
+                      rows=jnp.arange(n, dtype=jnp.int32), done=jnp.zeros((n,), bool),
+                      state=out.state.repeat(g), last_logits=jnp.repeat(last_logits, g, axis=0))
+    eos = jnp.asarray(params.eos_ids or (-1,), jnp.int32)
+    sizes = decode_sizes(n, params.compact)
 
     def body(s: LoopState) -> LoopState:
         compacted = s.rows.shape[0] < n
-        token, logp, model_logp = sample_tokens(
-            jax.random.fold_in(rng, s.step), s.last_logits, temperature=temperature, top_k=top_k, top_p=top_p,
-            greedy=greedy, suppress_ids=suppress_ids, rows=s.rows if compacted else None, num_rows=n)
+        token, model_logp = sample_tokens(jax.random.fold_in(rng, s.step), s.last_logits, params,
+                                          rows=s.rows if compacted else None, num_rows=n)
         live = ~s.done
-        token = jnp.where(live, token, pad_id)
+        token = jnp.where(live, token, params.pad_id)
         decoded = model.apply(variables, None, token[:, None], live[:, None], state=s.state)
         at = (jnp.where(live, s.rows, n), s.step)  # finished slots write nothing (row n is out of range: dropped)
         return s.replace(step=s.step + 1, tokens=s.tokens.at[at].set(token, mode="drop"),
-                         logprobs=s.logprobs.at[at].set(logp, mode="drop"),
                          model_logprobs=s.model_logprobs.at[at].set(model_logp, mode="drop"),
                          done=s.done | jnp.isin(token, eos), state=decoded.state, last_logits=decoded.logits[:, 0])
 
@@ -224,32 +262,27 @@ def _generate(params, pixel_values, prompt_ids, prompt_mask, rng, *, config, gro
         fewer = sizes[k + 1] if k + 1 < len(sizes) else 0
 
         def cond(s: LoopState, fewer=fewer):
-            return (s.step < max_new_tokens) & (jnp.sum(~s.done) > fewer)
+            return (s.step < t_max) & (jnp.sum(~s.done) > fewer)
 
         state = jax.lax.while_loop(cond, body, state)
-    final = state
-    tokens = final.tokens
+    tokens = state.tokens
 
     # A row's mask runs up to and including its first EOS, or over the whole budget. (If the loop stopped
     # early, every row has an EOS, so unwritten columns are always after one.)
     is_eos = jnp.isin(tokens, eos)
     mask = (jnp.cumsum(is_eos, axis=1) - is_eos) == 0
     lengths = mask.sum(1).astype(jnp.int32)
-    return SamplingOutput(completion_ids=jnp.where(mask, tokens, pad_id), completion_mask=mask,
-                          logprobs=jnp.where(mask, final.logprobs, 0.0),
-                          model_logprobs=jnp.where(mask, final.model_logprobs, 0.0), lengths=lengths,
+    return SamplingOutput(completion_ids=jnp.where(mask, tokens, params.pad_id), completion_mask=mask,
+                          model_logprobs=jnp.where(mask, state.model_logprobs, 0.0), lengths=lengths,
                           truncated=~jnp.any(is_eos & mask, axis=1))
 
 
-def generate(params, config, pixel_values, prompt_ids: Array, prompt_mask: Array,
-             rng: Array, *, group_size: int = 1, max_new_tokens: int = 64, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (), greedy: bool = False,
-             pad_id: int = 0, suppress_ids: Sequence[int] | None = None,
-             compact: bool | None = None) -> SamplingOutput:
-    """Sample `group_size` completions for each of B left-padded prompts.
+def generate(weights, config, pixel_values, prompt_ids: Array, prompt_mask: Array, rng: Array,
+             params: SamplingParams = SamplingParams()) -> SamplingOutput:
+    """Sample `params.group_size` completions for each of B left-padded prompts.
 
     Args:
-      params: `model_for(config)` params (may be sharded; the batch may be sharded over the mesh's data axes).
+      weights: `model_for(config)` params (may be sharded; the batch may be sharded over the mesh's data axes).
       config: the model config (static) of any registered family (`rftjax.models.family`).
       pixel_values: one image per prompt, or None for text-only prompts: float `[B, H, W, C]` (LLaVA) or
         `QwenImages` (padded patches + `grid_thw`; the M-RoPE positions continue past the image while
@@ -258,38 +291,25 @@ def generate(params, config, pixel_values, prompt_ids: Array, prompt_mask: Array
         `config.num_image_tokens`; Qwen-VL: `t*h*w/4` for its grid).
       prompt_mask: bool `[B, P]`, False on padding.
       rng: PRNG key. Same key and inputs, same output; the left padding of a prompt does not matter.
-      group_size: G, samples per prompt; output rows are `N = B * G`, grouped contiguously.
-      max_new_tokens: T, the token budget per completion.
-      temperature, top_k, top_p: sampling distribution (see `filter_logits`); ignored when greedy.
-      eos_ids: ids that end a completion (the EOS token is kept and masked in).
-      greedy: argmax decoding.
-      pad_id: id written after a row ends.
-      suppress_ids: ids never generated; default the image (and video) placeholders. Pass the pad id here too if
-        it is not a real token of your vocabulary.
-      compact: drop finished rows from the decode batch (`decode_sizes`: the batch halves, up to 3 times, once at
-        most half of it is still decoding). The output is the same as without (each row's noise does not
-        depend on the batch), up to float rounding of the smaller batch's matmuls. None (default): on unless the
-        prompts are sharded over several devices, where gathering rows would move decode states between devices
-        (called under an outer jit, where the placement is not known: on).
+      params: the `SamplingParams` (G, T, the distribution, EOS/pad/suppressed ids, compaction); its
+        `suppress_ids=None` means the model's image (and video) placeholders.
 
     Returns:
-      `SamplingOutput` (completion ids/mask/logprobs `[N, T]`, lengths and truncated `[N]`).
+      `SamplingOutput` (completion ids/mask/model_logprobs `[N, T]`, lengths and truncated `[N]`), `N = B * G`
+      rows grouped contiguously.
 
     Raises:
-      ValueError: shapes that do not match, bad sampling settings, an image-token count that does not
+      ValueError: shapes that do not match, a pad id outside the vocabulary, an image-token count that does not
         match the image (checked when prompt_ids is concrete).
     """
-    _validate(config, pixel_values, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_k,
-              top_p, pad_id)
-    if suppress_ids is None:
-        suppress_ids = placeholder_ids(config)
+    _check_prompts(config, pixel_values, prompt_ids, prompt_mask, params)
+    if params.suppress_ids is None:
+        params = params.replace(suppress_ids=placeholder_ids(config))
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((prompt_ids, pixel_values)))
     if not traced:
         check_image_tokens(prompt_ids, config, pixel_values)
-    if compact is None:  # under an outer jit the placement is unknown here: compact
-        compact = traced or not (isinstance(prompt_ids, jax.Array) and len(prompt_ids.sharding.device_set) > 1)
-    return _generate(params, pixel_values, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool),
-                     rng, config=config, group_size=int(group_size), max_new_tokens=int(max_new_tokens),
-                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                     eos_ids=tuple(int(e) for e in eos_ids), greedy=bool(greedy), pad_id=int(pad_id),
-                     suppress_ids=tuple(int(s) for s in suppress_ids), compact=bool(compact))
+    if params.compact is None:  # under an outer jit the placement is unknown here: compact
+        sharded = not traced and isinstance(prompt_ids, jax.Array) and len(prompt_ids.sharding.device_set) > 1
+        params = params.replace(compact=not sharded)
+    return _generate(weights, pixel_values, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool),
+                     rng, config=config, params=params)

@@ -212,8 +212,8 @@ class Trainer:
     def _rl_step(self, n: int) -> tuple[dict, bool]:
         c, run = self.c, self.setup
         key = jax.random.fold_in(run.key, self.state.counters.global_step)
-        rollouts = collect_rollouts(self.params, run.model_config, run.tokenizer, self.state.rl_iter, key,
-                                    run.rollout_config, run.scorer, run.place)
+        rollouts = collect_rollouts(run.policy(self.params), self.state.rl_iter, key, run.rollout_config,
+                                    run.rewards, run.place)
         faults.reached("rollout")
         m = self.rl_update_step(rollouts, key)
         faults.reached("update")
@@ -281,7 +281,7 @@ class Trainer:
             return self.finish()
         finally:
             self.logger.close()
-            self.setup.scorer.close()
+            self.setup.rewards.close()
 
     def finish(self) -> dict:
         """summary.json, curves.png and the printed summary table (process 0 only: the others return {})."""

@@ -241,8 +241,9 @@ def test_sampler_and_trainer_logprobs_agree(qwen_dir, dtype):
     for b, n in enumerate(n_img):
         ids[b, length - n - 6:] = [3, *[5] * n, 4, 40, 50, 60, 70]
     mask = ids != 0
-    out = sampling.generate(params, config, pv, ids, mask, jax.random.key(0), group_size=3, max_new_tokens=10,
-                            temperature=1.0, eos_ids=(2,))
+    out = sampling.generate(params, config, pv, ids, mask, jax.random.key(0),
+        sampling.SamplingParams(group_size=3, max_new_tokens=10,
+                            temperature=1.0, eos_ids=(2,)))
     seq = steps.SequenceBatch(pixel_values=jax.tree.map(lambda x: jnp.repeat(x, 3, 0), pv),
                               prompt_ids=jnp.repeat(ids, 3, 0), prompt_mask=jnp.repeat(mask, 3, 0),
                               completion_ids=out.completion_ids, completion_mask=out.completion_mask)

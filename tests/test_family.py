@@ -125,8 +125,9 @@ def test_a_registered_toy_family_runs_through_the_house(toy):
     assert param_count(config) == sum(x.size for x in jax.tree.leaves(params))
     assert config_from_dict(config.to_dict()) == config
     images, ids, mask = _prompts(config)
-    out = sampling.generate(params, config, images, ids, mask, jax.random.key(1), group_size=3, max_new_tokens=5,
-                            greedy=True)
+    out = sampling.generate(params, config, images, ids, mask, jax.random.key(1),
+        sampling.SamplingParams(group_size=3, max_new_tokens=5,
+                            greedy=True))
     assert out.completion_ids.shape == (6, 5)
     assert not np.any(np.asarray(out.completion_ids) == config.image_token_id)  # placeholders suppressed
     # Greedy rows of one prompt agree; the image matters.
@@ -263,8 +264,9 @@ def test_hybrid_model_samples_what_the_trainer_scores(hybrid):
     log-probs equal the trainer's full forward over prompt + completion within 1e-5."""
     config, params = hybrid
     pixels, ids, mask = _llava_prompts(config, (0, 3, 1, 2))
-    out = sampling.generate(params, config, pixels, ids, mask, jax.random.key(5), group_size=4, max_new_tokens=8,
-                            eos_ids=(4, 5, 6, 7, 8, 9, 10, 11), compact=True)
+    out = sampling.generate(params, config, pixels, ids, mask, jax.random.key(5),
+        sampling.SamplingParams(group_size=4, max_new_tokens=8,
+                            eos_ids=(4, 5, 6, 7, 8, 9, 10, 11), compact=True))
     assert sampling.decode_sizes(16, True) == (16, 8)
     assert 0 < int(out.completion_mask.sum()) < out.completion_mask.size  # some rows end early
     g = 4

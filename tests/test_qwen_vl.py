@@ -120,8 +120,9 @@ def test_kv_cache_decode_equals_full_forward(hf_models, batch):
 def test_greedy_generate_equals_transformers(hf_models, batch):
     model, _, config, params = hf_models("qwen2_5_vl_untied")
     out = sampling.generate(params, config, _images(batch), jnp.asarray(batch["input_ids"], jnp.int32),
-                            jnp.asarray(batch["attention_mask"], bool), jax.random.key(0), max_new_tokens=16,
-                            greedy=True)
+                            jnp.asarray(batch["attention_mask"], bool), jax.random.key(0),
+                                sampling.SamplingParams(max_new_tokens=16,
+                            greedy=True))
     suppress = [QWEN_IDS["image_token_id"], QWEN_IDS["video_token_id"]]
     with torch.no_grad():
         ref = model.generate(input_ids=torch.tensor(batch["input_ids"]),

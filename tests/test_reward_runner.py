@@ -31,9 +31,9 @@ def test_hostile_completions_each_end_within_the_time_limit(scorer):
     out = scorer.score(texts, golds, ["math"] * len(texts))
     elapsed = time.perf_counter() - t0
     np.testing.assert_array_equal(out["timeout"], [1, 1, 1, 1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(out["total"][:5], 0)
+    np.testing.assert_array_equal(out["score"][:5], 0)
     assert out["correct"][5] == 1 and out["format"][5] == 1  # deep braces in the reasoning: a normal answer
-    assert out["total"][6] == 0 and out["total"][7] == 1.5
+    assert out["score"][6] == 0 and out["score"][7] == 1.5
     # 4 timeouts of 1 s over 2 workers, plus worker restarts; unbounded, math-verify alone would take >= 20 s.
     assert elapsed < 10, elapsed
 
@@ -42,26 +42,25 @@ def test_in_process_scoring_equals_the_workers(scorer):
     texts = ["<think>a</think><answer>3</answer>", "<think>a</think><answer>4</answer>", "no format 3",
              "<think>b</think><answer>[1, 2, 10, 12]</answer>"]
     golds, kinds = ["3", "3", "3", "[0, 0, 10, 10]"], ["int", "int", "int", "box"]
-    want = score(texts, golds, kinds, [5, 6, 7, 8], RewardConfig(overlong_buffer_len=4, max_len=8))
-    got = RewardScorer(RewardConfig(num_workers=2, overlong_buffer_len=4, max_len=8)).score(texts, golds, kinds,
-                                                                                             [5, 6, 7, 8])
+    want = score(texts, golds, kinds, [5, 6, 7, 8], RewardConfig())
+    got = RewardScorer(RewardConfig(num_workers=2)).score(texts, golds, kinds, [5, 6, 7, 8])
     for k, v in want.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-6, err_msg=k)
     assert not got["timeout"].any() and not got["error"].any()
-    assert want["overlong"][-1] < 0  # the shaping is applied on top of the workers' components
+    assert sorted(got) == sorted([*want, "error", "timeout"])
 
 
 def test_user_reward_function_signature_and_time_limit():
     s = RewardScorer(RewardConfig(function=USER, num_workers=2))
     out = s.score(["the answer is 7!", "8", "7"], ["7", "7", "7"], ["int"] * 3, [4, 1, 1])
-    np.testing.assert_allclose(out["total"], [1.1, 0.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(out["score"], [1.1, 0.0, 1.0], rtol=1e-6)
     np.testing.assert_array_equal(out["accuracy"], [1, 0, 1])
     np.testing.assert_array_equal(out["format"], [1, 0, 0])
     s.close()
     slow = RewardScorer(RewardConfig(function=f"{USER}:sleepy", num_workers=2, timeout_s=0.5))
     out = slow.score(["0.01", "30", "0.01"], ["1"] * 3, ["int"] * 3)
     np.testing.assert_array_equal(out["timeout"], [0, 1, 0])
-    np.testing.assert_array_equal(out["total"], [1, 0, 1])
+    np.testing.assert_array_equal(out["score"], [1, 0, 1])
     slow.close()
 
 
@@ -75,7 +74,7 @@ def test_user_function_errors_name_the_row_or_count_with_on_error_zero():
     out = s.score(texts, golds, ["int"] * 3)
     s.close()
     np.testing.assert_array_equal(out["error"], [0, 1, 0])
-    assert out["total"][0] == 0.5 and out["total"][1] == 0 and np.isnan(out["total"][2])  # NaN is the trainer's
+    assert out["score"][0] == 0.5 and out["score"][1] == 0 and np.isnan(out["score"][2])  # NaN is the trainer's
     with pytest.raises(RuntimeError, match="TypeError: must return a list"):
         RewardScorer(RewardConfig(function=f"{USER}:wrong_shape")).score(["a"], ["1"], ["int"])
 
@@ -103,7 +102,7 @@ def test_workers_of_a_python_dash_m_program_do_not_warn_about_its_main_module(tm
         "from rftjax.rewards import RewardConfig, RewardScorer\n"
         "if __name__ == '__main__':\n"
         "    scorer = RewardScorer(RewardConfig(num_workers=1))\n"
-        "    print(scorer.score(['<answer>3</answer>', '4'], ['3', '3'], ['int', 'int'])['total'].tolist())\n"
+        "    print(scorer.score(['<answer>3</answer>', '4'], ['3', '3'], ['int', 'int'])['score'].tolist())\n"
         "    scorer.close()\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "pkg.mod"], cwd=tmp_path, capture_output=True, text=True,

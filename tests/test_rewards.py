@@ -118,12 +118,11 @@ def test_parsers():
 def test_score_composes_components():
     out = score([GOOD, "<answer>7</answer>", "<think>x</think><answer>[0, 0, 2, 2]</answer>", "garbage"],
                 ["7", "7", "[0, 0, 2, 4]", "7"], ["int", "int", "box", "int"], lengths=[10, 20, 30, 40],
-                config=RewardConfig(accuracy_weight=1.0, format_weight=0.5, overlong_buffer_len=10, max_len=35))
+                config=RewardConfig(accuracy_weight=1.0, format_weight=0.5))
     np.testing.assert_allclose(out["accuracy"], [1, 1, 0.5, 0])
     np.testing.assert_allclose(out["correct"], [1, 1, 1, 0])
     np.testing.assert_allclose(out["format"], [1, 0, 1, 0])
-    np.testing.assert_allclose(out["overlong"], [0, 0, -0.5, -1])  # free up to 25, -1 beyond 35
-    np.testing.assert_allclose(out["total"], [1.5, 1.0, 0.5, -1.0])
+    np.testing.assert_allclose(out["score"], [1.5, 1.0, 1.0, 0.0])
     with pytest.raises(ValueError, match="one entry per completion"):
         score(["a"], ["1", "2"], ["int"])
 
@@ -156,5 +155,5 @@ def test_hostile_output_never_raises_and_is_fast(kind, gold, answer_format):
         t0 = time.perf_counter()
         out = score([text], [gold], [kind], config=RewardConfig(answer_format=answer_format))
         elapsed = time.perf_counter() - t0
-        assert np.isfinite(out["total"]).all() and 0.0 <= out["accuracy"][0] <= 1.0
+        assert np.isfinite(out["score"]).all() and 0.0 <= out["accuracy"][0] <= 1.0
         assert elapsed < 2.0, (kind, text[:40], elapsed)

@@ -266,7 +266,10 @@ def test_presets():
     assert set(rl.PRESETS) == {"grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "ppo"}
     dapo_cfg = rl.get_algorithm("dapo")
     assert (dapo_cfg.clip_eps_low, dapo_cfg.clip_eps_high, dapo_cfg.kl_coef) == (0.2, 0.28, 0.0)
-    assert dapo_cfg.dynamic_sampling and dapo_cfg.loss_agg_mode == "token-mean"
+    assert dapo_cfg.loss_agg_mode == "token-mean"
+    assert rl.preset_settings("dapo") == {"dynamic_sampling": True, "gen_prompts_per_round": 0,
+                                          "dynamic_sampling_rounds": 4, "overlong_buffer_len": 64}
+    assert rl.preset_settings("grpo") == rl.SCHEDULE_DEFAULTS
     assert rl.get_algorithm("dr_grpo").loss_agg_mode == "seq-mean-token-sum-norm"
     assert rl.get_algorithm("gspo").ratio_level == "sequence"
     assert rl.get_algorithm("ppo").uses_critic and rl.get_algorithm("grpo").uses_reference

@@ -33,8 +33,8 @@ def test_one_rl_step_moves_its_rollouts_to_the_devices_once(tmp_path, monkeypatc
         set_by_path(config, key, value)
     trainer = Trainer(config, str(tmp_path / "dapo"))
     setup, key = trainer.setup, jax.random.key(3)
-    rollouts = collect_rollouts(trainer.params, setup.model_config, setup.tokenizer, trainer.state.rl_iter, key,
-                                setup.rollout_config, setup.scorer, setup.place)
+    rollouts = collect_rollouts(setup.policy(trainer.params), trainer.state.rl_iter, key, setup.rollout_config,
+                                setup.rewards, setup.place)
     # Rewards that differ within each group (an untrained policy's rollouts often all score the same), so the
     # policy gradient is not zero.
     n = rollouts.batch.rewards.shape[0]

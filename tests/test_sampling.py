@@ -79,14 +79,15 @@ def test_greedy_equals_naive_full_forward_argmax(tiny, scan):
         params = rhf.stack_layers(params, config.text.num_layers)
     pixels, ids, mask = _prompts(config)
     steps = 8
-    first = sampling.generate(params, config, pixels, ids, mask, jax.random.key(0), max_new_tokens=steps,
-                              greedy=True)
+    first = sampling.generate(params, config, pixels, ids, mask, jax.random.key(0),
+        sampling.SamplingParams(max_new_tokens=steps,
+                              greedy=True))
     # EOS := the first token that a row emits after a different one, so that row stops mid-way.
     rows = [[int(t) for t in r] for r in first.completion_ids]
     row, stop = next((r, t) for r in range(len(rows)) for t in range(1, steps) if rows[r][t] not in rows[r][:t])
     eos = rows[row][stop]
-    out = sampling.generate(params, config, pixels, ids, mask, jax.random.key(0), group_size=2,
-                            max_new_tokens=steps, greedy=True, eos_ids=(eos,))
+    out = sampling.generate(params, config, pixels, ids, mask, jax.random.key(0), sampling.SamplingParams(group_size=2,
+                            max_new_tokens=steps, greedy=True, eos_ids=(eos,)))
     unscanned = (config.replace(scan_layers=False), rhf.unstack_layers(params, config.text.num_layers)) \
         if scan else (config, params)
     ref = _naive_greedy(*unscanned, pixels, ids, mask, steps, (eos,), (config.image_token_id,))
@@ -97,7 +98,7 @@ def test_greedy_equals_naive_full_forward_argmax(tiny, scan):
     assert got_mask[2 * row].sum() == stop + 1 and not out.truncated[2 * row]
     np.testing.assert_array_equal(out.lengths, got_mask.sum(1))
     np.testing.assert_array_equal(out.truncated, ~np.isin(got_ids, [eos]).any(1))
-    assert (got_ids[~got_mask] == 0).all() and (np.asarray(out.logprobs)[~got_mask] == 0).all()
+    assert (got_ids[~got_mask] == 0).all() and (np.asarray(out.model_logprobs)[~got_mask] == 0).all()
 
 
 def _reference_probs(logits, temperature, top_k, top_p, suppress):
@@ -141,8 +142,9 @@ def _fits(counts: np.ndarray, p: np.ndarray) -> bool:
 
 def _first_token_counts(config, params, temperature, top_k, top_p, n=6000):
     pixels, ids, mask = _prompts(config, pads=(1,))
-    out = sampling.generate(params, config, pixels, ids, mask, jax.random.key(7), group_size=n, max_new_tokens=1,
-                            temperature=temperature, top_k=top_k, top_p=top_p)
+    out = sampling.generate(params, config, pixels, ids, mask, jax.random.key(7),
+        sampling.SamplingParams(group_size=n, max_new_tokens=1,
+                            temperature=temperature, top_k=top_k, top_p=top_p))
     logits = _full_logits(config, params, pixels, ids, mask)[0, -1]
     return np.bincount(np.asarray(out.completion_ids[:, 0]), minlength=config.text.vocab_size), logits
 
@@ -179,18 +181,20 @@ def test_same_key_same_output_and_padding_invariance(tiny):
     kw = dict(group_size=3, max_new_tokens=10, temperature=1.0)
     pad_mask = mask.at[1].set(mask[0])
     pixels = pixels.at[1].set(pixels[0])
-    a = sampling.generate(params, config, pixels, ids, pad_mask, jax.random.key(3), **kw)
-    b = sampling.generate(params, config, pixels, ids, pad_mask, jax.random.key(3), **kw)
-    c = sampling.generate(params, config, pixels, ids, pad_mask, jax.random.key(4), **kw)
+    a = sampling.generate(params, config, pixels, ids, pad_mask, jax.random.key(3), sampling.SamplingParams(**kw))
+    b = sampling.generate(params, config, pixels, ids, pad_mask, jax.random.key(3), sampling.SamplingParams(**kw))
+    c = sampling.generate(params, config, pixels, ids, pad_mask, jax.random.key(4), sampling.SamplingParams(**kw))
     np.testing.assert_array_equal(a.completion_ids, b.completion_ids)
     assert not np.array_equal(a.completion_ids, c.completion_ids)
     # The same prompt padded to a longer batch: the same samples for the same key.
     longer_ids = jnp.pad(ids[:1], ((0, 0), (5, 0)))
     longer_mask = jnp.pad(pad_mask[:1], ((0, 0), (5, 0)))
-    d = sampling.generate(params, config, pixels[:1], ids[:1], pad_mask[:1], jax.random.key(3), **kw)
-    e = sampling.generate(params, config, pixels[:1], longer_ids, longer_mask, jax.random.key(3), **kw)
+    d = sampling.generate(params, config, pixels[:1], ids[:1], pad_mask[:1], jax.random.key(3),
+        sampling.SamplingParams(**kw))
+    e = sampling.generate(params, config, pixels[:1], longer_ids, longer_mask, jax.random.key(3),
+        sampling.SamplingParams(**kw))
     np.testing.assert_array_equal(d.completion_ids, e.completion_ids)
-    np.testing.assert_allclose(d.logprobs, e.logprobs, atol=1e-5)
+    np.testing.assert_allclose(d.model_logprobs, e.model_logprobs, atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 10, 0.9)])
@@ -198,8 +202,9 @@ def test_logprobs_equal_full_forward_recomputation(tiny, temperature, top_k, top
     config, params = tiny
     pixels, ids, mask = _prompts(config)
     g = 2
-    out = sampling.generate(params, config, pixels, ids, mask, jax.random.key(11), group_size=g, max_new_tokens=7,
-                            temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=(5, 6))
+    out = sampling.generate(params, config, pixels, ids, mask, jax.random.key(11),
+        sampling.SamplingParams(group_size=g, max_new_tokens=7,
+                            temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=(5, 6)))
     seq = jnp.concatenate([jnp.repeat(ids, g, 0), out.completion_ids], 1)
     seq_mask = jnp.concatenate([jnp.repeat(mask, g, 0), out.completion_mask], 1)
     logits = _full_logits(config, params, jnp.repeat(pixels, g, 0), seq, seq_mask)
@@ -209,10 +214,11 @@ def test_logprobs_equal_full_forward_recomputation(tiny, temperature, top_k, top
         for t in range(out.completion_ids.shape[1]):
             if not comp_mask[row, t]:
                 continue
-            probs = _reference_probs(logits[row, p_len + t - 1], temperature, top_k, top_p,
-                                     (config.image_token_id,))
+            last = logits[row, p_len + t - 1]
             token = int(out.completion_ids[row, t])
-            assert abs(np.log(probs[token]) - float(out.logprobs[row, t])) < 1e-4
+            assert _reference_probs(last, temperature, top_k, top_p, (config.image_token_id,))[token] > 0
+            model_probs = _reference_probs(last, temperature, 0, 1.0, ())  # unfiltered: what the trainer computes
+            assert abs(np.log(model_probs[token]) - float(out.model_logprobs[row, t])) < 1e-4
 
 
 def test_image_token_is_never_generated(tiny):
@@ -225,8 +231,9 @@ def test_image_token_is_never_generated(tiny):
     plain = VLM(config).apply({"params": boosted}, pixels, ids, mask).logits
     assert (np.asarray(plain[:, -1]).argmax(-1) == config.image_token_id).all()  # it would be chosen
     for greedy in (True, False):
-        out = sampling.generate(boosted, config, pixels, ids, mask, jax.random.key(0), group_size=4,
-                                max_new_tokens=6, greedy=greedy)
+        out = sampling.generate(boosted, config, pixels, ids, mask, jax.random.key(0),
+            sampling.SamplingParams(group_size=4,
+                                max_new_tokens=6, greedy=greedy))
         assert not (np.asarray(out.completion_ids) == config.image_token_id).any()
 
 
@@ -234,9 +241,10 @@ def test_bad_arguments_raise(tiny):
     config, params = tiny
     pixels, ids, mask = _prompts(config)
     with pytest.raises(ValueError, match="temperature"):
-        sampling.generate(params, config, pixels, ids, mask, jax.random.key(0), temperature=0.0)
+        sampling.generate(params, config, pixels, ids, mask, jax.random.key(0),
+            sampling.SamplingParams(temperature=0.0))
     with pytest.raises(ValueError, match="top_p"):
-        sampling.generate(params, config, pixels, ids, mask, jax.random.key(0), top_p=1.5)
+        sampling.generate(params, config, pixels, ids, mask, jax.random.key(0), sampling.SamplingParams(top_p=1.5))
     with pytest.raises(ValueError, match="one per prompt"):
         sampling.generate(params, config, pixels[:1], ids, mask, jax.random.key(0))
     with pytest.raises(ValueError, match="image tokens"):
@@ -257,13 +265,15 @@ def test_generate_under_jit_with_sharded_batch_and_params(tiny):
 
     @jax.jit
     def rollout(p, x, i, m, key):
-        return sampling.generate(p, config, x, i, m, key, group_size=2, max_new_tokens=6, greedy=True)
+        return sampling.generate(p, config, x, i, m, key,
+            sampling.SamplingParams(group_size=2, max_new_tokens=6, greedy=True))
 
     sharded = rollout(sharded_params, s_pixels, s_ids, s_mask, jax.random.key(0))
-    single = sampling.generate(params, config, pixels, ids, mask, jax.random.key(0), group_size=2,
-                               max_new_tokens=6, greedy=True)
+    single = sampling.generate(params, config, pixels, ids, mask, jax.random.key(0),
+        sampling.SamplingParams(group_size=2,
+                               max_new_tokens=6, greedy=True))
     np.testing.assert_array_equal(sharded.completion_ids, single.completion_ids)
-    np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
+    np.testing.assert_allclose(sharded.model_logprobs, single.model_logprobs, atol=1e-5)
     assert len(sharded.completion_ids.sharding.device_set) == 8
 
 
@@ -282,12 +292,14 @@ def test_dropping_finished_rows_changes_no_sample(tiny, greedy):
     pixels, ids, mask = _prompts(config, pads=(0, 3, 1, 2))
     eos = tuple(range(4, config.text.vocab_size, 9))  # ~1 in 9 tokens ends a row: lengths spread over the budget
     kw = dict(group_size=8, max_new_tokens=24, temperature=1.0, eos_ids=eos, greedy=greedy)
-    full = sampling.generate(params, config, pixels, ids, mask, jax.random.key(5), compact=False, **kw)
-    compact = sampling.generate(params, config, pixels, ids, mask, jax.random.key(5), compact=True, **kw)
+    full = sampling.generate(params, config, pixels, ids, mask, jax.random.key(5),
+        sampling.SamplingParams(compact=False, **kw))
+    compact = sampling.generate(params, config, pixels, ids, mask, jax.random.key(5),
+        sampling.SamplingParams(compact=True, **kw))
     lengths = np.asarray(full.lengths)
     # The smaller phases ran for a while: sampled, the 8-slot phase; greedy (a group's rows are equal), the 16.
     assert np.sum(lengths < 20) >= (16 if greedy else 24) and np.sum(lengths > 4) >= 4, lengths
     for name in ("completion_ids", "completion_mask", "lengths", "truncated"):
         np.testing.assert_array_equal(getattr(compact, name), getattr(full, name), err_msg=name)
-    np.testing.assert_allclose(compact.logprobs, full.logprobs, atol=1e-5)
+    np.testing.assert_allclose(compact.model_logprobs, full.model_logprobs, atol=1e-5)
     np.testing.assert_allclose(compact.model_logprobs, full.model_logprobs, atol=1e-5)

@@ -1,13 +1,11 @@
-"""Weighted composition of reward components; every component is returned for logging.
+"""The rule rewards of one completion; every component is returned for logging.
 
-    total = accuracy_weight * accuracy + format_weight * format + overlong (DAPO soft punishment)
+    score = accuracy_weight * accuracy + format_weight * format
 
-or, with a user reward function (`RewardConfig.function`), total = its `overall` + overlong.
-
-Source of the recipe: R1-V / Visual-RFT (accuracy + format rewards), DAPO Eq. 13 (overlong shaping, see
-`rftjax.rewards.overlong_penalty`). `score` runs in the calling process without a time limit;
+or, with a user reward function (`RewardConfig.function`), its `overall`. Source of the recipe: R1-V /
+Visual-RFT (accuracy + format rewards). `score` runs in the calling process without a time limit;
 `rftjax.rewards.runner.RewardScorer` runs the same `score_one` per completion under a time limit in worker
-processes (what training and evaluation use).
+processes (what training and evaluation use, as `rftjax.rewards.sources.RuleSource`).
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from rftjax.rewards.parsing import check_answer_format, extract_answer, format_o
 from rftjax.rewards.overlong import overlong_penalty
 
 ON_ERROR = ("raise", "zero")
-COMPONENTS = ("accuracy", "correct", "format", "score")  # per completion, before the overlong shaping
+COMPONENTS = ("accuracy", "correct", "format", "score")  # per completion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +33,6 @@ class RewardConfig:
 
     Attributes:
       accuracy_weight, format_weight: weights of the built-in components.
-      overlong_buffer_len, max_len: DAPO's overlong penalty (0: off).
       box_iou: box answers score their IoU (graded) instead of IoU >= 0.5.
       answer_format: where answers are read from and which format is rewarded, `tags` or `boxed`
         (`rftjax.rewards.parsing`).
@@ -54,8 +51,6 @@ class RewardConfig:
 
     accuracy_weight: float = 1.0
     format_weight: float = 0.5
-    overlong_buffer_len: int = 0
-    max_len: int = 0
     box_iou: bool = True
     answer_format: str = "tags"
     function: str = ""
@@ -65,8 +60,6 @@ class RewardConfig:
 
     def __post_init__(self):
         check_answer_format(self.answer_format)
-        if self.overlong_buffer_len and not 0 < self.overlong_buffer_len <= self.max_len:
-            raise ValueError(f"overlong_buffer_len={self.overlong_buffer_len} needs 0 < it <= max_len={self.max_len}")
         if not self.timeout_s > 0 or self.num_workers < 0:
             raise ValueError(f"reward timeout_s={self.timeout_s} must be > 0 and num_workers={self.num_workers} >= 0")
         if self.on_error not in ON_ERROR:
@@ -76,9 +69,9 @@ class RewardConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def load_function(spec: str) -> Callable[[list[dict]], list[dict]]:
-    """The user reward function of `spec`, `PATH.py:NAME` or `PATH.py` (NAME = `compute_score`); cached per
-    process.
+def load_function(spec: str, setting: str = "reward.function") -> Callable:
+    """The function of `spec`, `PATH.py:NAME` or `PATH.py` (NAME = `compute_score`), from the Python file PATH;
+    cached per process. `setting` names the config field in error messages.
 
     Raises:
       ValueError: the file does not exist or cannot be imported, or has no callable NAME.
@@ -86,16 +79,16 @@ def load_function(spec: str) -> Callable[[list[dict]], list[dict]]:
     path, _, name = spec.partition(":")
     name = name or "compute_score"
     if not os.path.isfile(path):
-        raise ValueError(f"reward function file {path!r} (reward.function={spec!r}) does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"rftjax_user_reward_{abs(hash(path))}", path)
+        raise ValueError(f"file {path!r} ({setting}={spec!r}) does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"rftjax_user_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - reported with the file's name
-        raise ValueError(f"reward function file {path!r} failed to import: {type(e).__name__}: {e}") from e
+        raise ValueError(f"file {path!r} ({setting}={spec!r}) failed to import: {type(e).__name__}: {e}") from e
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ValueError(f"reward function file {path!r} has no function {name!r} (reward.function={spec!r})")
+        raise ValueError(f"file {path!r} has no function {name!r} ({setting}={spec!r})")
     return fn
 
 
@@ -126,17 +119,9 @@ def score_one(text, gold: str, kind: str, length: int = 0, config: RewardConfig 
             "score": config.accuracy_weight * acc + config.format_weight * fmt}
 
 
-def finish(components: dict[str, np.ndarray], lengths: Sequence[int] | None,
-           config: RewardConfig) -> dict[str, np.ndarray]:
-    """`components` (per-completion `COMPONENTS`, `[N]` each) with `overlong` (DAPO's penalty, <= 0) and `total`
-    added, float32 `[N]` each."""
-    n = len(components["score"])
-    overlong = np.zeros(n, np.float32)
-    if config.overlong_buffer_len and lengths is not None:
-        overlong = overlong_penalty(lengths, config.max_len, config.overlong_buffer_len).astype(np.float32)
-    out = {k: np.asarray(v, np.float32) for k, v in components.items()}
-    out.update(overlong=overlong, total=(out["score"] + overlong).astype(np.float32))
-    return out
+def as_arrays(rows: Sequence[dict[str, float]], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-completion dicts -> float32 `[N]` per name of `names`."""
+    return {k: np.asarray([r[k] for r in rows], np.float32) for k in names}
 
 
 def check_lengths(completions: Sequence, answers: Sequence, answer_types: Sequence, lengths=None) -> None:
@@ -149,8 +134,9 @@ def check_lengths(completions: Sequence, answers: Sequence, answer_types: Sequen
 
 def score(completions: Sequence[str], answers: Sequence[str], answer_types: Sequence[str],
           lengths: Sequence[int] | None = None, config: RewardConfig = RewardConfig()) -> dict[str, np.ndarray]:
-    """Reward components of N completions in this process, without a time limit, each float32 `[N]`:
-    `COMPONENTS`, `overlong` (<= 0) and `total`. Never raises on model output (the built-in components).
+    """The rule components (`COMPONENTS`) of N completions in this process, without a time limit, each float32
+    `[N]`; `lengths` (tokens per completion) reach a user function as `response_length`. Never raises on model
+    output (the built-in components).
 
     Raises:
       ValueError: the argument lists differ in length, or an unknown answer_type.
@@ -158,4 +144,4 @@ def score(completions: Sequence[str], answers: Sequence[str], answer_types: Sequ
     check_lengths(completions, answers, answer_types, lengths)
     rows = [score_one(t, g, k, 0 if lengths is None else lengths[i], config)
             for i, (t, g, k) in enumerate(zip(completions, answers, answer_types))]
-    return finish({k: [r[k] for r in rows] for k in COMPONENTS}, lengths, config)
+    return as_arrays(rows, COMPONENTS)

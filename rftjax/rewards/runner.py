@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rftjax.rewards.compose import COMPONENTS, RewardConfig, check_lengths, finish, score_one
+from rftjax.rewards.compose import COMPONENTS, RewardConfig, as_arrays, check_lengths, score_one
 
 FLAGS = ("timeout", "error")  # per-completion 0/1 components added by the scorer
 
@@ -67,9 +67,9 @@ class RewardScorer:
 
     def score(self, completions: Sequence[str], answers: Sequence[str], answer_types: Sequence[str],
               lengths: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-        """Reward components of N completions, float32 `[N]` each: `COMPONENTS`, `overlong`, `total`, and the 0/1
-        flags `timeout` (past `timeout_s`: every component 0) and `error` (the user function raised, with
-        `on_error="zero"`: every component 0).
+        """Rule components of N completions, float32 `[N]` each: `COMPONENTS` and the 0/1 flags `timeout` (past `timeout_s`: every component 0) and `error` (the user function raised, with
+        `on_error="zero"`: every component 0). `lengths` (tokens per completion) reach a user function as
+        `response_length`.
 
         Raises:
           ValueError: the argument lists differ in length.
@@ -100,4 +100,4 @@ class RewardScorer:
                         f"reward.on_error=zero to score such rows 0 (counted in reward_errors)") from e
                 rows.append(dict.fromkeys(COMPONENTS, 0.0))
                 flags["error"][i] = 1
-        return {**finish({k: [r[k] for r in rows] for k in COMPONENTS}, lengths, c), **flags}
+        return {**as_arrays(rows, COMPONENTS), **flags}

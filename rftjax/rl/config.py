@@ -1,8 +1,10 @@
-"""One algorithm config for the GRPO/PPO family, validated, with the presets of the papers.
+"""The objective of the GRPO/PPO family, validated, with the presets of the papers.
 
 `AlgorithmConfig` selects the advantage estimator, the ratio level, clipping, KL, entropy bonus and loss
 aggregation by name; `get_algorithm(name, **overrides)` returns a preset. The config is a frozen
-dataclass: hashable, so it can be a static argument of a jitted update step.
+dataclass: hashable, so it can be a static argument of a jitted update step. A preset may also set the rollout
+schedule and the reward shaping (`preset_settings`: DAPO's dynamic sampling and overlong shaping), which live in
+`rftjax.rollout.RolloutConfig` and `rftjax.rewards.OverlongSource`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
-    """Every knob of the objective and of DAPO's sampling. Field names are the field's (TRL, verl, the papers).
+    """Every knob of the objective. Field names are the field's (TRL, verl, the papers).
 
     Attributes:
       name: preset name, for logs.
@@ -39,12 +41,6 @@ class AlgorithmConfig:
       loss_agg_mode: one of `LOSS_AGG_MODES`.
       norm_len: the constant length of `seq-mean-token-sum-norm` (Dr.GRPO); None uses the padded T.
       num_iterations: mu, optimisation passes over each batch of rollouts.
-      dynamic_sampling: DAPO's filter: drop groups whose rewards are all equal (Yu et al. 2025, Sec. 3.2).
-      gen_prompts_per_round: with dynamic sampling, prompts generated per rollout round (verl's
-        `data.gen_batch_size`; a multiple of the prompts trained on per step); 0: as many as are trained on.
-      dynamic_sampling_rounds: rollout rounds per step at most to fill the batch with groups that carry signal
-        (verl's `max_num_gen_batches`); a batch still short is filled with groups without signal.
-      overlong_buffer_len: DAPO's L_cache for soft overlong punishment (0 disables).
       gamma, lam: discount and GAE lambda (token-level estimators).
       clip_eps_value: value clipping of the critic loss (PPO).
       value_coef: weight of the value loss.
@@ -66,10 +62,6 @@ class AlgorithmConfig:
     loss_agg_mode: str = "token-mean"
     norm_len: int | None = None
     num_iterations: int = 1
-    dynamic_sampling: bool = False
-    gen_prompts_per_round: int = 0
-    dynamic_sampling_rounds: int = 4
-    overlong_buffer_len: int = 0
     gamma: float = 1.0
     lam: float = 1.0
     clip_eps_value: float = 0.2
@@ -103,14 +95,6 @@ class AlgorithmConfig:
             raise ValueError(f"AlgorithmConfig.num_iterations={self.num_iterations} must be >= 1")
         if self.norm_len is not None and self.norm_len < 1:
             raise ValueError(f"AlgorithmConfig.norm_len={self.norm_len} must be >= 1 (or None for the padded T)")
-        if self.gen_prompts_per_round < 0 or self.dynamic_sampling_rounds < 1:
-            raise ValueError(f"gen_prompts_per_round={self.gen_prompts_per_round} must be >= 0 and "
-                             f"dynamic_sampling_rounds={self.dynamic_sampling_rounds} >= 1")
-        if self.gen_prompts_per_round and not self.dynamic_sampling:
-            raise ValueError(f"gen_prompts_per_round={self.gen_prompts_per_round} oversamples for dynamic sampling: it "
-                             f"needs dynamic sampling (rl.algo.dynamic_sampling=True); or set it to 0")
-        if self.overlong_buffer_len < 0:
-            raise ValueError(f"AlgorithmConfig.overlong_buffer_len={self.overlong_buffer_len} must be >= 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"gamma={self.gamma} and lam={self.lam} must be in [0, 1]")
 
@@ -139,8 +123,7 @@ PRESETS: dict[str, AlgorithmConfig] = {
     # DAPO (Yu et al. 2025, Sec. 3 and Algorithm 1): clip-higher eps_low 0.2 / eps_high 0.28, token-level
     # policy-gradient loss (token-mean), dynamic sampling, overlong reward shaping, no KL, G = 16.
     "dapo": AlgorithmConfig(name="dapo", advantage_estimator="grpo", group_size=16, clip_eps_low=0.2,
-                            clip_eps_high=0.28, kl_coef=0.0, loss_agg_mode="token-mean", dynamic_sampling=True,
-                            overlong_buffer_len=64),
+                            clip_eps_high=0.28, kl_coef=0.0, loss_agg_mode="token-mean"),
     # GSPO (Zheng et al. 2025, Sec. 4 and 5.1): sequence-level length-normalised ratio clipped with
     # eps_low 3e-4 / eps_high 4e-4, sequence-level averaging, no KL.
     "gspo": AlgorithmConfig(name="gspo", advantage_estimator="grpo", ratio_level="sequence", clip_eps_low=3e-4,
@@ -168,3 +151,22 @@ def get_algorithm(name: str, **overrides) -> AlgorithmConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown algorithm preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+SCHEDULE_DEFAULTS = {"dynamic_sampling": False, "gen_prompts_per_round": 0, "dynamic_sampling_rounds": 4,
+                     "overlong_buffer_len": 0}
+"""The rollout schedule (`rl.NAME`: DAPO's dynamic sampling, Yu et al. 2025, Sec. 3.2) and reward shaping
+(`reward.overlong_buffer_len`: DAPO's L_cache, Sec. 3.4) that a preset may set, with their defaults."""
+
+_PRESET_SCHEDULES = {"dapo": {"dynamic_sampling": True, "overlong_buffer_len": 64}}
+
+
+def preset_settings(name: str) -> dict:
+    """The rollout schedule and reward shaping of preset `name` (`SCHEDULE_DEFAULTS` keys).
+
+    Raises:
+      ValueError: unknown preset.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown algorithm preset {name!r}; choose one of {sorted(PRESETS)}")
+    return {**SCHEDULE_DEFAULTS, **_PRESET_SCHEDULES.get(name, {})}
