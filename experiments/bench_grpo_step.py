@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rftjax import rl, sampling, steps
+from rftjax import batches, optim, rl, sampling
 from rftjax.models import QwenImages, forward_flops, get_preset, init_params, param_count
 from rftjax.rl_update import make_rl_update
 from roofline import describe, matmul_rate
@@ -79,7 +79,7 @@ def main():
     params = init_params(config, jax.random.key(0))
     ref = jax.tree.map(jnp.copy, params)
     algo = rl.get_algorithm("grpo", group_size=args.group_size, kl_coef=1e-2)
-    state = steps.TrainState.create(params, steps.make_optimizer(steps.make_schedule(1e-6, 100)))
+    state = optim.TrainState.create(params, optim.make_optimizer(optim.make_schedule(1e-6, 100)))
     update = make_rl_update(config, algo, 1.0, minibatch_size=0, micro_batch_size=args.micro)
     media, ids, mask = inputs(config, args, np.random.default_rng(0))
     n = args.prompts * args.group_size
@@ -91,12 +91,12 @@ def main():
                                 max_new_tokens=args.new_tokens, eos_ids=(), suppress_ids=()))
         jax.block_until_ready(out)
         t1 = time.perf_counter()
-        seq = steps.SequenceBatch(pixel_values=media, prompt_ids=jnp.repeat(ids, args.group_size, 0),
+        seq = batches.SequenceBatch(pixel_values=media, prompt_ids=jnp.repeat(ids, args.group_size, 0),
                                   prompt_mask=jnp.repeat(mask, args.group_size, 0), completion_ids=out.completion_ids,
                                   completion_mask=out.completion_mask,
                                   prompt_index=jnp.repeat(jnp.arange(args.prompts, dtype=jnp.int32), args.group_size))
         rewards = jnp.asarray(np.random.default_rng(1).random(n), jnp.float32)
-        batch = steps.RolloutBatch(seq=seq, rewards=rewards, sampler_logprobs=out.model_logprobs)
+        batch = batches.RolloutBatch(seq=seq, rewards=rewards, sampler_logprobs=out.model_logprobs)
         state, _, (metrics, _) = update(state, None, ref, {}, batch, key)
         jax.block_until_ready(metrics)
         return state, t1 - t0, time.perf_counter() - t1

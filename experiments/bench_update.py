@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rftjax import rl, steps
+from rftjax import batches, optim, rl
 from rftjax.models import forward_flops, get_preset, init_params, param_count
 from rftjax.rl_update import make_rl_update
-from rftjax.steps import RolloutBatch
+from rftjax.batches import RolloutBatch
 from roofline import decode_matmuls, describe, matmul_rate, shape_rates, train_roofline
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -55,8 +55,8 @@ def bench(preset: str, dtype: str, batch: int, prompt_len: int, completion_len: 
     config = model_config(preset, dtype)
     params = init_params(config, jax.random.key(0))
     algo = rl.get_algorithm("grpo", kl_coef=0.0, group_size=4)
-    sched = steps.make_schedule(1e-5, 1000)
-    state = steps.TrainState.create(params, steps.make_optimizer(sched))
+    sched = optim.make_schedule(1e-5, 1000)
+    state = optim.TrainState.create(params, optim.make_optimizer(sched))
     rl_update = make_rl_update(config, algo, temperature=1.0, minibatch_size=0)
     key = jax.random.key(1)
 
@@ -69,7 +69,7 @@ def bench(preset: str, dtype: str, batch: int, prompt_len: int, completion_len: 
     prompt = np.concatenate([np.full((batch, p), config.image_token_id),
                              rng.integers(10, config.text.vocab_size, (batch, prompt_len - p))], 1).astype(np.int32)
     v = config.vision
-    batch_arrays = RolloutBatch(seq=steps.SequenceBatch(
+    batch_arrays = RolloutBatch(seq=batches.SequenceBatch(
         pixel_values=jnp.asarray(rng.standard_normal((batch, v.image_size, v.image_size, 3)), jnp.float32),
         prompt_ids=jnp.asarray(prompt), prompt_mask=jnp.ones((batch, prompt_len), bool),
         completion_ids=jnp.asarray(rng.integers(10, config.text.vocab_size, (batch, completion_len)), jnp.int32),

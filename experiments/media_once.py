@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rftjax import rl, steps
+from rftjax import optim, rl
+from rftjax.batches import RolloutBatch, SequenceBatch
 from rftjax.models import QwenImages, get_preset, init_params, model_for
 from rftjax.rl_update import make_rl_update
 from roofline import describe, matmul_rate, median_time
@@ -60,13 +61,13 @@ def batches(config, rng: np.random.Generator, b: int = B, g: int = G):
                   prompt_mask=jnp.asarray(np.repeat(prompt_mask, G, 0)),
                   completion_ids=jnp.asarray(np.where(completion_mask, rng.integers(4, 40, (n, t)), 0), jnp.int32),
                   completion_mask=jnp.asarray(completion_mask))
-    once = steps.SequenceBatch(pixel_values=media, prompt_index=jnp.repeat(jnp.arange(B, dtype=jnp.int32), G),
+    once = SequenceBatch(pixel_values=media, prompt_index=jnp.repeat(jnp.arange(B, dtype=jnp.int32), G),
                                **common)
-    per_row = steps.SequenceBatch(pixel_values=jax.tree.map(lambda x: jnp.repeat(x, G, 0), media), **common)
+    per_row = SequenceBatch(pixel_values=jax.tree.map(lambda x: jnp.repeat(x, G, 0), media), **common)
     rewards = jnp.asarray(rng.random(n), jnp.float32)
     sampler = jnp.zeros((n, t), jnp.float32)
-    return (steps.RolloutBatch(seq=once, rewards=rewards, sampler_logprobs=sampler),
-            steps.RolloutBatch(seq=per_row, rewards=rewards, sampler_logprobs=sampler))
+    return (RolloutBatch(seq=once, rewards=rewards, sampler_logprobs=sampler),
+            RolloutBatch(seq=per_row, rewards=rewards, sampler_logprobs=sampler))
 
 
 def vision_flops(config, params, media) -> float:
@@ -91,18 +92,18 @@ def measure(preset: str, repeats: int = 0) -> dict:
     config = get_preset(preset)
     algo = rl.get_algorithm("grpo", group_size=G, kl_coef=0.05)
     params, ref = init_params(config, jax.random.key(0)), init_params(config, jax.random.key(1))
-    tx = steps.make_optimizer(steps.make_schedule(1e-3, 10))
+    tx = optim.make_optimizer(optim.make_schedule(1e-3, 10))
     once, per_row = batches(config, np.random.default_rng(0))
     update = make_rl_update(config, algo, 1.0, minibatch_size=0)
     out = {}
     for name, batch in (("once", once), ("per_row", per_row)):
-        state = steps.TrainState.create(jax.tree.map(jnp.copy, params), tx)
+        state = optim.TrainState.create(jax.tree.map(jnp.copy, params), tx)
         compiled = update.lower(state, None, ref, {}, batch, jax.random.key(2)).compile()
         policy, _, (metrics, _) = compiled(state, None, ref, {}, batch, jax.random.key(2))
         out[name] = dict(flops=float(compiled.cost_analysis()["flops"]), loss=float(metrics["loss"][0]),
                          params=policy.params, seconds=float("nan"))
         if repeats:  # the update donates its state: a fresh copy per call, made before the clock starts
-            states = [steps.TrainState.create(jax.tree.map(jnp.copy, params), tx) for _ in range(repeats + 1)]
+            states = [optim.TrainState.create(jax.tree.map(jnp.copy, params), tx) for _ in range(repeats + 1)]
             out[name]["seconds"] = median_time(lambda: jax.block_until_ready(
                 compiled(states.pop(), None, ref, {}, batch, jax.random.key(2))), repeats=repeats)
     vision = vision_flops(config, params, per_row.seq.pixel_values)

@@ -26,7 +26,7 @@ case "${1:-}" in
       [ -e "$W/cold_start/seed$s/summary.json" ] || python experiments/adopt_cold_start.py \
         --config configs/digits_grpo.py --workdir "$W/cold_start/seed$s" --source "${pair#*=}" --config.seed="$s" "${OV[@]}"
     done
-    python -m rftjax.sweep --config configs/digits_grpo.py --workdir "$W" \
+    python -m rftjax.studies.sweep --config configs/digits_grpo.py --workdir "$W" \
       --grid rl.algorithm=grpo,dr_grpo,dapo,gspo,rloo,reinforce_pp,ppo --seeds 0,2,1 --control \
       --config.rl.control_schedule=restart "${OV[@]}" ;;
   algos_continue)  # the algorithm study's arms against the continue control: hard-linked copies of its cold
@@ -35,12 +35,12 @@ case "${1:-}" in
     mkdir -p "${W}_continue"
     for d in "$W"/cold_start "$W"/algorithm=*; do
       [ -e "${W}_continue/$(basename "$d")" ] || cp -al "$d" "${W}_continue/"; done
-    python -m rftjax.sweep --config configs/digits_grpo.py --workdir "${W}_continue" \
+    python -m rftjax.studies.sweep --config configs/digits_grpo.py --workdir "${W}_continue" \
       --grid rl.algorithm=grpo,dr_grpo,dapo,gspo,rloo,reinforce_pp,ppo --seeds 0,2,1 --control \
       --config.rl.control_schedule=continue "${OV[@]}" ;;
   scarce)
     W=${2:-/tmp/study/scarce}
-    python -m rftjax.sweep --config configs/digits_grpo.py:scarce --workdir "$W" --grid rl.algorithm=grpo \
+    python -m rftjax.studies.sweep --config configs/digits_grpo.py:scarce --workdir "$W" --grid rl.algorithm=grpo \
       --seeds 0,1,2 --control "${OV[@]}" ;;
   collect)  # copy a finished study's results and run logs (no checkpoints) into experiments/results/study_NAME/
     W=${2:?give the study directory}

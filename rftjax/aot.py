@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rftjax import configs, sampling, steps, trainable
+from rftjax import batches, configs, optim, sampling, steps, trainable
 from rftjax.build import model_config_of
 from rftjax.models import dummy_inputs, model_for
 from rftjax.models.family import family_of
@@ -81,7 +81,7 @@ def _rows(mesh, shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
-def _sequences(c, mc, mesh, rows: int, prompts: int | None) -> steps.SequenceBatch:
+def _sequences(c, mc, mesh, rows: int, prompts: int | None) -> batches.SequenceBatch:
     """An abstract `SequenceBatch` of `rows` rows at the config's lengths, with media per prompt (`prompts` items and
     a `prompt_index`) or per row (`prompts=None`)."""
     p, t = c.data.max_prompt_len, c.rl.max_new_tokens if prompts is not None else c.data.max_completion_len
@@ -89,7 +89,7 @@ def _sequences(c, mc, mesh, rows: int, prompts: int | None) -> steps.SequenceBat
     if shapes is None:
         raise ValueError(f"the {family_of(mc).name} family has no media_shapes: it cannot be compiled ahead of time")
     media = jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), shapes(mc, prompts or rows))
-    return steps.SequenceBatch(
+    return batches.SequenceBatch(
         pixel_values=media, prompt_ids=_rows(mesh, (rows, p), jnp.int32), prompt_mask=_rows(mesh, (rows, p), bool),
         completion_ids=_rows(mesh, (rows, t), jnp.int32), completion_mask=_rows(mesh, (rows, t), bool),
         prompt_index=None if prompts is None else _rows(mesh, (rows,), jnp.int32))
@@ -119,12 +119,12 @@ def run_programs(c: ml_collections.ConfigDict, devices: list) -> dict[str, Progr
     params = _abstract(nn.unbox(boxed), logical_shardings(boxed, mesh))
     train, frozen = trainable.split(params, trainable.trainable_paths(params, mc, c.optim.freeze))
     o = c.optim
-    tx = steps.make_optimizer(1e-6, c.rl.weight_decay, o.b1, o.b2, o.grad_clip, o.grad_accum)
+    tx = optim.make_optimizer(1e-6, c.rl.weight_decay, o.b1, o.b2, o.grad_clip, o.grad_accum)
 
     def train_state(p):
-        create = functools.partial(steps.TrainState.create, tx=tx)
+        create = functools.partial(optim.TrainState.create, tx=tx)
         abstract = jax.eval_shape(create, p)
-        return _abstract(abstract, steps.state_shardings(abstract, shardings_of(p), mesh))
+        return _abstract(abstract, optim.state_shardings(abstract, shardings_of(p), mesh))
 
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     prompts = (configs.schedule(c)["gen_prompts_per_round"] or c.rl.prompts_per_step)
@@ -139,13 +139,13 @@ def run_programs(c: ml_collections.ConfigDict, devices: list) -> dict[str, Progr
     critic = train_state(steps.init_critic(train, mc)) if algo.uses_critic else None
     update = make_rl_update(mc, algo, float(c.rl.temperature), c.rl.minibatch_size, shardings_of(policy),
                             shardings_of(critic), c.rl.micro_batch_size)
-    n = c.rl.prompts_per_step * g
-    batch = steps.RolloutBatch(seq=_sequences(c, mc, mesh, n, c.rl.prompts_per_step),
+    n = c.rl.prompts_per_step * algo.group_size
+    batch = batches.RolloutBatch(seq=_sequences(c, mc, mesh, n, c.rl.prompts_per_step),
                                rewards=_rows(mesh, (n,), jnp.float32),
                                sampler_logprobs=_rows(mesh, (n, c.rl.max_new_tokens), jnp.float32))
     out["rl_update"] = Program(update, (policy, critic, train if algo.uses_reference else None, frozen, batch, key))
     if c.sft.enabled:
-        sft = steps.make_update(functools.partial(steps.sft_loss, config=mc), shardings_of(policy), c.seed)
+        sft = optim.make_update(functools.partial(steps.sft_loss, config=mc), shardings_of(policy), c.seed)
         out["sft_update"] = Program(sft, (policy, _sequences(c, mc, mesh, c.sft.batch_size, None), frozen))
     return out
 

@@ -50,6 +50,17 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def copy_evals(src_dir: str, workdir: str, stage: str) -> None:
+    """Start WORKDIR/eval.jsonl with the `stage` records of another run's eval.jsonl (process 0 writes; a run that
+    begins at another's cold start shows that cold start's evaluations)."""
+    import jax
+
+    evals = [e for e in read_jsonl(os.path.join(src_dir, "eval.jsonl")) if e["stage"] == stage]
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.jsonl"), "w") as f:
+            f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in evals)
+
+
 class RunLogger:
     """Writes the run outputs under `workdir`. A resumed run drops the records written after its checkpoint:
     `resume_lines` (`{name: lines}`, the checkpoint's `line_counts()`) when known, else records after

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec
 
-from rftjax import configs, steps, trainable
+from rftjax import configs, optim, steps, trainable
 from rftjax.build import model_config_of
 from rftjax.models import dummy_inputs, model_for
 from rftjax.models.family import abstract_state, family_of
@@ -141,7 +141,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     paths = trainable.trainable_paths(shapes, mc, c.optim.freeze)
     train_bytes = sum(v for p, v in per_device.items() if p in paths)
     train_shapes = trainable.split(shapes, paths)[0]
-    tx = steps.make_optimizer(1e-3, grad_accum=c.optim.grad_accum)  # state shapes only
+    tx = optim.make_optimizer(1e-3, grad_accum=c.optim.grad_accum)  # state shapes only
     opt = jax.eval_shape(tx.init, train_shapes)
     opt_elems = sum(x.size for x in jax.tree.leaves(opt) if x.ndim)
     train_elems = sum(x.size for x in jax.tree.leaves(train_shapes))

@@ -24,10 +24,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from rftjax import rl, steps
+from rftjax import batches, optim, rl, steps
 from rftjax.models import ModelConfig
 from rftjax.models.common import rows_over
-from rftjax.steps import RolloutBatch, TrainState, UpdateBatch
+from rftjax.batches import RolloutBatch, UpdateBatch
+from rftjax.optim import TrainState
 from rftjax.trainable import combine
 
 Array = jax.Array
@@ -36,17 +37,17 @@ UPDATE_STREAM = 1 << 30  # fold_in data of the update's key; rollout rounds use 
 
 def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, *, config: ModelConfig,
             algo: rl.AlgorithmConfig, temperature: float, on_policy: bool,
-            micro: steps.MicroBatching = steps.MicroBatching()) -> UpdateBatch:
+            micro: batches.MicroBatching = batches.MicroBatching()) -> UpdateBatch:
     """The `UpdateBatch` of a rollout batch: advantages by `algo` (`rl.compute_advantages`), `old_logprobs`
     under the current params (unless `on_policy`; also needed for a KL penalty in the reward),
     `ref_logprobs` under `ref_params` (when `algo` has a KL term), critic values and returns (PPO); on-policy, the
     sampler's log-probs pass through for the loss to report `steps.logprob_gap`. The forward passes run over
-    the micro-batches `micro` (`steps.map_micro_batches`).
+    the micro-batches `micro` (`batches.map_micro_batches`).
     Rewards are not checked here (inside jit): `rftjax.rollout.collect_rollouts` checks them on the host."""
     seq = batch.seq
 
     def each(fn, params):
-        return steps.map_micro_batches(lambda part: fn(params, config, part), seq, micro)
+        return batches.map_micro_batches(lambda part: fn(params, config, part), seq, micro)
 
     logprobs = lambda params, config, part: steps.completion_logprobs(params, config, part, temperature)[0]  # noqa: E731
     old = each(logprobs, policy_params) if not on_policy or algo.kl_in_reward else None
@@ -79,7 +80,7 @@ def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: f
         permutations come from `fold_in(key, UPDATE_STREAM)`, LoRA dropout from `fold_in(key, UPDATE_STREAM + 1)`).
     `minibatch_size` (0 = N) must divide N. `micro_batch_size` (0 = the minibatch) rows go through one forward
     (and backward) pass at a time: the old / reference / value passes and each update's gradients run over
-    micro-batches (`steps.map_micro_batches`, `steps.apply_gradients`); it must divide the minibatch. Returns the metrics of every update stacked, float32
+    micro-batches (`batches.map_micro_batches`, `optim.apply_gradients`); it must divide the minibatch. Returns the metrics of every update stacked, float32
     `[num_iterations * N / minibatch_size]` per key, among them `sampler_logprob_gap_mean/max` (`steps.logprob_gap`
     of the trainer's log-probs at the rollout params); the critic's (empty without a critic) are `vf_loss`,
     `vf_clip_frac`, `value_mean` and its `critic_loss`, `critic_grad_norm`, `critic_skipped_updates`.
@@ -105,17 +106,17 @@ def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: f
         full = prepare(combine(policy.params, frozen), None if ref_params is None else combine(ref_params, frozen),
                        None if critic is None else combine(critic.params, critic_frozen), batch, config=config,
                        algo=algo, temperature=temperature, on_policy=on_policy,
-                       micro=steps.MicroBatching(n // micro, mesh))
-        update_micro = steps.MicroBatching(mb // micro, mesh)
+                       micro=batches.MicroBatching(n // micro, mesh))
+        update_micro = batches.MicroBatching(mb // micro, mesh)
         dropout_key = jax.random.fold_in(key, UPDATE_STREAM + 1)
 
         def one_update(states, rows):
             policy, critic = states
             part = full if mb == n else full.take(rows)
-            policy, metrics = steps.apply_gradients(policy_loss, policy, part, frozen, dropout_key, update_micro)
+            policy, metrics = optim.apply_gradients(policy_loss, policy, part, frozen, dropout_key, update_micro)
             critic_metrics = {}
             if critic is not None:
-                critic, critic_metrics = steps.apply_gradients(critic_loss, critic, part, critic_frozen,
+                critic, critic_metrics = optim.apply_gradients(critic_loss, critic, part, critic_frozen,
                                                                micro=update_micro)
                 # loss, grad_norm, skipped_updates: the critic's get a prefix, the policy's keep their names
                 critic_metrics = {f"critic_{k}" if k in metrics else k: v for k, v in critic_metrics.items()}

@@ -23,7 +23,7 @@ from rftjax.data.tokenizer import TextTokenizer
 from rftjax.models import ModelConfig, placeholder_ids
 from rftjax.rl.dapo import groups_with_signal
 from rftjax.sharding import HOST, Placement
-from rftjax.steps import RolloutBatch, SequenceBatch
+from rftjax.batches import RolloutBatch, SequenceBatch
 
 
 @dataclasses.dataclass

@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import zlib
 from typing import Any, Callable
 
@@ -19,52 +18,74 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rftjax import metrics as run_metrics
-from rftjax import steps
+from rftjax import optim, steps
 from rftjax.build import Run, train_iterators
 from rftjax.checkpoint import SFT_CHECKPOINT, Checkpointer
 from rftjax.data.pipeline import iterator_state
 from rftjax.models.family import vision_modules
 from rftjax.rl_update import make_rl_update
+from rftjax.optim import TrainState
 from rftjax.sharding import shardings_of
-from rftjax.steps import TrainState
 from rftjax.trainable import combine
 
 log = logging.getLogger("rftjax")
 
 
 @dataclasses.dataclass
+class StageProgress:
+    """Where one stage (the cold start, or the RL stage / its SFT control) is.
+
+    Attributes:
+      step: steps taken in the stage.
+      time_s: wall seconds spent in it (evaluations included).
+      end_reason: why it ended: `patience` (validation loss), `max_steps` / `steps`, `max_seconds` (the stage's time
+        budget), `control_sft_seconds` (the control); None while it runs.
+    """
+
+    step: int = 0
+    time_s: float = 0.0
+    end_reason: str | None = None
+
+
+@dataclasses.dataclass
 class Counters:
-    """Where a run is; the checkpoint's `meta` holds them and a resumed run starts from them.
+    """Where a run is; the checkpoint's `meta` holds them (`as_meta`) and a resumed run starts from them.
 
     Attributes:
       stage: `sft`, `rl` (the RL stage or the SFT control) or `done`.
-      global_step, sft_step, rl_step: steps taken in all, in the cold start, in the RL stage (or control).
+      global_step: steps taken in all.
+      sft, rl: the cold start's and the RL stage's (or control's) `StageProgress`.
       best_val_loss, best_step, bad_evals: the cold start's early stopping (best validation loss, the global
         step it was reached at, evaluations since without improvement).
-      sft_time_s, rl_time_s: wall seconds spent in each stage (evaluations included).
       updates_skipped_nonfinite: RL steps whose rollouts had a non-finite reward (not trained on).
-      sft_end_reason, rl_end_reason: why the stage ended: `patience` (validation loss), `max_steps` / `steps`,
-        `max_seconds` (the stage's time budget), `control_sft_seconds` (the control); None while it runs.
     """
 
     stage: str = "sft"
     global_step: int = 0
-    sft_step: int = 0
-    rl_step: int = 0
+    sft: StageProgress = dataclasses.field(default_factory=StageProgress)
+    rl: StageProgress = dataclasses.field(default_factory=StageProgress)
     best_val_loss: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
-    sft_time_s: float = 0.0
-    rl_time_s: float = 0.0
     updates_skipped_nonfinite: int = 0
-    sft_end_reason: str | None = None
-    rl_end_reason: str | None = None
+
+    STAGES = ("sft", "rl")
+
+    def as_meta(self) -> dict:
+        """A flat dict of the counters (a stage's fields as `{stage}_step`, `{stage}_time_s`, `{stage}_end_reason`):
+        what checkpoints and summary.json hold."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.STAGES}
+        for stage in self.STAGES:
+            flat.update({f"{stage}_{k}": v for k, v in dataclasses.asdict(getattr(self, stage)).items()})
+        return flat
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Counters":
-        """The counters in a checkpoint's `meta` (other keys, and counters it lacks, are ignored)."""
-        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta})
+        """The counters in a checkpoint's `meta` (`as_meta`'s layout; other keys, and counters it lacks, are
+        ignored)."""
+        stages = {stage: StageProgress(**{f.name: meta[f"{stage}_{f.name}"] for f in dataclasses.fields(StageProgress)
+                                          if f"{stage}_{f.name}" in meta}) for stage in cls.STAGES}
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta}, **stages)
 
 
 @dataclasses.dataclass
@@ -103,6 +124,7 @@ class RunState:
         self.sft_iter, self.rl_iter = train_iterators(setup)
         self.counters = Counters(stage="sft" if self.c.sft.enabled else "rl")
         self.ckpt = Checkpointer(setup.workdir, self.c.checkpoint.keep)
+        self.started_from_sft: str | None = None  # the run dir of `rl.init_from_sft` when this run began there
         self.resume_log_lines = None  # the restored checkpoint's log line counts (`RunLogger` resume_lines)
         self.log_lines: Callable[[], dict] | None = None  # the logger's `line_counts`, saved in each checkpoint
         if restore and self.ckpt.latest_step() is not None:
@@ -128,11 +150,11 @@ class RunState:
 
     def _train_state(self, params, lr: float, warmup: int, total: int, weight_decay: float, start_step: int = 0):
         o = self.c.optim
-        schedule = steps.make_schedule(lr, total, warmup, o.lr_decay, start_step)
+        schedule = optim.make_schedule(lr, total, warmup, o.lr_decay, start_step)
         vision = {name: o.vision_lr_scale for name in vision_modules(self.setup.model_config) if name in params}
-        tx = steps.make_optimizer(schedule, weight_decay, o.b1, o.b2, o.grad_clip, o.grad_accum, vision)
+        tx = optim.make_optimizer(schedule, weight_decay, o.b1, o.b2, o.grad_clip, o.grad_accum, vision)
         create = functools.partial(TrainState.create, tx=tx)
-        shardings = steps.state_shardings(jax.eval_shape(create, params), shardings_of(params), self.setup.mesh)
+        shardings = optim.state_shardings(jax.eval_shape(create, params), shardings_of(params), self.setup.mesh)
         return jax.jit(create, out_shardings=shardings)(params), schedule
 
     def enter_stage(self, params):
@@ -143,10 +165,10 @@ class RunState:
         params = self.trainable(params)
         if self.counters.stage != "rl" or self.control:
             # The control continues the cold start's schedule where it stopped, or restarts it (rl.control_schedule)
-            start = self.counters.sft_step if self.control and c.rl.control_schedule == "continue" else 0
+            start = self.counters.sft.step if self.control and c.rl.control_schedule == "continue" else 0
             policy, schedule = self._train_state(params, c.sft.lr, c.sft.warmup_steps, c.sft.max_steps,
                                                  c.sft.weight_decay, start)
-            update = steps.make_update(functools.partial(steps.sft_loss, config=mc), shardings_of(policy), c.seed)
+            update = optim.make_update(functools.partial(steps.sft_loss, config=mc), shardings_of(policy), c.seed)
             self.stage = StageState(policy, schedule, update)
             return
         n_rows = c.rl.prompts_per_step * algo.group_size
@@ -183,7 +205,7 @@ class RunState:
         data = {"sft": None if self.sft_iter is None else iterator_state(self.sft_iter),
                 "rl": iterator_state(self.rl_iter)}
         self._check_same_positions(data)
-        meta = {**dataclasses.asdict(self.counters), "has_best": self.stage.best is not None,
+        meta = {**self.counters.as_meta(), "has_best": self.stage.best is not None,
                 "config": self.c.to_json(), "key_data": np.asarray(jax.random.key_data(self.setup.key)).tolist(),
                 "log_lines": None if self.log_lines is None else self.log_lines()}
         (ckpt or self.ckpt).save(self.counters.global_step, self._ckpt_state() if state is None else state, data, meta)
@@ -240,17 +262,15 @@ class RunState:
         self._set_iterator_states(data)
 
     def start_from_sft(self, run_dir: str):
-        """Begin at another run's cold-start result: its `sft_checkpoint/` and its `sft_end` evaluations."""
+        """Begin at another run's cold-start result: its `sft_checkpoint/` (the trainer copies its `sft_end`
+        evaluations: `rftjax.metrics.copy_evals`)."""
         src = Checkpointer(run_dir, subdir=SFT_CHECKPOINT)
         step = src.latest_step()
         if step is None:
             raise ValueError(f"bad config: rl.init_from_sft={run_dir!r} has no {SFT_CHECKPOINT}/ (run its SFT stage)")
         self.counters = dataclasses.replace(Counters.from_meta(src.read_meta(step)), stage="rl")
+        self.started_from_sft = run_dir
         state, data, _ = src.restore(step, {"params": self.trainable(self.setup.params)})
         self.enter_stage(self.full(state["params"]))  # fresh RL optimizer; reference = the cold-start result
         self._set_iterator_states(data)
-        evals = [e for e in run_metrics.read_jsonl(os.path.join(run_dir, "eval.jsonl")) if e["stage"] == "sft_end"]
-        if jax.process_index() == 0:  # the run outputs are process 0's
-            with open(os.path.join(self.setup.workdir, "eval.jsonl"), "w") as f:
-                f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in evals)
         log.info("starting from the cold start of %s (step %d)", run_dir, self.counters.global_step)

@@ -13,7 +13,6 @@ curves.png, summary.json. This module holds the stages and their bookkeeping onl
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import signal
@@ -35,8 +34,8 @@ from rftjax.data.pipeline import make_dataset
 from rftjax.evaluate import evaluate_splits
 from rftjax.rollout import Rollouts, collect_rollouts
 from rftjax.sharding import process_share
-from rftjax.state import Counters, RunState
-from rftjax.steps import SequenceBatch
+from rftjax.state import Counters, RunState, StageProgress
+from rftjax.batches import SequenceBatch
 
 log = logging.getLogger("rftjax")
 
@@ -54,6 +53,8 @@ class Trainer:
         self.setup = build_run(config, workdir)
         self.workdir = self.setup.workdir
         self.state = RunState(self.setup, restore)
+        if self.state.started_from_sft:  # the cold start's evaluations head this run's eval.jsonl
+            run_metrics.copy_evals(self.state.started_from_sft, self.workdir, "sft_end")
         self.sft_eval_fn = jax.jit(functools.partial(steps.sft_loss, config=self.setup.model_config))
         self.logger = run_metrics.RunLogger(self.workdir, self.state.counters.global_step, config.log.tensorboard,
                                             enabled=jax.process_index() == 0, resume_lines=self.state.resume_log_lines)
@@ -70,26 +71,26 @@ class Trainer:
     @property
     def meta(self) -> dict:
         """The run counters as a dict (a read-only view, as saved in the checkpoint's meta)."""
-        return dataclasses.asdict(self.state.counters)
+        return self.state.counters.as_meta()
 
     # ---- the stage loop -----------------------------------------------------------------------------------
 
-    def _loop(self, stage: str, counter: str, clock: str, more: Callable[[], bool],
+    def _loop(self, stage: str, progress: StageProgress, more: Callable[[], bool],
               step: Callable[[int], tuple[dict, bool]], total: int | None = None, desc: str | None = None,
               postfix: Callable[[dict], dict] = lambda m: {}) -> bool:
         """Run `step(n) -> (metrics, stop)` for n = 1, 2, ... of the stage while `more()`, with the bookkeeping
-        every stage shares: the stage's step counter (`counter`) and wall clock (`clock`), the global step,
-        metrics.jsonl under `stage`, the progress bar, periodic checkpoints, SIGTERM. True if the stage ended
-        (not stopped by a signal)."""
+        every stage shares: the stage's `progress` (step count and wall clock), the global step, metrics.jsonl
+        under `stage`, the progress bar, periodic checkpoints, SIGTERM. True if the stage ended (not stopped by a
+        signal)."""
         c = self.state.counters
-        bar = tqdm(total=total, initial=getattr(c, counter), desc=desc or stage, dynamic_ncols=True,
+        bar = tqdm(total=total, initial=progress.step, desc=desc or stage, dynamic_ncols=True,
                    disable=not self.c.log.progress or jax.process_index())
-        t_start = time.perf_counter() - getattr(c, clock)
+        t_start = time.perf_counter() - progress.time_s
         while self._go_on(more()):
-            setattr(c, counter, getattr(c, counter) + 1)
+            progress.step += 1
             c.global_step += 1
-            m, stop = step(getattr(c, counter))
-            setattr(c, clock, time.perf_counter() - t_start)
+            m, stop = step(progress.step)
+            progress.time_s = time.perf_counter() - t_start
             self.logger.log(c.global_step, stage, m)
             if self.on_step is not None:
                 self.on_step(stage, c, m)
@@ -109,16 +110,16 @@ class Trainer:
         self.stop_requested = bool(np.any(place.gather(np.asarray([self.stop_requested]))))
         return bool(place.agree([more])[0]) and not self.stop_requested
 
-    def _within(self, stage: str, limits: dict[str, tuple[float, float]]) -> bool:
+    def _within(self, stage: str, progress: StageProgress, limits: dict[str, tuple[float, float]]) -> bool:
         """Whether `stage` ("sft" or "rl") may take another step: False once any `{reason: (value, limit)}` has
         `value >= limit` (a limit <= 0 is off); the first such reason is kept as the stage's end reason
-        (`Counters.sft_end_reason` / `rl_end_reason`, in summary.json)."""
+        (`progress.end_reason`: `sft_end_reason` / `rl_end_reason` in summary.json)."""
         for reason, (value, limit) in limits.items():
             if limit > 0 and value >= limit:
                 if reason == "max_seconds":
                     log.info("%s: time budget of %.0f s spent (%s.max_seconds); ending the stage with its evaluation",
                              stage, limit, stage)
-                setattr(self.state.counters, f"{stage}_end_reason", reason)
+                progress.end_reason = reason
                 return False
         return True
 
@@ -162,7 +163,7 @@ class Trainer:
             return m, False
         log.info("SFT: validation loss stopped improving (best %.4f at step %s)", counters.best_val_loss,
                  counters.best_step)
-        counters.sft_end_reason = "patience"
+        counters.sft.end_reason = "patience"
         return m, True
 
     def run_sft(self):
@@ -170,10 +171,10 @@ class Trainer:
         counters = self.state.counters
 
         def more():
-            return self._within("sft", {"max_steps": (counters.sft_step, c.sft.max_steps),
-                                        "max_seconds": (counters.sft_time_s, c.sft.max_seconds)})
+            return self._within("sft", counters.sft, {"max_steps": (counters.sft.step, c.sft.max_steps),
+                                                      "max_seconds": (counters.sft.time_s, c.sft.max_seconds)})
 
-        if not self._loop("sft", "sft_step", "sft_time_s", more, self._sft_step, c.sft.max_steps,
+        if not self._loop("sft", counters.sft, more, self._sft_step, c.sft.max_steps,
                           postfix=lambda m: {"loss": f"{m['sft_loss']:.3f}",
                                              "val": m.get("val_loss", counters.best_val_loss)}):
             return
@@ -231,10 +232,10 @@ class Trainer:
         counters = self.state.counters
 
         def more():
-            return self._within("rl", {"steps": (counters.rl_step, c.rl.steps),
-                                       "max_seconds": (counters.rl_time_s, c.rl.max_seconds)})
+            return self._within("rl", counters.rl, {"steps": (counters.rl.step, c.rl.steps),
+                                                    "max_seconds": (counters.rl.time_s, c.rl.max_seconds)})
 
-        if self._loop("rl", "rl_step", "rl_time_s", more, self._rl_step, c.rl.steps, c.rl.algorithm,
+        if self._loop("rl", counters.rl, more, self._rl_step, c.rl.steps, c.rl.algorithm,
                       lambda m: {"reward": f"{m['reward_mean']:.3f}", "acc": f"{m['accuracy']:.2f}",
                                  "s_per_step": f"{m['time_per_step_s']:.1f}"}):
             self._end_stage("rl_end", self.params)
@@ -244,9 +245,9 @@ class Trainer:
         the learning rate `rl.control_schedule` says: the cold start's schedule continued from the step it stopped
         at (`continue`), or that schedule anew from its warm-up (`restart`)."""
         counters = self.state.counters
-        if self._loop("control_sft", "rl_step", "rl_time_s",
-                      lambda: self._within("rl", {"control_sft_seconds": (counters.rl_time_s,
-                                                                          self.c.rl.control_sft_seconds)}),
+        if self._loop("control_sft", counters.rl,
+                      lambda: self._within("rl", counters.rl, {"control_sft_seconds": (counters.rl.time_s,
+                                                                                       self.c.rl.control_sft_seconds)}),
                       lambda n: ({**self._sft_update(), "lr": float(self.state.stage.schedule(n - 1))}, False),
                       desc="control sft"):
             self._end_stage("control_end", self.params)

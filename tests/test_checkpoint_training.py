@@ -149,7 +149,7 @@ def test_llava_checkpoint_trains_resumes_and_exports(llava_dir, files, tmp_path)
     assert [m["step"] for m in first] == [1, 2, 3] and all(m["sampler_logprob_gap_max"] < 1e-5 for m in first)
     shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
     trainer = Trainer(config, workdir)
-    assert trainer.state.counters.rl_step == 2
+    assert trainer.state.counters.rl.step == 2
     trainer.run()
     again = [m for m in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if m.get("stage") == "rl"]
     assert [m["step"] for m in again] == [1, 2, 3] and again[2]["loss"] == pytest.approx(first[2]["loss"], abs=1e-6)
@@ -227,7 +227,7 @@ def test_no_prompt_reaching_the_model_is_cut_through_its_image(qwen_dir, files, 
 def test_sampler_and_trainer_logprobs_agree(qwen_dir, dtype):
     """The sampler's log-probs (cached decode) equal the trainer's forward pass over the same tokens: max gap below
     1e-5 in float32; in bfloat16 the gap is printed (reported, not bounded)."""
-    from rftjax import sampling, steps
+    from rftjax import sampling, steps, batches
     from rftjax.data.pipeline import image_input_for
 
     config, params = rhf.load_pretrained(qwen_dir[1], dtype=dtype, max_image_tokens=16)
@@ -244,7 +244,7 @@ def test_sampler_and_trainer_logprobs_agree(qwen_dir, dtype):
     out = sampling.generate(params, config, pv, ids, mask, jax.random.key(0),
         sampling.SamplingParams(group_size=3, max_new_tokens=10,
                             temperature=1.0, eos_ids=(2,)))
-    seq = steps.SequenceBatch(pixel_values=jax.tree.map(lambda x: jnp.repeat(x, 3, 0), pv),
+    seq = batches.SequenceBatch(pixel_values=jax.tree.map(lambda x: jnp.repeat(x, 3, 0), pv),
                               prompt_ids=jnp.repeat(ids, 3, 0), prompt_mask=jnp.repeat(mask, 3, 0),
                               completion_ids=out.completion_ids, completion_mask=out.completion_mask)
     trainer_lp, _ = steps.completion_logprobs(params, config, seq, 1.0)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rftjax import sampling, steps
+from rftjax import batches, sampling, steps
 from rftjax.models import (Family, LayerKind, TextConfig, config_from_dict, family_of, get_preset, init_params,
                            model_for, param_count, placeholder_ids, register, register_layer_kind)
 from rftjax.models import family as family_lib
@@ -270,7 +270,7 @@ def test_hybrid_model_samples_what_the_trainer_scores(hybrid):
     assert sampling.decode_sizes(16, True) == (16, 8)
     assert 0 < int(out.completion_mask.sum()) < out.completion_mask.size  # some rows end early
     g = 4
-    seq = steps.SequenceBatch(pixel_values=jnp.repeat(pixels, g, 0), prompt_ids=jnp.repeat(ids, g, 0),
+    seq = batches.SequenceBatch(pixel_values=jnp.repeat(pixels, g, 0), prompt_ids=jnp.repeat(ids, g, 0),
                               prompt_mask=jnp.repeat(mask, g, 0), completion_ids=out.completion_ids,
                               completion_mask=out.completion_mask)
     trainer, _ = steps.completion_logprobs(params, config, seq)

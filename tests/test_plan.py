@@ -64,7 +64,7 @@ def test_activation_estimate_against_xla(tmp_path):
     3.82 MB XLA, 0.85x; rollout media once per prompt, chunked log-probs)."""
     import jax.numpy as jnp
 
-    from rftjax.steps import RolloutBatch, SequenceBatch
+    from rftjax.batches import RolloutBatch, SequenceBatch
 
     c = _config("float32", 0)
     run = build_run(c, str(tmp_path / "run"))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rftjax import rl, steps
+from rftjax import batches, optim, rl, steps
 from rftjax.models import get_preset, init_params
 from rftjax.rl_update import UPDATE_STREAM, make_rl_update, minibatch_indices, prepare
 from rftjax.rollout import RolloutBatch, collect_rollouts
@@ -69,7 +69,7 @@ def test_scanned_minibatch_updates_equal_a_plain_loop():
     prompt = np.concatenate([np.full((n, model.num_image_tokens), model.image_token_id),
                              rng.integers(4, 50, (n, 3))], axis=1).astype(np.int32)
     mask = np.arange(t)[None] < rng.integers(1, t + 1, n)[:, None]
-    seq = steps.SequenceBatch(
+    seq = batches.SequenceBatch(
         pixel_values=jnp.asarray(rng.standard_normal((n, v.image_size, v.image_size, v.num_channels)), jnp.float32),
         prompt_ids=jnp.asarray(prompt), prompt_mask=jnp.ones_like(prompt, bool),
         completion_ids=jnp.asarray(np.where(mask, rng.integers(4, 50, (n, t)), 0), jnp.int32),
@@ -78,18 +78,18 @@ def test_scanned_minibatch_updates_equal_a_plain_loop():
     batch = RolloutBatch(seq=seq, rewards=jnp.asarray([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.2]),
                          sampler_logprobs=sampler_lp)
     params, ref = init_params(model, jax.random.key(0)), init_params(model, jax.random.key(1))
-    tx = steps.make_optimizer(steps.make_schedule(1e-2, 10))
+    tx = optim.make_optimizer(optim.make_schedule(1e-2, 10))
     key = jax.random.key(5)
 
     update = make_rl_update(model, algo, 1.0, minibatch_size=4)
-    donated = steps.TrainState.create(jax.tree.map(jnp.copy, params), tx)  # the update donates its state
+    donated = optim.TrainState.create(jax.tree.map(jnp.copy, params), tx)  # the update donates its state
     got, _, (metrics, critic_metrics) = update(donated, None, ref, {}, batch, key)
     assert critic_metrics == {} and metrics["loss"].shape == (4,)
 
     full = prepare(params, ref, None, batch, config=model, algo=algo, temperature=1.0, on_policy=False)
-    single = jax.jit(functools.partial(steps.apply_gradients, functools.partial(
+    single = jax.jit(functools.partial(optim.apply_gradients, functools.partial(
         steps.rl_loss, config=model, algo=algo, temperature=1.0)))
-    state, losses = steps.TrainState.create(params, tx), []
+    state, losses = optim.TrainState.create(params, tx), []
     for rows in np.asarray(minibatch_indices(jax.random.fold_in(key, UPDATE_STREAM), n, 4, 2)):
         state, m = single(state, jax.tree.map(lambda x: x[rows], full))
         losses.append(float(m["loss"]))
@@ -135,9 +135,9 @@ def test_minibatches_smaller_than_the_prompts_encode_only_their_prompts():
     np.testing.assert_array_equal(part.pixel_values[part.prompt_index], per_row.seq.pixel_values[rows])
     algo = rl.get_algorithm("grpo", group_size=2, num_iterations=2, kl_coef=0.05)
     params, ref = init_params(config, jax.random.key(0)), init_params(config, jax.random.key(1))
-    tx = steps.make_optimizer(steps.make_schedule(1e-2, 10))
+    tx = optim.make_optimizer(optim.make_schedule(1e-2, 10))
     update = make_rl_update(config, algo, 1.0, minibatch_size=2)
-    results = [update(steps.TrainState.create(jax.tree.map(jnp.copy, params), tx), None, ref, {}, batch,
+    results = [update(optim.TrainState.create(jax.tree.map(jnp.copy, params), tx), None, ref, {}, batch,
                       jax.random.key(4)) for batch in (once, per_row)]
     (a, _, (ma, _)), (b, _, (mb, _)) = results
     np.testing.assert_allclose(np.asarray(ma["loss"]), np.asarray(mb["loss"]), rtol=1e-5, atol=1e-6)

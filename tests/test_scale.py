@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from rftjax import steps
+from rftjax import optim, steps
 from rftjax.models import get_preset, init_params, model_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +101,7 @@ def test_micro_batches_give_the_whole_minibatch_update(loss_agg_mode):
     out = {}
     for micro in (0, 2):
         update = make_rl_update(config, algo, 1.0, minibatch_size=0, micro_batch_size=micro)
-        state = steps.TrainState.create(jax.tree.map(jnp.copy, params), tx)
+        state = optim.TrainState.create(jax.tree.map(jnp.copy, params), tx)
         out[micro] = update(state, None, ref, {}, batch, jax.random.key(3))
     (whole, _, (m_whole, _)), (micro, _, (m_micro, _)) = out[0], out[2]
     for key in ("loss", "grad_norm", "pg_loss", "kl_loss", "kl_ref", "ratio_max", "ratio_min", "clip_frac_low"):

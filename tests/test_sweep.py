@@ -1,4 +1,4 @@
-"""`rftjax.sweep`: the confidence interval against a hand-computed example, grid parsing, and a 2-arm x 2-seed
+"""`rftjax.studies`: the confidence interval against a hand-computed example, grid parsing, and a 2-arm x 2-seed
 sweep of the smoke config with its control that shares one cold start per seed, is killed mid-arm and resumed
 without redoing finished runs, and writes its results."""
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from rftjax import sweep
+from rftjax.studies import report, stats, sweep
 from rftjax.configs import base_config
 from rftjax.metrics import read_jsonl
 
@@ -21,17 +21,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_mean_ci_matches_a_hand_computed_t_interval():
     # values 0.80, 0.82, 0.87: mean 0.83; deviations -0.03, -0.01, 0.04 -> sd = sqrt(0.0026 / 2) = 0.0360555;
     # sem = sd / sqrt(3) = 0.0208167; t_{0.975, 2} = 4.302653 (t table) -> half width 0.0895674
-    ci = sweep.mean_ci([0.80, 0.82, None, 0.87])
+    ci = stats.mean_ci([0.80, 0.82, None, 0.87])
     assert ci["n"] == 3 and ci["mean"] == pytest.approx(0.83, abs=1e-12)
     assert ci["sd"] == pytest.approx(0.0360555, abs=1e-7)
     assert ci["lo"] == pytest.approx(0.83 - 0.0895674, abs=1e-6)
     assert ci["hi"] == pytest.approx(0.83 + 0.0895674, abs=1e-6)
     # two values 1, 3: mean 2, sem 1, t_{0.975, 1} = 12.706205 -> [-10.706205, 14.706205]
-    ci = sweep.mean_ci([1.0, 3.0])
+    ci = stats.mean_ci([1.0, 3.0])
     assert (ci["lo"], ci["hi"]) == (pytest.approx(2 - 12.706205, abs=1e-5), pytest.approx(2 + 12.706205, abs=1e-5))
-    one = sweep.mean_ci([0.5])
+    one = stats.mean_ci([0.5])
     assert one["mean"] == 0.5 and one["lo"] is None and one["hi"] is None
-    assert sweep.mean_ci([])["mean"] is None
+    assert stats.mean_ci([])["mean"] is None
 
 
 def test_grid_gives_typed_arms_and_rejects_what_cannot_work():
@@ -50,7 +50,7 @@ def test_grid_gives_typed_arms_and_rejects_what_cannot_work():
 
 def test_time_estimate_uses_the_mean_of_each_kind():
     done = [{"kind": "cold_start", "wall_s": 100.0}, {"kind": "arm", "wall_s": 50.0}, {"kind": "arm", "wall_s": 70.0}]
-    jobs = sweep.plan([sweep.Arm("a", {})], [0, 1], control=True)  # cold, arm, control for each seed
+    jobs = sweep.schedule_jobs([sweep.Arm("a", {})], [0, 1], control=True)  # cold, arm, control for each seed
     assert sweep.estimate_seconds(done, jobs) == (2 * (100 + 60 + 60), 0)
     assert sweep.estimate_seconds(done[1:], jobs) == (4 * 60, 2)  # no cold start timed yet: those two left out
 
@@ -65,7 +65,7 @@ def test_first_arm_estimate_from_its_step_time_and_the_cold_starts_evaluation():
 
 
 def _sweep_cli(workdir, *extra):
-    return [sys.executable, "-m", "rftjax.sweep", "--config", os.path.join(ROOT, "configs", "smoke.py"),
+    return [sys.executable, "-m", "rftjax.studies.sweep", "--config", os.path.join(ROOT, "configs", "smoke.py"),
             "--workdir", workdir, "--grid", "rl.algorithm=grpo,dr_grpo", "--seeds", "0,1", "--control",
             "--config.mesh.num_devices=1", "--config.sft.max_steps=4", "--config.rl.steps=3",
             "--config.checkpoint.every=1", *extra]
@@ -152,7 +152,7 @@ def test_per_seed_values_follow_the_sorted_seeds_whatever_the_run_order(tmp_path
         with open(run / "eval.jsonl", "w") as f:
             for split in ("test", "test_ood"):
                 f.write(json.dumps({"stage": stage, "split": split, "step": 5, "accuracy": accuracy}) + "\n")
-    results = sweep.summarize(str(tmp_path), [sweep.Arm("a", {})], [1, 0], control=False)
+    results = report.summarize(str(tmp_path), [sweep.Arm("a", {})], [1, 0], control=False)
     rows = {r["name"]: r for r in results["rows"]}
     assert rows["a"]["seeds"] == [0, 1] and rows["a"]["metrics"]["test"]["values"] == [0.6, 0.9]
     assert rows["a"]["metrics"]["test_gain_vs_cold"]["values"] == pytest.approx([0.1, 0.2])

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from rftjax import configs, rl, steps
+from rftjax import batches, configs, optim, rl, steps
 from rftjax.checkpoint import Checkpointer
 from rftjax.metrics import read_jsonl
 from rftjax.train import Trainer
@@ -89,7 +89,7 @@ def test_rl_and_control_start_from_another_runs_cold_start(tmp_path):
         if name == "rl":
             assert len(rows) == 1 and summary["rl_steps"] == 1
         else:  # the control's first update continues the cold start's schedule (its 1 step done), or restarts it
-            sft_lr = steps.make_schedule(config.sft.lr, config.sft.max_steps, config.sft.warmup_steps)
+            sft_lr = optim.make_schedule(config.sft.lr, config.sft.max_steps, config.sft.warmup_steps)
             expected = [float(sft_lr(n + (1 if name == "control" else 0))) for n in range(len(rows))]
             assert float(sft_lr(1)) != pytest.approx(float(sft_lr(0)))  # (warm-up) the two designs differ
             assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-6)
@@ -104,18 +104,17 @@ def test_ppo_critic_update_fits_the_returns():
 
     import jax.numpy as jnp
 
-    from rftjax import steps
     from rftjax.models import dummy_inputs, get_preset, init_params
 
     config = get_preset("tiny")
     algo = rl.get_algorithm("ppo", clip_eps_value=10.0)
-    critic = steps.TrainState.create(steps.init_critic(init_params(config, jax.random.key(0)), config),
-                                     steps.make_optimizer(steps.make_schedule(1e-2, 100)))
-    update = steps.make_update(functools.partial(steps.critic_loss, config=config, algo=algo))
+    critic = optim.TrainState.create(steps.init_critic(init_params(config, jax.random.key(0)), config),
+                                     optim.make_optimizer(optim.make_schedule(1e-2, 100)))
+    update = optim.make_update(functools.partial(steps.critic_loss, config=config, algo=algo))
     pixels, prompt = dummy_inputs(config, 4)
-    seq = steps.SequenceBatch(pixel_values=pixels, prompt_ids=prompt, prompt_mask=jnp.ones_like(prompt, bool),
+    seq = batches.SequenceBatch(pixel_values=pixels, prompt_ids=prompt, prompt_mask=jnp.ones_like(prompt, bool),
                               completion_ids=jnp.full((4, 5), 7, jnp.int32), completion_mask=jnp.ones((4, 5), bool))
-    batch = steps.UpdateBatch(seq=seq, advantages=jnp.zeros(4), returns=jnp.ones((4, 5)), old_values=jnp.zeros((4, 5)))
+    batch = batches.UpdateBatch(seq=seq, advantages=jnp.zeros(4), returns=jnp.ones((4, 5)), old_values=jnp.zeros((4, 5)))
     losses = []
     for _ in range(20):
         critic, m = update(critic, batch)
@@ -153,7 +152,6 @@ def test_trimmed_completions_give_the_same_loss_and_gradient(algorithm):
     """`trim_completions` cuts `[N, T]` completions to the longest row rounded up to 16: the RL loss and its
     gradient are those of the padded batch (Dr.GRPO's constant norm_len fixed to the generation budget by
     `configs.algorithm`, not the trimmed T). Rounding: longest 11 -> 16 columns, 17 -> all 24."""
-    from rftjax import steps
     from rftjax.models import get_preset, init_params
     from rftjax.rollout import trim_completions
 
@@ -165,7 +163,7 @@ def test_trimmed_completions_give_the_same_loss_and_gradient(algorithm):
     prompt = np.concatenate([np.full((n, model.num_image_tokens), model.image_token_id), rng.integers(4, 50, (n, 3))],
                             axis=1).astype(np.int32)
     mask = np.arange(t)[None] < lengths[:, None]
-    seq = steps.SequenceBatch(
+    seq = batches.SequenceBatch(
         pixel_values=rng.standard_normal((n, v.image_size, v.image_size, v.num_channels)).astype(np.float32),
         prompt_ids=prompt, prompt_mask=np.ones_like(prompt, bool),
         completion_ids=np.where(mask, rng.integers(4, 50, (n, t)), 0).astype(np.int32), completion_mask=mask)
@@ -177,7 +175,7 @@ def test_trimmed_completions_give_the_same_loss_and_gradient(algorithm):
     assert algo.norm_len == t
     ref = init_params(model, jax.random.key(1))  # the KL term (grpo's kl_coef > 0) against other params
     advantages = np.array([1.0, -0.5, 0.25, -0.75], np.float32)
-    with_ref = lambda s: steps.UpdateBatch(seq=s, advantages=advantages,  # noqa: E731
+    with_ref = lambda s: batches.UpdateBatch(seq=s, advantages=advantages,  # noqa: E731
                                            ref_logprobs=steps.completion_logprobs(ref, model, s)[0])
     grad = jax.value_and_grad(lambda p, b: steps.rl_loss(p, b, model, algo, 1.0)[0])
     (want, want_g), (got, got_g) = grad(params, with_ref(seq)), grad(params, with_ref(trimmed))
@@ -194,13 +192,12 @@ def test_lr_scales_multiply_one_module_updates():
     modules are untouched; a module name that does not exist raises."""
     import jax.numpy as jnp
 
-    from rftjax import steps
 
     params = {"vision_tower": {"w": jnp.ones((3, 2))}, "language_model": {"w": jnp.ones((3, 2))}}
     grads = jax.tree.map(lambda x: jnp.arange(6.0).reshape(3, 2) - 2.5, params)
 
     def first_update(scales):
-        tx = steps.make_optimizer(steps.make_schedule(1e-2, 10), weight_decay=0.1, lr_scales=scales)
+        tx = optim.make_optimizer(optim.make_schedule(1e-2, 10), weight_decay=0.1, lr_scales=scales)
         return tx.update(grads, tx.init(params), params)[0]
 
     base = first_update(None)

@@ -21,7 +21,6 @@ import numpy as np
 
 from rftjax.rewards.accuracy import accuracy
 from rftjax.rewards.parsing import check_answer_format, extract_answer, format_ok
-from rftjax.rewards.overlong import overlong_penalty
 
 ON_ERROR = ("raise", "zero")
 COMPONENTS = ("accuracy", "correct", "format", "score")  # per completion

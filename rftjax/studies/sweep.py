@@ -1,6 +1,6 @@
 """Ablation sweeps: a grid of config overrides x seeds from shared cold starts, with confidence intervals.
 
-    python -m rftjax.sweep --config configs/digits_grpo.py --workdir runs/algos \\
+    python -m rftjax.studies.sweep --config configs/digits_grpo.py --workdir runs/algos \\
         --grid rl.algorithm=grpo,dr_grpo --grid rl.lr=1e-5,2e-5 --seeds 0,1,2 --control [--config.rl.steps=50]
 
 runs the cross product of the `--grid` values (each arm one combination) for every seed. Every run is a normal
@@ -19,7 +19,7 @@ run directory (`python -m rftjax.evaluate`, `experiments/time_split.py`, TensorB
 
 Runs go seed by seed (cold start, arms, control), so a sweep cut short has whole seeds. Rerunning the command
 skips finished runs (those with a summary.json) and resumes an interrupted one from its checkpoint; SIGTERM /
-SIGINT stop the current run at a checkpoint and end the sweep (rerun to go on). `python -m rftjax.sweep ...
+SIGINT stop the current run at a checkpoint and end the sweep (rerun to go on). `python -m rftjax.studies.sweep ...
 --summarize_only` rewrites the results from the runs there are.
 
 Grid keys may be any config field except those the shared cold start fixes (`model.*`, `data.*`, `sft.*`, `seed`,
@@ -39,36 +39,11 @@ import ml_collections
 import numpy as np
 
 from rftjax import configs
+from rftjax.studies.report import COLD_START, CONTROL, pct, read_run, run_values, write_report
 
 log = logging.getLogger("rftjax")
 
 FIXED_BY_COLD_START = ("model.", "data.", "sft.", "mesh.", "seed")
-COLD_START, CONTROL = "cold_start", "control"
-CONFIDENCE = 0.95
-
-
-# ---- statistics ---------------------------------------------------------------------------------------------
-
-
-def mean_ci(values, confidence: float = CONFIDENCE) -> dict:
-    """Mean and two-sided t-interval of the mean of `values` (floats; None and NaN are left out): `{"mean", "lo",
-    "hi", "n", "sd", "values"}`, `lo`/`hi` None below 2 values (`mean` None with none).
-
-    The interval is `mean +- t_{(1+confidence)/2, n-1} * sd / sqrt(n)` (Student's t, `scipy.stats.t.interval`),
-    the usual interval for a handful of seeds; for a paired comparison pass the per-seed differences.
-    """
-    from scipy import stats
-
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
-    out = {"mean": None, "lo": None, "hi": None, "n": int(v.size), "sd": None, "values": v.tolist()}
-    if v.size == 0:
-        return out
-    out["mean"] = float(v.mean())
-    if v.size >= 2:
-        out["sd"] = float(v.std(ddof=1))
-        lo, hi = stats.t.interval(confidence, df=v.size - 1, loc=v.mean(), scale=stats.sem(v))
-        out["lo"], out["hi"] = (float(lo), float(hi)) if out["sd"] > 0 else (out["mean"], out["mean"])
-    return out
 
 
 # ---- the grid -----------------------------------------------------------------------------------------------
@@ -148,7 +123,7 @@ class Job:
     arm: Arm | None = None
 
 
-def plan(arms: list[Arm], seeds: list[int], control: bool) -> list[Job]:
+def schedule_jobs(arms: list[Arm], seeds: list[int], control: bool) -> list[Job]:
     """The sweep's runs in order: for each seed its cold start, its arms, then its control."""
     jobs = []
     for s in seeds:
@@ -162,15 +137,6 @@ def plan(arms: list[Arm], seeds: list[int], control: bool) -> list[Job]:
 def finished(workdir: str, job: Job) -> bool:
     """Whether `job`'s run is done (it wrote summary.json)."""
     return os.path.exists(os.path.join(workdir, job.directory, "summary.json"))
-
-
-def read_run(run_dir: str) -> tuple[dict, list[dict]]:
-    """`(summary.json, eval.jsonl records)` of a run directory (`({}, [])` for a missing one)."""
-    from rftjax.metrics import read_jsonl
-
-    path = os.path.join(run_dir, "summary.json")
-    summary = json.load(open(path)) if os.path.exists(path) else {}
-    return summary, read_jsonl(os.path.join(run_dir, "eval.jsonl"))
 
 
 def training_seconds(run_dir: str) -> float:
@@ -199,7 +165,7 @@ def job_config(base: ml_collections.ConfigDict, workdir: str, job: Job, arms: li
         for key, value in job.arm.overrides.items():
             configs.set_field(c, key, value)
         return c
-    arm_jobs = [j for j in plan(arms, [job.seed], control=False) if j.kind == "arm"]
+    arm_jobs = [j for j in schedule_jobs(arms, [job.seed], control=False) if j.kind == "arm"]
     if not all(finished(workdir, j) for j in arm_jobs):
         raise RuntimeError(f"the control of seed {job.seed} needs that seed's arms finished first")
     c.rl.control_sft_seconds = float(np.mean([training_seconds(os.path.join(workdir, j.directory)) for j in arm_jobs]))
@@ -277,7 +243,7 @@ def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], se
     os.makedirs(workdir, exist_ok=True)
     _check_same_base(workdir, base, {**(spec or {}), "grid": grid, "seeds": seeds, "control": control},
                      write=jax.process_index() == 0)
-    jobs = plan(arms, seeds, control)
+    jobs = schedule_jobs(arms, seeds, control)
     log_path = os.path.join(workdir, "sweep_log.jsonl")
     from rftjax.metrics import read_jsonl
 
@@ -306,19 +272,8 @@ def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], se
                 f.write(json.dumps(record) + "\n")
         values = run_values(os.path.join(workdir, job.directory), job.kind)
         log.info("sweep: %s done in %s: test %s%%, OOD %s%%", job.directory, _fmt_minutes(record["wall_s"]),
-                 _pct(values["test"]), _pct(values["ood"]))
-    return report(workdir, arms, seeds, control)
-
-
-def report(workdir: str, arms: list[Arm], seeds: list[int], control: bool) -> dict:
-    """`summarize` the runs there are, and on process 0 write the results (`write_results`) and print the table."""
-    import jax
-
-    results = summarize(workdir, arms, seeds, control)
-    if jax.process_index() == 0:
-        write_results(workdir, results)
-        print(results_markdown(results))
-    return results
+                 pct(values["test"]), pct(values["ood"]))
+    return write_report(workdir, arms, seeds, control)
 
 
 def _check_same_base(workdir: str, base: ml_collections.ConfigDict, spec: dict, write: bool = True) -> None:
@@ -352,186 +307,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# ---- results ------------------------------------------------------------------------------------------------
-
-
-def _last(evals: list[dict], stage: str, split: str) -> dict:
-    hits = [e for e in evals if e["stage"] == stage and e["split"] == split]
-    return hits[-1] if hits else {}
-
-
-def _end_stage(kind: str) -> str:
-    return {COLD_START: "sft_end", CONTROL: "control_end"}.get(kind, "rl_end")
-
-
-def run_values(run_dir: str, kind: str) -> dict:
-    """The per-run numbers the results aggregate: `test`, `ood` (greedy accuracy at the run's end: `sft_end` for a
-    cold start, `control_end`, else `rl_end`), `pass_at_1`, `pass_at_k` (test, sampled), `pass_curve` (test
-    pass@1..n), `rl_steps`, `rl_minutes`, `curve` (`{split: [(rl_step, accuracy)]}` over the RL stage's
-    evaluations, the cold start's at step 0). Missing values are None."""
-    summary, evals = read_run(run_dir)
-    end = _end_stage(kind)
-    test, ood = _last(evals, end, "test"), _last(evals, end, "test_ood")
-    start = _last(evals, "sft_end", "test").get("step", 0)
-    curve = {split: [(e["step"] - start, e["accuracy"]) for e in evals
-                     if e["split"] == split and e["stage"] in ("sft_end", "rl", end)] for split in ("test", "test_ood")}
-    return {"test": test.get("accuracy"), "ood": ood.get("accuracy"), "pass_at_1": test.get("pass_at_1"),
-            "pass_at_k": test.get("pass_at_k"), "pass_n": test.get("pass_n"), "pass_curve": test.get("pass_at_k_curve"),
-            "rl_steps": summary.get("rl_steps") if kind != COLD_START else 0,
-            "rl_minutes": summary["rl_time_s"] / 60 if kind != COLD_START and summary else None,
-            "curve": curve}
-
-
-METRICS = (("test", "test acc"), ("ood", "OOD acc"), ("test_gain_vs_cold", "test gain vs cold start"),
-           ("ood_gain_vs_cold", "OOD gain vs cold start"), ("test_gain_vs_control", "test gain vs control"),
-           ("ood_gain_vs_control", "OOD gain vs control"), ("pass_at_1", "pass@1"), ("pass_at_k", "pass@k"))
-
-
-def summarize(workdir: str, arms: list[Arm], seeds: list[int], control: bool) -> dict:
-    """Aggregate the sweep's runs. For the cold start, each arm and the control: per metric the per-seed values
-    and their mean with a 95% t-interval (`mean_ci`, scipy.stats) over the seeds that finished. Gains are paired
-    by seed: an arm's test / OOD accuracy minus its own cold start's (`*_gain_vs_cold`) and minus the same seed's
-    control (`*_gain_vs_control`), then averaged with their interval. Arms are ranked by mean test accuracy.
-
-    Returns `{"rows": [{"name", "kind", "seeds" (sorted: the order of every `values` list), "metrics": {name:
-    mean_ci}, "rl_steps", "rl_minutes", "pass_curve", "curve"}], "ranking": [arm names], "pass_n",
-    "confidence"}`; `curve` is `{split: {"steps",
-    "mean", "lo", "hi"}}`, the accuracy gain over the seed's cold start per RL step (paired, over the seeds evaluated
-    there), `pass_curve` `{"mean", "lo", "hi"}`.
-    """
-    rows = []
-    groups = [(COLD_START, COLD_START)] + [(a.name, "arm") for a in arms] + ([(CONTROL, CONTROL)] if control else [])
-    values = {name: {s: run_values(os.path.join(workdir, name, f"seed{s}"), kind) for s in seeds}
-              for name, kind in groups}
-    cold, ctrl = values[COLD_START], values.get(CONTROL, {})
-    pass_n = None
-    for name, kind in groups:
-        per_seed = {s: values[name][s] for s in sorted(values[name]) if values[name][s]["test"] is not None}
-        metrics = {}
-        for key in ("test", "ood", "pass_at_1", "pass_at_k"):
-            metrics[key] = mean_ci([v[key] for v in per_seed.values()])
-        for split in ("test", "ood"):  # paired by seed; none for a run against itself
-            metrics[f"{split}_gain_vs_cold"] = mean_ci(
-                [_diff(v[split], cold[s][split]) for s, v in per_seed.items()] if kind != COLD_START else [])
-            metrics[f"{split}_gain_vs_control"] = mean_ci(
-                [_diff(v[split], ctrl[s][split]) for s, v in per_seed.items()] if control and kind == "arm" else [])
-        pass_n = pass_n or next((v["pass_n"] for v in per_seed.values() if v["pass_n"]), None)
-        rows.append({"name": name, "kind": kind, "seeds": sorted(per_seed),
-                     "metrics": metrics, "rl_steps": mean_ci([v["rl_steps"] for v in per_seed.values()]),
-                     "rl_minutes": mean_ci([v["rl_minutes"] for v in per_seed.values()]),
-                     "pass_curve": _band([v["pass_curve"] for v in per_seed.values() if v["pass_curve"]]),
-                     "curve": {split: _curve_band([_paired(v["curve"][split]) for v in per_seed.values()])
-                               for split in ("test", "test_ood")}})
-    ranked = sorted((r for r in rows if r["kind"] == "arm" and r["metrics"]["test"]["mean"] is not None),
-                    key=lambda r: -r["metrics"]["test"]["mean"])
-    return {"rows": rows, "ranking": [r["name"] for r in ranked], "pass_n": pass_n, "confidence": CONFIDENCE,
-            "seeds": seeds}
-
-
-def _paired(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """A seed's `(rl_step, accuracy)` curve as gains over its own step 0 (the cold start): seed-to-seed differences
-    of the cold starts do not widen the band."""
-    start = dict(curve).get(0)
-    return [] if start is None else [(step, acc - start) for step, acc in curve]
-
-
-def _diff(a, b):
-    return None if a is None or b is None else a - b
-
-
-def _band(curves: list[list[float]]) -> dict | None:
-    """Mean and t-interval per position of equal-length curves (None without any)."""
-    if not curves or len({len(c) for c in curves}) > 1:
-        return None
-    cis = [mean_ci(col) for col in zip(*curves)]
-    return {key: [ci[key] for ci in cis] for key in ("mean", "lo", "hi")}
-
-
-def _curve_band(curves: list[list[tuple[int, float]]]) -> dict:
-    """Per RL step, the mean and t-interval of the seeds evaluated at that step."""
-    steps = sorted({s for c in curves for s, _ in c})
-    cis = [mean_ci([dict(c).get(step) for c in curves]) for step in steps]
-    return {"steps": steps, **{key: [ci[key] for ci in cis] for key in ("mean", "lo", "hi")}}
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _cell(ci: dict, signed: bool = False) -> str:
-    """`mean [lo, hi]` in percentage points (`-` without values; the mean alone for one seed). An accuracy's
-    interval (`signed` False: not a difference) is shown clipped to [0, 100] (the JSON keeps it as computed)."""
-    if ci["mean"] is None:
-        return "-"
-    mean = f"{100 * ci['mean']:+.1f}" if signed else f"{100 * ci['mean']:.1f}"
-    if ci["lo"] is None:
-        return mean
-    lo, hi = (ci["lo"], ci["hi"]) if signed else (max(ci["lo"], 0.0), min(ci["hi"], 1.0))
-    return f"{mean} [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
-def results_markdown(results: dict) -> str:
-    """sweep_results.md: the table (one row per cold start / arm / control, arms in rank order) and how to read
-    it."""
-    conf = int(100 * results["confidence"])
-    k = results.get("pass_n") or "k"
-    head = ["rank", "run", "seeds"] + [label.replace("pass@k", f"pass@{k}") for _, label in METRICS] + \
-        ["RL steps", "RL min"]
-    order = {name: i for i, name in enumerate(results["ranking"])}
-    place = {COLD_START: -1, CONTROL: len(order)}  # cold start first, the arms by rank, the control last
-    rows = sorted(results["rows"], key=lambda r: place.get(r["kind"], order.get(r["name"], len(order))))
-    lines = [f"# Sweep results ({len(results['seeds'])} seeds: {results['seeds']})", "",
-             f"Accuracy in %, mean over seeds with its {conf}% t-interval in brackets (scipy.stats.t; one seed: the "
-             f"value alone; accuracies' intervals clipped to [0, 100]). Gains are paired by seed, in points. "
-             f"pass@1 / pass@{k}: sampled at temperature 1, unbiased estimator over {k} samples per test problem.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        m = r["metrics"]
-        rank = str(order[r["name"]] + 1) if r["name"] in order else ""
-        cells = [rank, r["name"], str(len(r["seeds"]))]
-        cells += [_cell(m[key], signed="gain" in key) for key, _ in METRICS]
-        steps, minutes = r["rl_steps"]["mean"], r["rl_minutes"]["mean"]
-        cells += ["-" if steps is None else f"{steps:.0f}", "-" if minutes is None else f"{minutes:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_results(workdir: str, results: dict) -> list[str]:
-    """sweep_results.json, sweep_results.md and sweep_curves.png in `workdir`; returns their paths."""
-    from rftjax.metrics import plot_panels
-
-    paths = [os.path.join(workdir, f"sweep_results.{ext}") for ext in ("json", "md")] + \
-        [os.path.join(workdir, "sweep_curves.png")]
-    with open(paths[0], "w") as f:
-        json.dump(results, f, indent=1)
-    with open(paths[1], "w") as f:
-        f.write(results_markdown(results))
-    panels = [{"title": f"{title} accuracy gain over the cold start (mean, {int(100 * results['confidence'])}% "
-                        f"interval)", "xlabel": "RL step", "ylabel": "accuracy - cold start's (paired by seed)",
-               "series": {r["name"]: (c["steps"], c["mean"], *_band_or_none(c))
-                          for r in results["rows"] if r["kind"] == "arm"
-                          for c in [r["curve"][split]] if c["steps"]},
-               "hlines": {f"control (mean, after {r['rl_steps']['mean']:.0f} SFT steps)":
-                          r["metrics"][f"{key}_gain_vs_cold"]["mean"] for r in results["rows"]
-                          if r["kind"] == CONTROL and r["metrics"][f"{key}_gain_vs_cold"]["mean"] is not None}}
-              for split, key, title in (("test", "test", "test"), ("test_ood", "ood", "OOD"))]
-    panels.append({"title": f"test pass@k (k <= {results.get('pass_n')}, mean over seeds)", "xlabel": "k",
-                   "ylabel": "pass@k", "logx": True,
-                   "series": {r["name"]: (np.arange(1, len(p["mean"]) + 1), p["mean"], *_band_or_none(p, clip=True))
-                              for r in results["rows"] for p in [r["pass_curve"]] if p}})
-    plot_panels(paths[2], panels)
-    return paths
-
-
-def _band_or_none(c: dict, clip: bool = False) -> tuple:
-    """`(lo, hi)` of a band with NaN where a point has no interval, or `(None, None)` when no point has one;
-    pass@k bands (`clip`) are clipped to [0, 1]."""
-    if all(x is None for x in c["lo"]):
-        return None, None
-    lo, hi = (np.asarray([np.nan if x is None else x for x in c[key]], np.float64) for key in ("lo", "hi"))
-    return (np.clip(lo, 0, 1), np.clip(hi, 0, 1)) if clip else (lo, hi)
-
-
 def main(config, workdir):
     from absl import flags
     from ml_collections import config_flags
@@ -541,7 +316,7 @@ def main(config, workdir):
     spec = {"config_file": config_flags.get_config_filename(f["config"]),
             "overrides": {k: str(v) for k, v in config_flags.get_override_values(f["config"]).items()}}
     if f.summarize_only:
-        report(os.path.abspath(workdir), make_arms(config, f.grid or []), seeds, f.control)
+        write_report(os.path.abspath(workdir), make_arms(config, f.grid or []), seeds, f.control)
         return
     run_sweep(config, workdir, f.grid or [], seeds, f.control, spec)
 
