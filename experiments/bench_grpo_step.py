@@ -28,7 +28,7 @@ import numpy as np
 
 from rftjax import batches, optim, rl, sampling
 from rftjax.models import QwenImages, forward_flops, get_preset, init_params, param_count
-from rftjax.rl_update import make_rl_update
+from rftjax.rl_update import UpdateSettings, make_rl_update
 from roofline import describe, matmul_rate
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -80,7 +80,7 @@ def main():
     ref = jax.tree.map(jnp.copy, params)
     algo = rl.get_algorithm("grpo", group_size=args.group_size, kl_coef=1e-2)
     state = optim.TrainState.create(params, optim.make_optimizer(optim.make_schedule(1e-6, 100)))
-    update = make_rl_update(config, algo, 1.0, minibatch_size=0, micro_batch_size=args.micro)
+    update = make_rl_update(UpdateSettings(config, algo, micro_batch_size=args.micro))
     media, ids, mask = inputs(config, args, np.random.default_rng(0))
     n = args.prompts * args.group_size
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from rftjax import batches, optim, rl
 from rftjax.models import forward_flops, get_preset, init_params, param_count
-from rftjax.rl_update import make_rl_update
+from rftjax.rl_update import UpdateSettings, make_rl_update
 from rftjax.batches import RolloutBatch
 from roofline import decode_matmuls, describe, matmul_rate, shape_rates, train_roofline
 
@@ -57,7 +57,7 @@ def bench(preset: str, dtype: str, batch: int, prompt_len: int, completion_len: 
     algo = rl.get_algorithm("grpo", kl_coef=0.0, group_size=4)
     sched = optim.make_schedule(1e-5, 1000)
     state = optim.TrainState.create(params, optim.make_optimizer(sched))
-    rl_update = make_rl_update(config, algo, temperature=1.0, minibatch_size=0)
+    rl_update = make_rl_update(UpdateSettings(config, algo))
     key = jax.random.key(1)
 
     def update(state, batch):

@@ -26,7 +26,7 @@ import numpy as np
 from rftjax import optim, rl
 from rftjax.batches import RolloutBatch, SequenceBatch
 from rftjax.models import QwenImages, get_preset, init_params, model_for
-from rftjax.rl_update import make_rl_update
+from rftjax.rl_update import UpdateSettings, make_rl_update
 from roofline import describe, matmul_rate, median_time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +94,7 @@ def measure(preset: str, repeats: int = 0) -> dict:
     params, ref = init_params(config, jax.random.key(0)), init_params(config, jax.random.key(1))
     tx = optim.make_optimizer(optim.make_schedule(1e-3, 10))
     once, per_row = batches(config, np.random.default_rng(0))
-    update = make_rl_update(config, algo, 1.0, minibatch_size=0)
+    update = make_rl_update(UpdateSettings(config, algo))
     out = {}
     for name, batch in (("once", once), ("per_row", per_row)):
         state = optim.TrainState.create(jax.tree.map(jnp.copy, params), tx)

@@ -33,7 +33,7 @@ from rftjax import batches, configs, optim, sampling, steps, trainable
 from rftjax.build import model_config_of
 from rftjax.models import dummy_inputs, model_for
 from rftjax.models.family import family_of
-from rftjax.rl_update import make_rl_update
+from rftjax.rl_update import UpdateSettings, make_rl_update
 from rftjax.sharding import batch_sharding, logical_shardings, make_mesh, mesh_shape, shardings_of
 
 GB = 1e9
@@ -137,8 +137,7 @@ def run_programs(c: ml_collections.ConfigDict, devices: list) -> dict[str, Progr
                               dict(config=mc, params=sampled))}
     policy = train_state(train)
     critic = train_state(steps.init_critic(train, mc)) if algo.uses_critic else None
-    update = make_rl_update(mc, algo, float(c.rl.temperature), c.rl.minibatch_size, shardings_of(policy),
-                            shardings_of(critic), c.rl.micro_batch_size)
+    update = make_rl_update(UpdateSettings.of(c, mc, algo), shardings_of(policy), shardings_of(critic))
     n = c.rl.prompts_per_step * algo.group_size
     batch = batches.RolloutBatch(seq=_sequences(c, mc, mesh, n, c.rl.prompts_per_step),
                                rewards=_rows(mesh, (n,), jnp.float32),

@@ -8,16 +8,16 @@ are gathered on the device, so an RL step moves its rollouts host -> device exac
 `put` of the `RolloutBatch`; tests/test_rl_update.py runs this function under
 `jax.transfer_guard_host_to_device("disallow")`).
 
-Why the sampler's log-probs are not used as `old_logprobs`: the sampler scores tokens under the *sampling*
-distribution (temperature, top-k/top-p filtering, suppressed ids, the cached decode path in the compute
-dtype), while the ratio `pi / pi_old` must compare two evaluations of the same function, the training
-forward pass at `rl.temperature` without filtering. So `old_logprobs` (and `ref_logprobs`, values) are
-recomputed here with the trainer's forward pass; on-policy updates (mu = 1, one minibatch) skip them:
-old = stop_gradient(current), as TRL does.
+Why the sampler's log-probs are not used as `old_logprobs`: the sampler's cached decode runs in the compute
+dtype along another path than the training forward pass, while the ratio `pi / pi_old` must compare two
+evaluations of the same function (the forward pass at `rl.temperature`). So `old_logprobs` (and `ref_logprobs`,
+values) are recomputed here with the trainer's forward pass; on-policy updates (mu = 1, one minibatch) skip them:
+old = stop_gradient(current), as TRL does. The gap between the two is logged (`steps.logprob_gap`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from rftjax import batches, optim, rl, steps
+from rftjax.batches import RolloutBatch, UpdateBatch
 from rftjax.models import ModelConfig
 from rftjax.models.common import rows_over
-from rftjax.batches import RolloutBatch, UpdateBatch
 from rftjax.optim import TrainState
 from rftjax.trainable import combine
 
@@ -35,16 +35,41 @@ Array = jax.Array
 UPDATE_STREAM = 1 << 30  # fold_in data of the update's key; rollout rounds use 0, 1, ... of the same step key
 
 
-def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, *, config: ModelConfig,
-            algo: rl.AlgorithmConfig, temperature: float, on_policy: bool,
-            micro: batches.MicroBatching = batches.MicroBatching()) -> UpdateBatch:
-    """The `UpdateBatch` of a rollout batch: advantages by `algo` (`rl.compute_advantages`), `old_logprobs`
+@dataclasses.dataclass(frozen=True)
+class UpdateSettings:
+    """The static settings of the RL update (hashable).
+
+    Attributes:
+      config: the policy's model config.
+      algo: the objective (`rl.AlgorithmConfig`).
+      temperature: of the trainer's log-probs (the rollouts' sampling temperature).
+      minibatch_size: rows per optimizer update (0 = all N rows of the step); must divide N.
+      micro_batch_size: rows per forward (and backward) pass, gradients summed (0 = the minibatch); must divide
+        the minibatch.
+    """
+
+    config: ModelConfig
+    algo: rl.AlgorithmConfig
+    temperature: float = 1.0
+    minibatch_size: int = 0
+    micro_batch_size: int = 0
+
+    @classmethod
+    def of(cls, run_config, config: ModelConfig, algo: rl.AlgorithmConfig) -> "UpdateSettings":
+        """The settings of a run config's `rl.*` (temperature, minibatch_size, micro_batch_size)."""
+        r = run_config.rl
+        return cls(config, algo, float(r.temperature), r.minibatch_size, r.micro_batch_size)
+
+
+def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, settings: UpdateSettings,
+            on_policy: bool, micro: batches.MicroBatching = batches.MicroBatching()) -> UpdateBatch:
+    """The `UpdateBatch` of a rollout batch: advantages by `settings.algo` (`rl.compute_advantages`), `old_logprobs`
     under the current params (unless `on_policy`; also needed for a KL penalty in the reward),
     `ref_logprobs` under `ref_params` (when `algo` has a KL term), critic values and returns (PPO); on-policy, the
     sampler's log-probs pass through for the loss to report `steps.logprob_gap`. The forward passes run over
     the micro-batches `micro` (`batches.map_micro_batches`).
     Rewards are not checked here (inside jit): `rftjax.rollout.collect_rollouts` checks them on the host."""
-    seq = batch.seq
+    seq, config, algo, temperature = batch.seq, settings.config, settings.algo, settings.temperature
 
     def each(fn, params):
         return batches.map_micro_batches(lambda part: fn(params, config, part), seq, micro)
@@ -67,8 +92,7 @@ def minibatch_indices(key: Array, n_rows: int, minibatch_size: int, num_iteratio
     return jnp.concatenate(passes).reshape(-1, minibatch_size)
 
 
-def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: float, minibatch_size: int,
-                   policy_shardings=None, critic_shardings=None, micro_batch_size: int = 0) -> Callable:
+def make_rl_update(settings: UpdateSettings, policy_shardings=None, critic_shardings=None) -> Callable:
     """`rl_update(policy, critic, ref_params, frozen, batch, key) -> (policy, critic, (policy_metrics,
     critic_metrics))`, jitted, `policy` and `critic` donated.
 
@@ -78,14 +102,15 @@ def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: f
         not train (`rftjax.trainable.split`; `{}` when all do), shared by the policy, the reference and the critic's
         backbone; batch: a `RolloutBatch` of N rows on the devices; key: the step's PRNG key (the minibatch
         permutations come from `fold_in(key, UPDATE_STREAM)`, LoRA dropout from `fold_in(key, UPDATE_STREAM + 1)`).
-    `minibatch_size` (0 = N) must divide N. `micro_batch_size` (0 = the minibatch) rows go through one forward
-    (and backward) pass at a time: the old / reference / value passes and each update's gradients run over
-    micro-batches (`batches.map_micro_batches`, `optim.apply_gradients`); it must divide the minibatch. Returns the metrics of every update stacked, float32
+    `settings.micro_batch_size` rows go through one forward (and backward) pass at a time: the old / reference /
+    value passes and each update's gradients run over micro-batches (`batches.map_micro_batches`,
+    `optim.apply_gradients`). Returns the metrics of every update stacked, float32
     `[num_iterations * N / minibatch_size]` per key, among them `sampler_logprob_gap_mean/max` (`steps.logprob_gap`
     of the trainer's log-probs at the rollout params); the critic's (empty without a critic) are `vf_loss`,
     `vf_clip_frac`, `value_mean` and its `critic_loss`, `critic_grad_norm`, `critic_skipped_updates`.
     """
-    policy_loss = functools.partial(steps.rl_loss, config=config, algo=algo, temperature=temperature)
+    config, algo, minibatch_size = settings.config, settings.algo, settings.minibatch_size
+    policy_loss = functools.partial(steps.rl_loss, config=config, algo=algo, temperature=settings.temperature)
     shardings = jax.tree.leaves(policy_shardings)
     mesh = getattr(shardings[0], "mesh", None) if shardings else None  # micro-batches laid out over its data axes
     critic_loss = functools.partial(steps.critic_loss, config=config, algo=algo)
@@ -98,15 +123,14 @@ def make_rl_update(config: ModelConfig, algo: rl.AlgorithmConfig, temperature: f
     def _rl_update(policy, critic, ref_params, frozen, batch, key):
         n = batch.rewards.shape[0]
         mb = minibatch_size or n
-        micro = micro_batch_size or mb
+        micro = settings.micro_batch_size or mb
         if mb % micro:
             raise ValueError(f"micro_batch_size={micro} must divide the minibatch's {mb} rows")
         on_policy = algo.num_iterations == 1 and mb == n
         critic_frozen = steps.critic_frozen(frozen)
         full = prepare(combine(policy.params, frozen), None if ref_params is None else combine(ref_params, frozen),
-                       None if critic is None else combine(critic.params, critic_frozen), batch, config=config,
-                       algo=algo, temperature=temperature, on_policy=on_policy,
-                       micro=batches.MicroBatching(n // micro, mesh))
+                       None if critic is None else combine(critic.params, critic_frozen), batch, settings,
+                       on_policy, batches.MicroBatching(n // micro, mesh))
         update_micro = batches.MicroBatching(mb // micro, mesh)
         dropout_key = jax.random.fold_in(key, UPDATE_STREAM + 1)
 

@@ -104,8 +104,8 @@ class RolloutConfig:
             raise ValueError(f"rl.gen_prompts_per_round={gen} must be a multiple of rl.prompts_per_step={b}; or set "
                              f"it to 0")
         if gen and not self.dynamic_sampling:
-            raise ValueError(f"rl.gen_prompts_per_round={gen} oversamples for dynamic sampling: it needs "
-                             f"rl.dynamic_sampling=True; or set it to 0")
+            raise ValueError(f"rl.gen_prompts_per_round={gen} oversamples for dynamic sampling: it needs dynamic "
+                             f"sampling (rl.dynamic_sampling=True); or set it to 0")
 
     @property
     def group_size(self) -> int:

@@ -23,7 +23,7 @@ from rftjax.build import Run, train_iterators
 from rftjax.checkpoint import SFT_CHECKPOINT, Checkpointer
 from rftjax.data.pipeline import iterator_state
 from rftjax.models.family import vision_modules
-from rftjax.rl_update import make_rl_update
+from rftjax.rl_update import UpdateSettings, make_rl_update
 from rftjax.optim import TrainState
 from rftjax.sharding import shardings_of
 from rftjax.trainable import combine
@@ -176,8 +176,7 @@ class RunState:
         policy, schedule = self._train_state(params, c.rl.lr, c.rl.warmup_steps, n_updates, c.rl.weight_decay)
         critic = self._train_state(steps.init_critic(params, mc), c.rl.critic_lr, 0, n_updates, 0.0)[0] \
             if algo.uses_critic else None
-        rl_update = make_rl_update(mc, algo, c.rl.temperature, c.rl.minibatch_size, shardings_of(policy),
-                                   shardings_of(critic), c.rl.micro_batch_size)
+        rl_update = make_rl_update(UpdateSettings.of(c, mc, algo), shardings_of(policy), shardings_of(critic))
         self.stage = StageState(policy, schedule, rl_update=rl_update, critic=critic,
                                 ref=jax.tree.map(jnp.copy, params) if algo.uses_reference else None)
 

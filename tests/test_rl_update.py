@@ -12,7 +12,7 @@ import pytest
 
 from rftjax import batches, optim, rl, steps
 from rftjax.models import get_preset, init_params
-from rftjax.rl_update import UPDATE_STREAM, make_rl_update, minibatch_indices, prepare
+from rftjax.rl_update import UPDATE_STREAM, UpdateSettings, make_rl_update, minibatch_indices, prepare
 from rftjax.rollout import RolloutBatch, collect_rollouts
 from rftjax.train import Trainer
 from helpers import set_by_path
@@ -81,12 +81,12 @@ def test_scanned_minibatch_updates_equal_a_plain_loop():
     tx = optim.make_optimizer(optim.make_schedule(1e-2, 10))
     key = jax.random.key(5)
 
-    update = make_rl_update(model, algo, 1.0, minibatch_size=4)
+    update = make_rl_update(UpdateSettings(model, algo, minibatch_size=4))
     donated = optim.TrainState.create(jax.tree.map(jnp.copy, params), tx)  # the update donates its state
     got, _, (metrics, critic_metrics) = update(donated, None, ref, {}, batch, key)
     assert critic_metrics == {} and metrics["loss"].shape == (4,)
 
-    full = prepare(params, ref, None, batch, config=model, algo=algo, temperature=1.0, on_policy=False)
+    full = prepare(params, ref, None, batch, UpdateSettings(model, algo), on_policy=False)
     single = jax.jit(functools.partial(optim.apply_gradients, functools.partial(
         steps.rl_loss, config=model, algo=algo, temperature=1.0)))
     state, losses = optim.TrainState.create(params, tx), []
@@ -136,7 +136,7 @@ def test_minibatches_smaller_than_the_prompts_encode_only_their_prompts():
     algo = rl.get_algorithm("grpo", group_size=2, num_iterations=2, kl_coef=0.05)
     params, ref = init_params(config, jax.random.key(0)), init_params(config, jax.random.key(1))
     tx = optim.make_optimizer(optim.make_schedule(1e-2, 10))
-    update = make_rl_update(config, algo, 1.0, minibatch_size=2)
+    update = make_rl_update(UpdateSettings(config, algo, minibatch_size=2))
     results = [update(optim.TrainState.create(jax.tree.map(jnp.copy, params), tx), None, ref, {}, batch,
                       jax.random.key(4)) for batch in (once, per_row)]
     (a, _, (ma, _)), (b, _, (mb, _)) = results

@@ -91,7 +91,7 @@ def test_micro_batches_give_the_whole_minibatch_update(loss_agg_mode):
     forward/backward passes per update, old and reference log-probs in 3 passes too) gives the loss, the gradient
     norm and the params of the update over all 6 rows at once."""
     from rftjax import rl
-    from rftjax.rl_update import make_rl_update
+    from rftjax.rl_update import UpdateSettings, make_rl_update
 
     config = get_preset("qwen_vl_tiny")
     algo = rl.get_algorithm("grpo", group_size=3, num_iterations=2, kl_coef=0.05, loss_agg_mode=loss_agg_mode)
@@ -100,7 +100,7 @@ def test_micro_batches_give_the_whole_minibatch_update(loss_agg_mode):
     tx = optax.sgd(1.0)  # params move by the gradients themselves (Adam would amplify rounding where they are ~0)
     out = {}
     for micro in (0, 2):
-        update = make_rl_update(config, algo, 1.0, minibatch_size=0, micro_batch_size=micro)
+        update = make_rl_update(UpdateSettings(config, algo, micro_batch_size=micro))
         state = optim.TrainState.create(jax.tree.map(jnp.copy, params), tx)
         out[micro] = update(state, None, ref, {}, batch, jax.random.key(3))
     (whole, _, (m_whole, _)), (micro, _, (m_micro, _)) = out[0], out[2]

@@ -137,7 +137,7 @@ def test_every_algorithm_field_can_be_overridden_from_the_command_line(tmp_path)
     import json
 
     algo = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(algo) == {f.name for f in dataclasses.fields(rl.AlgorithmConfig)} - {"name"}
+    assert set(algo) == ({f.name for f in dataclasses.fields(rl.AlgorithmConfig)} - {"name"}) | set(configs.MOVED)
     assert algo["kl_coef"] == 0.05 and algo["dynamic_sampling"] is False and algo["num_iterations"] == 2
     config = smoke.get_config("dapo")
     config.rl.algo.kl_coef = 0.05
@@ -262,7 +262,32 @@ def test_bad_configs_raise_actionable_errors(tmp_path, overrides, message):
 
 def test_overlong_buffer_longer_than_the_budget_is_a_config_error(tmp_path):
     with pytest.raises(ValueError, match="overlong_buffer_len=64"):
-        _run(tmp_path, "bad", "dapo", **{"rl.algo.overlong_buffer_len": 64})
+        _run(tmp_path, "bad", "dapo", **{"reward.overlong_buffer_len": 64})
+
+
+def test_settings_that_left_the_objective_keep_working_from_their_old_keys(caplog):
+    """`rl.algo.{dynamic_sampling, gen_prompts_per_round, dynamic_sampling_rounds, overlong_buffer_len}` moved to
+    `rl.*` / `reward.*`: the old keys set the same values with a warning naming the new key; both set to different
+    values is an error; unset, the preset's values hold (DAPO: dynamic sampling, a 64-token overlong buffer)."""
+    import logging
+
+    config = smoke.get_config("grpo")
+    assert configs.schedule(config) == rl.SCHEDULE_DEFAULTS
+    config.rl.algorithm = "dapo"
+    assert configs.schedule(config)["dynamic_sampling"] and configs.schedule(config)["overlong_buffer_len"] == 64
+    config.rl.algo.dynamic_sampling, config.rl.algo.dynamic_sampling_rounds = False, 7
+    configs._WARNED.clear()
+    logger = logging.getLogger("rftjax")
+    logger.addHandler(caplog.handler)
+    try:
+        sched = configs.schedule(config)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert not sched["dynamic_sampling"] and sched["dynamic_sampling_rounds"] == 7
+    assert "rl.algo.dynamic_sampling is deprecated: use rl.dynamic_sampling" in caplog.text
+    config.rl.dynamic_sampling = True
+    with pytest.raises(ValueError, match="disagree; set only rl.dynamic_sampling"):
+        configs.schedule(config)
 
 
 def test_evaluate_cli_on_a_user_dataset(tmp_path):
