@@ -162,12 +162,11 @@ def process_block(n: int, process_index: int | None = None, process_count: int |
     return slice(p * n // count, (p + 1) * n // count)
 
 
-def process_share(batch_size: int) -> dict[str, int]:
+def process_share(batch_size: int) -> dict:
     """`make_dataset` arguments for this process's block of global batches of `batch_size` rows: the per-process
-    `batch_size` and `process_index` / `process_count` (`rftjax.data.pipeline.make_dataset`). The config checks
-    make global batch sizes multiples of the data-parallel devices, hence of the processes."""
-    return {"batch_size": batch_size // jax.process_count(), "process_index": jax.process_index(),
-            "process_count": jax.process_count()}
+    `batch_size` and the `shard` `(process_index, process_count)` (`rftjax.data.pipeline.make_dataset`). The config
+    checks make global batch sizes multiples of the data-parallel devices, hence of the processes."""
+    return {"batch_size": batch_size // jax.process_count(), "shard": (jax.process_index(), jax.process_count())}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -134,7 +134,7 @@ class Trainer:
     def val_loss(self, params) -> float:
         """Mean SFT loss over the validation split's full batches of `sft.batch_size` (each process its block)."""
         it = iter(make_dataset(self.setup.sources["val"], self.setup.sft_pre, shuffle=False, num_epochs=1,
-                               drop_remainder=True, num_threads=1, **process_share(self.c.sft.batch_size)))
+                               num_threads=1, **process_share(self.c.sft.batch_size)))
         return float(np.mean([float(self.sft_eval_fn(params, self.setup.put(SequenceBatch.from_dict(b)))[0])
                               for b in it]))
 

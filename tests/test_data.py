@@ -109,7 +109,7 @@ def test_process_shards_are_disjoint_blocks_of_the_one_process_batches(use_augme
     src = TaskSource(get_task("shapes"), "train", 24)
     kw = dict(seed=0, augment=augment.gaussian_noise(0.2) if use_augment else None)
     one = iter(make_dataset(src, _pp(), batch_size=6, **kw))
-    shards = [iter(make_dataset(src, _pp(), batch_size=2, process_index=p, process_count=3, **kw)) for p in range(3)]
+    shards = [iter(make_dataset(src, _pp(), batch_size=2, shard=(p, 3), **kw)) for p in range(3)]
     epoch = []
     for _ in range(8):  # two epochs
         want, parts = next(one), [next(it) for it in shards]
@@ -120,8 +120,7 @@ def test_process_shards_are_disjoint_blocks_of_the_one_process_batches(use_augme
         epoch += list(want["id"])
     assert sorted(epoch[:24]) == sorted(f"shapes/train/{i}" for i in range(24))
     assert len({json.dumps(it.get_state(), sort_keys=True) for it in shards}) == 1
-    last = [list(iter(make_dataset(src, _pp(), batch_size=2, seed=0, num_epochs=1, process_index=p,
-                                   process_count=3))) for p in range(3)]
+    last = [list(iter(make_dataset(src, _pp(), batch_size=2, seed=0, num_epochs=1, shard=(p, 3)))) for p in range(3)]
     assert [len(batches) for batches in last] == [4, 4, 4]  # 24 rows = 4 full global batches of 6
 
 

@@ -215,10 +215,9 @@ class Preprocess:
 
 
 def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict], dict], *, batch_size: int,
-                 seed: int = 0, shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
-                 process_count: int = 1, drop_remainder: bool = True,
-                 augment: Callable[[dict, np.random.Generator], dict] | None = None,
-                 num_threads: int = 2, prefetch_buffer_size: int = 8, num_workers: int = 0) -> grain.IterDataset:
+                 seed: int = 0, shuffle: bool = True, num_epochs: int | None = None, shard: tuple[int, int] = (0, 1),
+                 augment: Callable[[dict, np.random.Generator], dict] | None = None, num_threads: int = 2,
+                 num_workers: int = 0) -> grain.IterDataset:
     """The grain pipeline of the module docstring.
 
     Args:
@@ -228,15 +227,14 @@ def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict
       seed: shuffle seed (and augmentation seed).
       shuffle: shuffle (per epoch) or keep source order (evaluation).
       num_epochs: None repeats forever (training); 1 for one pass (evaluation).
-      process_index, process_count: this process's shard (`jax.process_index()`, `jax.process_count()`):
+      shard: `(process_index, process_count)`, this process's shard (`jax.process_index()`, `jax.process_count()`):
         global batch j is elements `[j * B, (j + 1) * B)` of the shuffled stream (`B = batch_size * count`), as
         in a one-process run with batch size B, and process i reads its block of it, elements
         `j * B + i * batch_size + [0, batch_size)`; shards are disjoint and the process-order concatenation of
-        their batches is the one-process batch (`rftjax.sharding.Placement`). A final partial global batch is
-        dropped when there are several processes.
+        their batches is the one-process batch (`rftjax.sharding.Placement`). A final partial batch is dropped.
       augment: `f(example, rng) -> example` applied after preprocessing, with a seeded per-element rng
         (see `rftjax.data.augment`); off when None.
-      num_threads, prefetch_buffer_size: grain's in-process read-ahead.
+      num_threads: grain's in-process read-ahead threads (8 batches ahead).
       num_workers: > 0 moves preprocessing to that many worker processes (`mp_prefetch`).
 
     Returns:
@@ -247,6 +245,7 @@ def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict
     """
     if len(source) == 0:
         raise ValueError("the data source is empty")
+    process_index, process_count = shard
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     ds = grain.MapDataset.source(source)
@@ -257,10 +256,10 @@ def make_dataset(source: Sequence[dict], preprocess: Preprocess | Callable[[dict
         ds = ds.seed(seed + 1).random_map(augment)  # seeded by the global index: the same for any process count
     if process_count > 1:  # lazy: a process preprocesses only its own elements
         ds = grain.MapDataset.source(_ProcessBlocks(ds, batch_size, process_index, process_count))
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.batch(batch_size, drop_remainder=True)
     if hasattr(preprocess, "finish_batch"):
         ds = ds.map(preprocess.finish_batch)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8))
     if num_workers > 0:
         _mark_absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
