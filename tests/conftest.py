@@ -51,3 +51,51 @@ def llava_dir(tmp_path_factory):
 
     model, path = make_hf_llava(tmp_path_factory.mktemp("llava"), vocab=320, image_size=16, patch=4)
     return model, make_tokenizer_dir(path, "llava")
+
+
+SLOW = {
+    # The long end-to-end runs: `python -m pytest -m "not slow"` (the daily tier) skips them; the full suite (CI)
+    # runs them. The fast tier keeps one end-to-end run of the trainer per entry point (the smoke config's grpo and
+    # dr_grpo presets, the CLI with a device-side reward source), the sharded, scanned and Qwen-VL paths at one
+    # setting each, and every parity check against transformers, TRL and peft that takes under ~10 s.
+    "test_multiprocess.py::test_two_processes_equal_one_process_and_resume_exactly_after_sigkill",
+    "test_checkpoint_training.py::test_qwen_checkpoint_trains_resumes_evaluates_and_exports",
+    "test_checkpoint_training.py::test_llava_checkpoint_trains_resumes_and_exports",
+    "test_checkpoint_training.py::test_sampler_and_trainer_logprobs_agree",
+    "test_faults.py::test_sigkill_at_every_point_then_rerun_gives_the_uninterrupted_run",
+    "test_faults.py::test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before",
+    "test_faults.py::test_a_full_disk_fails_the_save_loudly_and_keeps_the_previous_checkpoint",
+    "test_sweep.py::test_two_arms_two_seeds_share_cold_starts_resume_after_a_kill_and_write_results",
+    "test_train.py::test_sharded_mesh_gives_single_device_losses",
+    "test_train.py::test_trimmed_completions_give_the_same_loss_and_gradient",
+    "test_train.py::test_rl_and_control_start_from_another_runs_cold_start",
+    "test_train.py::test_evaluate_cli_on_a_user_dataset",
+    *(f"test_train.py::test_every_preset_runs_the_smoke_config[{a}]" for a in ("dapo", "gspo", "ppo", "reinforce_pp",
+                                                                               "rloo")),
+    "test_lora.py::test_grpo_with_lora_on_decoder_and_vision_exports_to_transformers_and_peft",
+    "test_lora.py::test_grpo_with_lora_on_the_decoder_exports_to_peft",
+    "test_lora.py::test_remat_policies_give_the_gradients_of_no_remat[full]",
+    "test_scale.py::test_chunked_logprobs_and_gradients_equal_the_full_logits[False-qwen_vl_tiny]",
+    "test_scale.py::test_chunked_logprobs_and_gradients_equal_the_full_logits[False-tiny]",
+    "test_scale.py::test_micro_batches_give_the_whole_minibatch_update[seq-mean-token-mean]",
+    "test_scale.py::test_aot_compiles_a_tiny_runs_programs_for_the_cpu_topology",
+    "test_scale.py::test_photo_sized_images_fit_the_update_in_a_bounded_temp",
+    "test_rl_update.py::test_media_once_per_prompt_saves_the_vision_work_of_the_copies",
+    "test_rl_update.py::test_scanned_minibatch_updates_equal_a_plain_loop",
+    "test_notebook.py::test_notebook_runs_headless_and_ends_with_the_accuracy_table",
+    *(f"test_family.py::{t}[unrolled]" for t in ("test_hybrid_params_follow_the_pattern",
+                                                 "test_hybrid_model_samples_what_the_trainer_scores",
+                                                 "test_hybrid_cached_decode_equals_full_forward",
+                                                 "test_recurrent_layers_do_not_absorb_left_padding")),
+    "test_sharding.py::test_sharded_params_give_single_device_logits[unrolled]",
+    "test_models.py::test_kv_cache_prefill_then_decode_equals_full_forward[unrolled]",
+}
+"""Test ids (file::name, or file::name[params] for one case) marked `slow`."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the `SLOW` tests (a name without parameters marks all of its cases)."""
+    for item in items:
+        file_and_name = f"{item.path.name}::{item.originalname}"
+        if f"{item.path.name}::{item.name}" in SLOW or file_and_name in SLOW:
+            item.add_marker(pytest.mark.slow)
