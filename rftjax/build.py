@@ -109,7 +109,7 @@ def rewards_of(c: ml_collections.ConfigDict, context: rewards.SourceContext) -> 
             on_error=r.on_error)
         return rewards.build_rewards(rules, configs.schedule(c)["overlong_buffer_len"], context, r.sources)
     except ValueError as e:
-        raise ValueError(f"bad config: {e}; see reward.* (DAPO's L_cache must be <= rl.max_new_tokens)") from None
+        raise ValueError(f"bad config: {e}") from None
 
 
 def parse_augment(spec: str):

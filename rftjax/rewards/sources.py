@@ -118,7 +118,8 @@ class OverlongSource:
 
     def __post_init__(self):
         if not 0 < self.buffer_len <= self.max_len:
-            raise ValueError(f"overlong_buffer_len={self.buffer_len} needs 0 < it <= max_len={self.max_len}")
+            raise ValueError(f"overlong_buffer_len={self.buffer_len} (DAPO's L_cache) needs 0 < it <= max_len="
+                             f"{self.max_len} (rl.max_new_tokens)")
 
     def score(self, view: RewardView) -> dict[str, np.ndarray]:
         return {"overlong": overlong_penalty(view.lengths, self.max_len, self.buffer_len).astype(np.float32)}
