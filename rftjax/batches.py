@@ -72,12 +72,22 @@ class RolloutBatch:
       rewards: float32 `[N]`, the total reward of each completion (finite: checked on the host).
       sampler_logprobs: float32 `[N, T]`, the sampler's log-prob of each completion token under the unfiltered
         tempered model distribution (`SamplingOutput.model_logprobs`); the update reports how far the trainer's
-        own log-probs are from it (`logprob_gap`), never trains on it.
+        own log-probs are from it (`logprob_gap`) and weights the loss by the ratio with rollout correction
+        (`rftjax.rl.correction`).
+      noisy: bool `[N]` or None: rows sampled from a distorted image (NoisyRollout; the update conditions them on
+        the clean one), whose sampler log-probs are of another prompt: the gap and the correction skip them.
     """
 
     seq: SequenceBatch
     rewards: Array
     sampler_logprobs: Array
+    noisy: Array | None = None
+
+
+def sampler_mask(completion_mask: Array, noisy: Array | None) -> Array:
+    """bool `[N, T]`: `completion_mask` without the rows flagged `noisy` (bool `[N]`, or None: none)."""
+    m = completion_mask.astype(bool)
+    return m if noisy is None else m & ~noisy.astype(bool)[:, None]
 
 
 @flax.struct.dataclass
@@ -92,8 +102,9 @@ class UpdateBatch:
       ref_logprobs: float32 `[N, T]` under the frozen reference; None without a KL term in the loss.
       old_values: float32 `[N, T]` of the critic at rollout time (PPO), else None.
       returns: float32 `[N, T]`, the critic's targets (PPO), else None.
-      sampler_logprobs: float32 `[N, T]` of the sampler, on on-policy updates only (then the loss's log-probs
-        are the trainer's at the rollout params, and it reports `logprob_gap` of the two).
+      sampler_logprobs: float32 `[N, T]` of the sampler (`RolloutBatch.sampler_logprobs`): the loss reports
+        `logprob_gap` of the trainer's log-probs at the rollout params and these, and applies the rollout correction.
+      noisy: bool `[N]` or None, as `RolloutBatch.noisy`.
     """
 
     seq: SequenceBatch
@@ -103,6 +114,7 @@ class UpdateBatch:
     old_values: Array | None = None
     returns: Array | None = None
     sampler_logprobs: Array | None = None
+    noisy: Array | None = None
 
     def take(self, rows: Array) -> "UpdateBatch":
         """The minibatch of rows `rows` (int `[R]`): every per-row array gathered, the media as

@@ -12,7 +12,8 @@ Why the sampler's log-probs are not used as `old_logprobs`: the sampler's cached
 dtype along another path than the training forward pass, while the ratio `pi / pi_old` must compare two
 evaluations of the same function (the forward pass at `rl.temperature`). So `old_logprobs` (and `ref_logprobs`,
 values) are recomputed here with the trainer's forward pass; on-policy updates (mu = 1, one minibatch) skip them:
-old = stop_gradient(current), as TRL does. The gap between the two is logged (`steps.logprob_gap`).
+old = stop_gradient(current), as TRL does. The gap between the two is logged (`steps.logprob_gap`), and with
+`rl.algo.rollout_correction` the loss is weighted by their ratio (`rftjax.rl.correction`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, setti
     """The `UpdateBatch` of a rollout batch: advantages by `settings.algo` (`rl.compute_advantages`), `old_logprobs`
     under the current params (unless `on_policy`; also needed for a KL penalty in the reward),
     `ref_logprobs` under `ref_params` (when `algo` has a KL term), critic values and returns (PPO); on-policy, the
-    sampler's log-probs pass through for the loss to report `steps.logprob_gap`. The forward passes run over
+    sampler's log-probs (and NoisyRollout's `noisy` flags) pass through for the loss's `steps.logprob_gap` and
+    rollout correction. The forward passes run over
     the micro-batches `micro` (`batches.map_micro_batches`).
     Rewards are not checked here (inside jit): `rftjax.rollout.collect_rollouts` checks them on the host."""
     seq, config, algo, temperature = batch.seq, settings.config, settings.algo, settings.temperature
@@ -81,7 +83,7 @@ def prepare(policy_params, ref_params, critic_params, batch: RolloutBatch, setti
     advantages, returns = rl.compute_advantages(algo, batch.rewards, seq.completion_mask, old, ref, values)
     return UpdateBatch(seq=seq, advantages=advantages, old_logprobs=None if on_policy else old,
                        ref_logprobs=None if algo.kl_in_reward else ref, old_values=values, returns=returns,
-                       sampler_logprobs=batch.sampler_logprobs if on_policy else None)
+                       sampler_logprobs=batch.sampler_logprobs, noisy=batch.noisy)
 
 
 def minibatch_indices(key: Array, n_rows: int, minibatch_size: int, num_iterations: int) -> Array:
@@ -106,7 +108,8 @@ def make_rl_update(settings: UpdateSettings, policy_shardings=None, critic_shard
     value passes and each update's gradients run over micro-batches (`batches.map_micro_batches`,
     `optim.apply_gradients`). Returns the metrics of every update stacked, float32
     `[num_iterations * N / minibatch_size]` per key, among them `sampler_logprob_gap_mean/max` (`steps.logprob_gap`
-    of the trainer's log-probs at the rollout params); the critic's (empty without a critic) are `vf_loss`,
+    of the trainer's log-probs at the rollout params, over each update's rows) and the rollout correction's
+    `rollout_corr_*` (`rl.rollout_weights`); the critic's (empty without a critic) are `vf_loss`,
     `vf_clip_frac`, `value_mean` and its `critic_loss`, `critic_grad_norm`, `critic_skipped_updates`.
     """
     config, algo, minibatch_size = settings.config, settings.algo, settings.minibatch_size
@@ -148,9 +151,6 @@ def make_rl_update(settings: UpdateSettings, policy_shardings=None, critic_shard
 
         rows = minibatch_indices(jax.random.fold_in(key, UPDATE_STREAM), n, mb, algo.num_iterations)
         (policy, critic), (policy_metrics, critic_metrics) = jax.lax.scan(one_update, (policy, critic), rows)
-        if not on_policy:  # the trainer's log-probs at the rollout params are old_logprobs
-            gap = steps.logprob_gap(full.old_logprobs, batch.sampler_logprobs, batch.seq.completion_mask)
-            policy_metrics.update({k: jnp.full(rows.shape[:1], v) for k, v in gap.items()})
         return policy, critic, (policy_metrics, critic_metrics)
 
     out = None if policy_shardings is None else (policy_shardings, critic_shardings, None)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from rftjax import rl
-from rftjax.batches import SequenceBatch, UpdateBatch
+from rftjax.batches import SequenceBatch, UpdateBatch, sampler_mask
 from rftjax.models import ModelConfig, model_for, uses_dropout
 from rftjax.rl.masking import masked_mean
 
@@ -128,17 +128,23 @@ def _normalizer(whole_mask: Array | None, algo: rl.AlgorithmConfig) -> Array | N
 def rl_loss(params, batch: UpdateBatch, config: ModelConfig, algo: rl.AlgorithmConfig,
             temperature: float, rng: Array | None = None, whole_mask: Array | None = None) -> tuple[Array, dict]:
     """`rl.policy_loss` on freshly computed log-probs. Without `old_logprobs` the update is on-policy
-    (mu = 1, one minibatch): old = stop_gradient(current), ratio exactly 1, as TRL does; with
-    `sampler_logprobs` the metrics include `logprob_gap`. `whole_mask` as `sft_loss` (the aggregation's
-    denominator is the whole minibatch's: `rl.denominator`)."""
+    (mu = 1, one minibatch): old = stop_gradient(current), ratio exactly 1, as TRL does. With `sampler_logprobs`,
+    old (the trainer's log-probs at the rollout params) against them: the metrics include `logprob_gap` and the
+    rollout correction's (`rl.rollout_weights`, over the rows not `noisy`), and `algo.rollout_correction` weights
+    the loss. `whole_mask` as `sft_loss` (the aggregation's denominator is the whole minibatch's: `rl.denominator`)."""
     lp, entropy = completion_logprobs(params, config, batch.seq, temperature, rng=rng)
     old = jax.lax.stop_gradient(lp) if batch.old_logprobs is None else batch.old_logprobs
+    weights, sampler_metrics = None, {}
+    if batch.sampler_logprobs is not None:
+        trusted = sampler_mask(batch.seq.completion_mask, batch.noisy)
+        weights, sampler_metrics = rl.rollout_weights(
+            old, batch.sampler_logprobs, trusted, algo.rollout_correction, algo.rollout_correction_mode,
+            algo.rollout_correction_min, algo.rollout_correction_max)
+        sampler_metrics.update(logprob_gap(old, batch.sampler_logprobs, trusted))
     loss, metrics = rl.policy_loss(lp, old, batch.advantages, batch.seq.completion_mask, algo,
                                    ref_logprobs=batch.ref_logprobs, entropy=entropy,
-                                   normalizer=_normalizer(whole_mask, algo))
-    if batch.sampler_logprobs is not None:
-        metrics = {**metrics, **logprob_gap(lp, batch.sampler_logprobs, batch.seq.completion_mask)}
-    return loss, metrics
+                                   normalizer=_normalizer(whole_mask, algo), rollout_weights=weights)
+    return loss, {**metrics, **sampler_metrics}
 
 
 # ----------------------------------------------------------------------------------------------------------

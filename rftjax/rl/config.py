@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from rftjax.rl.correction import CORRECTION_LEVELS, CORRECTION_MODES
+
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 RATIO_LEVELS = ("token", "sequence", "sequence_token")
@@ -44,6 +46,11 @@ class AlgorithmConfig:
       gamma, lam: discount and GAE lambda (token-level estimators).
       clip_eps_value: value clipping of the critic loss (PPO).
       value_coef: weight of the value loss.
+      rollout_correction: importance weights from the sampler to the trainer on each token's policy loss
+        (`rftjax.rl.correction`): `off`, `token` or `sequence`.
+      rollout_correction_mode: `truncate` (TIS: clip the weights to the bounds) or `mask` (MIS: zero outside).
+      rollout_correction_min, rollout_correction_max: the bounds C_min, C_max (None: that side open; at least one
+        set when the correction is on). verl's default is token / truncate / max 2, TRL's sequence / mask / [0, 3].
     """
 
     name: str = "custom"
@@ -66,6 +73,10 @@ class AlgorithmConfig:
     lam: float = 1.0
     clip_eps_value: float = 0.2
     value_coef: float = 0.5
+    rollout_correction: str = "off"
+    rollout_correction_mode: str = "truncate"
+    rollout_correction_min: float | None = None
+    rollout_correction_max: float | None = 2.0
 
     def __post_init__(self):
         def choice(field, options):
@@ -76,6 +87,8 @@ class AlgorithmConfig:
         choice("ratio_level", RATIO_LEVELS)
         choice("kl_estimator", KL_ESTIMATORS)
         choice("loss_agg_mode", LOSS_AGG_MODES)
+        choice("rollout_correction", CORRECTION_LEVELS)
+        choice("rollout_correction_mode", CORRECTION_MODES)
         if self.group_size < 1:
             raise ValueError(f"AlgorithmConfig.group_size={self.group_size} must be >= 1")
         if self.advantage_estimator in GROUP_ESTIMATORS and self.group_size < 2:
@@ -97,6 +110,14 @@ class AlgorithmConfig:
             raise ValueError(f"AlgorithmConfig.norm_len={self.norm_len} must be >= 1 (or None for the padded T)")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"gamma={self.gamma} and lam={self.lam} must be in [0, 1]")
+        low, high = self.rollout_correction_min, self.rollout_correction_max
+        if self.rollout_correction != "off":
+            if low is None and high is None:
+                raise ValueError(f"rollout_correction={self.rollout_correction!r} needs a bound: set "
+                                 f"rollout_correction_max (verl: 2, TRL: 3) or rollout_correction_min")
+            if (low is not None and low < 0) or (high is not None and high <= 0) or \
+                    (low is not None and high is not None and low >= high):
+                raise ValueError(f"rollout_correction bounds [{low}, {high}] must satisfy 0 <= min < max")
 
     @property
     def uses_reference(self) -> bool:

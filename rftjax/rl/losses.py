@@ -101,11 +101,13 @@ def _masked_stats(x: Array, mask: Array) -> tuple[Array, Array, Array]:
 
 def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, completion_mask: Array,
                 config: AlgorithmConfig, ref_logprobs: Array | None = None, entropy: Array | None = None,
-                normalizer: Array | float | None = None) -> tuple[Array, dict[str, Array]]:
+                normalizer: Array | float | None = None, rollout_weights: Array | None = None
+                ) -> tuple[Array, dict[str, Array]]:
     """The clipped-surrogate policy loss of `config` and its diagnostics.
 
     Per token: `pg = max(-A * w, -A * clip(w, 1 - clip_eps_low, 1 + clip_eps_high))` with importance weight
-    `w = exp(importance_log_ratio)`; with `dual_clip_c`, for A < 0: `min(pg, -A * dual_clip_c)`. Then
+    `w = exp(importance_log_ratio)`; with `dual_clip_c`, for A < 0: `min(pg, -A * dual_clip_c)`; times the rollout
+    correction's weights when given (`rftjax.rl.correction`, constants; TRL applies them here too). Then
     `+ kl_coef * KL(pi || pi_ref)` (unless `kl_in_reward`; times w when `kl_bias_correction`) and
     `- entropy_coef * entropy`, aggregated by `config.loss_agg_mode` (see `aggregate`).
 
@@ -119,6 +121,8 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, complet
       ref_logprobs: `[N, T]` under the frozen reference; required when `kl_coef > 0` and not in reward.
       entropy: `[N, T]` per-token entropy of the policy, optional (metric, and the bonus if entropy_coef).
       normalizer: global denominator for micro-batched aggregation (see `aggregate`).
+      rollout_weights: `[N, T]` or `[N, 1]` sampler-to-trainer weights (`rftjax.rl.correction.rollout_weights`),
+        or None.
 
     Returns:
       `(loss, metrics)`: float32 scalar and a dict of float32 scalars: `pg_loss`, `kl_loss`,
@@ -151,6 +155,8 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, complet
         bound = -adv_tok * config.dual_clip_c
         dual_clipped = (adv_tok < 0) & (pg > bound)
         pg = jnp.where(adv_tok < 0, jnp.minimum(pg, bound), pg)
+    if rollout_weights is not None:
+        pg = pg * jax.lax.stop_gradient(rollout_weights.astype(jnp.float32))
     agg = lambda x: aggregate(x, m, config.loss_agg_mode, config.norm_len, normalizer)  # noqa: E731
     pg_loss = agg(jnp.broadcast_to(pg, m.shape))
     loss = pg_loss
