@@ -75,20 +75,27 @@ def validate_config(c: ml_collections.ConfigDict, n_data_shards: int, algo: rl.A
     need(c.optim.grad_accum >= 1, "optim.grad_accum must be >= 1")
 
 
-def rollout_config_of(c: ml_collections.ConfigDict, algo: rl.AlgorithmConfig) -> RolloutConfig:
-    """The run's `RolloutConfig`: `rl.*` sampling settings, G from `algo`, the schedule of `configs.schedule`.
+def rollout_config_of(c: ml_collections.ConfigDict, algo: rl.AlgorithmConfig, model_config) -> RolloutConfig:
+    """The run's `RolloutConfig`: `rl.*` sampling settings, G from `algo`, the schedule of `configs.schedule`,
+    NoisyRollout (`rl.noisy_rollout`, on the media of `model_config`).
 
     Raises:
-      ValueError: settings that cannot work (`RolloutConfig`, `SamplingParams`), naming them.
+      ValueError: settings that cannot work (`RolloutConfig`, `SamplingParams`, `NoisyRollout`), naming them.
     """
-    sched = configs.schedule(c)
+    sched, nr = configs.schedule(c), c.rl.noisy_rollout
     try:
+        noisy = None if not nr.kind else augment_lib.NoisyRollout(
+            image_input_for(model_config), c.rl.steps, nr.kind, nr.noise_step, nr.max_angle, nr.decay_coef,
+            nr.decay_mid_step)
+        if noisy is not None and noisy.kind == "rotate" and not family_of(model_config).augmentable:
+            raise ValueError(f"rl.noisy_rollout.kind='rotate' rotates square LLaVA images; use 'gaussian' for "
+                             f"{family_of(model_config).name}")
         return RolloutConfig(
             sampling=SamplingParams(group_size=algo.group_size, max_new_tokens=c.rl.max_new_tokens,
                                     temperature=c.rl.temperature, top_k=c.rl.top_k, top_p=c.rl.top_p),
             prompts_per_step=c.rl.prompts_per_step, dynamic_sampling=sched["dynamic_sampling"],
             gen_prompts_per_round=sched["gen_prompts_per_round"],
-            dynamic_sampling_rounds=sched["dynamic_sampling_rounds"])
+            dynamic_sampling_rounds=sched["dynamic_sampling_rounds"], noisy_rollout=noisy)
     except ValueError as e:
         raise ValueError(f"bad config: {e}") from None
 
@@ -378,8 +385,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, jax.devices()[: c.mesh.num_devices or None])
     algo = configs.algorithm(c)
     validate_config(c, mesh.shape["data"] * mesh.shape["fsdp"], algo)
-    rollout_config = rollout_config_of(c, algo)
     model_config = model_config_of(c)
+    rollout_config = rollout_config_of(c, algo, model_config)
     tokenizer = tokenizer_of(c, model_config)
     reward = rewards_of(c, rewards.SourceContext(sharding.Placement(mesh), model_config, tokenizer,
                                                  c.rl.max_new_tokens))

@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
         "sft": "1-4",                   # cold-start traces and validation (e.g. 1-3: traces are scarce)
         "rl": "1-4", "test": "1-4",     # RL problems, test
         "test_ood": "5-6"})             # out of distribution
-    c.data.augment = ""                 # "" | "noise:0.1" (NoisyRollout) | "crop:0.8", applied to RL prompts
+    c.data.augment = ""                 # "" | "noise:0.1" | "crop:0.8", applied to RL prompts (the update sees them)
     c.data.num_workers = 0              # grain worker processes
 
     c.sft = ml_collections.ConfigDict()
@@ -89,6 +89,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.gen_prompts_per_round = ml_collections.config_dict.placeholder(int)  # prompts generated per round (verl's
                                         # gen_batch_size, a multiple of prompts_per_step); 0 = prompts_per_step
     c.rl.dynamic_sampling_rounds = ml_collections.config_dict.placeholder(int)  # rounds at most (default 4)
+    c.rl.noisy_rollout = ml_collections.ConfigDict()  # NoisyRollout (Liu et al. 2025): half of each group sampled
+                                        # on a distorted image, the update on the clean one (rftjax.data.augment)
+    c.rl.noisy_rollout.kind = ""        # "" = off | gaussian (DDPM forward noise) | rotate (LLaVA's square images)
+    c.rl.noisy_rollout.noise_step = 500  # a0 of gaussian: the DDPM step (of 1000) at the start
+    c.rl.noisy_rollout.max_angle = 30.0  # a0 of rotate: degrees
+    c.rl.noisy_rollout.decay_coef = 30.0  # strength a0 * (1 - sigmoid(decay_coef * (t - decay_mid_step) / rl.steps))
+    c.rl.noisy_rollout.decay_mid_step = 40.0
     c.rl.max_seconds = 0.0              # > 0: the RL stage's time budget, as sft.max_seconds (rl_end_reason)
     c.rl.control_sft_seconds = 0.0      # > 0: a control run: spend this long on more SFT instead of RL
     c.rl.control_schedule = "continue"  # the control's SFT learning rate: continue the cold start's schedule where

@@ -83,10 +83,12 @@ class RolloutConfig:
         multiple of `prompts_per_step`); 0 = `prompts_per_step`.
       dynamic_sampling_rounds: rounds at most (verl's `max_num_gen_batches`); a batch still short of B groups is
         filled with groups without signal (counted in `dynamic_sampling_filled`).
+      noisy_rollout: NoisyRollout (`rftjax.data.augment.NoisyRollout`): each group of G holds G/2 rollouts of the
+        clean image and G/2 of a distorted copy, the update conditioning all G on the clean one; None = off.
 
     Raises:
-      ValueError: B < 1, rounds < 1, or `gen_prompts_per_round` not a multiple of B or set without dynamic
-        sampling.
+      ValueError: B < 1, rounds < 1, `gen_prompts_per_round` not a multiple of B or set without dynamic
+        sampling, NoisyRollout with an odd G.
     """
 
     sampling: sampling.SamplingParams
@@ -94,6 +96,7 @@ class RolloutConfig:
     dynamic_sampling: bool = False
     gen_prompts_per_round: int = 0
     dynamic_sampling_rounds: int = 4
+    noisy_rollout: Any = None
 
     def __post_init__(self):
         gen, b = self.gen_prompts_per_round, self.prompts_per_step
@@ -106,6 +109,9 @@ class RolloutConfig:
         if gen and not self.dynamic_sampling:
             raise ValueError(f"rl.gen_prompts_per_round={gen} oversamples for dynamic sampling: it needs dynamic "
                              f"sampling (rl.dynamic_sampling=True); or set it to 0")
+        if self.noisy_rollout is not None and self.group_size % 2:
+            raise ValueError(f"NoisyRollout splits each group into clean and noisy halves: set an even group_size "
+                             f"(got {self.group_size})")
 
     @property
     def group_size(self) -> int:
@@ -152,6 +158,28 @@ class Policy:
         return out, [tok.decode(ids[:n]) for ids, n in zip(out.completion_ids, out.lengths)]
 
 
+NOISE_STREAM = 1 << 29  # fold_in data of a round's key for NoisyRollout's distortion (the sampler uses the key itself)
+
+
+def generate_noisy(policy: Policy, batch: dict, key, config: RolloutConfig, step: int,
+                   place: Placement = HOST) -> tuple[sampling.SamplingOutput, list[str], np.ndarray]:
+    """NoisyRollout's sampling: G/2 completions of each prompt of `batch` on its clean image and G/2 on a copy
+    distorted by `config.noisy_rollout` at RL step `step` (drawn from `fold_in(key, NOISE_STREAM)` and the process
+    index: resumed runs redraw the same). Returns `(SamplingOutput as numpy, texts, noisy)` in group order (rows
+    `b*G .. b*G+G-1` of prompt b: its clean half, then its noisy half) and `noisy` bool `[B * G]`."""
+    n, b = config.group_size // 2, len(batch["prompt_ids"])
+    data = np.asarray(jax.random.key_data(jax.random.fold_in(key, NOISE_STREAM))).ravel().tolist()
+    rng = np.random.default_rng(data + [jax.process_index()])
+    distorted = config.noisy_rollout.distort(batch["pixel_values"], step, rng)
+    both = {"pixel_values": concat_rows(batch["pixel_values"], distorted),
+            **{k: np.concatenate([batch[k], batch[k]]) for k in ("prompt_ids", "prompt_mask")}}
+    out, texts = policy.generate(both, key, config.sampling.replace(group_size=n), place)
+    order = (np.arange(b)[:, None, None] * n + np.arange(2)[None, :, None] * b * n
+             + np.arange(n)[None, None, :]).reshape(-1)  # [prompt, clean | noisy, sample] -> sampler row
+    return (jax.tree.map(lambda x: x[order], out), [texts[i] for i in order],
+            np.tile(np.repeat([False, True], n), b))
+
+
 def score_groups(reward: rewards.Rewards, texts: list[str], out, batch: dict, group_size: int
                  ) -> dict[str, np.ndarray]:
     """Every reward component and `total` (`rftjax.rewards.Rewards.score`) of `len(batch) * group_size`
@@ -177,11 +205,13 @@ def trim_completions(seq: SequenceBatch, multiple: int = 16, longest: int | None
 
 
 def collect_rollouts(policy: Policy, prompts, key, config: RolloutConfig, reward: rewards.Rewards,
-                     place: Placement = HOST) -> Rollouts:
+                     place: Placement = HOST, step: int = 0) -> Rollouts:
     """One RL step's rollouts: generate and score G samples per prompt from the `prompts` iterator (host
     batches of this process's rows), with DAPO's dynamic sampling when `config.dynamic_sampling` (rounds of
     `gen_prompts_per_round` prompts until B groups with differing rewards are kept; kept groups first, then
-    groups without signal fill a short batch). Round r samples with `fold_in(key, r)`.
+    groups without signal fill a short batch). Round r samples with `fold_in(key, r)`. With
+    `config.noisy_rollout`, half of each group is sampled on a distorted image (`generate_noisy`, annealed by the
+    RL step `step`, 0-based) and flagged in `RolloutBatch.noisy`; every row keeps its clean image.
 
     With several processes each scores its own rows; the reward components, lengths and truncation flags are
     gathered (`place.gather`) so every process takes the same decisions (rounds, trimming) and logs the whole
@@ -191,13 +221,18 @@ def collect_rollouts(policy: Policy, prompts, key, config: RolloutConfig, reward
     g, b = config.group_size, config.prompts_per_step
     per_round = max(1, config.gen_prompts_per_round // b)  # batches of prompts generated per round
     kept, spare, rounds, gen_time, gen_tokens, generated, signal_seen, correct = [], [], 0, 0.0, 0, 0, 0, 0.0
-    reward_time = 0.0
+    reward_time, correct_noisy = 0.0, 0.0
     skipped_rows = 0
     while True:
         parts = [next(prompts) for _ in range(per_round)]
         batch = {k: concat_rows(*[p[k] for p in parts]) for k in parts[0]}
         t0 = time.perf_counter()
-        out, texts = policy.generate(batch, jax.random.fold_in(key, rounds), config.sampling, place)
+        round_key = jax.random.fold_in(key, rounds)
+        if config.noisy_rollout is None:
+            out, texts = policy.generate(batch, round_key, config.sampling, place)
+            noisy = np.zeros(len(texts), bool)
+        else:
+            out, texts, noisy = generate_noisy(policy, batch, round_key, config, step, place)
         gen_time += time.perf_counter() - t0
         t0 = time.perf_counter()
         scores = score_groups(reward, texts, out, batch, g)
@@ -205,18 +240,20 @@ def collect_rollouts(policy: Policy, prompts, key, config: RolloutConfig, reward
         finite = np.isfinite(scores["total"])  # a step with a NaN/inf reward is not trained on (`Rollouts.finite`)
         has_signal = groups_with_signal(np.where(finite, scores["total"], 0.0), g)
         every = place.gather({"lengths": out.lengths, "correct": scores["correct"], "signal": has_signal,
+                              "noisy": noisy,
                               "skipped_rows": np.asarray(batch.get("skipped_rows", np.zeros(0, np.int32)))})
         skipped_rows += int(every["skipped_rows"].sum())
         gen_tokens += int(every["lengths"].sum())
         generated += len(every["signal"])
         signal_seen += int(np.sum(every["signal"]))
         correct += float(np.sum(every["correct"]))
+        correct_noisy += float(np.sum(every["correct"][every["noisy"]]))
         for i in range(len(batch["answer"])):
             rows = slice(i * g, (i + 1) * g)
             group = {"pixel_values": jax.tree.map(lambda x: x[i:i + 1], batch["pixel_values"]),  # once per prompt
                      **{k: np.repeat(batch[k][i:i + 1], g, 0) for k in ("prompt_ids", "prompt_mask")},
                      "completion_ids": out.completion_ids[rows], "completion_mask": out.completion_mask[rows],
-                     "sampler_logprobs": out.model_logprobs[rows],
+                     "sampler_logprobs": out.model_logprobs[rows], "noisy": noisy[rows],
                      "truncated": out.truncated[rows], "lengths": out.lengths[rows],
                      **{f"reward_{k}": v[rows] for k, v in scores.items()}, "texts": texts[rows],
                      "answers": [batch["answer"][i]] * g, "has_signal": [bool(has_signal[i])]}
@@ -240,12 +277,19 @@ def collect_rollouts(policy: Policy, prompts, key, config: RolloutConfig, reward
              "rollout_accuracy": correct / (generated * g),  # over every rollout, not only the groups kept
              "groups_with_signal": float(np.mean(every["has_signal"])),
              "data_rows_skipped": skipped_rows}  # unreadable dataset rows replaced by the next readable ones
+    if config.noisy_rollout is not None:  # the accuracy of each half over every rollout, and the strength
+        half = generated * g / 2
+        stats.update(rollout_accuracy_clean=(correct - correct_noisy) / half,
+                     rollout_accuracy_noisy=correct_noisy / half,
+                     noisy_rollout_strength=config.noisy_rollout.strength(step))
     # Row n of this process's block points at its prompt in the global media batch (blocks in process order).
     first = jax.process_index() * len(groups)
     rows["prompt_index"] = (first + np.repeat(np.arange(len(groups)), g)).astype(np.int32)
     seq = trim_completions(SequenceBatch.from_dict(rows), longest=int(every["lengths"].max()))
     sampler_logprobs = rows["sampler_logprobs"][:, :seq.completion_ids.shape[1]]
-    return Rollouts(batch=RolloutBatch(seq=seq, rewards=rows["reward_total"], sampler_logprobs=sampler_logprobs),
+    noisy = rows["noisy"] if config.noisy_rollout is not None else None
+    return Rollouts(batch=RolloutBatch(seq=seq, rewards=rows["reward_total"], sampler_logprobs=sampler_logprobs,
+                                       noisy=noisy),
                     rewards={k[len("reward_"):]: v for k, v in every.items() if k.startswith("reward_")},
                     lengths=every["lengths"], truncated=every["truncated"], texts=rows["texts"],
                     answers=rows["answers"], stats=stats)

@@ -214,7 +214,7 @@ class Trainer:
         c, run = self.c, self.setup
         key = jax.random.fold_in(run.key, self.state.counters.global_step)
         rollouts = collect_rollouts(run.policy(self.params), self.state.rl_iter, key, run.rollout_config,
-                                    run.rewards, run.place)
+                                    run.rewards, run.place, step=n - 1)
         faults.reached("rollout")
         m = self.rl_update_step(rollouts, key)
         faults.reached("update")

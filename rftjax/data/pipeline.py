@@ -98,6 +98,14 @@ class SquareImages:
         """A batch as it is (square images have one shape)."""
         return pixel_values
 
+    def to_unit(self, pixel_values: np.ndarray) -> np.ndarray:
+        """The images of a batch `[B, size, size, 3]` as float32 pixels in [0, 1], `[B, size, size, 3]`."""
+        return (np.asarray(pixel_values, np.float32) + 1.0) * 0.5
+
+    def from_unit(self, unit: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
+        """The batch `pixel_values` with its images replaced by `unit` (`to_unit`'s layout)."""
+        return (np.asarray(unit, np.float32) * 2.0 - 1.0).astype(np.asarray(pixel_values).dtype)
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         img = np.asarray(image)
         if img.ndim != 3 or img.shape[2] != 3:
@@ -135,6 +143,32 @@ class QwenPatchImages:
         largest = int(np.prod(np.asarray(images.grid_thw), axis=1).max()) // self.merge_unit
         budget = choose_bucket(largest, sorted({*self.buckets, self.max_image_tokens})) * self.merge_unit
         return QwenImages(images.patches[:, :budget], images.grid_thw)
+
+    def _per_channel(self):
+        p = self.processor
+        shape = (1, 1, len(p.mean), 1)  # [B, P, C, patch_size ** 2]
+        return np.reshape(np.asarray(p.mean, np.float32), shape), np.reshape(np.asarray(p.std, np.float32), shape)
+
+    def to_unit(self, images: QwenImages) -> np.ndarray:
+        """The pixels of a batch's patches as float32 in [0, 1], `[B, P, C, patch_size ** 2]` (one copy of the
+        `temporal_patch_size` identical frames of an image's patches; the padding past a row's grid included)."""
+        p = self.processor
+        x = np.asarray(images.patches, np.float32)
+        b, n = x.shape[:2]
+        mean, std = self._per_channel()
+        return x.reshape(b, n, len(p.mean), p.temporal_patch_size, -1)[:, :, :, 0] * std + mean
+
+    def from_unit(self, unit: np.ndarray, images: QwenImages) -> QwenImages:
+        """`images` with its pixels replaced by `unit` (`to_unit`'s layout), normalised and repeated over the
+        temporal patch again; the padding past each row's grid stays as it was."""
+        p = self.processor
+        mean, std = self._per_channel()
+        x = (np.asarray(unit, np.float32) - mean) / std
+        b, n = x.shape[:2]
+        x = np.broadcast_to(x[:, :, :, None], (*x.shape[:3], p.temporal_patch_size, x.shape[-1])).reshape(b, n, -1)
+        real = np.arange(n)[None, :] < np.prod(np.asarray(images.grid_thw), axis=1)[:, None]
+        patches = np.where(real[..., None], x, np.asarray(images.patches, np.float32))
+        return QwenImages(patches.astype(np.asarray(images.patches).dtype), images.grid_thw)
 
     def tokens(self, height: int, width: int) -> int:
         """Image tokens of an image of `height x width` px (`grid_h * grid_w / merge_unit` after resizing)."""
