@@ -59,21 +59,69 @@ def test_minibatch_indices_are_fresh_permutations_per_pass():
     np.testing.assert_array_equal(minibatch_indices(jax.random.key(0), 8, 8, 2), [list(range(8))] * 2)
 
 
+def _tiny_batch(model, rng, n=8, t=6):
+    prompt = np.concatenate([np.full((n, model.num_image_tokens), model.image_token_id),
+                             rng.integers(4, 50, (n, 3))], axis=1).astype(np.int32)
+    mask = np.arange(t)[None] < rng.integers(1, t + 1, n)[:, None]
+    v = model.vision
+    seq = batches.SequenceBatch(
+        pixel_values=jnp.asarray(rng.standard_normal((n, v.image_size, v.image_size, v.num_channels)), jnp.float32),
+        prompt_ids=jnp.asarray(prompt), prompt_mask=jnp.ones_like(prompt, bool),
+        completion_ids=jnp.asarray(np.where(mask, rng.integers(4, 50, (n, t)), 0), jnp.int32),
+        completion_mask=jnp.asarray(mask))
+    return seq, mask
+
+
+def test_on_policy_correction_uses_the_trainer_at_the_rollout_params_and_skips_noisy_rows():
+    """On-policy GRPO with sequence-level MIS ([0, 3]): the update's gap and correction metrics and its loss equal
+    those computed from the trainer's own log-probs (old) against the sampler's on the clean rows only; the noisy
+    rows' sampler log-probs (another image's, 5 nats off) change nothing."""
+    from test_rollout_correction import np_weights
+
+    model = get_preset("tiny")
+    algo = rl.get_algorithm("grpo", group_size=4, kl_coef=0.0, rollout_correction="sequence",
+                            rollout_correction_mode="mask", rollout_correction_min=0.0, rollout_correction_max=3.0)
+    rng = np.random.default_rng(1)
+    seq, mask = _tiny_batch(model, rng)
+    params = init_params(model, jax.random.key(0))
+    trainer_lp = np.asarray(steps.completion_logprobs(params, model, seq)[0])
+    noisy = np.tile([False, False, True, True], 2)
+    sampler = np.where(noisy[:, None], trainer_lp - 5.0, trainer_lp + rng.normal(0, 0.5, trainer_lp.shape)) * mask
+    rewards = jnp.asarray([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.2])
+    tx = optim.make_optimizer(optim.make_schedule(1e-2, 10))
+    update = make_rl_update(UpdateSettings(model, algo))
+
+    def run(noisy_flags):
+        batch = RolloutBatch(seq=seq, rewards=rewards, sampler_logprobs=jnp.asarray(sampler, jnp.float32),
+                             noisy=noisy_flags)
+        state = optim.TrainState.create(jax.tree.map(jnp.copy, params), tx)
+        return {k: float(v[0]) for k, v in update(state, None, None, {}, batch, jax.random.key(2))[2][0].items()}
+
+    got = run(jnp.asarray(noisy))
+    clean = mask & ~noisy[:, None]
+    gap = np.abs(trainer_lp - sampler)[clean]
+    assert got["sampler_logprob_gap_max"] == pytest.approx(gap.max(), rel=1e-5) and gap.max() < 3
+    w, raw, outside, units = np_weights(trainer_lp, sampler, clean, "sequence", "mask", 0.0, 3.0)
+    assert got["rollout_corr_weight_mean"] == pytest.approx(w[units].mean(), rel=1e-5)
+    assert got["rollout_corr_outside_frac"] == pytest.approx(outside[units].mean(), abs=1e-6)
+    adv, _ = rl.compute_advantages(algo, rewards, jnp.asarray(mask))
+    lp = jnp.asarray(trainer_lp)
+    want, _ = rl.policy_loss(lp, lp, adv, jnp.asarray(mask), algo, rollout_weights=jnp.asarray(w, jnp.float32))
+    assert got["loss"] == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+    plain, _ = rl.policy_loss(lp, lp, adv, jnp.asarray(mask), algo)
+    assert abs(float(plain) - float(want)) > 1e-3
+    unflagged = run(None)  # the same rows trusted: the noisy rows' 5-nat gap shows
+    assert unflagged["sampler_logprob_gap_max"] == pytest.approx(5.0, rel=1e-4)
+
+
 def test_scanned_minibatch_updates_equal_a_plain_loop():
     """`make_rl_update` (mu = 2 passes x 2 minibatches in one lax.scan, rows gathered on the device) gives the
     params and per-update metrics of four single updates on the same rows in the same order."""
     model = get_preset("tiny")
     algo = rl.get_algorithm("grpo", group_size=4, num_iterations=2, kl_coef=0.05)
     rng = np.random.default_rng(0)
-    n, t, v = 8, 6, model.vision
-    prompt = np.concatenate([np.full((n, model.num_image_tokens), model.image_token_id),
-                             rng.integers(4, 50, (n, 3))], axis=1).astype(np.int32)
-    mask = np.arange(t)[None] < rng.integers(1, t + 1, n)[:, None]
-    seq = batches.SequenceBatch(
-        pixel_values=jnp.asarray(rng.standard_normal((n, v.image_size, v.image_size, v.num_channels)), jnp.float32),
-        prompt_ids=jnp.asarray(prompt), prompt_mask=jnp.ones_like(prompt, bool),
-        completion_ids=jnp.asarray(np.where(mask, rng.integers(4, 50, (n, t)), 0), jnp.int32),
-        completion_mask=jnp.asarray(mask))
+    n, t = 8, 6
+    seq, mask = _tiny_batch(model, rng, n, t)
     sampler_lp = jnp.asarray(np.where(mask, -rng.random((n, t)), 0.0), jnp.float32)
     batch = RolloutBatch(seq=seq, rewards=jnp.asarray([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.2]),
                          sampler_logprobs=sampler_lp)
