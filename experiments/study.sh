@@ -7,6 +7,13 @@
 #   bash experiments/study.sh scarce [WORKDIR]     # default /tmp/study/scarce
 #   ADOPT="0=runs/digits_seed0 2=runs/digits_seed2" bash experiments/study.sh algos   # reuse those cold starts
 #
+# Issue 34's study (the same budgets; bfloat16 compute, where the sampler and the trainer disagree): GRPO against
+# GRPO + NoisyRollout at equal rollouts per group (4 clean + 4 noisy), and GRPO with rollout correction (TIS: token,
+# truncate at 2, verl's default; MIS: sequence, mask outside [0, 3], TRL's default).
+#   bash experiments/study.sh noisy_corr [WORKDIR]     # the main job, default /tmp/study/noisy_corr
+#   bash experiments/study.sh noisy_scarce [WORKDIR]   # scarce traces, GRPO vs NoisyRollout, /tmp/study/noisy_scarce
+# NoisyRollout anneals over the 30 steps (decay_mid_step 15: the paper's 40 is past the end of so short a run).
+#
 # Budget (sized for one 2-core CPU): step budgets instead of the main job's time budgets, so that a machine shared
 # with other work changes only the wall time (the cold start runs its 560 steps or stops by patience; RL 30 steps
 # instead of ~65 in 8 minutes); an evaluation at RL step 15 (200 problems) and at the end (500 test / 300 OOD), with
@@ -18,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OV=(--config.sft.max_seconds=0 --config.rl.max_seconds=0 --config.rl.steps=30 --config.eval.every=15
     --config.eval.pass_n=16 --config.eval.pass_problems=50 --config.log.progress=False)
+NOISY=noisy:rl.noisy_rollout.kind=gaussian,rl.noisy_rollout.decay_mid_step=15
 case "${1:-}" in
   algos)
     W=${2:-/tmp/study/algos}
@@ -42,6 +50,16 @@ case "${1:-}" in
     W=${2:-/tmp/study/scarce}
     python -m rftjax.studies.sweep --config configs/digits_grpo.py:scarce --workdir "$W" --grid rl.algorithm=grpo \
       --seeds 0,1,2 --control "${OV[@]}" ;;
+  noisy_corr)
+    W=${2:-/tmp/study/noisy_corr}
+    python -m rftjax.studies.sweep --config configs/digits_grpo.py --workdir "$W" --seeds 0,1,2 \
+      --arm grpo --arm "$NOISY" --arm tis:rl.algo.rollout_correction=token \
+      --arm mis:rl.algo.rollout_correction=sequence,rl.algo.rollout_correction_mode=mask,rl.algo.rollout_correction_min=0,rl.algo.rollout_correction_max=3 \
+      --config.model.dtype=bfloat16 "${OV[@]}" ;;
+  noisy_scarce)
+    W=${2:-/tmp/study/noisy_scarce}
+    python -m rftjax.studies.sweep --config configs/digits_grpo.py:scarce --workdir "$W" --seeds 0,1,2 \
+      --arm grpo --arm "$NOISY" --config.model.dtype=bfloat16 "${OV[@]}" ;;
   collect)  # copy a finished study's results and run logs (no checkpoints) into experiments/results/study_NAME/
     W=${2:?give the study directory}
     D=experiments/results/study_$(basename "$W")
@@ -49,5 +67,6 @@ case "${1:-}" in
       -o -name curves.png \) -not -path '*/tensorboard/*') | while read -r f; do
       mkdir -p "$D/$(dirname "$f")" && cp "$W/$f" "$D/$f"; done
     gzip -nf "$D"/*/seed*/metrics.jsonl ;;
-  *) echo "usage: bash experiments/study.sh algos|algos_continue|scarce [WORKDIR] | collect WORKDIR" >&2; exit 2 ;;
+  *) echo "usage: bash experiments/study.sh algos|algos_continue|scarce|noisy_corr|noisy_scarce [WORKDIR] | collect WORKDIR" >&2
+     exit 2 ;;
 esac

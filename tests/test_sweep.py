@@ -48,6 +48,23 @@ def test_grid_gives_typed_arms_and_rejects_what_cannot_work():
             sweep.make_arms(c, grid)
 
 
+def test_named_arms_carry_several_overrides_after_the_grid():
+    c = base_config()
+    arms = sweep.make_arms(c, ["rl.lr=1e-5"], ["grpo", "mis:rl.algo.rollout_correction=sequence, "
+                                                        "rl.algo.rollout_correction_mode=mask,rl.algo.rollout_correction_max=3"])
+    assert [a.name for a in arms] == ["lr=1e-05", "grpo", "mis"]
+    assert arms[1].overrides == {} and arms[2].overrides == {
+        "rl.algo.rollout_correction": "sequence", "rl.algo.rollout_correction_mode": "mask",
+        "rl.algo.rollout_correction_max": 3.0}
+    assert sweep.make_arms(c, [], ["noisy:rl.noisy_rollout.kind=gaussian"])[0].overrides == {
+        "rl.noisy_rollout.kind": "gaussian"}
+    for named, message in ((["a:sft.lr=1"], "fixes"), (["a:rl.lr"], "NAME:KEY=V"), ([":rl.lr=1"], "name"),
+                           (["a:rl.lr=1,rl.lr=2"], "each key once"), (["a", "a"], "repeated"),
+                           (["a:rl.nope=1"], "no such")):
+        with pytest.raises(ValueError, match=message):
+            sweep.make_arms(c, [], named)
+
+
 def test_time_estimate_uses_the_mean_of_each_kind():
     done = [{"kind": "cold_start", "wall_s": 100.0}, {"kind": "arm", "wall_s": 50.0}, {"kind": "arm", "wall_s": 70.0}]
     jobs = sweep.schedule_jobs([sweep.Arm("a", {})], [0, 1], control=True)  # cold, arm, control for each seed

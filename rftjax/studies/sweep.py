@@ -3,8 +3,9 @@
     python -m rftjax.studies.sweep --config configs/digits_grpo.py --workdir runs/algos \\
         --grid rl.algorithm=grpo,dr_grpo --grid rl.lr=1e-5,2e-5 --seeds 0,1,2 --control [--config.rl.steps=50]
 
-runs the cross product of the `--grid` values (each arm one combination) for every seed. Every run is a normal
-run directory (`python -m rftjax.evaluate`, `experiments/time_split.py`, TensorBoard all work on it):
+runs the cross product of the `--grid` values (each arm one combination), and any `--arm NAME:KEY=V,KEY=V` (a named
+arm with several overrides, e.g. `--arm grpo --arm tis:rl.algo.rollout_correction=token`), for every seed. Every
+run is a normal run directory (`python -m rftjax.evaluate`, `experiments/time_split.py`, TensorBoard all work on it):
 
     WORKDIR/sweep.json                the sweep's settings (a rerun must use the same base config)
     WORKDIR/cold_start/seed{S}/       the SFT cold start of seed S (the config with rl.enabled=False), trained once
@@ -79,12 +80,41 @@ class Arm:
     overrides: dict
 
 
-def make_arms(config: ml_collections.ConfigDict, grid: list[str]) -> list[Arm]:
-    """The cross product of `--grid KEY=V1,V2,...` specs, in the order given (the last key varies fastest).
-    Arm names use each key's last component unless two keys share it.
+def _sweepable(key: str, option: str) -> str:
+    key = key.strip()
+    if key.startswith(FIXED_BY_COLD_START):
+        raise ValueError(f"{option} {key}: the arms share one cold start per seed, which fixes "
+                         f"{', '.join(FIXED_BY_COLD_START)}; run one sweep per value instead")
+    return key
+
+
+def named_arm(config: ml_collections.ConfigDict, spec: str) -> Arm:
+    """An `--arm NAME:KEY=V,KEY=V` spec (NAME alone: the base config) as an `Arm` named NAME.
 
     Raises:
-      ValueError: a malformed spec, a repeated key, a key the shared cold start fixes, a bad value.
+      ValueError: a malformed spec, a key the shared cold start fixes or given twice, a bad value.
+    """
+    name, _, pairs = spec.partition(":")
+    overrides = {}
+    for pair in filter(None, (p.strip() for p in pairs.split(","))):
+        key, sep, value = pair.partition("=")
+        key = _sweepable(key, "--arm")
+        if not sep or not key or key in overrides:
+            raise ValueError(f"--arm {spec!r}: write NAME:KEY=V,KEY=V with each key once (e.g. "
+                             f"noisy:rl.noisy_rollout.kind=gaussian)")
+        overrides[key] = parse_value(config, key, value.strip())
+    if not name.strip() or "/" in name:
+        raise ValueError(f"--arm {spec!r}: start with a name (a directory name) before the ':'")
+    return Arm(name.strip(), overrides)
+
+
+def make_arms(config: ml_collections.ConfigDict, grid: list[str], named: list[str] = ()) -> list[Arm]:
+    """The cross product of `--grid KEY=V1,V2,...` specs, in the order given (the last key varies fastest), then
+    the `--arm NAME:KEY=V,...` arms (`named_arm`). Grid arm names use each key's last component unless two keys
+    share it.
+
+    Raises:
+      ValueError: a malformed spec, a repeated key or arm name, a key the shared cold start fixes, a bad value.
     """
     axes = []
     for spec in grid:
@@ -92,20 +122,20 @@ def make_arms(config: ml_collections.ConfigDict, grid: list[str]) -> list[Arm]:
         key = key.strip()
         if not sep or not values or not key:
             raise ValueError(f"--grid {spec!r}: write KEY=V1,V2 (e.g. rl.algorithm=grpo,dr_grpo)")
-        if key.startswith(FIXED_BY_COLD_START):
-            raise ValueError(f"--grid {key}: the arms share one cold start per seed, which fixes "
-                             f"{', '.join(FIXED_BY_COLD_START)}; run one sweep per value instead")
+        key = _sweepable(key, "--grid")
         if key in [k for k, _ in axes]:
             raise ValueError(f"--grid {key} is given twice: list all its values in one --grid")
         axes.append((key, [parse_value(config, key, v.strip()) for v in values.split(",")]))
-    if not axes:
-        return [Arm("base", {})]
     leaves = [k.rsplit(".", 1)[-1] for k, _ in axes]
     labels = [leaf if leaves.count(leaf) == 1 else k for (k, _), leaf in zip(axes, leaves)]
     arms = [Arm(",".join(f"{label}={v}" for label, v in zip(labels, combo)),
-                dict(zip([k for k, _ in axes], combo))) for combo in itertools.product(*(v for _, v in axes))]
+                dict(zip([k for k, _ in axes], combo))) for combo in itertools.product(*(v for _, v in axes))] \
+        if axes else []
+    arms += [named_arm(config, spec) for spec in named]
+    if not arms:
+        return [Arm("base", {})]
     if len({a.name for a in arms}) < len(arms) or {a.name for a in arms} & {COLD_START, CONTROL}:
-        raise ValueError(f"--grid gives repeated arm names: {[a.name for a in arms]}")
+        raise ValueError(f"--grid / --arm give repeated arm names: {[a.name for a in arms]}")
     return arms
 
 
@@ -225,9 +255,9 @@ def _eta(done: list[dict], jobs: list[Job]) -> str:
 
 
 def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], seeds: list[int], control: bool,
-              spec: dict | None = None) -> dict | None:
-    """Run (or resume) the sweep in `workdir` and write its results (`summarize`). Returns the results, or None
-    when a run was stopped by SIGTERM / SIGINT (rerun to resume).
+              spec: dict | None = None, named: list[str] = ()) -> dict | None:
+    """Run (or resume) the sweep in `workdir` and write its results (`summarize`): the arms of `grid` and `named`
+    (`make_arms`). Returns the results, or None when a run was stopped by SIGTERM / SIGINT (rerun to resume).
 
     Raises:
       ValueError: a bad grid, no seeds, or a workdir holding a sweep of another base config.
@@ -238,10 +268,11 @@ def run_sweep(base: ml_collections.ConfigDict, workdir: str, grid: list[str], se
 
     if not seeds:
         raise ValueError("--seeds: give at least one seed (e.g. 0,1,2)")
-    arms = make_arms(base, grid)
+    arms = make_arms(base, grid, named)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    _check_same_base(workdir, base, {**(spec or {}), "grid": grid, "seeds": seeds, "control": control},
+    _check_same_base(workdir, base, {**(spec or {}), "grid": grid, "arms": list(named), "seeds": seeds,
+                                     "control": control},
                      write=jax.process_index() == 0)
     jobs = schedule_jobs(arms, seeds, control)
     log_path = os.path.join(workdir, "sweep_log.jsonl")
@@ -316,9 +347,9 @@ def main(config, workdir):
     spec = {"config_file": config_flags.get_config_filename(f["config"]),
             "overrides": {k: str(v) for k, v in config_flags.get_override_values(f["config"]).items()}}
     if f.summarize_only:
-        write_report(os.path.abspath(workdir), make_arms(config, f.grid or []), seeds, f.control)
+        write_report(os.path.abspath(workdir), make_arms(config, f.grid or [], f.arm or []), seeds, f.control)
         return
-    run_sweep(config, workdir, f.grid or [], seeds, f.control, spec)
+    run_sweep(config, workdir, f.grid or [], seeds, f.control, spec, f.arm or [])
 
 
 if __name__ == "__main__":
@@ -327,6 +358,8 @@ if __name__ == "__main__":
     from rftjax.configs import run_cli
 
     flags.DEFINE_multi_string("grid", None, "KEY=V1,V2,...: a config field and its values (repeat for a grid)")
+    flags.DEFINE_multi_string("arm", None, "NAME:KEY=V,KEY=V: one more arm, named, with these overrides (NAME "
+                              "alone: the base config); repeat for several")
     flags.DEFINE_list("seeds", ["0"], "seeds (each gets its own cold start)")
     flags.DEFINE_bool("control", False, "add the equal-time SFT control of each seed")
     flags.DEFINE_bool("summarize_only", False, "only rewrite sweep_results.* from the runs there are")
