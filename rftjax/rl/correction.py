@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from rftjax.rl.kl import LOG_RATIO_CLAMP
-from rftjax.rl.masking import masked_mean
+from rftjax.rl.masking import masked_mean, masked_min_mean_max
 
 Array = jax.Array
 
@@ -105,15 +105,15 @@ def rollout_weights(old_logprobs: Array, sampler_logprobs: Array, mask: Array, l
         applied, outside = raw, jnp.zeros(raw.shape, bool)
     else:
         applied, outside = bound_weights(raw, mode, low, high)
-    r = jnp.clip((old.astype(jnp.float32) - sampler.astype(jnp.float32)) * m, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    r = log_w if level != "sequence" else correction_log_ratio(old, sampler, m, "token")
     k3 = (jnp.exp(r) - 1.0 - r) * m
     rows = (m.sum(-1) > 0).astype(jnp.float32)
     any_unit = unit_mask.sum() > 0
-    mean_w = masked_mean(applied, unit_mask)
+    w_min, mean_w, w_max = masked_min_mean_max(applied, unit_mask, empty=1.0)
     metrics = {
-        "rollout_corr_weight_min": jnp.where(any_unit, jnp.min(jnp.where(unit_mask > 0, applied, jnp.inf)), 1.0),
+        "rollout_corr_weight_min": w_min,
         "rollout_corr_weight_mean": mean_w,
-        "rollout_corr_weight_max": jnp.where(any_unit, jnp.max(jnp.where(unit_mask > 0, applied, -jnp.inf)), 1.0),
+        "rollout_corr_weight_max": w_max,
         "rollout_corr_ess": jnp.square(mean_w) / jnp.maximum(masked_mean(jnp.square(applied), unit_mask), 1e-30),
         "rollout_corr_outside_frac": masked_mean(outside.astype(jnp.float32), unit_mask),
         "rollout_corr_chi2": masked_mean(jnp.square(raw), unit_mask) - jnp.where(any_unit, 1.0, 0.0),

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from rftjax.rl.config import LOSS_AGG_MODES, AlgorithmConfig
 from rftjax.rl.kl import LOG_RATIO_CLAMP, kl_penalty
-from rftjax.rl.masking import check_like_mask, masked_mean
+from rftjax.rl.masking import check_like_mask, masked_mean, masked_min_mean_max
 
 Array = jax.Array
 
@@ -89,14 +89,6 @@ def importance_log_ratio(logprobs: Array, old_logprobs: Array, completion_mask: 
         else:
             raise ValueError(f"unknown ratio_level {ratio_level!r}; choose token, sequence or sequence_token")
     return jnp.clip(out, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-
-
-def _masked_stats(x: Array, mask: Array) -> tuple[Array, Array, Array]:
-    mb = mask.astype(bool)
-    any_ = mb.any()
-    mn = jnp.where(any_, jnp.min(jnp.where(mb, x, jnp.inf)), 0.0)
-    mx = jnp.where(any_, jnp.max(jnp.where(mb, x, -jnp.inf)), 0.0)
-    return mn, masked_mean(x, mask), mx
 
 
 def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, completion_mask: Array,
@@ -186,7 +178,7 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, complet
     metrics["clip_frac_high"] = frac((ratio_tok > 1 + config.clip_eps_high) & (adv_b > 0))
     metrics["dual_clip_frac"] = frac(jnp.broadcast_to(dual_clipped, m.shape))
     metrics["ppo_kl"] = masked_mean(old_logprobs.astype(jnp.float32) - logprobs.astype(jnp.float32), m)
-    metrics["ratio_min"], metrics["ratio_mean"], metrics["ratio_max"] = _masked_stats(ratio_tok, m)
+    metrics["ratio_min"], metrics["ratio_mean"], metrics["ratio_max"] = masked_min_mean_max(ratio_tok, m)
     if adv.ndim == 1:
         metrics["adv_mean"], metrics["adv_std"] = adv.mean(), adv.std()
     else:

@@ -24,6 +24,16 @@ def masked_mean(x: Array, mask: Array, axis=None) -> Array:
     return (x * m).sum(axis) / jnp.maximum(m.sum(axis), 1.0)
 
 
+def masked_min_mean_max(x: Array, mask: Array, empty: float = 0.0) -> tuple[Array, Array, Array]:
+    """`(min, mean, max)` of x over mask (same shape or broadcastable), float32 scalars; `empty` for the min and max
+    of an empty mask (the mean is then 0), never NaN."""
+    mb = mask.astype(bool)
+    any_ = mb.any()
+    mn = jnp.where(any_, jnp.min(jnp.where(mb, x, jnp.inf)), empty)
+    mx = jnp.where(any_, jnp.max(jnp.where(mb, x, -jnp.inf)), empty)
+    return mn, masked_mean(x, mask), mx
+
+
 def masked_whiten(x: Array, mask: Array, eps: float = 1e-8) -> Array:
     """`(x - mean) / sqrt(var + eps)` over the masked entries, var Bessel-corrected (verl's `masked_whiten`).
 
