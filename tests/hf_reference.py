@@ -64,7 +64,7 @@ def left_padded_batch(n_patches: int, image_token: int, vocab: int, rng: np.rand
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Qwen2.5-VL / Qwen2-VL
+# Qwen2.5-VL / Qwen2-VL / Qwen3-VL
 
 QWEN_IDS = dict(image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153)
 
@@ -103,18 +103,21 @@ def make_hf_qwen_vl(tmp_path, *, family="qwen2_5_vl", tie=False, seed=0, vocab=1
 
 
 def qwen_batch(rng: np.random.Generator, sizes=((112, 84), (56, 140)), pad=(0, 3), text_before=(3, 2),
-               text_after=(4, 2), vocab=150, budget_tokens=16, ids=None, low=4):
-    """A left-padded batch, one image per row (sizes in px, kept: multiples of 28): rows are
+               text_after=(4, 2), vocab=150, budget_tokens=16, ids=None, low=4, patch=14, mean_std=None):
+    """A left-padded batch, one image per row (sizes in px, kept: multiples of `2 * patch`): rows are
     `[pad][text][<vision_start>][image tokens][<vision_end>][text]`. Returns a dict with `input_ids`,
-    `attention_mask`, `mm_token_type_ids` `[B, T]`, HF's `pixel_values` `[sum(thw), 1176]` and `image_grid_thw`
-    `[B, 3]`, and rftjax's padded `patches` `[B, 4 * budget_tokens, 1176]` / `grid_thw`. `ids`: the special ids
-    (default `QWEN_IDS`); text ids are drawn from `[low, vocab)`."""
+    `attention_mask`, `mm_token_type_ids` `[B, T]`, HF's `pixel_values` `[sum(thw), 6 patch^2]` and
+    `image_grid_thw` `[B, 3]`, and rftjax's padded `patches` `[B, 4 * budget_tokens, 6 patch^2]` / `grid_thw`.
+    `ids`: the special ids (default `QWEN_IDS`); text ids are drawn from `[low, vocab)`; `mean_std`: the
+    processor's normalisation (default OpenAI CLIP's)."""
     special = ids or QWEN_IDS
     from PIL import Image
 
     from rftjax.data.qwen_image import QwenImageProcessor, pad_images
 
-    proc = QwenImageProcessor(min_pixels=28 * 28, max_pixels=28 * 28 * budget_tokens)
+    unit = (2 * patch) ** 2
+    norm = {} if mean_std is None else dict(mean=mean_std[0], std=mean_std[1])
+    proc = QwenImageProcessor(patch_size=patch, min_pixels=unit, max_pixels=unit * budget_tokens, **norm)
     images = [proc(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))) for h, w in sizes]
     rows = []
     for (patches, grid), p, before, after in zip(images, pad, text_before, text_after):
@@ -132,6 +135,40 @@ def qwen_batch(rng: np.random.Generator, sizes=((112, 84), (56, 140)), pad=(0, 3
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == special["image_token_id"]) * 1,
             "pixel_values": np.concatenate([p for p, _ in images]), "image_grid_thw": np.stack([g for _, g in images]),
             "patches": padded["patches"], "grid_thw": padded["grid_thw"]}
+
+
+def make_hf_qwen3_vl(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=None, processor=True):
+    """A random `Qwen3VLForConditionalGeneration` with noise on every tensor, saved under tmp_path (with a
+    `preprocessor_config.json` as the published checkpoints ship, min_pixels lowered to 32 * 32 when
+    `processor`); returns `(model, path)`. Vision: 3 blocks, DeepStack after blocks 0 and 1, an 8 x 8 position
+    table, patch 16; decoder: 3 layers, GQA (4 heads, 2 kv heads), head_dim 16, q/k norms, interleaved M-RoPE
+    (sections 3, 3, 2: every axis has frequencies both below and past its interleaved range)."""
+    import json
+    import os
+
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, temporal_patch_size=2,
+                  spatial_merge_size=2, out_hidden_size=hidden, num_position_embeddings=64,
+                  hidden_act="gelu_pytorch_tanh", deepstack_visual_indexes=[0, 1])
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[3, 3, 2],
+                                     mrope_interleaved=True))
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=tie, **(ids or QWEN_IDS))
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = str(tmp_path / f"hf_qwen3_vl_{'tied' if tie else 'untied'}")
+    model.save_pretrained(path)
+    if processor:
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_processor_type": "Qwen2VLImageProcessorFast", "image_mean": [0.5] * 3,
+                       "image_std": [0.5] * 3, "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
+                       "size": {"shortest_edge": 32 * 32, "longest_edge": 16777216}}, f)
+    return model, path
 
 
 def hf_qwen_logits(model, batch: dict) -> np.ndarray:

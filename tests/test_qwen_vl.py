@@ -174,7 +174,7 @@ def test_both_tensor_name_layouts_load(hf_models, tmp_path):
     (lambda c: c["text_config"]["rope_parameters"].update(rope_type="yarn"), "rope_type"),
     (lambda c: c["text_config"].update(use_sliding_window=True), "use_sliding_window"),
     (lambda c: c["vision_config"].update(hidden_act="relu"), "vision_config.hidden_act"),
-    (lambda c: c.update(model_type="qwen3_vl"), "model_type"),
+    (lambda c: c.update(model_type="qwen3_vl_moe"), "model_type"),
 ])
 def test_unsupported_config_fields_are_named(change, field):
     hf = rhf.qwen_config_to_hf(get_preset("qwen_vl_tiny"))

@@ -1,11 +1,11 @@
-"""Image processor of Qwen2-VL / Qwen2.5-VL: aspect-preserving resize, CLIP normalisation, patches, padding.
+"""Image processor of Qwen2-VL / Qwen2.5-VL / Qwen3-VL: aspect-preserving resize, normalisation, patches, padding.
 
-Equal to transformers' `Qwen2VLImageProcessorPil` (the processor both families ship): RGB conversion (alpha
+Equal to transformers' `Qwen2VLImageProcessorPil` (the processor the three families ship): RGB conversion (alpha
 composited onto white), `smart_resize` to multiples of `patch_size * merge_size` px with the area between
 `min_pixels` and `max_pixels`, PIL bicubic resize of the uint8 image, rescale by 1/255 (float64, then
-float32), normalise with the OpenAI CLIP mean/std, and HF's patch order: the image viewed as
-`(C, h/2, 2, 14, w/2, 2, 14)`, transposed so each 2x2 merge unit is contiguous, each patch repeated over the
-`temporal_patch_size` frames and flattened `(C, t, 14, 14)`.
+float32), normalise with the checkpoint's mean/std (OpenAI CLIP's for Qwen2.x, 0.5 for Qwen3-VL), and HF's
+patch order: the image viewed as `(C, h/2, 2, p, w/2, 2, p)`, transposed so each 2x2 merge unit is contiguous,
+each patch repeated over the `temporal_patch_size` frames and flattened `(C, t, p, p)`.
 
 `pad_images` then pads a batch to a static patch budget (`QwenVLConfig.buckets`), the layout the model
 takes under jit (`rftjax.models.QwenImages`).
@@ -20,8 +20,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from rftjax.models.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -82,12 +81,12 @@ class QwenImageProcessor:
     std: tuple[float, ...] = OPENAI_CLIP_STD
 
     @classmethod
-    def for_model(cls, config, min_pixels: int = 56 * 56) -> "QwenImageProcessor":
-        """The processor of a `QwenVLConfig`: its patch geometry, and `max_pixels` so the largest image fits
-        `config.max_image_tokens`."""
+    def for_model(cls, config) -> "QwenImageProcessor":
+        """The processor of a `QwenVLConfig`: its patch geometry and normalisation, `min_pixels` (capped at
+        `max_pixels`), and `max_pixels` so the largest image fits `config.max_image_tokens`."""
         v = config.vision
-        return cls(v.patch_size, v.temporal_patch_size, v.spatial_merge_size, min(min_pixels, config.max_pixels),
-                   config.max_pixels)
+        return cls(v.patch_size, v.temporal_patch_size, v.spatial_merge_size,
+                   min(config.min_pixels, config.max_pixels), config.max_pixels, config.image_mean, config.image_std)
 
     @property
     def factor(self) -> int:

@@ -111,8 +111,12 @@ class TextConfig:
     with `qkv_bias` is Llama's `attention_bias=True`. `rope_theta` is the RoPE base (Llama 1e4, Qwen2 1e6).
     `mrope_section`: Qwen2-VL's multimodal RoPE (M-RoPE): how many of the `head_dim / 2` rotary frequencies
     take the temporal, height and width position (HF `rope_parameters["mrope_section"]`); None: 1-D RoPE.
+    `mrope_interleaved`: Qwen3-VL's interleaved M-RoPE: frequency j takes the height position when `j % 3 == 1`
+    and `j < 3 * mrope_section[1]`, the width position when `j % 3 == 2` and `j < 3 * mrope_section[2]`, the
+    temporal one otherwise (HF `Qwen3VLTextRotaryEmbedding.recomposition_frequencies`); False: the sections are
+    contiguous runs (Qwen2-VL). `qk_norm`: Qwen3's RMSNorm over each head's query and key before RoPE.
     `layer_pattern`: the repeating block of decoder layer kinds (`rftjax.models.llm.LAYER_KINDS`; layer i has
-    kind `layer_pattern[i % len(layer_pattern)]`); `("attention",)` is the Llama/Qwen2 decoder.
+    kind `layer_pattern[i % len(layer_pattern)]`); `("attention",)` is the Llama/Qwen2/Qwen3 decoder.
     """
 
     vocab_size: int = 512
@@ -129,6 +133,8 @@ class TextConfig:
     o_bias: bool = False
     max_position_embeddings: int = 4096
     mrope_section: tuple[int, ...] | None = None
+    mrope_interleaved: bool = False
+    qk_norm: bool = False
     layer_pattern: tuple[str, ...] = ("attention",)
 
     def __post_init__(self):
@@ -143,6 +149,8 @@ class TextConfig:
             if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
                 raise ValueError(f"TextConfig.mrope_section={self.mrope_section} must be 3 ints (temporal, height, "
                                  f"width) summing to head_dim / 2 = {self.head_dim // 2}")
+        elif self.mrope_interleaved:
+            raise ValueError("TextConfig.mrope_interleaved needs mrope_section (3 ints summing to head_dim / 2)")
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                         "num_kv_heads", "head_dim", "max_position_embeddings")
         if self.num_kv_heads > self.num_heads or self.num_heads % self.num_kv_heads:
@@ -212,7 +220,8 @@ class VLMConfig(_ModelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class QwenVisionConfig:
-    """Qwen2-VL / Qwen2.5-VL vision tower (HF `Qwen2_5_VLVisionConfig`, `Qwen2VLVisionConfig`).
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower (HF `Qwen2_5_VLVisionConfig`, `Qwen2VLVisionConfig`,
+    `Qwen3VLVisionConfig`).
 
     An image resized to multiples of `patch_size * spatial_merge_size` px is cut into `grid_h x grid_w` patches of
     `temporal_patch_size x patch_size x patch_size x in_channels` values (a still image repeated over the
@@ -227,8 +236,14 @@ class QwenVisionConfig:
       fullatt_block_indexes: blocks that attend over the whole image when windows are on.
       norm: `"rms"` (Qwen2.5-VL RMSNorm) or `"layer"` (Qwen2-VL LayerNorm), in the blocks and the merger's `ln_q`.
       gated_mlp: `down(act(gate(x)) * up(x))` (Qwen2.5-VL) or `fc2(act(fc1(x)))` (Qwen2-VL); both with biases.
-      hidden_act: `"silu"` (Qwen2.5-VL) or `"quick_gelu"` (Qwen2-VL) or `"gelu"`.
+      hidden_act: `"silu"` (Qwen2.5-VL) or `"quick_gelu"` (Qwen2-VL) or `"gelu"` or `"gelu_tanh"` (Qwen3-VL).
       rope_theta: base of the 2-D rotary embedding over (row, column) of each patch.
+      patch_bias: the patch embedding has a bias (Qwen3-VL's Conv3d).
+      num_position_embeddings: side ** 2 of Qwen3-VL's learned position-embedding table, resampled bilinearly
+        (align_corners) to each image's patch grid and added after the patch embedding; None: none (Qwen2.x).
+      deepstack_visual_indexes: blocks whose outputs pass their own merger (LayerNorm after the 2x2 merge) and
+        are added to the decoder's hidden states at the image positions after decoder layers 0, 1, ...
+        (Qwen3-VL's DeepStack, Meng et al. 2024); empty: none.
     """
 
     depth: int = 32
@@ -247,9 +262,13 @@ class QwenVisionConfig:
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    patch_bias: bool = False
+    num_position_embeddings: int | None = None
+    deepstack_visual_indexes: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
+        object.__setattr__(self, "deepstack_visual_indexes", tuple(int(i) for i in self.deepstack_visual_indexes))
         _check_positive(self, "depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
                         "patch_size", "temporal_patch_size", "spatial_merge_size", "in_channels")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
@@ -266,6 +285,21 @@ class QwenVisionConfig:
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"QwenVisionConfig.fullatt_block_indexes has {bad} outside [0, depth={self.depth})")
+        bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"QwenVisionConfig.deepstack_visual_indexes has {bad} outside [0, depth={self.depth})")
+        if self.deepstack_visual_indexes and self.window_size is not None:
+            raise ValueError("QwenVisionConfig.deepstack_visual_indexes needs window_size=None (Qwen3-VL attends over "
+                             "whole frames; windows with DeepStack exist in no published model)")
+        side = self.position_grid_side
+        if self.num_position_embeddings is not None and (side < 2 or side * side != self.num_position_embeddings):
+            raise ValueError(f"QwenVisionConfig.num_position_embeddings={self.num_position_embeddings} must be the "
+                             f"square of an int >= 2 (a square table of learned position embeddings), or None")
+
+    @property
+    def position_grid_side(self) -> int:
+        """Side of the learned position-embedding table (0 without one)."""
+        return int(round((self.num_position_embeddings or 0) ** 0.5))
 
     @property
     def head_dim(self) -> int:
@@ -291,16 +325,20 @@ class QwenVisionConfig:
         return self.window_size is not None and block not in self.fullatt_block_indexes
 
 
-_VISION_ACTS = ("silu", "quick_gelu", "gelu")
+_VISION_ACTS = ("silu", "quick_gelu", "gelu", "gelu_tanh")
+QWEN_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)
 class QwenVLConfig(_ModelConfig):
-    """Qwen2-VL / Qwen2.5-VL: dynamic-resolution vision tower + patch merger + Qwen2 decoder with M-RoPE.
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: dynamic-resolution vision tower + patch merger + decoder with M-RoPE
+    (Qwen2's, or Qwen3's with q/k norms, interleaved M-RoPE and DeepStack).
 
     Attributes:
       vision, text: the two towers (`text.mrope_section` set: the decoder uses 3-D positions).
-      model_type: `"qwen2_5_vl"` or `"qwen2_vl"` (the HF family written on export).
+      model_type: `"qwen2_5_vl"`, `"qwen2_vl"` or `"qwen3_vl"` (the HF family written on export).
       image_token_id, video_token_id, vision_start_token_id, vision_end_token_id: special token ids; each
         image is `<|vision_start|>` + `grid_t * grid_h * grid_w / 4` image tokens + `<|vision_end|>`.
       max_image_tokens: the largest image a batch can hold, in LM tokens (merged patches): the static patch
@@ -308,6 +346,10 @@ class QwenVLConfig(_ModelConfig):
         to at most `max_image_tokens * (patch_size * spatial_merge_size) ** 2` pixels.
       image_token_buckets: smaller budgets a batch may be padded to (each a separate compilation); the batch
         takes the smallest bucket that holds its largest image. Empty: always `max_image_tokens`.
+      image_mean, image_std: the image processor's per-channel normalisation (None: the family's, OpenAI CLIP's
+        for Qwen2.x, 0.5 for Qwen3-VL; a checkpoint's `preprocessor_config.json` sets them when loaded).
+      min_pixels: the processor's smallest image area in px (None: the family's, 56 * 56 for Qwen2.x and
+        65536 for Qwen3-VL), capped at `max_pixels`.
       dtype, param_dtype, scan_layers, remat, remat_policy, lora: as `VLMConfig` (scan applies to the decoder).
     """
 
@@ -320,6 +362,9 @@ class QwenVLConfig(_ModelConfig):
     vision_end_token_id: int = 151653
     max_image_tokens: int = 1024
     image_token_buckets: tuple[int, ...] = ()
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    min_pixels: int | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = False
@@ -329,8 +374,18 @@ class QwenVLConfig(_ModelConfig):
 
     def __post_init__(self):
         object.__setattr__(self, "image_token_buckets", tuple(int(b) for b in self.image_token_buckets))
-        if self.model_type not in ("qwen2_5_vl", "qwen2_vl"):
-            raise ValueError(f"QwenVLConfig.model_type={self.model_type!r}; choose 'qwen2_5_vl' or 'qwen2_vl'")
+        if self.model_type not in QWEN_MODEL_TYPES:
+            raise ValueError(f"QwenVLConfig.model_type={self.model_type!r}; choose one of {QWEN_MODEL_TYPES}")
+        qwen3 = self.model_type == "qwen3_vl"
+        for name, default in (("image_mean", (0.5,) * 3 if qwen3 else OPENAI_CLIP_MEAN),
+                              ("image_std", (0.5,) * 3 if qwen3 else OPENAI_CLIP_STD)):
+            value = getattr(self, name)
+            object.__setattr__(self, name, default if value is None else tuple(float(x) for x in value))
+            if len(getattr(self, name)) != self.vision.in_channels:
+                raise ValueError(f"QwenVLConfig.{name}={getattr(self, name)} needs one value per channel "
+                                 f"({self.vision.in_channels})")
+        if self.min_pixels is None:
+            object.__setattr__(self, "min_pixels", 65536 if qwen3 else 56 * 56)
         if self.text.mrope_section is None:
             raise ValueError("QwenVLConfig.text.mrope_section is None; Qwen-VL decoders use M-RoPE (3 ints summing "
                              "to head_dim / 2, e.g. (16, 24, 24))")
@@ -384,6 +439,20 @@ def _qwen_text(vocab, hidden, inter, layers, heads, kv, tie) -> TextConfig:
                       qkv_bias=True, max_position_embeddings=128000, mrope_section=(16, 24, 24))
 
 
+def _qwen3_vl(text_dims: tuple, tie: bool, vision_dims: tuple, deepstack: tuple[int, ...]) -> QwenVLConfig:
+    hidden, inter, layers, heads, kv = text_dims
+    depth, v_hidden, v_inter = vision_dims
+    text = TextConfig(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                      num_heads=heads, num_kv_heads=kv, head_dim=128, rope_theta=5e6, rms_norm_eps=1e-6,
+                      tie_word_embeddings=tie, max_position_embeddings=262144, mrope_section=(24, 20, 20),
+                      mrope_interleaved=True, qk_norm=True)
+    vision = QwenVisionConfig(depth=depth, hidden_size=v_hidden, intermediate_size=v_inter, num_heads=16,
+                              out_hidden_size=hidden, patch_size=16, window_size=None, fullatt_block_indexes=(),
+                              norm="layer", gated_mlp=False, hidden_act="gelu_tanh", patch_bias=True,
+                              num_position_embeddings=2304, deepstack_visual_indexes=deepstack)
+    return QwenVLConfig(vision=vision, text=text, model_type="qwen3_vl")
+
+
 PRESETS: dict[str, VLMConfig | QwenVLConfig] = {
     # For unit tests: compiles in seconds; GQA (4 heads, 2 kv heads).
     "tiny": VLMConfig(
@@ -407,6 +476,10 @@ PRESETS: dict[str, VLMConfig | QwenVLConfig] = {
     "qwen2_5_vl_7b": _qwen2_5_vl(3584, _qwen_text(152064, 3584, 18944, 28, 28, 4, False)),
     "qwen2_vl_2b": _qwen2_vl(_qwen_text(151936, 1536, 8960, 28, 12, 2, True)),
     "qwen2_vl_7b": _qwen2_vl(_qwen_text(152064, 3584, 18944, 28, 28, 4, False)),
+    # Qwen/Qwen3-VL-2B-Instruct, -4B-Instruct, -8B-Instruct (their config.json on the Hub).
+    "qwen3_vl_2b": _qwen3_vl((2048, 6144, 28, 16, 8), True, (24, 1024, 4096), (5, 11, 17)),
+    "qwen3_vl_4b": _qwen3_vl((2560, 9728, 36, 32, 8), True, (24, 1024, 4096), (5, 11, 17)),
+    "qwen3_vl_8b": _qwen3_vl((4096, 12288, 36, 32, 8), False, (27, 1152, 4304), (8, 16, 24)),
     # A Qwen2.5-VL for unit tests: 2 vision blocks (one windowed, one full), 4 x 4-token windows; 112 px images.
     "qwen_vl_tiny": QwenVLConfig(
         vision=QwenVisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32,
@@ -415,6 +488,18 @@ PRESETS: dict[str, VLMConfig | QwenVLConfig] = {
                         num_kv_heads=2, qkv_bias=True, rope_theta=1e6, mrope_section=(1, 1, 2)),
         image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
         max_image_tokens=64),
+    # A Qwen3-VL for unit tests: 3 vision blocks with DeepStack after blocks 0 and 1, an 8 x 8 position table;
+    # 64 px images are 4 tokens (min_pixels lowered from the published 65536).
+    "qwen3_vl_tiny": QwenVLConfig(
+        vision=QwenVisionConfig(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                                patch_size=16, window_size=None, fullatt_block_indexes=(), norm="layer",
+                                gated_mlp=False, hidden_act="gelu_tanh", patch_bias=True, num_position_embeddings=64,
+                                deepstack_visual_indexes=(0, 1)),
+        text=TextConfig(vocab_size=160, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                        num_kv_heads=2, head_dim=16, rope_theta=5e6, mrope_section=(3, 3, 2), mrope_interleaved=True,
+                        qk_norm=True),
+        model_type="qwen3_vl", image_token_id=150, video_token_id=151, vision_start_token_id=152,
+        vision_end_token_id=153, max_image_tokens=64, min_pixels=32 * 32),
 }
 
 
@@ -450,6 +535,8 @@ def attention_layer_params(t: TextConfig) -> int:
         attn += q + 2 * kv
     if t.o_bias:
         attn += d
+    if t.qk_norm:
+        attn += 2 * hd
     return attn + 3 * d * m + 2 * d
 
 
@@ -464,8 +551,10 @@ def qwen_vision_param_count(v: QwenVisionConfig) -> int:
     norm = d if v.norm == "rms" else 2 * d
     mlp = 2 * (d * m + m) + (m * d + d) if v.gated_mlp else (d * m + m) + (m * d + d)
     block = 2 * norm + (d * 3 * d + 3 * d) + (d * d + d) + mlp
-    merger = norm + (merged * merged + merged) + (merged * v.out_hidden_size + v.out_hidden_size)
-    return v.patch_dim * d + v.depth * block + merger
+    merger_mlp = (merged * merged + merged) + (merged * v.out_hidden_size + v.out_hidden_size)
+    deepstack = len(v.deepstack_visual_indexes) * (2 * merged + merger_mlp)  # LayerNorm after the merge
+    embed = v.patch_dim * d + (d if v.patch_bias else 0) + (v.num_position_embeddings or 0) * d
+    return embed + v.depth * block + norm + merger_mlp + deepstack
 
 
 def attention_layer_flops(t: TextConfig, context_len: float) -> float:
@@ -493,12 +582,13 @@ def qwen_vision_flops(v: QwenVisionConfig, image_tokens: int) -> float:
     Matmuls only: patch embedding, per block the qkv/proj/MLP weights and attention (`4 * P * context * D`
     with context the whole image in full-attention blocks and one window, `(window_size / patch_size) ** 2`
     patches or the image if smaller, in windowed blocks: the work a windowed kernel does, not the dense
-    masked attention rftjax runs today), and the merger MLP.
+    masked attention rftjax runs today), and the merger MLPs (DeepStack's too).
     """
     p, d, m = image_tokens * v.merge_unit, v.hidden_size, v.intermediate_size
     window = p if v.window_size is None else min(p, (v.window_size // v.patch_size) ** 2)
     linear = 2 * p * (4 * d * d + (3 if v.gated_mlp else 2) * d * m)
     attn = sum(4 * p * (window if v.is_windowed(i) else p) * d for i in range(v.depth))
     merged = d * v.merge_unit
-    merger = 2 * image_tokens * (merged * merged + merged * v.out_hidden_size)
+    mergers = 1 + len(v.deepstack_visual_indexes)
+    merger = mergers * 2 * image_tokens * (merged * merged + merged * v.out_hidden_size)
     return float(2 * p * v.patch_dim * d + v.depth * linear + attn + merger)

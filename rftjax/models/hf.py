@@ -1,5 +1,5 @@
-"""Hugging Face interop: read and write `LlavaForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration` and
-`Qwen2VLForConditionalGeneration` directories, dispatching on `config.json`'s `model_type` (`load_pretrained`,
+"""Hugging Face interop: read and write `LlavaForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`,
+`Qwen2VLForConditionalGeneration` and `Qwen3VLForConditionalGeneration` directories, dispatching on `config.json`'s `model_type` (`load_pretrained`,
 `save_pretrained`; `load_llava`/`save_llava`, `load_qwen_vl`/`save_qwen_vl` for one family).
 
 Each family's layout is one `HFLayout` (`Family.hf`): its config parser/writer, its tensor-name map (canonical HF
@@ -14,11 +14,12 @@ Files: `config.json` plus `model.safetensors`, or shards `model-0000i-of-0000n.s
 `vision_tower.vision_model.encoder...`, `multi_modal_projector.linear_1...`); reading also accepts the
 in-memory layout of transformers 5 (`model.language_model...`, `model.vision_tower...`, `lm_head...`).
 
-Qwen-VL: both layouts in the wild: the Hub's (`model.layers...`, `model.embed_tokens`, `visual.blocks...`,
-`visual.merger...`, `lm_head`; what we write) and transformers 5's (`model.language_model...`, `model.visual...`).
-Config fields rftjax does not implement (rope scaling other than default/mrope, sliding-window attention, other
-activations) raise a ValueError naming the field; video inputs are not supported (the weights load, but the
-model takes images only).
+Qwen-VL: both layouts in the wild: Qwen2.x's Hub layout (`model.layers...`, `model.embed_tokens`,
+`visual.blocks...`, `visual.merger...`, `lm_head`; what we write for Qwen2.x) and transformers 5's
+(`model.language_model...`, `model.visual...`; Qwen3-VL's Hub layout, what we write for Qwen3-VL). A checkpoint's
+`preprocessor_config.json` sets the image processor's mean, std and smallest area. Config fields rftjax does not
+implement (rope scaling other than default/mrope, sliding-window attention, other activations) raise a ValueError
+naming the field; video inputs are not supported (the weights load, but the model takes images only).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from rftjax.models.config import QwenVisionConfig, QwenVLConfig, TextConfig, Vis
 from rftjax.models.family import abstract_params, families, family_of
 
 CONFIG_NAME = "config.json"
+PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -97,6 +99,9 @@ def _text_entries(t: TextConfig):
         hf, ours = f"text.layers.{i}.", ("language_model", f"layers_{i}")
         yield from _norm_entries(hf + "input_layernorm", (*ours, "input_layernorm"), False)
         yield from _norm_entries(hf + "post_attention_layernorm", (*ours, "post_attention_layernorm"), False)
+        if t.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                yield from _norm_entries(hf + f"self_attn.{norm}", (*ours, norm), False)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             bias = (t.qkv_bias and proj != "o_proj") or (t.o_bias and proj == "o_proj")
             yield from _linear_entries(hf + f"self_attn.{proj}", (*ours, proj), bias, 2 if proj == "o_proj" else 1)
@@ -113,23 +118,36 @@ def _llava_entries(c: VLMConfig) -> Iterator[Entry]:
     yield from _text_entries(c.text)
 
 
+def _merger_entries(hf: str, ours: tuple[str, ...], qwen3: bool, layer_norm: bool):
+    """A patch merger: Qwen2.x `ln_q` + `mlp.0` / `mlp.2`, Qwen3-VL `norm` + `linear_fc1` / `linear_fc2`."""
+    yield from _norm_entries(hf + ("norm" if qwen3 else "ln_q"), (*ours, "ln_q"), layer_norm)
+    for i, name in ((0, "linear_fc1"), (2, "linear_fc2")):
+        yield from _linear_entries(hf + (name if qwen3 else f"mlp.{i}"), (*ours, f"mlp_{i}"), True)
+
+
 def _qwen_entries(c: QwenVLConfig) -> Iterator[Entry]:
-    v = c.vision
+    v, qwen3 = c.vision, c.model_type == "qwen3_vl"
     hf_patch = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     yield Entry("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch", hf_patch)
+    if v.patch_bias:
+        yield Entry("visual.patch_embed.proj.bias", ("visual", "patch_embed", "bias"), "bias")
+    if v.num_position_embeddings is not None:
+        yield Entry("visual.pos_embed.weight", ("visual", "position_embedding"), "copy")
     layer_norm = v.norm == "layer"
-    mlp = ("gate_proj", "up_proj", "down_proj") if v.gated_mlp else ("fc1", "fc2")
+    mlp = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"} if v.gated_mlp else (
+        {"fc1": "linear_fc1", "fc2": "linear_fc2"} if qwen3 else {"fc1": "fc1", "fc2": "fc2"})
     for i in range(v.depth):
         hf, ours = f"visual.blocks.{i}.", ("visual", f"blocks_{i}")
         for norm in ("norm1", "norm2"):
             yield from _norm_entries(hf + norm, (*ours, norm), layer_norm)
         for proj in ("qkv", "proj"):
             yield from _linear_entries(hf + f"attn.{proj}", (*ours, proj), True, 2 if proj == "proj" else 1)
-        for proj in mlp:
-            yield from _linear_entries(hf + f"mlp.{proj}", (*ours, proj), True)
-    yield from _norm_entries("visual.merger.ln_q", ("visual", "merger", "ln_q"), layer_norm)
-    for i in (0, 2):
-        yield from _linear_entries(f"visual.merger.mlp.{i}", ("visual", "merger", f"mlp_{i}"), True)
+        for proj, hf_proj in mlp.items():
+            yield from _linear_entries(hf + f"mlp.{hf_proj}", (*ours, proj), True)
+    yield from _merger_entries("visual.merger.", ("visual", "merger"), qwen3, layer_norm)
+    for j in range(len(v.deepstack_visual_indexes)):
+        yield from _merger_entries(f"visual.deepstack_merger_list.{j}.", ("visual", f"deepstack_merger_{j}"), True,
+                                   layer_norm)
     yield from _text_entries(c.text)
 
 
@@ -151,6 +169,7 @@ _QWEN_PREFIXES = [
     (r"^model\.", "text."),
 ]
 _QWEN_HUB = {"text.lm_head.": "lm_head.", "visual.": "visual.", "text.": "model."}
+_QWEN3_HUB = {"text.lm_head.": "lm_head.", "visual.": "model.visual.", "text.": "model.language_model."}
 
 
 def canonical_name(key: str, prefixes=_LLAVA_PREFIXES) -> str | None:
@@ -176,10 +195,11 @@ def _unsupported(field: str, value: Any, supported: str, family: str = "LLaVA") 
     return ValueError(f"unsupported {family} config: {field}={value!r}; rftjax supports {supported}")
 
 
-def _text_from_hf(tc: dict, root: dict, qkv_bias: bool, o_bias: bool, family: str, prefix: str) -> TextConfig:
+def _text_from_hf(tc: dict, root: dict, qkv_bias: bool, o_bias: bool, family: str, prefix: str,
+                  qk_norm: bool = False) -> TextConfig:
     """`TextConfig` from a text-config dict `tc` (a nested `text_config`, or the root of older Qwen-VL files);
     `root` supplies fields some files keep at the top level (tie_word_embeddings). M-RoPE is read when the
-    rope parameters carry an `mrope_section` (rope type `default` or `mrope`)."""
+    rope parameters carry an `mrope_section` (rope type `default` or `mrope`; `mrope_interleaved` too)."""
     def bad(field, value, supported):
         return _unsupported(prefix + field, value, supported, family)
 
@@ -202,7 +222,8 @@ def _text_from_hf(tc: dict, root: dict, qkv_bias: bool, o_bias: bool, family: st
         num_kv_heads=tc.get("num_key_value_heads") or tc["num_attention_heads"], head_dim=tc.get("head_dim"),
         rope_theta=float(theta), rms_norm_eps=tc.get("rms_norm_eps", 1e-6), tie_word_embeddings=bool(tie),
         qkv_bias=qkv_bias, o_bias=o_bias, max_position_embeddings=tc.get("max_position_embeddings", 4096),
-        mrope_section=None if mrope is None else tuple(mrope))
+        mrope_section=None if mrope is None else tuple(mrope), mrope_interleaved=bool(rope.get("mrope_interleaved")),
+        qk_norm=qk_norm)
 
 
 def _text_to_hf(t: TextConfig, model_type: str) -> dict:
@@ -212,6 +233,8 @@ def _text_to_hf(t: TextConfig, model_type: str) -> dict:
     rope = {"rope_type": "default", "rope_theta": t.rope_theta}
     if t.mrope_section is not None:
         rope["mrope_section"] = list(t.mrope_section)
+    if t.mrope_interleaved:
+        rope["mrope_interleaved"] = True
     return {
         "model_type": model_type,
         "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
@@ -297,7 +320,8 @@ def config_to_hf(config: VLMConfig) -> dict:
     }
 
 
-_QWEN_ARCH = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+_QWEN_ARCH = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+              "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 
 def qwen_config_from_hf(hf: dict, **overrides) -> QwenVLConfig:
@@ -310,16 +334,25 @@ def qwen_config_from_hf(hf: dict, **overrides) -> QwenVLConfig:
     """
     model_type = hf.get("model_type")
     if model_type not in _QWEN_ARCH:
-        raise _unsupported("model_type", model_type, "'qwen2_5_vl' or 'qwen2_vl'", "Qwen-VL")
-    family = "Qwen2.5-VL" if model_type == "qwen2_5_vl" else "Qwen2-VL"
+        raise _unsupported("model_type", model_type, "'qwen2_5_vl', 'qwen2_vl' or 'qwen3_vl'", "Qwen-VL")
+    family = {"qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL"}[model_type]
+    qwen3 = model_type == "qwen3_vl"
     vc = hf.get("vision_config") or {}
     tc = hf.get("text_config") or hf
-    text = _text_from_hf(tc, hf, True, False, family, "text_config." if "text_config" in hf else "")
+    prefix = "text_config." if "text_config" in hf else ""
+    if qwen3:
+        bias = bool(tc.get("attention_bias", False))
+        text = _text_from_hf(tc, hf, bias, bias, family, prefix, qk_norm=True)
+    else:
+        text = _text_from_hf(tc, hf, True, False, family, prefix)
     if text.mrope_section is None:
         raise _unsupported("text_config.rope_parameters.mrope_section", None, "3 ints (M-RoPE)", family)
-    act = vc.get("hidden_act", "silu" if model_type == "qwen2_5_vl" else "quick_gelu")
-    if act not in ("silu", "quick_gelu", "gelu"):
-        raise _unsupported("vision_config.hidden_act", act, "'silu', 'quick_gelu' or 'gelu'", family)
+    act = vc.get("hidden_act", {"qwen2_5_vl": "silu", "qwen2_vl": "quick_gelu", "qwen3_vl": "gelu_pytorch_tanh"}[
+        model_type])
+    act = {"gelu_pytorch_tanh": "gelu_tanh"}.get(act, act)
+    if act not in ("silu", "quick_gelu", "gelu", "gelu_tanh"):
+        raise _unsupported("vision_config.hidden_act", act, "'silu', 'quick_gelu', 'gelu' or 'gelu_pytorch_tanh'",
+                           family)
     vrope = vc.get("rope_parameters") or {}
     common = dict(depth=vc.get("depth", 32), num_heads=vc.get("num_heads", 16),
                   patch_size=vc.get("patch_size", 14), temporal_patch_size=vc.get("temporal_patch_size", 2),
@@ -331,6 +364,13 @@ def qwen_config_from_hf(hf: dict, **overrides) -> QwenVLConfig:
             "intermediate_size", 3420), out_hidden_size=vc.get("out_hidden_size", text.hidden_size),
             window_size=vc.get("window_size", 112),
             fullatt_block_indexes=tuple(vc.get("fullatt_block_indexes", (7, 15, 23, 31))), **common)
+    elif qwen3:
+        vision = QwenVisionConfig(
+            hidden_size=vc.get("hidden_size", 1152), intermediate_size=vc.get("intermediate_size", 4304),
+            out_hidden_size=vc.get("out_hidden_size", text.hidden_size), window_size=None, fullatt_block_indexes=(),
+            norm="layer", gated_mlp=False, patch_bias=True, num_position_embeddings=vc.get(
+                "num_position_embeddings", 2304),
+            deepstack_visual_indexes=tuple(vc.get("deepstack_visual_indexes", (8, 16, 24))), **common)
     else:
         embed = vc.get("embed_dim", 1280)
         vision = QwenVisionConfig(hidden_size=embed, intermediate_size=int(embed * vc.get("mlp_ratio", 4)),
@@ -350,13 +390,23 @@ def qwen_config_to_hf(config: QwenVLConfig) -> dict:
     """
     v, t = config.vision, config.text
     text = _text_to_hf(t, config.model_type + "_text")
-    text.update({"use_sliding_window": False, "sliding_window": None})
+    if config.model_type == "qwen3_vl":
+        if t.qkv_bias != t.o_bias or not t.qk_norm:
+            raise ValueError("a Qwen3-VL text config has q/k norms and one attention_bias for q, k, v and o")
+        text.update({"attention_bias": t.qkv_bias})
+    else:
+        text.update({"use_sliding_window": False, "sliding_window": None})
+    act = {"gelu_tanh": "gelu_pytorch_tanh"}.get(v.hidden_act, v.hidden_act)
     vision = {"model_type": config.model_type + ("" if config.model_type == "qwen2_vl" else "_vision"),
               "depth": v.depth, "num_heads": v.num_heads, "patch_size": v.patch_size,
               "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
-              "in_channels": v.in_channels, "hidden_act": v.hidden_act,
+              "in_channels": v.in_channels, "hidden_act": act,
               "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}}
-    if config.model_type == "qwen2_5_vl":
+    if config.model_type == "qwen3_vl":
+        vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                      out_hidden_size=v.out_hidden_size, num_position_embeddings=v.num_position_embeddings,
+                      deepstack_visual_indexes=list(v.deepstack_visual_indexes))
+    elif config.model_type == "qwen2_5_vl":
         vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                       out_hidden_size=v.out_hidden_size, window_size=v.window_size,
                       fullatt_block_indexes=list(v.fullatt_block_indexes))
@@ -382,17 +432,51 @@ class HFLayout:
     config_to_hf: Callable[[Any], dict]
     entries: Callable[[Any], Iterator[Entry]]
     prefixes: list
-    hub: dict
+    hub: dict  # canonical prefix -> the on-disk prefix written
     modules: dict  # canonical prefix -> the module names of the transformers model (PEFT adapters name them)
     skip: tuple[str, ...] = ()  # canonical prefixes of tensors rftjax does not use
+    hub_by_model_type: dict = dataclasses.field(default_factory=dict)  # model types whose Hub layout differs
+    processor: Callable[[dict], dict] | None = None  # preprocessor_config.json dict -> model config overrides
+
+    def hub_of(self, config) -> dict:
+        """The on-disk prefixes written for `config` (its model type's Hub layout)."""
+        return self.hub_by_model_type.get(getattr(config, "model_type", None), self.hub)
+
+    def overrides_from(self, path: str) -> dict:
+        """Model config fields the directory's `preprocessor_config.json` sets (none without the file)."""
+        file = os.path.join(path, PROCESSOR_CONFIG_NAME)
+        if self.processor is None or not os.path.exists(file):
+            return {}
+        with open(file) as f:
+            return self.processor(json.load(f))
+
+
+def qwen_processor_overrides(pre: dict) -> dict:
+    """`QwenVLConfig` fields from a Qwen-VL `preprocessor_config.json` dict: `image_mean`, `image_std` and
+    `min_pixels` (`size.shortest_edge`, or the older top-level `min_pixels`). The largest image stays
+    `max_image_tokens`'s (a training budget, not the checkpoint's).
+
+    Raises:
+      ValueError: an image processor of another kind (names it).
+    """
+    kind = pre.get("image_processor_type", "Qwen2VLImageProcessor")
+    if not kind.startswith("Qwen2VLImageProcessor"):
+        raise ValueError(f"{PROCESSOR_CONFIG_NAME}: image_processor_type={kind!r}; rftjax implements "
+                         f"Qwen2VLImageProcessor (what Qwen2-VL, Qwen2.5-VL and Qwen3-VL ship)")
+    out = {k: tuple(pre[k]) for k in ("image_mean", "image_std") if k in pre}
+    size = pre.get("size") or {}
+    min_pixels = size.get("shortest_edge", pre.get("min_pixels"))
+    if min_pixels is not None:
+        out["min_pixels"] = int(min_pixels)
+    return out
 
 
 LLAVA = HFLayout(("llava",), config_from_hf, config_to_hf, _llava_entries, _LLAVA_PREFIXES, _LLAVA_HUB, {
     "text.lm_head.": "lm_head.", "vision.": "model.vision_tower.vision_model.",
     "projector.": "model.multi_modal_projector.", "text.": "model.language_model."}, ("vision.head.",))
-QWEN_VL = HFLayout(("qwen2_5_vl", "qwen2_vl"), qwen_config_from_hf, qwen_config_to_hf, _qwen_entries,
-                   _QWEN_PREFIXES, _QWEN_HUB, {
-                       "text.lm_head.": "lm_head.", "visual.": "model.visual.", "text.": "model.language_model."})
+QWEN_VL = HFLayout(("qwen2_5_vl", "qwen2_vl", "qwen3_vl"), qwen_config_from_hf, qwen_config_to_hf, _qwen_entries,
+                   _QWEN_PREFIXES, _QWEN_HUB, _QWEN3_HUB, hub_by_model_type={"qwen3_vl": _QWEN3_HUB},
+                   processor=qwen_processor_overrides)
 
 
 def _layout_for(config) -> HFLayout:
@@ -506,7 +590,7 @@ def read_hf_config(path: str) -> dict:
 
 
 def _load(path: str, family: HFLayout, hf_config: dict, overrides: dict):
-    config = family.config_from_hf(hf_config, **overrides)
+    config = family.config_from_hf(hf_config, **{**family.overrides_from(path), **overrides})
     tensors: dict[str, Any] = {}
     for fname in _weight_files(path):
         with safetensors.safe_open(os.path.join(path, fname), framework="flax") as f:
@@ -518,7 +602,7 @@ def _load(path: str, family: HFLayout, hf_config: dict, overrides: dict):
     params: dict = {}
     for e in family.entries(config):
         if e.name not in tensors:
-            raise ValueError(f"checkpoint {path} lacks tensor {_hub_name(e.name, family.hub)!r} that its "
+            raise ValueError(f"checkpoint {path} lacks tensor {_hub_name(e.name, family.hub_of(config))!r} that its "
                              f"config.json needs")
         key, x = tensors[e.name]
         value = _to_ours(e, np.asarray(x.astype(jnp.float32)), tuple(_get(shapes, e.path).shape), key)
@@ -535,7 +619,8 @@ def load_config(path: str, **overrides) -> VLMConfig | QwenVLConfig:
       ValueError: unsupported model type or config field.
     """
     hf_config = read_hf_config(path)
-    return layout_of(hf_config.get("model_type")).config_from_hf(hf_config, **overrides)
+    layout = layout_of(hf_config.get("model_type"))
+    return layout.config_from_hf(hf_config, **{**layout.overrides_from(path), **overrides})
 
 
 def load_pretrained(path: str, **overrides) -> tuple[VLMConfig | QwenVLConfig, dict]:
@@ -599,7 +684,7 @@ def save_pretrained(path: str, config: VLMConfig | QwenVLConfig, params: dict, m
     for e in family.entries(config):
         x = np.asarray(jax.device_get(_get(params, e.path)))
         x = np.ascontiguousarray(_to_hf(e, x))
-        tensors[_hub_name(e.name, family.hub)] = jnp.asarray(x, dtype) if dtype else jnp.asarray(x)
+        tensors[_hub_name(e.name, family.hub_of(config))] = jnp.asarray(x, dtype) if dtype else jnp.asarray(x)
     os.makedirs(path, exist_ok=True)
     hf_config["torch_dtype"] = hf_config["dtype"] = str(next(iter(tensors.values())).dtype)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:

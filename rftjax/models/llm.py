@@ -93,6 +93,32 @@ class ModelOutput:
 
 
 @flax.struct.dataclass
+class DeepStack:
+    """Visual features added to the decoder's hidden states after its first layers (Qwen3-VL's DeepStack, Meng
+    et al. 2024; HF `Qwen3VLTextModel._deepstack_process`).
+
+    Attributes:
+      is_visual: bool `[B, T]`, the image placeholder positions of the call's tokens.
+      features: `[B, k, P, D]`: level j (of k) is added after decoder layer j; the n-th visual position of row b
+        takes `features[b, j, n]`.
+    """
+
+    is_visual: Array
+    features: Array
+
+    def after_layer(self, x: Array, layer: Array | int) -> Array:
+        """`x` `[B, T, D]` plus level `layer`'s features at the visual positions (unchanged for `layer >= k`;
+        `layer` may be traced, as in a scan over layers)."""
+        k = self.features.shape[1]
+        if isinstance(layer, int) and layer >= k:
+            return x
+        level = jax.lax.dynamic_index_in_dim(self.features, jnp.minimum(layer, k - 1), axis=1, keepdims=False)
+        idx = jnp.clip(jnp.cumsum(self.is_visual, axis=1) - 1, 0, level.shape[1] - 1)
+        add = jnp.take_along_axis(level.astype(x.dtype), idx[..., None], axis=1)
+        return jnp.where(self.is_visual[..., None] & (layer < k), x + add, x)
+
+
+@flax.struct.dataclass
 class LayerInputs:
     """What every decoder layer reads besides its hidden states and its own state (one object, broadcast over a
     scan of layers).
@@ -226,13 +252,31 @@ def positions_from_mask(attention_mask: Array, start: Array | int = 0) -> Array:
     return start + jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
 
 
-def apply_rope(x: Array, positions: Array, theta: float, mrope_section: tuple[int, ...] | None = None) -> Array:
+def mrope_axes(mrope_section: tuple[int, ...], interleaved: bool = False) -> np.ndarray:
+    """Which position axis (0 temporal, 1 height, 2 width) each of the `sum(mrope_section)` rotary frequencies
+    takes, int `[hd/2]`.
+
+    Contiguous (Qwen2-VL, HF `apply_multimodal_rotary_pos_emb`): the first `mrope_section[0]` frequencies axis 0,
+    the next `mrope_section[1]` axis 1, the rest axis 2. Interleaved (Qwen3-VL, HF
+    `Qwen3VLTextRotaryEmbedding.recomposition_frequencies`): frequency j takes axis 1 when `j % 3 == 1` and
+    `j < 3 * mrope_section[1]`, axis 2 when `j % 3 == 2` and `j < 3 * mrope_section[2]`, axis 0 otherwise.
+    """
+    if not interleaved:
+        return np.repeat(np.arange(3), mrope_section)
+    j = np.arange(sum(mrope_section))
+    axis = np.zeros_like(j)
+    for a in (1, 2):
+        axis[(j % 3 == a) & (j < 3 * mrope_section[a])] = a
+    return axis
+
+
+def apply_rope(x: Array, positions: Array, theta: float, mrope_section: tuple[int, ...] | None = None,
+               interleaved: bool = False) -> Array:
     """Rotary embedding (HF `rotate_half` layout: dims `[0, hd/2)` pair with `[hd/2, hd)`).
 
     x `[B, T, H, hd]`; positions int `[B, T]` (1-D RoPE) or `[3, B, T]` (M-RoPE: temporal, height, width
     positions; Qwen2-VL, Wang et al. 2024 sec. 2.1). With M-RoPE, rotary frequency `f` (of `hd/2`) takes its
-    position from axis 0 for the first `mrope_section[0]` frequencies, axis 1 for the next `mrope_section[1]`
-    and axis 2 for the rest, as HF's `apply_multimodal_rotary_pos_emb`; `[B, T]` positions with M-RoPE mean
+    position from the axis `mrope_axes(mrope_section, interleaved)[f]`; `[B, T]` positions with M-RoPE mean
     all three axes equal (text), which is plain RoPE. Computed in float32, returned in x's dtype.
     """
     hd = x.shape[-1]
@@ -240,7 +284,7 @@ def apply_rope(x: Array, positions: Array, theta: float, mrope_section: tuple[in
     if positions.ndim == 3:
         if mrope_section is None:
             raise ValueError("3-D positions [3, B, T] need mrope_section (TextConfig.mrope_section)")
-        axis = np.repeat(np.arange(3), mrope_section)  # [hd/2]: which position axis each frequency uses
+        axis = mrope_axes(mrope_section, interleaved)  # [hd/2]: which position axis each frequency uses
         pos = jnp.moveaxis(positions.astype(jnp.float32), 0, -1)[..., axis]  # [B, T, hd/2]
         freqs = pos * inv_freq
     else:
@@ -264,7 +308,8 @@ def rotate(x: Array, angles: Array) -> Array:
 
 class DecoderLayer(nn.Module):
     """One attention decoder block (layer kind `"attention"`): `x + attn(rmsnorm(x))`, then
-    `x + swiglu(rmsnorm(x))`.
+    `x + swiglu(rmsnorm(x))`; with `config.qk_norm` (Qwen3) the queries and keys are RMS-normalised per head
+    (`q_norm`, `k_norm`, weights `[head_dim]`) before RoPE.
 
     Call: `(x [B, T, D], state, inputs: LayerInputs) -> (x [B, T, D], new state)`. With `state=None` the keys are
     the T new tokens (S = T); otherwise (`{'k', 'v'}: [B, K, S, hd]`) the new keys/values are written at slots
@@ -288,8 +333,12 @@ class DecoderLayer(nn.Module):
                    name="k_proj", **kw)(h)
         v = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias,
                    name="v_proj", **kw)(h)
-        q = apply_rope(q, inputs.positions, c.rope_theta, c.mrope_section)
-        k = apply_rope(k, inputs.positions, c.rope_theta, c.mrope_section).transpose(0, 2, 1, 3)  # [B, K, T, hd]
+        if c.qk_norm:  # Qwen3: RMSNorm over each head's query and key, before RoPE
+            q = RMSNorm(c.rms_norm_eps, name="q_norm", **kw)(q)
+            k = RMSNorm(c.rms_norm_eps, name="k_norm", **kw)(k)
+        q = apply_rope(q, inputs.positions, c.rope_theta, c.mrope_section, c.mrope_interleaved)
+        k = apply_rope(k, inputs.positions, c.rope_theta, c.mrope_section, c.mrope_interleaved)
+        k = k.transpose(0, 2, 1, 3)  # [B, K, T, hd]
         v = v.transpose(0, 2, 1, 3)
         if state is not None:
             start = (0, 0, inputs.index, 0)
@@ -347,7 +396,8 @@ class DecoderLM(nn.Module):
     """Decoder-only LM over a pattern of layer kinds (`config.layer_pattern`, repeated to `num_layers`).
 
     Call: `(input_ids int [B, T] | None, attention_mask [B, T], inputs_embeds [B, T, D] | None,
-    state: DecoderState | None, return_hidden=False, positions=None)` -> `ModelOutput`: logits float32
+    state: DecoderState | None, return_hidden=False, positions=None, deepstack: DeepStack | None = None)` ->
+    `ModelOutput`: logits float32
     `[B, T, V]` (or, with `return_hidden`, the final normalised hidden states `[B, T, D]` and no logits), and the
     new state when given one. Give exactly one of `input_ids` / `inputs_embeds` (the VLM passes embeddings with
     image features merged in; use `embed` to get token embeddings).
@@ -381,17 +431,12 @@ class DecoderLM(nn.Module):
             "embed_tokens", nn.with_logical_partitioning(normal_init(), ("vocab", "embed")),
             (c.vocab_size, c.hidden_size), self.param_dtype)
         pattern = c.layer_pattern
-        if self.scan_layers:
+        if self.scan_layers:  # one unit, scanned in __call__ (`_scan_layers`)
             if len(pattern) == 1:
-                unit = _layer_class(pattern[0], self.remat, self.remat_policy, prevent_cse=False)
-                args = (c, self.dtype, self.param_dtype)
+                self.layers = _layer_class(pattern[0], self.remat, self.remat_policy, prevent_cse=False)(
+                    c, self.dtype, self.param_dtype)
             else:
-                unit, args = DecoderBlock, (c, self.dtype, self.param_dtype, self.remat, self.remat_policy)
-            self.layers = nn.scan(
-                unit, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(0, nn.broadcast), length=c.num_layers // len(pattern),
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(*args)
+                self.layers = DecoderBlock(c, self.dtype, self.param_dtype, self.remat, self.remat_policy)
         else:
             self.layers = [_layer_class(pattern[i % len(pattern)], self.remat, self.remat_policy, prevent_cse=True)(
                 c, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(c.num_layers)]
@@ -404,8 +449,28 @@ class DecoderLM(nn.Module):
         """Token embeddings `[B, T, D]` (compute dtype) of int ids `[B, T]`."""
         return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
 
+    def _scan_layers(self, x, layer_states, inputs: LayerInputs, deepstack: DeepStack | None):
+        """The scanned unit over the `num_layers / len(layer_pattern)` blocks (params stacked on axis 0); the carry
+        holds the block index so DeepStack can add its level after block j (single-kind patterns: layer j)."""
+        if deepstack is not None and len(self.config.layer_pattern) > 1:
+            raise ValueError("DeepStack needs a single-kind layer_pattern when scan_layers is on")
+
+        def body(unit, carry, states, inputs):
+            x, i = carry
+            x, new = unit(x, states, inputs)
+            if deepstack is not None:
+                x = deepstack.after_layer(x, i)
+            return (x, i + 1), new
+
+        scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
+                       length=self.config.num_layers // len(self.config.layer_pattern),
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+        (x, _), new_layers = scan(self.layers, (x, jnp.zeros((), jnp.int32)), layer_states, inputs)
+        return x, new_layers
+
     def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, state: DecoderState | None = None,
-                 return_hidden: bool = False, positions: Array | None = None) -> ModelOutput:
+                 return_hidden: bool = False, positions: Array | None = None,
+                 deepstack: DeepStack | None = None) -> ModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
@@ -429,11 +494,13 @@ class DecoderLM(nn.Module):
                              token_mask=attention_mask, index=index)
 
         if self.scan_layers:
-            x, new_layers = self.layers(x, layer_states, inputs)
+            x, new_layers = self._scan_layers(x, layer_states, inputs, deepstack)
         else:
             new_layers = []
             for i, layer in enumerate(self.layers):
                 x, s = layer(x, None if layer_states is None else layer_states[i], inputs)
+                if deepstack is not None:
+                    x = deepstack.after_layer(x, i)
                 new_layers.append(s)
             new_layers = tuple(new_layers)
         x = self.norm(x)

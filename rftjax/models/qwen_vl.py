@@ -1,9 +1,13 @@
-"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution vision tower, patch merger, and the Qwen2 decoder with M-RoPE.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: dynamic-resolution vision tower, patch merger, and the Qwen2 / Qwen3 decoder
+with M-RoPE.
 
 Sources: Wang et al. 2024, "Qwen2-VL" (naive dynamic resolution, 2-D RoPE in the ViT, M-RoPE in the LM);
-Bai et al. 2025, "Qwen2.5-VL Technical Report" (window attention, RMSNorm + SwiGLU in the ViT). Numerics and
-tensor layout follow transformers' `modeling_qwen2_5_vl.py` / `modeling_qwen2_vl.py`; one module serves both
-families through `QwenVisionConfig` switches (norm, gated MLP, windows).
+Bai et al. 2025, "Qwen2.5-VL Technical Report" (window attention, RMSNorm + SwiGLU in the ViT); Qwen3-VL
+(learned position embeddings resampled to each grid, DeepStack (Meng et al. 2024) from three vision blocks into
+the first decoder layers, interleaved M-RoPE, Qwen3's q/k norms). Numerics and tensor layout follow
+transformers' `modeling_qwen2_5_vl.py` / `modeling_qwen2_vl.py` / `modeling_qwen3_vl.py`; one module serves the
+three families through `QwenVisionConfig` / `TextConfig` switches (norm, gated MLP, windows, patch bias,
+position table, DeepStack; q/k norm, interleaved M-RoPE).
 
 Static shapes under jit. HF concatenates the patches of all images into one `[sum(t*h*w), 1176]` array and
 runs variable-length attention; XLA needs fixed shapes, so here each row carries one image padded to a patch
@@ -35,11 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rftjax.models import hf
-from rftjax.models.common import (FULL_ATTENTION_BLOCK, LayerNorm, Linear, RMSNorm, gelu_exact, local_rows,
-                                  merge_image_features, segment_attention, shard_rows)
+from rftjax.models.common import (FULL_ATTENTION_BLOCK, LayerNorm, Linear, RMSNorm, gelu_exact, gelu_tanh,
+                                  local_rows, merge_image_features, segment_attention, shard_rows)
 from rftjax.models.config import QwenVisionConfig, QwenVLConfig, qwen_vision_flops, qwen_vision_param_count
 from rftjax.models.family import Family, VisionDims, register
-from rftjax.models.llm import DecoderLM, DecoderState, ModelOutput, ModelStateMixin, rotate
+from rftjax.models.llm import DecoderLM, DecoderState, DeepStack, ModelOutput, ModelStateMixin, rotate
 
 Array = jax.Array
 
@@ -66,14 +70,18 @@ class QwenImageFeatures:
     Attributes:
       features: `[B, P / merge_unit, D]` in the compute dtype; row b's first `t*h*w / merge_unit` are its image.
       grid_thw: int32 `[B, 3]`, as in `QwenImages`.
+      deepstack: Qwen3-VL's DeepStack features `[B, k, P / merge_unit, D]` (level j from vision block
+        `deepstack_visual_indexes[j]` through its own merger), or None.
     """
 
     features: Array
     grid_thw: Array
+    deepstack: Array | None = None
 
 
 def _activation(name: str):
-    return {"silu": nn.silu, "gelu": gelu_exact, "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}[name]
+    return {"silu": nn.silu, "gelu": gelu_exact, "gelu_tanh": gelu_tanh,
+            "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}[name]
 
 
 def _norm(v: QwenVisionConfig):
@@ -155,30 +163,61 @@ class QwenVisionBlock(nn.Module):
 
 class PatchMerger(nn.Module):
     """`ln_q`, then each `merge_unit` consecutive patches concatenated (`[B, P, D] -> [B, P/4, 4D]`), then
-    Linear-GELU(erf)-Linear to `out_hidden_size` (HF `Qwen2_5_VLPatchMerger` / `PatchMerger`)."""
+    Linear-GELU(erf)-Linear to `out_hidden_size` (HF `Qwen2_5_VLPatchMerger` / `PatchMerger` /
+    `Qwen3VLVisionPatchMerger`). `postshuffle_norm` (Qwen3-VL's DeepStack mergers): `ln_q` normalises the
+    concatenated `4D` values instead of each patch."""
 
     config: QwenVisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    postshuffle_norm: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
-        x = _norm(c)(c.norm_eps, self.dtype, self.param_dtype, name="ln_q")(x)
+        norm = _norm(c)(c.norm_eps, self.dtype, self.param_dtype, name="ln_q")
         b, p, d = x.shape
+        if not self.postshuffle_norm:
+            x = norm(x)
         x = x.reshape(b, p // c.merge_unit, d * c.merge_unit)
+        if self.postshuffle_norm:
+            x = norm(x)
         x = gelu_exact(Linear(d * c.merge_unit, ("embed", "mlp"), name="mlp_0", **kw)(x))
         return Linear(c.out_hidden_size, ("mlp", "embed"), name="mlp_2", **kw)(x)
 
 
-class QwenVisionTower(nn.Module):
-    """Qwen-VL vision encoder: patch embedding, `depth` blocks (windowed or full attention), patch merger.
+def position_interpolation(row: Array, col: Array, grid_thw: Array, side: int) -> tuple[Array, Array]:
+    """Bilinear (align_corners) taps into a `side x side` table of learned position embeddings for patches at
+    `(row, col)` (int `[B, P]`) of each row's `grid_h x grid_w` grid: indices int32 `[B, P, 4]` into the
+    flattened table and weights float32 `[B, P, 4]` (summing to 1). Equal to HF
+    `vision_utils.get_vision_interpolation_indices_and_weights(mode="bilinear", align_corners=True)`, i.e.
+    `F.interpolate` of the table to the grid."""
+    def axis(index, size):
+        src = index.astype(jnp.float32) * (side - 1) / jnp.maximum(size - 1, 1).astype(jnp.float32)
+        floor = jnp.floor(src)
+        taps = floor[..., None] + jnp.arange(2, dtype=jnp.float32)
+        weights = jnp.maximum(1 - jnp.abs(src[..., None] - taps), 0)
+        return jnp.clip(taps, 0, side - 1).astype(jnp.int32), weights
 
-    Call: `(patches float [B, P, patch_dim], grid_thw int [B, 3])` -> merged features `[B, P / merge_unit,
-    out_hidden_size]` (compute dtype; zero on padding slots). The patch embedding is a bias-free linear map of
-    the flattened `(C, temporal_patch_size, patch_size, patch_size)` patch, equal to HF's Conv3d. Attention
-    never crosses frames, images (rows) or into padding; windowed blocks attend within their window only.
+    h_taps, h_w = axis(row, grid_thw[:, 1:2])
+    w_taps, w_w = axis(col, grid_thw[:, 2:3])
+    b, p = row.shape
+    indices = (h_taps[..., :, None] * side + w_taps[..., None, :]).reshape(b, p, 4)
+    return indices, (h_w[..., :, None] * w_w[..., None, :]).reshape(b, p, 4)
+
+
+class QwenVisionTower(nn.Module):
+    """Qwen-VL vision encoder: patch embedding (+ learned position embeddings, Qwen3-VL), `depth` blocks
+    (windowed or full attention), patch merger (+ DeepStack mergers, Qwen3-VL).
+
+    Call: `(patches float [B, P, patch_dim], grid_thw int [B, 3])` -> `(merged features [B, P / merge_unit,
+    out_hidden_size], deepstack [B, k, P / merge_unit, out_hidden_size] or None)` (compute dtype; zero on
+    padding slots). The patch embedding is a linear map of the flattened `(C, temporal_patch_size, patch_size,
+    patch_size)` patch (with a bias when `patch_bias`), equal to HF's Conv3d. With `num_position_embeddings`,
+    the square table is resampled bilinearly to each image's grid (`position_interpolation`) and added. Attention
+    never crosses frames, images (rows) or into padding; windowed blocks attend within their window only. The
+    outputs of the blocks in `deepstack_visual_indexes` pass their own `PatchMerger` (post-shuffle norm).
 
     Raises:
       ValueError: patches whose last dim is not `patch_dim` or whose count is not a multiple of `merge_unit`.
@@ -201,22 +240,35 @@ class QwenVisionTower(nn.Module):
         valid = layout["valid"]
         frames = jnp.where(valid, layout["frame"], -1)
         angles = vision_rope_angles(layout["row"], layout["col"], c)
-        x = Linear(c.hidden_size, (None, "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="patch_embed")(patches)
+        x = Linear(c.hidden_size, (None, "embed"), use_bias=c.patch_bias, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="patch_embed")(patches)
+        if c.num_position_embeddings is not None:
+            table = self.param("position_embedding", nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), (None, "embed")), (c.num_position_embeddings, c.hidden_size),
+                self.param_dtype).astype(jnp.float32)
+            indices, weights = position_interpolation(layout["row"], layout["col"], grid_thw, c.position_grid_side)
+            pos = sum(jnp.take(table, indices[..., j], axis=0) * weights[..., j, None] for j in range(4))
+            x = (x.astype(jnp.float32) + pos).astype(self.dtype)
         if c.window_units is not None:  # window order (HF's get_window_index): each window a contiguous run
             order = jnp.argsort(jnp.where(valid, layout["window"], p * p), axis=1, stable=True)
             take = lambda a: jnp.take_along_axis(a, order.reshape(b, p, *[1] * (a.ndim - 2)), axis=1)  # noqa: E731
             x, angles, frames = take(x), take(angles), take(frames)
             windows = jnp.where(take(valid), take(layout["window"]), -1)
         block = nn.remat(QwenVisionBlock, policy=self.remat_policy) if self.remat else QwenVisionBlock
+        token_valid = valid.reshape(b, p // c.merge_unit, c.merge_unit)[:, :, 0]
+        merged = lambda merger, x: jnp.where(token_valid[..., None], merger(x), 0).astype(self.dtype)  # noqa: E731
+        deepstack = []
         for i in range(c.depth):
             segments = windows if c.is_windowed(i) else frames
             x = block(c, self.dtype, self.param_dtype, c.is_windowed(i), name=f"blocks_{i}")(x, angles, segments)
+            if i in c.deepstack_visual_indexes:  # Qwen3-VL: no windows, so x is in HF's patch order here
+                j = c.deepstack_visual_indexes.index(i)
+                deepstack.append(merged(PatchMerger(c, self.dtype, self.param_dtype, postshuffle_norm=True,
+                                                    name=f"deepstack_merger_{j}"), x))
         if c.window_units is not None:  # back to HF's patch order (merge units are contiguous in both)
             x = jnp.take_along_axis(x, jnp.argsort(order, axis=1)[..., None], axis=1)
-        out = PatchMerger(c, self.dtype, self.param_dtype, name="merger")(x)
-        token_valid = valid.reshape(b, p // c.merge_unit, c.merge_unit)[:, :, 0]
-        return jnp.where(token_valid[..., None], out, 0).astype(self.dtype)
+        out = merged(PatchMerger(c, self.dtype, self.param_dtype, name="merger"), x)
+        return out, (jnp.stack(deepstack, axis=1) if deepstack else None)
 
 
 def mrope_positions(input_ids: Array, attention_mask: Array, grid_thw: Array | None, config: QwenVLConfig) -> Array:
@@ -312,7 +364,8 @@ class QwenVL(ModelStateMixin, nn.Module):
 
     def encode_images(self, images: QwenImages) -> QwenImageFeatures:
         """Merged image features of `images` (see `QwenImageFeatures`)."""
-        return QwenImageFeatures(self.visual(images.patches, images.grid_thw), images.grid_thw)
+        features, deepstack = self.visual(images.patches, images.grid_thw)
+        return QwenImageFeatures(features, images.grid_thw, deepstack)
 
     def __call__(self, pixel_values: QwenImages | None, input_ids, attention_mask=None,
                  state: DecoderState | None = None, image_features: QwenImageFeatures | None = None,
@@ -328,14 +381,17 @@ class QwenVL(ModelStateMixin, nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         embeds = self.language_model.embed(input_ids)
-        positions = None
+        positions = deepstack = None
         if image_features is not None:
-            embeds = merge_image_features(embeds, input_ids == self.config.image_token_id, image_features.features)
+            is_image = input_ids == self.config.image_token_id
+            embeds = merge_image_features(embeds, is_image, image_features.features)
             positions = mrope_positions(input_ids, attention_mask, image_features.grid_thw, self.config)
             if state is not None:
                 positions = positions + state.next_pos[None, :, None]
+            if image_features.deepstack is not None:
+                deepstack = DeepStack(is_image, image_features.deepstack)
         return self.language_model(None, attention_mask, inputs_embeds=embeds, state=state,
-                                   return_hidden=return_hidden, positions=positions)
+                                   return_hidden=return_hidden, positions=positions, deepstack=deepstack)
 
 
 def dummy_inputs(config: QwenVLConfig, batch_size: int = 1, text_len: int = 4):
