@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "auto"              # compute dtype: auto (bfloat16 on TPU/GPU and on CPUs whose bf16 matmul is
                                         # faster, measured once and cached; else float32) | float32 | bfloat16
     c.model.overrides = ml_collections.ConfigDict()   # VLMConfig fields, e.g. {"vision": {"patch_size": 16}}
-    c.model.checkpoint = ""             # an HF directory (LLaVA, Qwen2-VL, Qwen2.5-VL): its weights, tokenizer.json
+    c.model.checkpoint = ""             # an HF directory (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL): weights, tokenizer.json
                                         # and chat template instead of the preset, random init and packaged tokenizer
     c.model.lora = ml_collections.ConfigDict()  # LoRA adapters (rftjax.models.lora, via qwix); rank 0 = off
     c.model.lora.rank = 0               # r; > 0 turns LoRA on: only the adapters train, the base weights are frozen
@@ -163,6 +163,37 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 50
     c.checkpoint.keep = 2
+    return c
+
+
+def easyr1_checkpoint_config() -> ml_collections.ConfigDict:
+    """`base_config` set up for GRPO on a pretrained checkpoint (`model.checkpoint`, required) with EasyR1-format
+    dataset files (`data.train`, `data.test`, required): no SFT cold start (the checkpoint is the start), EasyR1's
+    Geometry3K example where it matters (GRPO with 5 samples, k3 KL at 1e-2 to the checkpoint, lr 1e-6, answers
+    in `\\boxed{}`), scaled to one host. The `configs/*_easyr1.py` files start from it."""
+    c = base_config()
+    c.model.checkpoint = ""                     # required: an HF checkpoint directory of a supported family
+    c.model.dtype = "bfloat16"                  # Qwen-VL images: at most 1024 tokens (QwenVLConfig.max_image_tokens)
+    c.data.train = ""                           # required: easyr1:PATH.(jsonl|parquet)
+    c.data.test = ""                            # required: easyr1:PATH or mathv:PATH
+    c.data.max_prompt_len = 1024                # rows whose prompt (with image tokens) is longer are dropped
+    c.sft.enabled = False
+    c.rl.algorithm = "grpo"
+    c.rl.algo.group_size = 5
+    c.rl.algo.kl_coef = 1e-2
+    c.rl.steps = 200
+    c.rl.prompts_per_step = 16
+    c.rl.micro_batch_size = 4                   # rows per forward/backward pass (EasyR1's micro-batch for update)
+    c.rl.lr = 1e-6
+    c.rl.warmup_steps = 10
+    c.rl.max_new_tokens = 1024
+    c.reward.answer_format = "boxed"
+    c.reward.format_weight = 0.1
+    c.eval.every = 25
+    c.eval.batch_size = 16
+    c.eval.pass_n = 0
+    c.eval.during_rl_examples = 128
+    c.checkpoint.every = 25
     return c
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 torch = __import__("pytest").importorskip("torch")
@@ -213,16 +215,23 @@ QWEN_TOKEN_IDS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=
 LLAVA_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<extra>", "<image>")  # <image> = make_hf_llava's id 5
 
 
+QWEN3_5_CHAT_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "chat_templates",
+                                     "qwen3_5.jinja")
+"""Qwen3.5's published chat template (thinking by default: the generation prompt opens `<think>`)."""
+
+
 def make_tokenizer_dir(path, family: str, vocab: int = 320) -> str:
     """A byte-level BPE of `vocab` tokens trained on a few sentences, with `family`'s special tokens first
     (Qwen: `<|endoftext|>` = 0 ... `<|image_pad|>` = 5; LLaVA: `<unk>` = 0, `<s>`, `</s>`, `<pad>`, `<image>` = 5)
-    and its chat template, saved as `tokenizer.json` + `tokenizer_config.json` under `path`; returns `path`."""
+    and its chat template, saved as `tokenizer.json` + `tokenizer_config.json` under `path`; returns `path`.
+    `family="qwen3"`: Qwen's tokens with Qwen3.5's thinking template in `chat_template.jinja` (as Qwen3 checkpoints
+    ship it)."""
     import json
-    import os
+    import shutil
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    specials = QWEN_SPECIALS if family == "qwen" else LLAVA_SPECIALS
+    specials = QWEN_SPECIALS if family.startswith("qwen") else LLAVA_SPECIALS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -232,7 +241,10 @@ def make_tokenizer_dir(path, family: str, vocab: int = 320) -> str:
                              "system user assistant You are a helpful assistant. USER: ASSISTANT:"] * 20, trainer)
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
-    if family == "qwen":
+    if family == "qwen3":
+        config = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None)
+        shutil.copy(QWEN3_5_CHAT_TEMPLATE, os.path.join(path, "chat_template.jinja"))
+    elif family == "qwen":
         config = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
                       chat_template=QWEN_CHAT_TEMPLATE)
     else:

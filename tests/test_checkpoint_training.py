@@ -169,11 +169,13 @@ def test_llava_checkpoint_trains_resumes_and_exports(llava_dir, files, tmp_path)
                                rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen", "llava"])
+@pytest.mark.parametrize("family", ["qwen", "qwen3", "llava"])
 def test_chat_template_prompts_equal_transformers(family, tmp_path):
     """Our jinja rendering of a checkpoint's chat template gives `AutoTokenizer.apply_chat_template`'s token ids
     on the same messages (image placeholder first, in the middle, at the end; a system turn; string content), and
-    the expanded prompt equals HF's processor rule (the placeholder repeated per image token)."""
+    the expanded prompt equals HF's processor rule (the placeholder repeated per image token). `qwen3`: Qwen3.5's
+    thinking template from `chat_template.jinja` (macros, `|trim`, reversed loops; the generation prompt opens
+    `<think>`)."""
     from transformers import AutoTokenizer
 
     path = make_tokenizer_dir(str(tmp_path / family), family)
@@ -187,12 +189,14 @@ def test_chat_template_prompts_equal_transformers(family, tmp_path):
             want = hf.apply_chat_template(messages, add_generation_prompt=generation, tokenize=True)
             want = want["input_ids"] if hasattr(want, "keys") else want
             assert ours.encode(ours.render_messages(messages, generation)) == list(want)
-    image_token = "<|image_pad|>" if family == "qwen" else "<image>"
+    image_token = "<|image_pad|>" if family.startswith("qwen") else "<image>"
     text = hf.apply_chat_template([user_message("Look at <image> and count.", ours.instruction)],
                                   add_generation_prompt=True, tokenize=False)
     want = hf(text.replace(image_token, image_token * 7), add_special_tokens=False)["input_ids"]
     assert ours.prompt_ids("Look at <image> and count.", 7) == want
-    assert ours.decode(want) .startswith("system" if family == "qwen" else "USER:")
+    assert ours.decode(want).startswith({"qwen": "system", "qwen3": "user", "llava": "USER:"}[family])
+    if family == "qwen3":
+        assert text.endswith("<|im_start|>assistant\n<think>\n")
 
 
 def test_no_prompt_reaching_the_model_is_cut_through_its_image(qwen_dir, files, tmp_path):
