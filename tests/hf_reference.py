@@ -146,7 +146,6 @@ def make_hf_qwen3_vl(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=N
     table, patch 16; decoder: 3 layers, GQA (4 heads, 2 kv heads), head_dim 16, q/k norms, interleaved M-RoPE
     (sections 3, 3, 2: every axis has frequencies both below and past its interleaved range)."""
     import json
-    import os
 
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -164,6 +163,41 @@ def make_hf_qwen3_vl(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=N
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     path = str(tmp_path / f"hf_qwen3_vl_{'tied' if tie else 'untied'}")
+    model.save_pretrained(path)
+    if processor:
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_processor_type": "Qwen2VLImageProcessorFast", "image_mean": [0.5] * 3,
+                       "image_std": [0.5] * 3, "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
+                       "size": {"shortest_edge": 32 * 32, "longest_edge": 16777216}}, f)
+    return model, path
+
+
+def make_hf_qwen3_5(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=None, processor=True):
+    """A random `Qwen3_5ForConditionalGeneration` with noise on every tensor, saved under tmp_path (with a
+    `preprocessor_config.json` as `make_hf_qwen3_vl`); returns `(model, path)`. Vision: Qwen3-VL's tower without
+    DeepStack (2 blocks, an 8 x 8 position table); decoder: 4 layers, Gated DeltaNet and gated attention alternating,
+    GQA in both (attention: 2 heads, 1 kv head, head_dim 32; DeltaNet: 2 key heads, 4 value heads), partial rotary
+    (a quarter of head_dim) with interleaved M-RoPE."""
+    import json
+
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, temporal_patch_size=2,
+                  spatial_merge_size=2, out_hidden_size=hidden, num_position_embeddings=64,
+                  hidden_act="gelu_pytorch_tanh")
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=4,
+                layer_types=["linear_attention", "full_attention"] * 2, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=512,
+                rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
+                                     mrope_section=[2, 1, 1], mrope_interleaved=True))
+    config = Qwen3_5Config(vision_config=vision, text_config=text, tie_word_embeddings=tie, **(ids or QWEN_IDS))
+    model = Qwen3_5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = str(tmp_path / f"hf_qwen3_5_{'tied' if tie else 'untied'}")
     model.save_pretrained(path)
     if processor:
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:

@@ -130,18 +130,21 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm as in Llama/Qwen2 (`x / rms(x) * scale`, statistics in float32). Input/output `[..., D]`."""
+    """RMSNorm as in Llama/Qwen2 (`x / rms(x) * scale`, statistics in float32). Input/output `[..., D]`.
+    `zero_centered` (Qwen3.5's `Qwen3_5RMSNorm`): `x / rms(x) * (1 + scale)` with `scale` initialised to 0."""
 
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    zero_centered: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = _norm_param(self, "scale", nn.initializers.ones_init(), x.shape[-1])
+        init = nn.initializers.zeros_init() if self.zero_centered else nn.initializers.ones_init()
+        scale = _norm_param(self, "scale", init, x.shape[-1])
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        return (y * scale).astype(self.dtype)
+        return (y * (1.0 + scale if self.zero_centered else scale)).astype(self.dtype)
 
 
 # Query rows per kv head up to which attention scores are a multiply-reduce rather than a batched matmul: at

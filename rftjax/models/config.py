@@ -116,7 +116,16 @@ class TextConfig:
     temporal one otherwise (HF `Qwen3VLTextRotaryEmbedding.recomposition_frequencies`); False: the sections are
     contiguous runs (Qwen2-VL). `qk_norm`: Qwen3's RMSNorm over each head's query and key before RoPE.
     `layer_pattern`: the repeating block of decoder layer kinds (`rftjax.models.llm.LAYER_KINDS`; layer i has
-    kind `layer_pattern[i % len(layer_pattern)]`); `("attention",)` is the Llama/Qwen2/Qwen3 decoder.
+    kind `layer_pattern[i % len(layer_pattern)]`); `("attention",)` is the Llama/Qwen2/Qwen3 decoder, Qwen3.5's
+    is `("gated_delta_net",) * 3 + ("attention",)`.
+
+    Qwen3.5 switches: `zero_centered_norm`: every RMSNorm of the decoder scales by `1 + w` with `w` initialised
+    to 0 (HF `Qwen3_5RMSNorm`); `attn_output_gate`: the query projection gives `[query | gate]` per head and the
+    attention output is multiplied by `sigmoid(gate)` (gated attention); `partial_rotary_factor`: RoPE turns only
+    the first `rotary_dim = head_dim * factor` dims of each head (`mrope_section` then sums to `rotary_dim / 2`).
+    Gated DeltaNet layers (`rftjax.models.gated_delta_net`): `linear_num_key_heads` query/key heads of
+    `linear_key_head_dim` and `linear_num_value_heads` (a multiple) value heads of `linear_value_head_dim`, a
+    causal depthwise convolution of `linear_conv_kernel` taps.
     """
 
     vocab_size: int = 512
@@ -136,6 +145,14 @@ class TextConfig:
     mrope_interleaved: bool = False
     qk_norm: bool = False
     layer_pattern: tuple[str, ...] = ("attention",)
+    zero_centered_norm: bool = False
+    attn_output_gate: bool = False
+    partial_rotary_factor: float = 1.0
+    linear_conv_kernel: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
 
     def __post_init__(self):
         object.__setattr__(self, "layer_pattern", tuple(str(k) for k in self.layer_pattern))
@@ -146,9 +163,10 @@ class TextConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
         if self.mrope_section is not None:
             object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
-            if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
+            if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.rotary_dim:
                 raise ValueError(f"TextConfig.mrope_section={self.mrope_section} must be 3 ints (temporal, height, "
-                                 f"width) summing to head_dim / 2 = {self.head_dim // 2}")
+                                 f"width) summing to rotary_dim / 2 = {self.rotary_dim // 2} (head_dim * "
+                                 f"partial_rotary_factor / 2)")
         elif self.mrope_interleaved:
             raise ValueError("TextConfig.mrope_interleaved needs mrope_section (3 ints summing to head_dim / 2)")
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -156,10 +174,22 @@ class TextConfig:
         if self.num_kv_heads > self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"TextConfig.num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
-        if self.head_dim % 2:
-            raise ValueError(f"TextConfig.head_dim={self.head_dim} must be even for RoPE")
+        if self.rotary_dim % 2 or not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(f"TextConfig.head_dim={self.head_dim} * partial_rotary_factor="
+                             f"{self.partial_rotary_factor} must be an even number of dims in (0, head_dim] for RoPE")
+        if "gated_delta_net" in self.layer_pattern:
+            _check_positive(self, "linear_conv_kernel", "linear_key_head_dim", "linear_value_head_dim",
+                            "linear_num_key_heads", "linear_num_value_heads")
+            if self.linear_num_value_heads % self.linear_num_key_heads:
+                raise ValueError(f"TextConfig.linear_num_value_heads={self.linear_num_value_heads} must be a multiple "
+                                 f"of linear_num_key_heads={self.linear_num_key_heads}")
         if self.rope_theta <= 0:
             raise ValueError(f"TextConfig.rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each attention head that RoPE turns (the first ones): `head_dim * partial_rotary_factor`."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,19 +356,20 @@ class QwenVisionConfig:
 
 
 _VISION_ACTS = ("silu", "quick_gelu", "gelu", "gelu_tanh")
-QWEN_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+QWEN_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)
 class QwenVLConfig(_ModelConfig):
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: dynamic-resolution vision tower + patch merger + decoder with M-RoPE
-    (Qwen2's, or Qwen3's with q/k norms, interleaved M-RoPE and DeepStack).
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5: dynamic-resolution vision tower + patch merger + decoder with
+    M-RoPE (Qwen2's; Qwen3's with q/k norms, interleaved M-RoPE and DeepStack; Qwen3.5's Gated DeltaNet and
+    gated-attention layers).
 
     Attributes:
       vision, text: the two towers (`text.mrope_section` set: the decoder uses 3-D positions).
-      model_type: `"qwen2_5_vl"`, `"qwen2_vl"` or `"qwen3_vl"` (the HF family written on export).
+      model_type: `"qwen2_5_vl"`, `"qwen2_vl"`, `"qwen3_vl"` or `"qwen3_5"` (the HF family written on export).
       image_token_id, video_token_id, vision_start_token_id, vision_end_token_id: special token ids; each
         image is `<|vision_start|>` + `grid_t * grid_h * grid_w / 4` image tokens + `<|vision_end|>`.
       max_image_tokens: the largest image a batch can hold, in LM tokens (merged patches): the static patch
@@ -347,9 +378,9 @@ class QwenVLConfig(_ModelConfig):
       image_token_buckets: smaller budgets a batch may be padded to (each a separate compilation); the batch
         takes the smallest bucket that holds its largest image. Empty: always `max_image_tokens`.
       image_mean, image_std: the image processor's per-channel normalisation (None: the family's, OpenAI CLIP's
-        for Qwen2.x, 0.5 for Qwen3-VL; a checkpoint's `preprocessor_config.json` sets them when loaded).
+        for Qwen2.x, 0.5 for Qwen3-VL / Qwen3.5; a checkpoint's `preprocessor_config.json` sets them when loaded).
       min_pixels: the processor's smallest image area in px (None: the family's, 56 * 56 for Qwen2.x and
-        65536 for Qwen3-VL), capped at `max_pixels`.
+        65536 for Qwen3-VL / Qwen3.5), capped at `max_pixels`.
       dtype, param_dtype, scan_layers, remat, remat_policy, lora: as `VLMConfig` (scan applies to the decoder).
     """
 
@@ -376,7 +407,7 @@ class QwenVLConfig(_ModelConfig):
         object.__setattr__(self, "image_token_buckets", tuple(int(b) for b in self.image_token_buckets))
         if self.model_type not in QWEN_MODEL_TYPES:
             raise ValueError(f"QwenVLConfig.model_type={self.model_type!r}; choose one of {QWEN_MODEL_TYPES}")
-        qwen3 = self.model_type == "qwen3_vl"
+        qwen3 = self.model_type in ("qwen3_vl", "qwen3_5")
         for name, default in (("image_mean", (0.5,) * 3 if qwen3 else OPENAI_CLIP_MEAN),
                               ("image_std", (0.5,) * 3 if qwen3 else OPENAI_CLIP_STD)):
             value = getattr(self, name)
@@ -453,6 +484,24 @@ def _qwen3_vl(text_dims: tuple, tie: bool, vision_dims: tuple, deepstack: tuple[
     return QwenVLConfig(vision=vision, text=text, model_type="qwen3_vl")
 
 
+def _qwen3_5(text_dims: tuple, linear_value_heads: int, tie: bool, vision_dims: tuple) -> QwenVLConfig:
+    hidden, inter, layers, heads, kv = text_dims
+    depth, v_hidden, v_inter, v_heads = vision_dims
+    text = TextConfig(vocab_size=248320, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                      num_heads=heads, num_kv_heads=kv, head_dim=256, rope_theta=1e7, rms_norm_eps=1e-6,
+                      tie_word_embeddings=tie, max_position_embeddings=262144, mrope_section=(11, 11, 10),
+                      mrope_interleaved=True, qk_norm=True, layer_pattern=("gated_delta_net",) * 3 + ("attention",),
+                      zero_centered_norm=True, attn_output_gate=True, partial_rotary_factor=0.25,
+                      linear_conv_kernel=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                      linear_num_key_heads=16, linear_num_value_heads=linear_value_heads)
+    vision = QwenVisionConfig(depth=depth, hidden_size=v_hidden, intermediate_size=v_inter, num_heads=v_heads,
+                              out_hidden_size=hidden, patch_size=16, window_size=None, fullatt_block_indexes=(),
+                              norm="layer", gated_mlp=False, hidden_act="gelu_tanh", patch_bias=True,
+                              num_position_embeddings=2304)
+    return QwenVLConfig(vision=vision, text=text, model_type="qwen3_5", image_token_id=248056,
+                        video_token_id=248057, vision_start_token_id=248053, vision_end_token_id=248054)
+
+
 PRESETS: dict[str, VLMConfig | QwenVLConfig] = {
     # For unit tests: compiles in seconds; GQA (4 heads, 2 kv heads).
     "tiny": VLMConfig(
@@ -488,6 +537,24 @@ PRESETS: dict[str, VLMConfig | QwenVLConfig] = {
                         num_kv_heads=2, qkv_bias=True, rope_theta=1e6, mrope_section=(1, 1, 2)),
         image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
         max_image_tokens=64),
+    # Qwen/Qwen3.5-0.8B, -2B, -4B, -9B (config.json on the Hub; -2B's text from its model card, its vision tower
+    # assumed equal to -4B's).
+    "qwen3_5_0_8b": _qwen3_5((1024, 3584, 24, 8, 2), 16, True, (12, 768, 3072, 12)),
+    "qwen3_5_2b": _qwen3_5((2048, 6144, 24, 8, 2), 16, True, (24, 1024, 4096, 16)),
+    "qwen3_5_4b": _qwen3_5((2560, 9216, 32, 16, 4), 32, True, (24, 1024, 4096, 16)),
+    "qwen3_5_9b": _qwen3_5((4096, 12288, 32, 16, 4), 32, False, (27, 1152, 4304, 16)),
+    # A Qwen3.5 for unit tests: Gated DeltaNet and gated attention alternating, GQA in both, partial rotary.
+    "qwen3_5_tiny": QwenVLConfig(
+        vision=QwenVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                                patch_size=16, window_size=None, fullatt_block_indexes=(), norm="layer",
+                                gated_mlp=False, hidden_act="gelu_tanh", patch_bias=True, num_position_embeddings=64),
+        text=TextConfig(vocab_size=160, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=2,
+                        num_kv_heads=1, head_dim=32, rope_theta=1e7, mrope_section=(2, 1, 1), mrope_interleaved=True,
+                        qk_norm=True, layer_pattern=("gated_delta_net", "attention"), zero_centered_norm=True,
+                        attn_output_gate=True, partial_rotary_factor=0.25, linear_key_head_dim=16,
+                        linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4),
+        model_type="qwen3_5", image_token_id=150, video_token_id=151, vision_start_token_id=152,
+        vision_end_token_id=153, max_image_tokens=64, min_pixels=32 * 32),
     # A Qwen3-VL for unit tests: 3 vision blocks with DeepStack after blocks 0 and 1, an 8 x 8 position table;
     # 64 px images are 4 tokens (min_pixels lowered from the published 65536).
     "qwen3_vl_tiny": QwenVLConfig(
@@ -530,7 +597,7 @@ def attention_layer_params(t: TextConfig) -> int:
     """Parameters of one attention decoder layer (GQA projections with their biases, SwiGLU MLP, two RMSNorms)."""
     d, m, hd = t.hidden_size, t.intermediate_size, t.head_dim
     q, kv = t.num_heads * hd, t.num_kv_heads * hd
-    attn = d * q + 2 * d * kv + q * d
+    attn = d * q * (2 if t.attn_output_gate else 1) + 2 * d * kv + q * d
     if t.qkv_bias:
         attn += q + 2 * kv
     if t.o_bias:
@@ -563,7 +630,8 @@ def attention_layer_flops(t: TextConfig, context_len: float) -> float:
     `2 * 2 * num_heads * head_dim * context_len`)."""
     d, m, hd = t.hidden_size, t.intermediate_size, t.head_dim
     q, kv = t.num_heads * hd, t.num_kv_heads * hd
-    return float(2 * (d * q + 2 * d * kv + q * d + 3 * d * m) + 4 * q * context_len)
+    q_proj = d * q * (2 if t.attn_output_gate else 1)
+    return float(2 * (q_proj + 2 * d * kv + q * d + 3 * d * m) + 4 * q * context_len)
 
 
 def vision_flops_per_image(c: VLMConfig) -> float:

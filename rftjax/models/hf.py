@@ -24,9 +24,10 @@ naming the field; video inputs are not supported (the weights load, but the mode
 
 from __future__ import annotations
 
-import json
-import os
 import dataclasses
+import json
+import logging
+import os
 import re
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -39,6 +40,8 @@ import safetensors.flax
 from rftjax.models.config import QwenVisionConfig, QwenVLConfig, TextConfig, VisionConfig, VLMConfig
 from rftjax.models.family import abstract_params, families, family_of
 
+log = logging.getLogger("rftjax")
+
 CONFIG_NAME = "config.json"
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -46,7 +49,8 @@ INDEX_NAME = "model.safetensors.index.json"
 
 # ----------------------------------------------------------------------------------------------------------
 # Name mapping. Kinds: "linear" (HF [out, in] weight <-> kernel [*in, *out]), "bias", "conv" (HF [D, C, p, p]
-# <-> [p, p, C, D]), "patch" (HF Conv3d [D, C, t, p, p] <-> kernel [C*t*p*p, D]), "copy".
+# <-> [p, p, C, D]), "patch" (HF Conv3d [D, C, t, p, p] <-> kernel [C*t*p*p, D]), "depthwise" (HF depthwise Conv1d
+# [C, 1, K] <-> [K, C]), "copy".
 # Canonical HF names drop the model-level prefixes: "vision.", "projector.", "text.", "visual." stand for them.
 
 
@@ -93,20 +97,34 @@ def _projector_entries(c: VLMConfig):
         yield from _linear_entries(f"projector.{lin}", ("multi_modal_projector", lin), c.projector_bias)
 
 
+def _gated_delta_net_entries(hf: str, ours: tuple[str, ...]):
+    """A Qwen3.5 `linear_attn` block (`rftjax.models.gated_delta_net`)."""
+    for proj in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"):
+        yield from _linear_entries(hf + proj, (*ours, proj), False)
+    yield Entry(hf + "conv1d.weight", (*ours, "conv1d"), "depthwise")
+    yield Entry(hf + "dt_bias", (*ours, "dt_bias"), "copy")
+    yield Entry(hf + "A_log", (*ours, "A_log"), "copy")
+    yield from _norm_entries(hf + "norm", (*ours, "linear_norm"), False)
+    yield from _linear_entries(hf + "out_proj", (*ours, "out_proj"), False, 2)
+
+
 def _text_entries(t: TextConfig):
     yield Entry("text.embed_tokens.weight", ("language_model", "embed_tokens"), "copy")
     for i in range(t.num_layers):
         hf, ours = f"text.layers.{i}.", ("language_model", f"layers_{i}")
         yield from _norm_entries(hf + "input_layernorm", (*ours, "input_layernorm"), False)
         yield from _norm_entries(hf + "post_attention_layernorm", (*ours, "post_attention_layernorm"), False)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            yield from _linear_entries(hf + f"mlp.{proj}", (*ours, proj), False)
+        if t.layer_pattern[i % len(t.layer_pattern)] == "gated_delta_net":
+            yield from _gated_delta_net_entries(hf + "linear_attn.", ours)
+            continue
         if t.qk_norm:
             for norm in ("q_norm", "k_norm"):
                 yield from _norm_entries(hf + f"self_attn.{norm}", (*ours, norm), False)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             bias = (t.qkv_bias and proj != "o_proj") or (t.o_bias and proj == "o_proj")
             yield from _linear_entries(hf + f"self_attn.{proj}", (*ours, proj), bias, 2 if proj == "o_proj" else 1)
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            yield from _linear_entries(hf + f"mlp.{proj}", (*ours, proj), False)
     yield from _norm_entries("text.norm", ("language_model", "norm"), False)
     if not t.tie_word_embeddings:
         yield Entry("text.lm_head.weight", ("language_model", "lm_head", "kernel"), "linear")
@@ -126,7 +144,7 @@ def _merger_entries(hf: str, ours: tuple[str, ...], qwen3: bool, layer_norm: boo
 
 
 def _qwen_entries(c: QwenVLConfig) -> Iterator[Entry]:
-    v, qwen3 = c.vision, c.model_type == "qwen3_vl"
+    v, qwen3 = c.vision, c.model_type in ("qwen3_vl", "qwen3_5")
     hf_patch = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     yield Entry("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch", hf_patch)
     if v.patch_bias:
@@ -196,10 +214,11 @@ def _unsupported(field: str, value: Any, supported: str, family: str = "LLaVA") 
 
 
 def _text_from_hf(tc: dict, root: dict, qkv_bias: bool, o_bias: bool, family: str, prefix: str,
-                  qk_norm: bool = False) -> TextConfig:
+                  qk_norm: bool = False, **extra) -> TextConfig:
     """`TextConfig` from a text-config dict `tc` (a nested `text_config`, or the root of older Qwen-VL files);
     `root` supplies fields some files keep at the top level (tie_word_embeddings). M-RoPE is read when the
-    rope parameters carry an `mrope_section` (rope type `default` or `mrope`; `mrope_interleaved` too)."""
+    rope parameters carry an `mrope_section` (rope type `default` or `mrope`; `mrope_interleaved` too); `extra`:
+    more `TextConfig` fields."""
     def bad(field, value, supported):
         return _unsupported(prefix + field, value, supported, family)
 
@@ -216,6 +235,8 @@ def _text_from_hf(tc: dict, root: dict, qkv_bias: bool, o_bias: bool, family: st
         raise bad("rope_parameters.rope_type (rope scaling)", rope_type, "'default' or 'mrope'")
     theta = rope.get("rope_theta", tc.get("rope_theta", 10000.0))
     tie = tc.get("tie_word_embeddings", root.get("tie_word_embeddings", False))
+    if qk_norm and "tie_word_embeddings" in root:  # Qwen3: the top-level flag decides (transformers ties by it)
+        tie = root["tie_word_embeddings"]
     return TextConfig(
         vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], intermediate_size=tc["intermediate_size"],
         num_layers=tc["num_hidden_layers"], num_heads=tc["num_attention_heads"],
@@ -223,11 +244,11 @@ def _text_from_hf(tc: dict, root: dict, qkv_bias: bool, o_bias: bool, family: st
         rope_theta=float(theta), rms_norm_eps=tc.get("rms_norm_eps", 1e-6), tie_word_embeddings=bool(tie),
         qkv_bias=qkv_bias, o_bias=o_bias, max_position_embeddings=tc.get("max_position_embeddings", 4096),
         mrope_section=None if mrope is None else tuple(mrope), mrope_interleaved=bool(rope.get("mrope_interleaved")),
-        qk_norm=qk_norm)
+        qk_norm=qk_norm, **extra)
 
 
 def _text_to_hf(t: TextConfig, model_type: str) -> dict:
-    if t.layer_pattern != ("attention",):
+    if t.layer_pattern != ("attention",) and model_type != "qwen3_5_text":
         raise ValueError(f"text.layer_pattern={t.layer_pattern} has no {model_type} equivalent (attention layers "
                          f"only)")
     rope = {"rope_type": "default", "rope_theta": t.rope_theta}
@@ -321,7 +342,36 @@ def config_to_hf(config: VLMConfig) -> dict:
 
 
 _QWEN_ARCH = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-              "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+              "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration"}
+
+
+_LAYER_TYPES = {"linear_attention": "gated_delta_net", "full_attention": "attention"}
+
+
+def _qwen3_5_text_fields(tc: dict, prefix: str) -> dict:
+    """The Qwen3.5 `TextConfig` fields of a `text_config` dict: `layer_types` as the shortest repeating
+    `layer_pattern`, the Gated DeltaNet sizes, partial rotary, (1+w) norms, gated attention.
+
+    Raises:
+      ValueError: a layer type rftjax does not implement, or `layer_types` that do not match the layer count.
+    """
+    n = tc["num_hidden_layers"]
+    types = tc.get("layer_types") or [
+        "full_attention" if (i + 1) % tc.get("full_attention_interval", 4) == 0 else "linear_attention"
+        for i in range(n)]
+    bad = sorted(set(types) - set(_LAYER_TYPES))
+    if bad or len(types) != n:
+        raise _unsupported(prefix + "layer_types", bad or types, f"{n} of {sorted(_LAYER_TYPES)}", "Qwen3.5")
+    period = next(p for p in range(1, n + 1) if n % p == 0 and all(types[i] == types[i % p] for i in range(n)))
+    rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
+    return dict(layer_pattern=tuple(_LAYER_TYPES[t] for t in types[:period]), zero_centered_norm=True,
+                attn_output_gate=True, partial_rotary_factor=float(rope.get("partial_rotary_factor",
+                                                                            tc.get("partial_rotary_factor", 1.0))),
+                linear_conv_kernel=tc.get("linear_conv_kernel_dim", 4),
+                linear_key_head_dim=tc.get("linear_key_head_dim", 128),
+                linear_value_head_dim=tc.get("linear_value_head_dim", 128),
+                linear_num_key_heads=tc.get("linear_num_key_heads", 16),
+                linear_num_value_heads=tc.get("linear_num_value_heads", 32))
 
 
 def qwen_config_from_hf(hf: dict, **overrides) -> QwenVLConfig:
@@ -334,20 +384,22 @@ def qwen_config_from_hf(hf: dict, **overrides) -> QwenVLConfig:
     """
     model_type = hf.get("model_type")
     if model_type not in _QWEN_ARCH:
-        raise _unsupported("model_type", model_type, "'qwen2_5_vl', 'qwen2_vl' or 'qwen3_vl'", "Qwen-VL")
-    family = {"qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL"}[model_type]
-    qwen3 = model_type == "qwen3_vl"
+        raise _unsupported("model_type", model_type, "'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl' or 'qwen3_5'", "Qwen-VL")
+    family = {"qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL", "qwen3_5": "Qwen3.5"}[
+        model_type]
+    qwen3 = model_type in ("qwen3_vl", "qwen3_5")
     vc = hf.get("vision_config") or {}
     tc = hf.get("text_config") or hf
     prefix = "text_config." if "text_config" in hf else ""
     if qwen3:
         bias = bool(tc.get("attention_bias", False))
-        text = _text_from_hf(tc, hf, bias, bias, family, prefix, qk_norm=True)
+        extra = _qwen3_5_text_fields(tc, prefix) if model_type == "qwen3_5" else {}
+        text = _text_from_hf(tc, hf, bias, bias, family, prefix, qk_norm=True, **extra)
     else:
         text = _text_from_hf(tc, hf, True, False, family, prefix)
     if text.mrope_section is None:
         raise _unsupported("text_config.rope_parameters.mrope_section", None, "3 ints (M-RoPE)", family)
-    act = vc.get("hidden_act", {"qwen2_5_vl": "silu", "qwen2_vl": "quick_gelu", "qwen3_vl": "gelu_pytorch_tanh"}[
+    act = vc.get("hidden_act", "gelu_pytorch_tanh" if qwen3 else {"qwen2_5_vl": "silu", "qwen2_vl": "quick_gelu"}[
         model_type])
     act = {"gelu_pytorch_tanh": "gelu_tanh"}.get(act, act)
     if act not in ("silu", "quick_gelu", "gelu", "gelu_tanh"):
@@ -370,7 +422,8 @@ def qwen_config_from_hf(hf: dict, **overrides) -> QwenVLConfig:
             out_hidden_size=vc.get("out_hidden_size", text.hidden_size), window_size=None, fullatt_block_indexes=(),
             norm="layer", gated_mlp=False, patch_bias=True, num_position_embeddings=vc.get(
                 "num_position_embeddings", 2304),
-            deepstack_visual_indexes=tuple(vc.get("deepstack_visual_indexes", (8, 16, 24))), **common)
+            deepstack_visual_indexes=tuple(vc.get("deepstack_visual_indexes",
+                                                  (8, 16, 24) if model_type == "qwen3_vl" else ())), **common)
     else:
         embed = vc.get("embed_dim", 1280)
         vision = QwenVisionConfig(hidden_size=embed, intermediate_size=int(embed * vc.get("mlp_ratio", 4)),
@@ -390,10 +443,17 @@ def qwen_config_to_hf(config: QwenVLConfig) -> dict:
     """
     v, t = config.vision, config.text
     text = _text_to_hf(t, config.model_type + "_text")
-    if config.model_type == "qwen3_vl":
+    if config.model_type in ("qwen3_vl", "qwen3_5"):
         if t.qkv_bias != t.o_bias or not t.qk_norm:
-            raise ValueError("a Qwen3-VL text config has q/k norms and one attention_bias for q, k, v and o")
+            raise ValueError("a Qwen3 text config has q/k norms and one attention_bias for q, k, v and o")
         text.update({"attention_bias": t.qkv_bias})
+    if config.model_type == "qwen3_5":
+        kinds = {v: k for k, v in _LAYER_TYPES.items()}
+        text["rope_parameters"]["partial_rotary_factor"] = t.partial_rotary_factor
+        text.update(layer_types=[kinds[t.layer_pattern[i % len(t.layer_pattern)]] for i in range(t.num_layers)],
+                    linear_conv_kernel_dim=t.linear_conv_kernel, linear_key_head_dim=t.linear_key_head_dim,
+                    linear_value_head_dim=t.linear_value_head_dim, linear_num_key_heads=t.linear_num_key_heads,
+                    linear_num_value_heads=t.linear_num_value_heads)
     else:
         text.update({"use_sliding_window": False, "sliding_window": None})
     act = {"gelu_tanh": "gelu_pytorch_tanh"}.get(v.hidden_act, v.hidden_act)
@@ -402,10 +462,13 @@ def qwen_config_to_hf(config: QwenVLConfig) -> dict:
               "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
               "in_channels": v.in_channels, "hidden_act": act,
               "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}}
-    if config.model_type == "qwen3_vl":
+    if config.model_type in ("qwen3_vl", "qwen3_5"):
         vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                      out_hidden_size=v.out_hidden_size, num_position_embeddings=v.num_position_embeddings,
-                      deepstack_visual_indexes=list(v.deepstack_visual_indexes))
+                      out_hidden_size=v.out_hidden_size, num_position_embeddings=v.num_position_embeddings)
+        if config.model_type == "qwen3_vl":
+            vision["deepstack_visual_indexes"] = list(v.deepstack_visual_indexes)
+        elif v.deepstack_visual_indexes:
+            raise ValueError("Qwen3.5 has no DeepStack: vision.deepstack_visual_indexes must be empty")
     elif config.model_type == "qwen2_5_vl":
         vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                       out_hidden_size=v.out_hidden_size, window_size=v.window_size,
@@ -474,8 +537,9 @@ def qwen_processor_overrides(pre: dict) -> dict:
 LLAVA = HFLayout(("llava",), config_from_hf, config_to_hf, _llava_entries, _LLAVA_PREFIXES, _LLAVA_HUB, {
     "text.lm_head.": "lm_head.", "vision.": "model.vision_tower.vision_model.",
     "projector.": "model.multi_modal_projector.", "text.": "model.language_model."}, ("vision.head.",))
-QWEN_VL = HFLayout(("qwen2_5_vl", "qwen2_vl", "qwen3_vl"), qwen_config_from_hf, qwen_config_to_hf, _qwen_entries,
-                   _QWEN_PREFIXES, _QWEN_HUB, _QWEN3_HUB, hub_by_model_type={"qwen3_vl": _QWEN3_HUB},
+QWEN_VL = HFLayout(("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"), qwen_config_from_hf, qwen_config_to_hf,
+                   _qwen_entries, _QWEN_PREFIXES, _QWEN_HUB, _QWEN3_HUB,
+                   hub_by_model_type={"qwen3_vl": _QWEN3_HUB, "qwen3_5": _QWEN3_HUB},
                    processor=qwen_processor_overrides)
 
 
@@ -521,6 +585,10 @@ def _to_ours(e: Entry, x: np.ndarray, shape: tuple[int, ...], name: str) -> np.n
         if x.shape != want:
             raise ValueError(f"tensor {name} has shape {x.shape}, expected {want} from config.json")
         return x.T.reshape(shape)
+    if kind == "depthwise":
+        if x.shape != (shape[1], 1, shape[0]):
+            raise ValueError(f"tensor {name} has shape {x.shape}, expected {(shape[1], 1, shape[0])} from config.json")
+        return x[:, 0, :].T
     if kind == "conv":
         want = (shape[3], shape[2], shape[0], shape[1])
         if x.shape != want:
@@ -539,6 +607,8 @@ def _to_hf(e: Entry, x: np.ndarray) -> np.ndarray:
         return x.reshape(int(np.prod(x.shape[:e.num_in])), -1).T
     if kind == "conv":
         return x.transpose(3, 2, 0, 1)
+    if kind == "depthwise":
+        return x.T[:, None, :]
     if kind == "bias":
         return x.reshape(-1)
     return x
@@ -556,20 +626,26 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def stack_layers(params: dict, num_layers: int) -> dict:
-    """Unscanned LM params (`layers_0..layers_{L-1}`) -> scanned (`layers`, leaves with a leading [L] axis)."""
+def stack_layers(params: dict, num_layers: int, pattern: tuple[str, ...] = ("attention",)) -> dict:
+    """Unscanned LM params (`layers_0..layers_{L-1}`) -> scanned (`layers`, leaves with a leading `[L / p]` axis;
+    for a `pattern` of p > 1 kinds, `layers/{kind}_{j}` stacks layers j, j + p, ...: `DecoderLM`'s scanned
+    block)."""
     lm = dict(params["language_model"])
     layers = [lm.pop(f"layers_{i}") for i in range(num_layers)]
-    lm["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    stack = lambda group: jax.tree.map(lambda *xs: jnp.stack(xs), *group)  # noqa: E731
+    p = len(pattern)
+    lm["layers"] = stack(layers) if p == 1 else {f"{kind}_{j}": stack(layers[j::p]) for j, kind in enumerate(pattern)}
     return {**params, "language_model": lm}
 
 
-def unstack_layers(params: dict, num_layers: int) -> dict:
+def unstack_layers(params: dict, num_layers: int, pattern: tuple[str, ...] = ("attention",)) -> dict:
     """Inverse of `stack_layers`."""
     lm = dict(params["language_model"])
     stacked = lm.pop("layers")
+    p = len(pattern)
     for i in range(num_layers):
-        lm[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+        block = stacked if p == 1 else stacked[f"{pattern[i % p]}_{i % p}"]
+        lm[f"layers_{i}"] = jax.tree.map(lambda x, k=i // p: x[k], block)
     return {**params, "language_model": lm}
 
 
@@ -592,12 +668,18 @@ def read_hf_config(path: str) -> dict:
 def _load(path: str, family: HFLayout, hf_config: dict, overrides: dict):
     config = family.config_from_hf(hf_config, **{**family.overrides_from(path), **overrides})
     tensors: dict[str, Any] = {}
+    unused: list[str] = []
     for fname in _weight_files(path):
         with safetensors.safe_open(os.path.join(path, fname), framework="flax") as f:
             for key in f.keys():
                 canonical = canonical_name(key, family.prefixes)
                 if canonical is not None and not canonical.startswith(family.skip):
                     tensors[canonical] = (key, f.get_tensor(key))
+                else:
+                    unused.append(key)
+    if unused:  # e.g. Qwen3.5's multi-token-prediction head (mtp.*), SigLIP's pooling head
+        prefixes = sorted({k.split(".")[0] for k in unused})
+        log.info("%s: skipped %d tensors rftjax does not use (%s...)", path, len(unused), ", ".join(prefixes))
     shapes = abstract_params(config.replace(scan_layers=False))
     params: dict = {}
     for e in family.entries(config):
@@ -608,7 +690,7 @@ def _load(path: str, family: HFLayout, hf_config: dict, overrides: dict):
         value = _to_ours(e, np.asarray(x.astype(jnp.float32)), tuple(_get(shapes, e.path).shape), key)
         _set(params, e.path, jnp.asarray(value, config.params_dtype))
     if config.scan_layers:
-        params = stack_layers(params, config.text.num_layers)
+        params = stack_layers(params, config.text.num_layers, config.text.layer_pattern)
     return config, params
 
 
@@ -679,7 +761,7 @@ def save_pretrained(path: str, config: VLMConfig | QwenVLConfig, params: dict, m
 
         params = lora_lib.merge(params, config.lora)
     if config.scan_layers:
-        params = unstack_layers(params, config.text.num_layers)
+        params = unstack_layers(params, config.text.num_layers, config.text.layer_pattern)
     tensors = {}
     for e in family.entries(config):
         x = np.asarray(jax.device_get(_get(params, e.path)))
@@ -735,7 +817,7 @@ def save_adapter(path: str, config: VLMConfig | QwenVLConfig, params: dict, base
         raise ValueError("save_adapter: the model config has no LoRA (config.lora is None)")
     family = _layout_for(config)
     if config.scan_layers:
-        params = unstack_layers(params, config.text.num_layers)
+        params = unstack_layers(params, config.text.num_layers, config.text.layer_pattern)
     entries = {e.path: e for e in family.entries(config)}
     tensors, modules = {}, []
     for kernel_path, (a, b) in lora_lib.adapted_kernels(params).items():

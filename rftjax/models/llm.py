@@ -271,15 +271,20 @@ def mrope_axes(mrope_section: tuple[int, ...], interleaved: bool = False) -> np.
 
 
 def apply_rope(x: Array, positions: Array, theta: float, mrope_section: tuple[int, ...] | None = None,
-               interleaved: bool = False) -> Array:
-    """Rotary embedding (HF `rotate_half` layout: dims `[0, hd/2)` pair with `[hd/2, hd)`).
+               interleaved: bool = False, rotary_dim: int | None = None) -> Array:
+    """Rotary embedding (HF `rotate_half` layout: dims `[0, rd/2)` pair with `[rd/2, rd)`).
 
     x `[B, T, H, hd]`; positions int `[B, T]` (1-D RoPE) or `[3, B, T]` (M-RoPE: temporal, height, width
-    positions; Qwen2-VL, Wang et al. 2024 sec. 2.1). With M-RoPE, rotary frequency `f` (of `hd/2`) takes its
+    positions; Qwen2-VL, Wang et al. 2024 sec. 2.1). With M-RoPE, rotary frequency `f` (of `rd/2`) takes its
     position from the axis `mrope_axes(mrope_section, interleaved)[f]`; `[B, T]` positions with M-RoPE mean
-    all three axes equal (text), which is plain RoPE. Computed in float32, returned in x's dtype.
+    all three axes equal (text), which is plain RoPE. `rotary_dim` (rd, default hd): only the first rd dims turn,
+    the rest pass (partial rotary, Qwen3.5). Computed in float32, returned in x's dtype.
     """
     hd = x.shape[-1]
+    rd = rotary_dim or hd
+    if rd < hd:
+        return jnp.concatenate([apply_rope(x[..., :rd], positions, theta, mrope_section, interleaved), x[..., rd:]],
+                               axis=-1)
     inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
     if positions.ndim == 3:
         if mrope_section is None:
@@ -326,18 +331,20 @@ class DecoderLayer(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = shard_rows(x)
-        h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        q = Linear((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias,
-                   name="q_proj", **kw)(h)
+        h = RMSNorm(c.rms_norm_eps, name="input_layernorm", zero_centered=c.zero_centered_norm, **kw)(x)
+        q = Linear((c.num_heads, c.head_dim * (2 if c.attn_output_gate else 1)), ("embed", "heads", "head_dim"),
+                   use_bias=c.qkv_bias, name="q_proj", **kw)(h)
+        if c.attn_output_gate:  # Qwen3.5: [query | gate] per head
+            q, gate = q[..., :c.head_dim], q[..., c.head_dim:]
         k = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias,
                    name="k_proj", **kw)(h)
         v = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias,
                    name="v_proj", **kw)(h)
         if c.qk_norm:  # Qwen3: RMSNorm over each head's query and key, before RoPE
-            q = RMSNorm(c.rms_norm_eps, name="q_norm", **kw)(q)
-            k = RMSNorm(c.rms_norm_eps, name="k_norm", **kw)(k)
-        q = apply_rope(q, inputs.positions, c.rope_theta, c.mrope_section, c.mrope_interleaved)
-        k = apply_rope(k, inputs.positions, c.rope_theta, c.mrope_section, c.mrope_interleaved)
+            q = RMSNorm(c.rms_norm_eps, name="q_norm", zero_centered=c.zero_centered_norm, **kw)(q)
+            k = RMSNorm(c.rms_norm_eps, name="k_norm", zero_centered=c.zero_centered_norm, **kw)(k)
+        rope = (inputs.positions, c.rope_theta, c.mrope_section, c.mrope_interleaved, c.rotary_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k = k.transpose(0, 2, 1, 3)  # [B, K, T, hd]
         v = v.transpose(0, 2, 1, 3)
         if state is not None:
@@ -346,13 +353,23 @@ class DecoderLayer(nn.Module):
             v = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), start)
             state = {"k": k, "v": v}
         a = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), inputs.mask)
+        if c.attn_output_gate:
+            a = a * jax.nn.sigmoid(gate)
         x = x + Linear(c.hidden_size, ("heads", "head_dim", "embed"), num_in=2, use_bias=c.o_bias,
                        name="o_proj", **kw)(a)
-        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(h)
-        up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(h)
-        x = x + Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
-        return x, state
+        return mlp_block(self, x), state
+
+
+def mlp_block(layer: nn.Module, x: Array) -> Array:
+    """`x + down(silu(gate(h)) * up(h))` with `h = post_attention_layernorm(x)`: the second half of every decoder
+    layer kind, its params created in `layer`'s scope (`post_attention_layernorm`, `gate_proj`, `up_proj`,
+    `down_proj`). Call it from the layer's compact `__call__` (its submodules attach to the module being called)."""
+    c = layer.config
+    kw = dict(dtype=layer.dtype, param_dtype=layer.param_dtype)
+    h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", zero_centered=c.zero_centered_norm, **kw)(x)
+    gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(h)
+    up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(h)
+    return x + Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
 
 
 def _kv_state(config: TextConfig, batch_size: int, max_len: int, dtype) -> dict:
@@ -440,7 +457,7 @@ class DecoderLM(nn.Module):
         else:
             self.layers = [_layer_class(pattern[i % len(pattern)], self.remat, self.remat_policy, prevent_cse=True)(
                 c, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(c.num_layers)]
-        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, zero_centered=c.zero_centered_norm)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
                                   out_dtype=jnp.float32)

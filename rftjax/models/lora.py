@@ -25,10 +25,11 @@ import numpy as np
 
 LORA_A, LORA_B = "kernel_lora_a", "kernel_lora_b"
 
-_DECODER = r"language_model/layers(_\d+)?/(\w+_\d+/)?(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+_DECODER = (r"language_model/layers(_\d+)?/(\w+_\d+/)?(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|"
+            r"in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|out_proj)")
 TARGETS = ("decoder", "decoder+vision", "vision")
-"""Named target sets (module-path regexes, `re.fullmatch`): the decoder's attention and MLP projections (PEFT's
-`all-linear` minus the LM head), optionally the vision tower's linears (each family names them:
+"""Named target sets (module-path regexes, `re.fullmatch`): the decoder's attention, Gated DeltaNet and MLP
+projections (PEFT's `all-linear` minus the LM head), optionally the vision tower's linears (each family names them:
 `Family.lora_vision_targets`). The patch embeddings, the projector / merger and the LM head are not adapted by
 these presets; a custom regex may name them (export: linear layers only)."""
 
