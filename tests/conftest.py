@@ -55,6 +55,16 @@ def qwen3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen3_5_dir(tmp_path_factory):
+    """A tiny random Qwen3.5 checkpoint written by transformers, with its preprocessor config, a tokenizer (special
+    ids at `QWEN_TOKEN_IDS`) and Qwen3.5's chat template: `(hf model, directory)`."""
+    from hf_reference import QWEN_TOKEN_IDS, make_hf_qwen3_5, make_tokenizer_dir
+
+    model, path = make_hf_qwen3_5(tmp_path_factory.mktemp("qwen3_5"), vocab=320, ids=QWEN_TOKEN_IDS)
+    return model, make_tokenizer_dir(path, "qwen3")
+
+
+@pytest.fixture(scope="session")
 def llava_dir(tmp_path_factory):
     """A tiny random LLaVA checkpoint (16 px images, 4 px patches) with a tokenizer and chat template."""
     from hf_reference import make_hf_llava, make_tokenizer_dir
@@ -72,8 +82,8 @@ SLOW = {
     "test_multiprocess.py::test_two_processes_equal_one_process_and_resume_exactly_after_sigkill",
     "test_checkpoint_training.py::test_qwen_checkpoint_trains_resumes_evaluates_and_exports",
     "test_checkpoint_training.py::test_llava_checkpoint_trains_resumes_and_exports",
-    "test_qwen3_vl_training.py::test_qwen3_vl_checkpoint_trains_resumes_evaluates_and_exports",
-    "test_qwen3_vl_training.py::test_qwen3_vl_lora_grpo_exports_to_transformers_and_peft",
+    "test_qwen3_training.py::test_checkpoint_trains_resumes_evaluates_and_exports",
+    "test_qwen3_training.py::test_lora_grpo_exports_to_transformers_and_peft",
     "test_checkpoint_training.py::test_sampler_and_trainer_logprobs_agree",
     "test_faults.py::test_sigkill_at_every_point_then_rerun_gives_the_uninterrupted_run",
     "test_faults.py::test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before",

@@ -1,7 +1,7 @@
-"""Qwen3-VL end to end, offline: a tiny random checkpoint written by transformers (with its preprocessor config),
-a tiny tokenizer with Qwen3.5's thinking chat template, EasyR1 jsonl files. `configs/qwen3_vl_easyr1.py` through
-the CLI: GRPO steps, resume, evaluation, export (transformers loads it with our logits); LoRA on the decoder and
-the vision tower with the adapter loaded by peft."""
+"""Qwen3-VL and Qwen3.5 end to end, offline: tiny random checkpoints written by transformers (with their
+preprocessor configs), a tiny tokenizer with Qwen3.5's thinking chat template, EasyR1 jsonl files. Each family's
+`configs/*_easyr1.py` through the CLI: GRPO steps, resume, evaluation, export (transformers loads it with our
+logits); LoRA on the decoder and the vision tower with the adapter loaded by peft."""
 
 import os
 import shutil
@@ -17,6 +17,8 @@ from test_checkpoint_training import _args, _cli
 from test_lora import _flat, _qwen_logits, _train
 
 HALF = ((0.5,) * 3, (0.5,) * 3)
+FAMILIES = {"qwen3_vl": ("qwen3_dir", "configs/qwen3_vl_easyr1.py", "Qwen3VLForConditionalGeneration"),
+            "qwen3_5": ("qwen3_5_dir", "configs/qwen3_5_easyr1.py", "Qwen3_5ForConditionalGeneration")}
 
 
 def _batch():
@@ -24,15 +26,23 @@ def _batch():
                       patch=16, mean_std=HALF)
 
 
-def test_qwen3_vl_checkpoint_trains_resumes_evaluates_and_exports(qwen3_dir, files, tmp_path):
-    """`python -m rftjax.train --config configs/qwen3_vl_easyr1.py --config.model.checkpoint=DIR`: 3 GRPO steps
+def _hf_class(family):
+    import transformers
+
+    return getattr(transformers, FAMILIES[family][2])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_checkpoint_trains_resumes_evaluates_and_exports(family, request, files, tmp_path):
+    """`python -m rftjax.train --config configs/{family}_easyr1.py --config.model.checkpoint=DIR`: 3 GRPO steps
     (float32: the sampler's log-probs equal the trainer's), a resumed rerun that recomputes step 3 exactly, the
     evaluation, `python -m rftjax.export`, and transformers' logits of the export equal ours within 1e-4."""
-    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+    from transformers import AutoTokenizer
 
-    _, ckpt_dir = qwen3_dir
+    fixture, config_file, _ = FAMILIES[family]
+    _, ckpt_dir = request.getfixturevalue(fixture)
     workdir = str(tmp_path / "run")
-    base = ["--config", "configs/qwen3_vl_easyr1.py", "--workdir", workdir, *_args(ckpt_dir, files)]
+    base = ["--config", config_file, "--workdir", workdir, *_args(ckpt_dir, files)]
     _cli("rftjax.train", *base)
     first = [m for m in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if m.get("stage") == "rl"]
     assert [m["step"] for m in first] == [1, 2, 3]
@@ -50,11 +60,11 @@ def test_qwen3_vl_checkpoint_trains_resumes_evaluates_and_exports(qwen3_dir, fil
     export_dir = str(tmp_path / "export")
     _cli("rftjax.export", "--workdir", workdir, "--out", export_dir)
     _, config, params, _ = restore_policy(workdir)
-    assert config.model_type == "qwen3_vl" and config.image_mean == (0.5,) * 3
+    assert config.model_type == family and config.image_mean == (0.5,) * 3
     _, initial = rhf.load_pretrained(ckpt_dir)
     assert not np.allclose(params["language_model"]["lm_head"]["kernel"],
                            initial["language_model"]["lm_head"]["kernel"])  # it trained
-    reloaded = Qwen3VLForConditionalGeneration.from_pretrained(export_dir).eval()
+    reloaded = _hf_class(family).from_pretrained(export_dir).eval()
     batch = _batch()
     valid = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(hf_qwen_logits(reloaded, batch)[valid], _qwen_logits(config, params, batch)[valid],
@@ -64,18 +74,21 @@ def test_qwen3_vl_checkpoint_trains_resumes_evaluates_and_exports(qwen3_dir, fil
     assert os.path.exists(os.path.join(export_dir, rhf.PROCESSOR_CONFIG_NAME))
 
 
-def test_qwen3_vl_lora_grpo_exports_to_transformers_and_peft(qwen3_dir, files, tmp_path):
-    """LoRA on the decoder and the vision tower (DeepStack mergers untouched): 2 GRPO steps train only the adapters;
-    the merged export loads in transformers and the adapter directory in peft, both within 1e-4 of ours."""
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lora_grpo_exports_to_transformers_and_peft(family, request, files, tmp_path):
+    """LoRA on the decoder (attention, Gated DeltaNet and MLP projections) and the vision tower: 2 GRPO steps train
+    only the adapters; the merged export loads in transformers and the adapter directory in peft, both within 1e-4
+    of ours."""
     from peft import PeftModel
-    from transformers import Qwen3VLForConditionalGeneration
 
-    _, ckpt_dir = qwen3_dir
+    _, ckpt_dir = request.getfixturevalue(FAMILIES[family][0])
     workdir = str(tmp_path / "run")
     trainer = _train(ckpt_dir, files, workdir, **{"model.lora.rank": 4, "model.lora.alpha": 8.0, "rl.lr": 2e-2,
                                                   "model.lora.targets": "decoder+vision"})
     trained = _flat(trainer.state.stage.policy.params)
     assert any(k.startswith("visual/blocks_") for k in trained) and any(k.startswith("language_model/") for k in trained)
+    if family == "qwen3_5":
+        assert any("/in_proj_qkv/" in k for k in trained) and any("/out_proj/" in k for k in trained)
     _, config, params, _ = restore_policy(workdir)
     _, base = rhf.load_pretrained(ckpt_dir)
     batch = _batch()
@@ -84,8 +97,8 @@ def test_qwen3_vl_lora_grpo_exports_to_transformers_and_peft(qwen3_dir, files, t
     assert np.abs(ours - _qwen_logits(config.replace(lora=None), base, batch))[valid].max() > 1e-2
     export_dir = str(tmp_path / "export")
     export(workdir, export_dir)
-    merged = Qwen3VLForConditionalGeneration.from_pretrained(export_dir).eval()
+    merged = _hf_class(family).from_pretrained(export_dir).eval()
     np.testing.assert_allclose(hf_qwen_logits(merged, batch)[valid], ours[valid], atol=1e-4, rtol=0)
-    peft = PeftModel.from_pretrained(Qwen3VLForConditionalGeneration.from_pretrained(ckpt_dir),
+    peft = PeftModel.from_pretrained(_hf_class(family).from_pretrained(ckpt_dir),
                                      os.path.join(export_dir, ADAPTER_DIR)).eval()
     np.testing.assert_allclose(hf_qwen_logits(peft, batch)[valid], ours[valid], atol=1e-4, rtol=0)
