@@ -1,19 +1,24 @@
-"""Qwen2.5-VL prefill and decode throughput: rftjax vs transformers on the same weights, with this machine's
-roofline measured in the same run.
+"""Qwen2.5-VL / Qwen3.5 prefill and decode throughput: rftjax vs transformers on the same weights, with this
+machine's roofline measured in the same run.
 
-Model: a Qwen2.5-VL with a 4-layer 256-wide decoder (4 heads, 2 kv heads, vocab 8192, M-RoPE) and a 4-block
-256-wide vision tower (blocks 0-2 windowed, block 3 full attention), random weights written by transformers
-and loaded by `rftjax.models.hf.load_qwen_vl`. Prompts: 16 text tokens, an image, 16 text tokens; the rows
-alternate two image sizes (224x224 px = 64 image tokens, 168x336 px = 72), left-padded to one length.
+Models (`--family`): a Qwen2.5-VL with a 4-layer 256-wide decoder (4 heads, 2 kv heads, vocab 8192, M-RoPE) and a
+4-block 256-wide vision tower (blocks 0-2 windowed, block 3 full attention); or a Qwen3.5 with a 4-layer 256-wide
+decoder (3 Gated DeltaNet layers of 2 key / 4 value heads of 64, then 1 gated-attention layer of 4 heads / 2 kv
+heads of 64, partial rotary, interleaved M-RoPE, vocab 8192) and a 4-block 256-wide Qwen3-VL tower (patch 16).
+Random weights written by transformers and loaded by `rftjax.models.hf.load_pretrained`. Prompts: 16 text
+tokens, an image, 16 text tokens; the rows alternate two image sizes of 64 and 72 image tokens, left-padded to
+one length. transformers runs Qwen3.5's delta rule and convolution with its pure-torch fallbacks on CPU (the
+`flash-linear-attention` / `causal-conv1d` kernels are CUDA-only).
 
 - prefill: a 1-token greedy generate (image encoding + the prompt's forward pass), prompt tokens/s.
 - decode: greedy generate of `--new-tokens` (no EOS) minus the 1-token run, generated tokens/s.
 - roofline of one decode step: every matmul of the step at the FLOP rate measured for its own shape in this
   run, plus the KV cache read at the measured bandwidth (mean context); "x roofline" = measured / roofline.
 
-    python experiments/bench_qwen_vl.py [--decode-batch 32] [--prefill-batch 8] [--new-tokens 64] [--no-hf]
+    python experiments/bench_qwen_vl.py [--family qwen2_5_vl|qwen3_5] [--decode-batch 32] [--prefill-batch 8]
+        [--new-tokens 64] [--no-hf]
 
-Prints a table and writes experiments/results/bench_qwen_vl.{md,json}. Needs torch + transformers (the test
+Prints a table and writes experiments/results/bench_{family}.{md,json} (bench_qwen_vl.* for Qwen2.5-VL). Needs torch + transformers (the test
 extra) for the transformers rows and to write the weights; importable without grain/TFDS.
 """
 
@@ -38,10 +43,24 @@ from roofline import decode_matmuls, decode_roofline, describe, matmul_rate, med
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 IDS = dict(image_token_id=8000, video_token_id=8001, vision_start_token_id=8002, vision_end_token_id=8003)
-SIZES = ((224, 224), (168, 336))
+SIZES = {"qwen2_5_vl": ((224, 224), (168, 336)), "qwen3_5": ((256, 256), (192, 384))}  # 64 and 72 image tokens
+HF_CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+              "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration")}
 
 
-def bench_config() -> QwenVLConfig:
+def bench_config(family: str = "qwen2_5_vl") -> QwenVLConfig:
+    if family == "qwen3_5":
+        vision = QwenVisionConfig(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=256,
+                                  patch_size=16, window_size=None, fullatt_block_indexes=(), norm="layer",
+                                  gated_mlp=False, hidden_act="gelu_tanh", patch_bias=True,
+                                  num_position_embeddings=256)
+        text = TextConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
+                          num_kv_heads=2, head_dim=64, rope_theta=1e7, tie_word_embeddings=False,
+                          mrope_section=(3, 3, 2), mrope_interleaved=True, qk_norm=True,
+                          layer_pattern=("gated_delta_net",) * 3 + ("attention",), zero_centered_norm=True,
+                          attn_output_gate=True, partial_rotary_factor=0.25, linear_key_head_dim=64,
+                          linear_value_head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4)
+        return QwenVLConfig(vision=vision, text=text, model_type="qwen3_5", max_image_tokens=80, **IDS)
     vision = QwenVisionConfig(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=256,
                               window_size=112, fullatt_block_indexes=(3,))
     text = TextConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
@@ -52,12 +71,13 @@ def bench_config() -> QwenVLConfig:
 
 def write_hf_model(config: QwenVLConfig, path: str):
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
 
+    config_cls, model_cls = (getattr(transformers, name) for name in HF_CLASSES[config.model_type])
     hf = rhf.qwen_config_to_hf(config)
     hf.pop("architectures"), hf.pop("model_type")
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf)).eval()
+    model = model_cls(config_cls(**hf)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -67,7 +87,8 @@ def write_hf_model(config: QwenVLConfig, path: str):
 def make_batch(config: QwenVLConfig, batch: int, text: int = 16, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     proc = QwenImageProcessor.for_model(config)
-    images = [proc(Image.fromarray(rng.integers(0, 256, (*SIZES[b % 2], 3), dtype=np.uint8))) for b in range(batch)]
+    sizes = SIZES[config.model_type]
+    images = [proc(Image.fromarray(rng.integers(0, 256, (*sizes[b % 2], 3), dtype=np.uint8))) for b in range(batch)]
     rows = [np.concatenate([rng.integers(10, 7900, text), [config.vision_start_token_id],
                             np.full(int(g.prod()) // 4, config.image_token_id), [config.vision_end_token_id],
                             rng.integers(10, 7900, text)]) for _, g in images]
@@ -110,6 +131,7 @@ def hf_generate_time(model, b, new_tokens: int, repeats: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", choices=sorted(SIZES), default="qwen2_5_vl")
     ap.add_argument("--decode-batch", type=int, default=32)
     ap.add_argument("--prefill-batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -118,7 +140,7 @@ def main():
                     help="skip the transformers rows (torch is still used to write the weights)")
     args = ap.parse_args()
 
-    config = bench_config()
+    config = bench_config(args.family)
     t = config.text
     bandwidth = memory_bandwidth()
     rates = {shape: matmul_rate(*shape) for shape in set(decode_matmuls(config, args.decode_batch))}
@@ -130,14 +152,15 @@ def main():
           f"{rate_prefill / 1e9:.0f} at the prefill MLP shape", flush=True)
 
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import transformers
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_hf_model(config, tmp)
-        loaded, params = rhf.load_qwen_vl(tmp, max_image_tokens=config.max_image_tokens)
+        loaded, params = rhf.load_pretrained(tmp, max_image_tokens=config.max_image_tokens)
         assert loaded == config, (loaded, config)
-        hf_model = None if args.no_hf else Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp).eval()
+        hf_cls = getattr(transformers, HF_CLASSES[args.family][1])
+        hf_model = None if args.no_hf else hf_cls.from_pretrained(tmp).eval()
         decode = make_batch(config, args.decode_batch, seed=1)
         n = args.new_tokens
         impls = [("rftjax (jit, float32)", lambda b, k: rftjax_generate_time(config, params, b, k, args.repeats))]
@@ -162,7 +185,8 @@ def main():
 
     meta = (f"{describe()}; memory bandwidth {bandwidth / 1e9:.1f} GB/s; fp32 matmul GFLOP/s at the decode shapes: "
             f"{rate_text}; {rate_prefill / 1e9:.0f} at the prefill MLP shape. Model: "
-            f"{param_count(config) / 1e6:.1f}M params (4-layer 256-wide decoder, 4-block vision tower); prompts "
+            f"{param_count(config) / 1e6:.1f}M params ({args.family}: 4-layer 256-wide decoder "
+            f"{'/'.join(t.layer_pattern)}, 4-block vision tower); prompts "
             f"of {prefill['ids'].shape[1]} tokens with 64- and 72-token images; {n} new tokens, greedy.")
     header = ("| implementation | prefill tokens/s (batch {pb}) | decode tokens/s (batch {db}) | decode ms/step | "
               "roofline ms/step | x roofline |\n|---|---|---|---|---|---|").format(pb=args.prefill_batch,
@@ -176,10 +200,11 @@ def main():
     text = "\n".join([meta, "", *lines])
     print(text)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "bench_qwen_vl.md"), "w") as f:
-        f.write(f"# Qwen2.5-VL prefill/decode: rftjax vs transformers\n\n`python experiments/bench_qwen_vl.py`\n\n"
-                f"{text}\n")
-    with open(os.path.join(RESULTS, "bench_qwen_vl.json"), "w") as f:
+    name = "bench_qwen_vl" if args.family == "qwen2_5_vl" else f"bench_{args.family}"
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+        f.write(f"# {args.family} prefill/decode: rftjax vs transformers\n\n`python experiments/bench_qwen_vl.py "
+                f"--family {args.family}`\n\n{text}\n")
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
 

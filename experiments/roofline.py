@@ -54,18 +54,29 @@ def describe() -> str:
             f"[{' '.join(cpu_flags()) or 'no flags read'}], {jax.local_device_count()} device(s)")
 
 
-def layer_matmuls(text, rows: int) -> list[tuple[int, int, int]]:
-    """The `(m, k, n)` matmuls of one decoder layer (`TextConfig`) over `rows` tokens: q, k, v, o, gate, up, down."""
+def layer_matmuls(text, rows: int, kind: str = "attention") -> list[tuple[int, int, int]]:
+    """The `(m, k, n)` matmuls of one decoder layer (`TextConfig`) of layer kind `kind` over `rows` tokens: an
+    attention layer's q (with its gate when `attn_output_gate`), k, v, o; a Gated DeltaNet layer's qkv, z, b, a and
+    out projections; then gate, up, down."""
     d, q, kv, i = text.hidden_size, text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim, \
         text.intermediate_size
-    return [(rows, d, q), (rows, d, kv), (rows, d, kv), (rows, q, d), (rows, d, i), (rows, d, i), (rows, i, d)]
+    mlp = [(rows, d, i), (rows, d, i), (rows, i, d)]
+    if kind == "gated_delta_net":
+        hv, value = text.linear_num_value_heads, text.linear_num_value_heads * text.linear_value_head_dim
+        qkv = 2 * text.linear_num_key_heads * text.linear_key_head_dim + value
+        return [(rows, d, qkv), (rows, d, value), (rows, d, hv), (rows, d, hv), (rows, value, d)] + mlp
+    return [(rows, d, q * (2 if text.attn_output_gate else 1)), (rows, d, kv), (rows, d, kv), (rows, q, d)] + mlp
+
+
+def _kinds(t) -> list[str]:
+    return [t.layer_pattern[i % len(t.layer_pattern)] for i in range(t.num_layers)]
 
 
 def decode_matmuls(config, batch: int) -> list[tuple[int, int, int]]:
     """The `(m, k, n)` matmuls of one decode step of `batch` rows (any config with a `.text` `TextConfig`): every
-    layer's q, k, v, o, gate, up, down; the LM head."""
+    layer's by its kind (`layer_matmuls`); the LM head."""
     t = config.text
-    return layer_matmuls(t, batch) * t.num_layers + [(batch, t.hidden_size, t.vocab_size)]
+    return [m for kind in _kinds(t) for m in layer_matmuls(t, batch, kind)] + [(batch, t.hidden_size, t.vocab_size)]
 
 
 def shape_rates(shapes, dtype=jnp.float32) -> dict[tuple[int, int, int], float]:
@@ -75,12 +86,16 @@ def shape_rates(shapes, dtype=jnp.float32) -> dict[tuple[int, int, int], float]:
 
 def decode_roofline(config, batch: int, context: float, rates: dict, bandwidth: float, cache_bytes: int = 4) -> float:
     """Seconds of one decode step at this machine's roofline: every matmul at the FLOP rate measured for its own
-    shape (which includes reading its weights), plus the KV cache (`cache_bytes` per element, mean `context`
-    slots) read at the measured bandwidth. Softmax, norms, RoPE and sampling count as free."""
+    shape (which includes reading its weights), plus the decode state at the measured bandwidth: each attention
+    layer's KV cache read (`cache_bytes` per element, mean `context` slots), each Gated DeltaNet layer's float32
+    recurrent state read and written. Softmax, norms, RoPE, the convolution and sampling count as free."""
     t = config.text
     matmuls = sum(2 * m * k * n / rates[(m, k, n)] for m, k, n in decode_matmuls(config, batch))
-    kv_bytes = t.num_layers * 2 * batch * context * t.num_kv_heads * t.head_dim * cache_bytes
-    return matmuls + kv_bytes / bandwidth
+    kinds = _kinds(t)
+    kv_bytes = kinds.count("attention") * 2 * batch * context * t.num_kv_heads * t.head_dim * cache_bytes
+    recurrent = t.linear_num_value_heads * t.linear_key_head_dim * t.linear_value_head_dim * 4
+    state_bytes = kinds.count("gated_delta_net") * 2 * batch * recurrent
+    return matmuls + (kv_bytes + state_bytes) / bandwidth
 
 
 def train_roofline(config, tokens: int, rates: dict) -> float:
