@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -139,53 +140,56 @@ def qwen_batch(rng: np.random.Generator, sizes=((112, 84), (56, 140)), pad=(0, 3
             "patches": padded["patches"], "grid_thw": padded["grid_thw"]}
 
 
-def make_hf_qwen3_vl(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=None, processor=True):
-    """A random `Qwen3VLForConditionalGeneration` with noise on every tensor, saved under tmp_path (with a
-    `preprocessor_config.json` as the published checkpoints ship, min_pixels lowered to 32 * 32 when
-    `processor`); returns `(model, path)`. Vision: 3 blocks, DeepStack after blocks 0 and 1, an 8 x 8 position
-    table, patch 16; decoder: 3 layers, GQA (4 heads, 2 kv heads), head_dim 16, q/k norms, interleaved M-RoPE
-    (sections 3, 3, 2: every axis has frequencies both below and past its interleaved range)."""
+QWEN3_VISION = dict(hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, temporal_patch_size=2,
+                    spatial_merge_size=2, num_position_embeddings=64, hidden_act="gelu_pytorch_tanh")
+"""The tiny Qwen3-VL / Qwen3.5 vision tower of the tests: patch 16, an 8 x 8 position table."""
+
+
+def _save_qwen3(model_cls, config, path: str, processor: bool):
+    """`model_cls(config)` with noise on every tensor, saved to `path`, with a `preprocessor_config.json` as the
+    published checkpoints ship (min_pixels lowered to 32 * 32) when `processor`; returns the model."""
     import json
 
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    torch.manual_seed(seed)
-    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, temporal_patch_size=2,
-                  spatial_merge_size=2, out_hidden_size=hidden, num_position_embeddings=64,
-                  hidden_act="gelu_pytorch_tanh", deepstack_visual_indexes=[0, 1])
-    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[3, 3, 2],
-                                     mrope_interleaved=True))
-    config = Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=tie, **(ids or QWEN_IDS))
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    path = str(tmp_path / f"hf_qwen3_vl_{'tied' if tie else 'untied'}")
     model.save_pretrained(path)
     if processor:
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
             json.dump({"image_processor_type": "Qwen2VLImageProcessorFast", "image_mean": [0.5] * 3,
                        "image_std": [0.5] * 3, "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
                        "size": {"shortest_edge": 32 * 32, "longest_edge": 16777216}}, f)
-    return model, path
+    return model
+
+
+def make_hf_qwen3_vl(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=None, processor=True):
+    """A random `Qwen3VLForConditionalGeneration` saved under tmp_path (`_save_qwen3`); returns `(model, path)`.
+    Vision: 3 blocks, DeepStack after blocks 0 and 1; decoder: 3 layers, GQA (4 heads, 2 kv heads), head_dim 16,
+    q/k norms, interleaved M-RoPE (sections 3, 3, 2: every axis has frequencies both below and past its
+    interleaved range)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(QWEN3_VISION, depth=3, out_hidden_size=hidden, deepstack_visual_indexes=[0, 1])
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[3, 3, 2],
+                                     mrope_interleaved=True))
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=tie, **(ids or QWEN_IDS))
+    path = str(tmp_path / f"hf_qwen3_vl_{'tied' if tie else 'untied'}")
+    return _save_qwen3(Qwen3VLForConditionalGeneration, config, path, processor), path
 
 
 def make_hf_qwen3_5(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=None, processor=True):
-    """A random `Qwen3_5ForConditionalGeneration` with noise on every tensor, saved under tmp_path (with a
-    `preprocessor_config.json` as `make_hf_qwen3_vl`); returns `(model, path)`. Vision: Qwen3-VL's tower without
-    DeepStack (2 blocks, an 8 x 8 position table); decoder: 4 layers, Gated DeltaNet and gated attention alternating,
-    GQA in both (attention: 2 heads, 1 kv head, head_dim 32; DeltaNet: 2 key heads, 4 value heads), partial rotary
-    (a quarter of head_dim) with interleaved M-RoPE."""
-    import json
-
+    """A random `Qwen3_5ForConditionalGeneration` saved under tmp_path (`_save_qwen3`); returns `(model, path)`.
+    Vision: Qwen3-VL's tower without DeepStack (2 blocks); decoder: 4 layers, Gated DeltaNet and gated attention
+    alternating, GQA in both (attention: 2 heads, 1 kv head, head_dim 32; DeltaNet: 2 key heads, 4 value heads),
+    partial rotary (a quarter of head_dim) with interleaved M-RoPE."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, temporal_patch_size=2,
-                  spatial_merge_size=2, out_hidden_size=hidden, num_position_embeddings=64,
-                  hidden_act="gelu_pytorch_tanh")
+    vision = dict(QWEN3_VISION, depth=2, out_hidden_size=hidden)
     text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=4,
                 layer_types=["linear_attention", "full_attention"] * 2, num_attention_heads=2, num_key_value_heads=1,
                 head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
@@ -193,18 +197,8 @@ def make_hf_qwen3_5(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=No
                 rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
                                      mrope_section=[2, 1, 1], mrope_interleaved=True))
     config = Qwen3_5Config(vision_config=vision, text_config=text, tie_word_embeddings=tie, **(ids or QWEN_IDS))
-    model = Qwen3_5ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
     path = str(tmp_path / f"hf_qwen3_5_{'tied' if tie else 'untied'}")
-    model.save_pretrained(path)
-    if processor:
-        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-            json.dump({"image_processor_type": "Qwen2VLImageProcessorFast", "image_mean": [0.5] * 3,
-                       "image_std": [0.5] * 3, "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
-                       "size": {"shortest_edge": 32 * 32, "longest_edge": 16777216}}, f)
-    return model, path
+    return _save_qwen3(Qwen3_5ForConditionalGeneration, config, path, processor), path
 
 
 def hf_qwen_logits(model, batch: dict) -> np.ndarray:
@@ -215,6 +209,73 @@ def hf_qwen_logits(model, batch: dict) -> np.ndarray:
                     image_grid_thw=torch.tensor(batch["image_grid_thw"]),
                     mm_token_type_ids=torch.tensor(batch["mm_token_type_ids"]))
     return out.logits.float().numpy()
+
+
+def hf_qwen_greedy(model, batch: dict, new_tokens: int = 16) -> np.ndarray:
+    """transformers' greedy `generate` of exactly `new_tokens` tokens (image/video placeholders suppressed, no EOS)
+    after the batch's prompts: the new ids `[B, new_tokens]`."""
+    with torch.no_grad():
+        ref = model.generate(input_ids=torch.tensor(batch["input_ids"]),
+                             attention_mask=torch.tensor(batch["attention_mask"]),
+                             pixel_values=torch.tensor(batch["pixel_values"]),
+                             image_grid_thw=torch.tensor(batch["image_grid_thw"]),
+                             mm_token_type_ids=torch.tensor(batch["mm_token_type_ids"]), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False,
+                             suppress_tokens=[QWEN_IDS["image_token_id"], QWEN_IDS["video_token_id"]], pad_token_id=0,
+                             eos_token_id=None)
+    return ref[:, batch["input_ids"].shape[1]:].numpy()
+
+
+def qwen_images(batch: dict):
+    """rftjax's `QwenImages` of a `qwen_batch`."""
+    import jax.numpy as jnp
+
+    from rftjax.models import QwenImages
+
+    return QwenImages(jnp.asarray(batch["patches"]), jnp.asarray(batch["grid_thw"]))
+
+
+def qwen_logits(config, params, batch: dict) -> np.ndarray:
+    """rftjax's float32 logits `[B, T, V]` of a `qwen_batch` (one jitted forward pass per config)."""
+    import jax.numpy as jnp
+
+    return np.asarray(_qwen_forward(config)(params, qwen_images(batch), jnp.asarray(batch["input_ids"], jnp.int32),
+                                            jnp.asarray(batch["attention_mask"], bool)))
+
+
+@functools.lru_cache(maxsize=None)
+def _qwen_forward(config):
+    import jax
+
+    from rftjax.models import model_for
+
+    return jax.jit(lambda params, images, ids, mask: model_for(config).apply({"params": params}, images, ids,
+                                                                            mask).logits)
+
+
+def qwen_cached_decode(config, params, batch: dict, new: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(cached, full, valid)`: logits `[B, T + n, V]` of the prompts prefilled into a fresh decode state, then the
+    `n` tokens of `new` `[B, n]` one step at a time; the same from one full forward pass; where both are defined."""
+    import jax
+    import jax.numpy as jnp
+
+    from rftjax.models import model_for
+
+    model = model_for(config)
+    ids, mask = jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["attention_mask"], bool)
+    new = jnp.asarray(new, jnp.int32)
+    b, n = new.shape
+    full = qwen_logits(config, params, {**batch, "input_ids": np.concatenate([batch["input_ids"], new], 1),
+                                        "attention_mask": np.concatenate([batch["attention_mask"],
+                                                                          np.ones((b, n), int)], 1)})
+    step = jax.jit(lambda images, ids, mask, state: model.apply({"params": params}, images, ids, mask, state=state))
+    out = step(qwen_images(batch), ids, mask, model.init_state(b, ids.shape[1] + n))
+    steps = [np.asarray(out.logits)]
+    for t in range(n):
+        out = step(None, new[:, t:t + 1], jnp.ones((b, 1), bool), out.state)
+        steps.append(np.asarray(out.logits))
+    valid = np.concatenate([batch["attention_mask"], np.ones((b, n))], 1).astype(bool)
+    return np.concatenate(steps, axis=1), full, valid
 
 
 # ----------------------------------------------------------------------------------------------------------

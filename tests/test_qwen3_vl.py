@@ -6,7 +6,6 @@ Batch: 2 rows, images of 64 x 320 px (4 x 20 patches: wider, shorter than the ta
 patches: taller, narrower), row 1 left-padded, text before and after each image.
 """
 
-import functools
 import json
 import os
 
@@ -15,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import QWEN_IDS, hf_qwen_logits, make_hf_qwen3_vl, qwen_batch, torch
+from hf_reference import (hf_qwen_greedy, hf_qwen_logits, make_hf_qwen3_vl, qwen_batch, qwen_cached_decode,
+                          qwen_images, qwen_logits, torch)
 from rftjax import sampling
 from rftjax.data.qwen_image import QwenImageProcessor
-from rftjax.models import QwenImages, get_preset, model_for, param_count
+from rftjax.models import get_preset, param_count
 from rftjax.models import hf as rhf
 from rftjax.models.llm import mrope_axes
 from rftjax.models.qwen_vl import position_interpolation
@@ -46,18 +46,7 @@ def batch():
     return qwen_batch(np.random.default_rng(0), sizes=SIZES, budget_tokens=24, patch=16, mean_std=HALF)
 
 
-def _images(batch):
-    return QwenImages(jnp.asarray(batch["patches"]), jnp.asarray(batch["grid_thw"]))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(config, params, images, ids, mask):
-    return model_for(config).apply({"params": params}, images, ids, mask).logits
-
-
-def _ours(config, params, batch):
-    return np.asarray(_apply(config, params, _images(batch), jnp.asarray(batch["input_ids"], jnp.int32),
-                             jnp.asarray(batch["attention_mask"], bool)))
+_ours = qwen_logits
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -117,20 +106,8 @@ def test_position_interpolation_equals_hf(hf_models):
 
 def test_kv_cache_decode_equals_full_forward(hf_models, batch):
     _, _, config, params = hf_models(False)
-    model = model_for(config)
-    ids, mask = jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["attention_mask"], bool)
-    new = jnp.asarray(np.random.default_rng(1).integers(4, 150, (2, 4)), jnp.int32)
-    full = np.asarray(_apply(config, params, _images(batch), jnp.concatenate([ids, new], 1),
-                             jnp.concatenate([mask, jnp.ones_like(new, bool)], 1)))
-    state = model.init_state(2, ids.shape[1] + 4)
-    step = jax.jit(lambda images, ids, mask, state: model.apply({"params": params}, images, ids, mask, state=state))
-    out = step(_images(batch), ids, mask, state)
-    steps = [np.asarray(out.logits)]
-    for t in range(4):
-        out = step(None, new[:, t:t + 1], jnp.ones((2, 1), bool), out.state)
-        steps.append(np.asarray(out.logits))
-    cached = np.concatenate(steps, axis=1)
-    valid = np.concatenate([batch["attention_mask"], np.ones((2, 4))], 1).astype(bool)
+    new = np.random.default_rng(1).integers(4, 150, (2, 4))
+    cached, full, valid = qwen_cached_decode(config, params, batch, new)
     np.testing.assert_allclose(cached[valid], full[valid], atol=1e-5, rtol=0)
 
 
@@ -144,19 +121,10 @@ def test_scanned_layers_equal_unscanned(hf_models, batch):
 
 def test_greedy_generate_equals_transformers(hf_models, batch):
     model, _, config, params = hf_models(False)
-    out = sampling.generate(params, config, _images(batch), jnp.asarray(batch["input_ids"], jnp.int32),
+    out = sampling.generate(params, config, qwen_images(batch), jnp.asarray(batch["input_ids"], jnp.int32),
                             jnp.asarray(batch["attention_mask"], bool), jax.random.key(0),
                             sampling.SamplingParams(max_new_tokens=16, greedy=True))
-    suppress = [QWEN_IDS["image_token_id"], QWEN_IDS["video_token_id"]]
-    with torch.no_grad():
-        ref = model.generate(input_ids=torch.tensor(batch["input_ids"]),
-                             attention_mask=torch.tensor(batch["attention_mask"]),
-                             pixel_values=torch.tensor(batch["pixel_values"]),
-                             image_grid_thw=torch.tensor(batch["image_grid_thw"]),
-                             mm_token_type_ids=torch.tensor(batch["mm_token_type_ids"]), max_new_tokens=16,
-                             min_new_tokens=16, do_sample=False, suppress_tokens=suppress, pad_token_id=0,
-                             eos_token_id=None)
-    ref_new = ref[:, batch["input_ids"].shape[1]:].numpy()
+    ref_new = hf_qwen_greedy(model, batch)
     assert len(set(ref_new.ravel().tolist())) > 3  # not a degenerate repeat of one token
     np.testing.assert_array_equal(np.asarray(out.completion_ids), ref_new)
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from hf_reference import QWEN_IDS, hf_qwen_logits, make_hf_qwen_vl, qwen_batch, torch
+from hf_reference import (hf_qwen_greedy, hf_qwen_logits, make_hf_qwen_vl, qwen_batch, qwen_cached_decode,
+                          torch)
 from rftjax import sampling
 from rftjax.data.qwen_image import QwenImageProcessor, choose_bucket, pad_images, smart_resize
 from rftjax.models import QwenImages, get_preset, model_for, param_count
@@ -100,20 +101,7 @@ def test_padding_budget_does_not_change_logits(hf_models, batch):
 
 def test_kv_cache_decode_equals_full_forward(hf_models, batch):
     _, _, config, params = hf_models("qwen2_5_vl_untied")
-    model = model_for(config)
-    ids, mask = jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["attention_mask"], bool)
-    new = jnp.asarray(np.random.default_rng(1).integers(4, 150, (2, 4)), jnp.int32)
-    full = np.asarray(_apply(config, params, _images(batch), jnp.concatenate([ids, new], 1),
-                             jnp.concatenate([mask, jnp.ones_like(new, bool)], 1)))
-    state = model.init_state(2, ids.shape[1] + 4)
-    step = jax.jit(lambda images, ids, mask, state: model.apply({"params": params}, images, ids, mask, state=state))
-    out = step(_images(batch), ids, mask, state)
-    steps = [np.asarray(out.logits)]
-    for t in range(4):
-        out = step(None, new[:, t:t + 1], jnp.ones((2, 1), bool), out.state)
-        steps.append(np.asarray(out.logits))
-    cached = np.concatenate(steps, axis=1)
-    valid = np.concatenate([batch["attention_mask"], np.ones((2, 4))], 1).astype(bool)
+    cached, full, valid = qwen_cached_decode(config, params, batch, np.random.default_rng(1).integers(4, 150, (2, 4)))
     np.testing.assert_allclose(cached[valid], full[valid], atol=1e-5, rtol=0)
 
 
@@ -121,18 +109,8 @@ def test_greedy_generate_equals_transformers(hf_models, batch):
     model, _, config, params = hf_models("qwen2_5_vl_untied")
     out = sampling.generate(params, config, _images(batch), jnp.asarray(batch["input_ids"], jnp.int32),
                             jnp.asarray(batch["attention_mask"], bool), jax.random.key(0),
-                                sampling.SamplingParams(max_new_tokens=16,
-                            greedy=True))
-    suppress = [QWEN_IDS["image_token_id"], QWEN_IDS["video_token_id"]]
-    with torch.no_grad():
-        ref = model.generate(input_ids=torch.tensor(batch["input_ids"]),
-                             attention_mask=torch.tensor(batch["attention_mask"]),
-                             pixel_values=torch.tensor(batch["pixel_values"]),
-                             image_grid_thw=torch.tensor(batch["image_grid_thw"]),
-                             mm_token_type_ids=torch.tensor(batch["mm_token_type_ids"]), max_new_tokens=16,
-                             min_new_tokens=16, do_sample=False, suppress_tokens=suppress, pad_token_id=0,
-                             eos_token_id=None)
-    ref_new = ref[:, batch["input_ids"].shape[1]:].numpy()
+                            sampling.SamplingParams(max_new_tokens=16, greedy=True))
+    ref_new = hf_qwen_greedy(model, batch)
     assert len(set(ref_new.ravel().tolist())) > 3  # not a degenerate repeat of one token
     np.testing.assert_array_equal(np.asarray(out.completion_ids), ref_new)
 

@@ -14,7 +14,7 @@ from rftjax.models.family import (Family, ModelConfig, abstract_params, abstract
                                   model_for, num_rows, param_count, placeholder_ids, register, uses_dropout)
 from rftjax.models.llm import (LAYER_KINDS, DecoderLM, DecoderState, LayerInputs, LayerKind, ModelOutput, init_state,
                                positions_from_mask, register_layer_kind, text_flops_per_token, text_param_count)
-from rftjax.models import gated_delta_net  # noqa: F401  (registers the "gated_delta_net" layer kind)
+from rftjax.models.gated_delta_net import GatedDeltaNetLayer  # registers the "gated_delta_net" layer kind
 from rftjax.models.qwen_vl import QwenImageFeatures, QwenImages, QwenVL
 from rftjax.models.vit import VisionTransformer
 from rftjax.models.vlm import VLM
@@ -27,5 +27,5 @@ __all__ = [
     "num_rows", "param_count", "placeholder_ids", "register", "uses_dropout",
     "LAYER_KINDS", "DecoderLM", "DecoderState", "LayerInputs", "LayerKind", "ModelOutput", "init_state",
     "positions_from_mask", "register_layer_kind", "text_flops_per_token", "text_param_count",
-    "QwenImageFeatures", "QwenImages", "QwenVL", "VisionTransformer", "VLM",
+    "GatedDeltaNetLayer", "QwenImageFeatures", "QwenImages", "QwenVL", "VisionTransformer", "VLM",
 ]

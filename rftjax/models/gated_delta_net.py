@@ -86,10 +86,11 @@ def chunked_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array, stat
     pairwise = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [.., C, C]
     ut = jnp.einsum("bhncd,bhnsd->bhncs", k_beta, k) * pairwise
     intra = jnp.einsum("bhncd,bhnsd->bhncs", q, k) * pairwise
-    solve = lambda rhs: jax.lax.linalg.triangular_solve(  # noqa: E731
-        ut, rhs, left_side=True, lower=True, unit_diagonal=True)
-    new_values = solve(v_beta)  # [B, H, N, C, dv]
-    k_cumdecay = solve(k_beta * jnp.exp(cum)[..., None])  # [B, H, N, C, dk]
+    # One solve for both right-hand sides (two independent triangular solves in one program deadlocked XLA:CPU
+    # at batch 32 here, jax 0.10.2).
+    rhs = jnp.concatenate([v_beta, k_beta * jnp.exp(cum)[..., None]], axis=-1)
+    solved = jax.lax.linalg.triangular_solve(ut, rhs, left_side=True, lower=True, unit_diagonal=True)
+    new_values, k_cumdecay = solved[..., :dv], solved[..., dv:]  # [B, H, N, C, dv], [B, H, N, C, dk]
     q = q * jnp.exp(cum)[..., None]
     k = k * jnp.exp(cum[..., -1:] - cum)[..., None]
     chunk_decay = jnp.exp(cum[..., -1])  # [B, H, N]
