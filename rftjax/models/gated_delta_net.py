@@ -63,11 +63,25 @@ def recurrent_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array, st
     return jnp.moveaxis(out, 0, 1), state
 
 
+def unit_lower_inverse(a: Array) -> Array:
+    """`(I + L)^-1` for L the strictly lower triangle of `a` `[..., C, C]`, by forward substitution over the C rows
+    (HF `torch_chunk_gated_delta_rule`'s export path): row i becomes `row_i + row_i @ M` with the rows above it
+    already final. Matmuls only (differentiable, no LAPACK call: XLA:CPU's triangular solve deadlocked in the
+    backward pass at batch 32 here, jax 0.10.2)."""
+    c = a.shape[-1]
+
+    def body(i, m):
+        row = jax.lax.dynamic_index_in_dim(m, i, axis=-2)  # [..., 1, C]: zero at and right of the diagonal
+        return jax.lax.dynamic_update_index_in_dim(m, row + row @ m, i, axis=-2)
+
+    return jax.lax.fori_loop(1, c, body, -jnp.tril(a, -1)) + jnp.eye(c, dtype=a.dtype)
+
+
 def chunked_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
                        chunk: int = CHUNK) -> tuple[Array, Array]:
     """The gated delta rule over chunks of `chunk` tokens (HF `torch_chunk_gated_delta_rule`): within a chunk the
-    updates are condensed by a unit-lower-triangular solve (the UT transform), across chunks a `lax.scan` carries
-    the state. Same arguments and results as `recurrent_delta_rule`, equal to it up to float32 rounding. T is
+    updates are condensed by the inverse of a unit lower-triangular matrix (the UT transform, `unit_lower_inverse`),
+    across chunks a `lax.scan` carries the state. Same arguments and results as `recurrent_delta_rule`, equal to it up to float32 rounding. T is
     padded to a multiple of `chunk` with zeros (no decay, no update)."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
@@ -86,11 +100,9 @@ def chunked_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array, stat
     pairwise = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [.., C, C]
     ut = jnp.einsum("bhncd,bhnsd->bhncs", k_beta, k) * pairwise
     intra = jnp.einsum("bhncd,bhnsd->bhncs", q, k) * pairwise
-    # One solve for both right-hand sides (two independent triangular solves in one program deadlocked XLA:CPU
-    # at batch 32 here, jax 0.10.2).
-    rhs = jnp.concatenate([v_beta, k_beta * jnp.exp(cum)[..., None]], axis=-1)
-    solved = jax.lax.linalg.triangular_solve(ut, rhs, left_side=True, lower=True, unit_diagonal=True)
-    new_values, k_cumdecay = solved[..., :dv], solved[..., dv:]  # [B, H, N, C, dv], [B, H, N, C, dk]
+    inverse = unit_lower_inverse(ut)  # the UT transform: (I + strictly_lower(ut))^-1, [B, H, N, C, C]
+    new_values = jnp.einsum("bhncs,bhnsd->bhncd", inverse, v_beta)  # [B, H, N, C, dv]
+    k_cumdecay = jnp.einsum("bhncs,bhnsd->bhncd", inverse, k_beta * jnp.exp(cum)[..., None])  # [.., C, dk]
     q = q * jnp.exp(cum)[..., None]
     k = k * jnp.exp(cum[..., -1:] - cum)[..., None]
     chunk_decay = jnp.exp(cum[..., -1])  # [B, H, N]
@@ -194,13 +206,14 @@ def param_count(c: TextConfig) -> int:
 
 def flops_per_token(c: TextConfig, context_len: float) -> float:
     """Forward FLOPs per token of one Gated DeltaNet layer (2 per multiply-add; independent of the context): the
-    projections, the convolution taps, the MLP, and the chunked delta rule's matmuls per value head (with C = CHUNK:
-    the chunk's `k k^T` and `q k^T` (`2 * 2 C dk`), the triangular solves (`C (dk + dv)`), `attn v` (`2 C dv`), and
-    the state's read by `k` and `q` and its update (`3 * 2 dk dv`))."""
+    projections, the convolution taps, the MLP, and the chunked delta rule's matmuls per value head, with C = CHUNK:
+    the chunk's `k k^T` and `q k^T` (`2 * 2 C dk`), the forward substitution of `unit_lower_inverse` (`2 C^2`, it
+    multiplies full rows), the inverse applied to the values and keys (`2 C (dk + dv)`), `attn v` (`2 C dv`), and the
+    state's read by `k` and `q` and its update (`3 * 2 dk dv`)."""
     d, m, hv, dk, dv = c.hidden_size, c.intermediate_size, c.linear_num_value_heads, c.linear_key_head_dim, \
         c.linear_value_head_dim
     proj = 2 * (d * conv_dim(c) + d * hv * dv + 2 * d * hv + hv * dv * d + 3 * d * m)
-    rule = hv * (4 * CHUNK * dk + CHUNK * (dk + dv) + 2 * CHUNK * dv + 6 * dk * dv)
+    rule = hv * (4 * CHUNK * dk + 2 * CHUNK * CHUNK + 2 * CHUNK * (dk + dv) + 2 * CHUNK * dv + 6 * dk * dv)
     return float(proj + 2 * c.linear_conv_kernel * conv_dim(c) + rule)
 
 
