@@ -21,10 +21,12 @@ logical-axis shardings `rftjax.sharding` gives each param:
   decode state  the rollout's decode state (the model's `init_state`, shapes by `jax.eval_shape`; a KV cache for
                 attention layers): `(gen_prompts_per_round or prompts_per_step) x group_size` rows (and the
                 evaluation batch, whichever is larger) x (max_prompt_len + max_new_tokens) slots x layers x 2
-                x kv heads x head dim, compute dtype, rows over data x fsdp, kv heads over tensor.
+                x kv heads x head dim, compute dtype, rows over data x fsdp, kv heads over tensor; a Gated DeltaNet
+                layer's conv window and float32 recurrent state instead (no growth with length).
   activations   an estimate for one update minibatch (rows over data x fsdp): what the backward pass keeps per
                 decoder layer and token (Korthikanti et al. 2022 sec. 4, for SwiGLU/GQA: the norm, projection and
-                MLP intermediates, the attention probabilities in float32), for every layer without remat, the
+                MLP intermediates, the attention probabilities in float32; a Gated DeltaNet layer's projections,
+                float32 q/k/v and its chunk's [C, C] matrices per head), for every layer without remat, the
                 layer inputs plus one layer with `remat` (policy `full`; `dots` keeps the matmul outputs too);
                 the vision tower's likewise per image (each prompt's media once per micro-batch, one block of
                 attention scores at a time); one chunk of float32 logits (`steps.LOGPROB_CHUNK_BYTES`) with its
@@ -52,6 +54,8 @@ from rftjax.build import model_config_of
 from rftjax.models import dummy_inputs, model_for
 from rftjax.models.family import abstract_state, family_of
 from rftjax.models.common import FULL_ATTENTION_BLOCK
+from rftjax.models.gated_delta_net import CHUNK as DELTA_CHUNK
+from rftjax.models.gated_delta_net import conv_dim
 from rftjax.sharding import logical_specs, mesh_shape
 
 GB = 1e9
@@ -105,14 +109,21 @@ def _activations(mc, rows: float, seq: int, completion: int, media_rows: float) 
     e = jnp.dtype(mc.compute_dtype).itemsize
     t = mc.text
     d, hd, h, k, m = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads, t.intermediate_size
-    saved_matmuls = e * (h * hd + 2 * k * hd + d + 2 * m + d)  # q, k, v, o, gate, up, down outputs
-    per_token = e * (6 * d + 2 * h * hd + 4 * k * hd + 4 * m) + h * seq * (4 + e)
-    layer = rows * seq * per_token
+    kinds = [t.layer_pattern[i % len(t.layer_pattern)] for i in range(t.num_layers)]
+    saved_matmuls, per_token = {}, {}
+    saved_matmuls["attention"] = e * (h * hd + 2 * k * hd + d + 2 * m + d)  # q, k, v, o, gate, up, down outputs
+    per_token["attention"] = e * (6 * d + 2 * h * hd + 4 * k * hd + 4 * m) + h * seq * (4 + e)
+    if "gated_delta_net" in kinds:  # projections, conv, float32 q/k/v and the chunk's [C, C] matrices per head
+        conv, value = conv_dim(t), t.linear_num_value_heads * t.linear_value_head_dim
+        saved_matmuls["gated_delta_net"] = e * (conv + value + d + 2 * m + d)
+        per_token["gated_delta_net"] = e * (6 * d + 2 * conv + 2 * value + 4 * m) + 4 * (2 * conv + 2 * value) + \
+            t.linear_num_value_heads * DELTA_CHUNK * 4 * 4
+    layer = max(rows * seq * per_token[kind] for kind in set(kinds))  # the one layer being recomputed
     if not mc.remat:
-        text = t.num_layers * layer
+        text = sum(rows * seq * per_token[kind] for kind in kinds)
     else:
-        kept = e * d + (saved_matmuls if mc.remat_policy != "full" else 0)
-        text = t.num_layers * rows * seq * kept + layer
+        kept = sum(e * d + (saved_matmuls[kind] if mc.remat_policy != "full" else 0) for kind in kinds)
+        text = rows * seq * kept + layer
     patches, dv, depth, heads, mv, vision_remat = family_of(mc).vision_dims(mc)
     block = min(patches, FULL_ATTENTION_BLOCK)  # one block of queries' float32 scores and probs at a time
     vision_layer = media_rows * patches * (e * (10 * dv + 4 * mv) + heads * block * (4 + e))

@@ -170,3 +170,24 @@ def test_param_count_and_decode_state_of_the_tiny_preset():
     linear, attention = state.layers[0], state.layers[1]
     assert linear["recurrent"].shape == (3, t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim)
     assert attention["k"].shape == (3, t.num_kv_heads, 100, t.head_dim)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda c: c["text_config"].update(layer_types=["sliding_attention", "full_attention"] * 2), "layer_types"),
+    (lambda c: c["text_config"]["rope_parameters"].update(rope_type="yarn"), "rope_type"),
+    (lambda c: c["text_config"].update(hidden_act="gelu"), "hidden_act"),
+    (lambda c: c.update(model_type="qwen3_5_moe"), "model_type"),
+])
+def test_unsupported_config_fields_are_named(change, field):
+    hf = rhf.qwen_config_to_hf(get_preset("qwen3_5_tiny"))
+    change(hf)
+    with pytest.raises(ValueError, match=field):
+        rhf.layout_of(hf["model_type"]).config_from_hf(hf)
+
+
+def test_config_round_trips_through_hf_and_dict():
+    config = get_preset("qwen3_5_tiny")
+    assert rhf.qwen_config_from_hf(rhf.qwen_config_to_hf(config), max_image_tokens=64, min_pixels=32 * 32) == config
+    from rftjax.models import config_from_dict
+
+    assert config_from_dict(config.to_dict()) == config
