@@ -314,7 +314,9 @@ def rotate(x: Array, angles: Array) -> Array:
 class DecoderLayer(nn.Module):
     """One attention decoder block (layer kind `"attention"`): `x + attn(rmsnorm(x))`, then
     `x + swiglu(rmsnorm(x))`; with `config.qk_norm` (Qwen3) the queries and keys are RMS-normalised per head
-    (`q_norm`, `k_norm`, weights `[head_dim]`) before RoPE.
+    (`q_norm`, `k_norm`, weights `[head_dim]`) before RoPE. Qwen3.5's gated attention (`attn_output_gate`:
+    `q_proj` gives `[query | gate]` per head, the output is scaled by `sigmoid(gate)`; Qiu et al. 2025) with partial
+    rotary (`rotary_dim`) and `(1 + w)` norms (`zero_centered_norm`) are switches of the same layer.
 
     Call: `(x [B, T, D], state, inputs: LayerInputs) -> (x [B, T, D], new state)`. With `state=None` the keys are
     the T new tokens (S = T); otherwise (`{'k', 'v'}: [B, K, S, hd]`) the new keys/values are written at slots
