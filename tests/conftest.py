@@ -83,7 +83,6 @@ SLOW = {
     "test_checkpoint_training.py::test_qwen_checkpoint_trains_resumes_evaluates_and_exports",
     "test_checkpoint_training.py::test_llava_checkpoint_trains_resumes_and_exports",
     "test_qwen3_training.py::test_checkpoint_trains_resumes_evaluates_and_exports",
-    "test_qwen3_training.py::test_lora_grpo_exports_to_transformers_and_peft",
     "test_checkpoint_training.py::test_sampler_and_trainer_logprobs_agree",
     "test_faults.py::test_sigkill_at_every_point_then_rerun_gives_the_uninterrupted_run",
     "test_faults.py::test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before",
