@@ -201,6 +201,27 @@ def make_hf_qwen3_5(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=No
     return _save_qwen3(Qwen3_5ForConditionalGeneration, config, path, processor), path
 
 
+HALF = ((0.5,) * 3, (0.5,) * 3)
+"""Qwen3-VL / Qwen3.5's image mean and std."""
+
+
+def loaded_by_tie(tmp_path_factory, maker):
+    """`get(tie) -> (hf model, directory, config, params)`: `maker`'s checkpoint (`make_hf_qwen3_vl`,
+    `make_hf_qwen3_5`), built once per tie setting, with rftjax's config and params loaded from it
+    (`max_image_tokens=24`). For a module-scoped fixture."""
+    cache = {}
+
+    def get(tie: bool):
+        if tie not in cache:
+            model, path = maker(tmp_path_factory.mktemp("hf"), tie=tie)
+            from rftjax.models import hf as rhf
+
+            cache[tie] = (model, path, *rhf.load_pretrained(path, max_image_tokens=24))
+        return cache[tie]
+
+    return get
+
+
 def hf_qwen_logits(model, batch: dict) -> np.ndarray:
     """HF logits `[B, T, V]` (M-RoPE positions from HF's own `get_rope_index`)."""
     with torch.no_grad():

@@ -9,27 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import (hf_qwen_greedy, hf_qwen_logits, make_hf_qwen3_5, qwen_batch, qwen_cached_decode,
-                          qwen_images, qwen_logits, torch)
+from hf_reference import (HALF, hf_qwen_greedy, hf_qwen_logits, loaded_by_tie, make_hf_qwen3_5, qwen_batch,
+                          qwen_cached_decode, qwen_images, qwen_logits, torch)
 from rftjax import sampling
 from rftjax.models import abstract_params, abstract_state, get_preset, model_for, param_count
 from rftjax.models import hf as rhf
 from rftjax.models.gated_delta_net import chunked_delta_rule, recurrent_delta_rule
 
-HALF = ((0.5,) * 3, (0.5,) * 3)
-
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    cache = {}
-
-    def get(tie):
-        if tie not in cache:
-            model, path = make_hf_qwen3_5(tmp_path_factory.mktemp("q35"), tie=tie)
-            cache[tie] = (model, path, *rhf.load_pretrained(path, max_image_tokens=24))
-        return cache[tie]
-
-    return get
+    return loaded_by_tie(tmp_path_factory, make_hf_qwen3_5)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ import shutil
 import numpy as np
 import pytest
 
-from hf_reference import QWEN_TOKEN_IDS, hf_qwen_logits, qwen_batch
+from hf_reference import HALF, QWEN_TOKEN_IDS, hf_qwen_logits, qwen_batch
 from rftjax.export import ADAPTER_DIR, restore_policy
 from rftjax.metrics import read_jsonl
 from rftjax.models import hf as rhf
 from test_checkpoint_training import _args, _cli
 from test_lora import _flat, _qwen_logits
 
-HALF = ((0.5,) * 3, (0.5,) * 3)
 FAMILIES = {"qwen3_vl": ("qwen3_dir", "configs/qwen3_vl_easyr1.py", "Qwen3VLForConditionalGeneration"),
             "qwen3_5": ("qwen3_5_dir", "configs/qwen3_5_easyr1.py", "Qwen3_5ForConditionalGeneration")}
 LORA = ("--config.model.lora.rank=4", "--config.model.lora.alpha=8.0", "--config.model.lora.targets=decoder+vision",

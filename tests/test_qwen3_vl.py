@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import (hf_qwen_greedy, hf_qwen_logits, make_hf_qwen3_vl, qwen_batch, qwen_cached_decode,
-                          qwen_images, qwen_logits, torch)
+from hf_reference import (HALF, hf_qwen_greedy, hf_qwen_logits, loaded_by_tie, make_hf_qwen3_vl, qwen_batch,
+                          qwen_cached_decode, qwen_images, qwen_logits, torch)
 from rftjax import sampling
 from rftjax.data.qwen_image import QwenImageProcessor
 from rftjax.models import get_preset, param_count
@@ -24,21 +24,11 @@ from rftjax.models.llm import mrope_axes
 from rftjax.models.qwen_vl import position_interpolation
 
 SIZES = ((64, 320), (160, 96))
-HALF = ((0.5,) * 3, (0.5,) * 3)
 
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    """HF model, its directory, and rftjax's (config, params) loaded from it, per tie setting."""
-    cache = {}
-
-    def get(tie):
-        if tie not in cache:
-            model, path = make_hf_qwen3_vl(tmp_path_factory.mktemp("q3"), tie=tie)
-            cache[tie] = (model, path, *rhf.load_pretrained(path, max_image_tokens=24))
-        return cache[tie]
-
-    return get
+    return loaded_by_tie(tmp_path_factory, make_hf_qwen3_vl)
 
 
 @pytest.fixture(scope="module")
