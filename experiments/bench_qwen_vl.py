@@ -18,8 +18,9 @@ one length. transformers runs Qwen3.5's delta rule and convolution with its pure
     python experiments/bench_qwen_vl.py [--family qwen2_5_vl|qwen3_5] [--decode-batch 32] [--prefill-batch 8]
         [--new-tokens 64] [--no-hf]
 
-Prints a table and writes experiments/results/bench_{family}.{md,json} (bench_qwen_vl.* for Qwen2.5-VL). Needs torch + transformers (the test
-extra) for the transformers rows and to write the weights; importable without grain/TFDS.
+Prints a table and writes experiments/results/bench_{family}.{md,json} (bench_qwen_vl.* for Qwen2.5-VL). Needs
+torch + transformers (the test extra) for the transformers rows and to write the weights; importable without
+grain/TFDS.
 """
 
 from __future__ import annotations

@@ -68,15 +68,11 @@ def layer_matmuls(text, rows: int, kind: str = "attention") -> list[tuple[int, i
     return [(rows, d, q * (2 if text.attn_output_gate else 1)), (rows, d, kv), (rows, d, kv), (rows, q, d)] + mlp
 
 
-def _kinds(t) -> list[str]:
-    return [t.layer_pattern[i % len(t.layer_pattern)] for i in range(t.num_layers)]
-
-
 def decode_matmuls(config, batch: int) -> list[tuple[int, int, int]]:
     """The `(m, k, n)` matmuls of one decode step of `batch` rows (any config with a `.text` `TextConfig`): every
     layer's by its kind (`layer_matmuls`); the LM head."""
     t = config.text
-    return [m for kind in _kinds(t) for m in layer_matmuls(t, batch, kind)] + [(batch, t.hidden_size, t.vocab_size)]
+    return [m for kind in t.layer_kinds for m in layer_matmuls(t, batch, kind)] + [(batch, t.hidden_size, t.vocab_size)]
 
 
 def shape_rates(shapes, dtype=jnp.float32) -> dict[tuple[int, int, int], float]:
@@ -91,7 +87,7 @@ def decode_roofline(config, batch: int, context: float, rates: dict, bandwidth: 
     recurrent state read and written. Softmax, norms, RoPE, the convolution and sampling count as free."""
     t = config.text
     matmuls = sum(2 * m * k * n / rates[(m, k, n)] for m, k, n in decode_matmuls(config, batch))
-    kinds = _kinds(t)
+    kinds = t.layer_kinds
     kv_bytes = kinds.count("attention") * 2 * batch * context * t.num_kv_heads * t.head_dim * cache_bytes
     recurrent = t.linear_num_value_heads * t.linear_key_head_dim * t.linear_value_head_dim * 4
     state_bytes = kinds.count("gated_delta_net") * 2 * batch * recurrent

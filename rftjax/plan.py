@@ -53,9 +53,8 @@ from rftjax import configs, optim, steps, trainable
 from rftjax.build import model_config_of
 from rftjax.models import dummy_inputs, model_for
 from rftjax.models.family import abstract_state, family_of
+from rftjax.models.llm import layer_kind
 from rftjax.models.common import FULL_ATTENTION_BLOCK
-from rftjax.models.gated_delta_net import CHUNK as DELTA_CHUNK
-from rftjax.models.gated_delta_net import conv_dim
 from rftjax.sharding import logical_specs, mesh_shape
 
 GB = 1e9
@@ -108,21 +107,12 @@ def _activations(mc, rows: float, seq: int, completion: int, media_rows: float) 
     module docstring), bytes per device."""
     e = jnp.dtype(mc.compute_dtype).itemsize
     t = mc.text
-    d, hd, h, k, m = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads, t.intermediate_size
-    kinds = [t.layer_pattern[i % len(t.layer_pattern)] for i in range(t.num_layers)]
-    saved_matmuls, per_token = {}, {}
-    saved_matmuls["attention"] = e * (h * hd + 2 * k * hd + d + 2 * m + d)  # q, k, v, o, gate, up, down outputs
-    per_token["attention"] = e * (6 * d + 2 * h * hd + 4 * k * hd + 4 * m) + h * seq * (4 + e)
-    if "gated_delta_net" in kinds:  # projections, conv, float32 q/k/v and the chunk's [C, C] matrices per head
-        conv, value = conv_dim(t), t.linear_num_value_heads * t.linear_value_head_dim
-        saved_matmuls["gated_delta_net"] = e * (conv + value + d + 2 * m + d)
-        per_token["gated_delta_net"] = e * (6 * d + 2 * conv + 2 * value + 4 * m) + 4 * (2 * conv + 2 * value) + \
-            t.linear_num_value_heads * DELTA_CHUNK * 4 * 4
-    layer = max(rows * seq * per_token[kind] for kind in set(kinds))  # the one layer being recomputed
+    terms = [layer_kind(name).activations(t, seq, e) for name in t.layer_kinds]  # (per token, matmul outputs)
+    layer = max(rows * seq * per_token for per_token, _ in terms)  # the one layer being recomputed
     if not mc.remat:
-        text = sum(rows * seq * per_token[kind] for kind in kinds)
+        text = sum(rows * seq * per_token for per_token, _ in terms)
     else:
-        kept = sum(e * d + (saved_matmuls[kind] if mc.remat_policy != "full" else 0) for kind in kinds)
+        kept = sum(e * t.hidden_size + (saved if mc.remat_policy != "full" else 0) for _, saved in terms)
         text = rows * seq * kept + layer
     patches, dv, depth, heads, mv, vision_remat = family_of(mc).vision_dims(mc)
     block = min(patches, FULL_ATTENTION_BLOCK)  # one block of queries' float32 scores and probs at a time

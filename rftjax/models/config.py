@@ -187,6 +187,11 @@ class TextConfig:
             raise ValueError(f"TextConfig.rope_theta must be > 0, got {self.rope_theta}")
 
     @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The layer kind of every layer, `[num_layers]` (`layer_pattern` repeated)."""
+        return tuple(self.layer_pattern[i % len(self.layer_pattern)] for i in range(self.num_layers))
+
+    @property
     def rotary_dim(self) -> int:
         """Dims of each attention head that RoPE turns (the first ones): `head_dim * partial_rotary_factor`."""
         return int(self.head_dim * self.partial_rotary_factor)
@@ -356,7 +361,10 @@ class QwenVisionConfig:
 
 
 _VISION_ACTS = ("silu", "quick_gelu", "gelu", "gelu_tanh")
-QWEN_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5")
+QWEN3_MODEL_TYPES = ("qwen3_vl", "qwen3_5")
+"""Qwen-VL model types with Qwen3's vision tower (patch 16, position table) and decoder (q/k norms, interleaved
+M-RoPE)."""
+QWEN_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", *QWEN3_MODEL_TYPES)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -407,7 +415,7 @@ class QwenVLConfig(_ModelConfig):
         object.__setattr__(self, "image_token_buckets", tuple(int(b) for b in self.image_token_buckets))
         if self.model_type not in QWEN_MODEL_TYPES:
             raise ValueError(f"QwenVLConfig.model_type={self.model_type!r}; choose one of {QWEN_MODEL_TYPES}")
-        qwen3 = self.model_type in ("qwen3_vl", "qwen3_5")
+        qwen3 = self.model_type in QWEN3_MODEL_TYPES
         for name, default in (("image_mean", (0.5,) * 3 if qwen3 else OPENAI_CLIP_MEAN),
                               ("image_std", (0.5,) * 3 if qwen3 else OPENAI_CLIP_STD)):
             value = getattr(self, name)
@@ -622,6 +630,16 @@ def qwen_vision_param_count(v: QwenVisionConfig) -> int:
     deepstack = len(v.deepstack_visual_indexes) * (2 * merged + merger_mlp)  # LayerNorm after the merge
     embed = v.patch_dim * d + (d if v.patch_bias else 0) + (v.num_position_embeddings or 0) * d
     return embed + v.depth * block + norm + merger_mlp + deepstack
+
+
+def attention_layer_activations(t: TextConfig, seq: int, e: int) -> tuple[float, float]:
+    """`(bytes per token while the layer's backward pass runs, bytes per token of its matmul outputs)` of one
+    attention decoder layer over `seq` tokens in an `e`-byte compute dtype (the planner's estimate, Korthikanti et
+    al. 2022 sec. 4 for SwiGLU/GQA): norm, projection and MLP intermediates and the float32 attention
+    probabilities; the outputs of q, k, v, o, gate, up, down (what remat policy `dots` keeps)."""
+    d, hd, h, k, m = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads, t.intermediate_size
+    per_token = e * (6 * d + 2 * h * hd + 4 * k * hd + 4 * m) + h * seq * (4 + e)
+    return float(per_token), float(e * (h * hd + 2 * k * hd + d + 2 * m + d))
 
 
 def attention_layer_flops(t: TextConfig, context_len: float) -> float:

@@ -81,8 +81,8 @@ def chunked_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array, stat
                        chunk: int = CHUNK) -> tuple[Array, Array]:
     """The gated delta rule over chunks of `chunk` tokens (HF `torch_chunk_gated_delta_rule`): within a chunk the
     updates are condensed by the inverse of a unit lower-triangular matrix (the UT transform, `unit_lower_inverse`),
-    across chunks a `lax.scan` carries the state. Same arguments and results as `recurrent_delta_rule`, equal to it up to float32 rounding. T is
-    padded to a multiple of `chunk` with zeros (no decay, no update)."""
+    across chunks a `lax.scan` carries the state. Same arguments and results as `recurrent_delta_rule`, equal to it
+    up to float32 rounding. T is padded to a multiple of `chunk` with zeros (no decay, no update)."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     pad = -t % chunk
@@ -217,4 +217,17 @@ def flops_per_token(c: TextConfig, context_len: float) -> float:
     return float(proj + 2 * c.linear_conv_kernel * conv_dim(c) + rule)
 
 
-register_layer_kind("gated_delta_net", LayerKind(GatedDeltaNetLayer, init_state, param_count, flops_per_token))
+def activations(c: TextConfig, seq: int, e: int) -> tuple[float, float]:
+    """`(bytes per token while the layer's backward pass runs, bytes per token of its matmul outputs)` of one Gated
+    DeltaNet layer (the planner's estimate; independent of `seq`): norm, projection, convolution and MLP
+    intermediates, the float32 q/k/v, and the chunk's float32 `[C, C]` matrices per value head; the outputs of
+    the qkv, z, out and MLP projections."""
+    d, m, conv, value = c.hidden_size, c.intermediate_size, conv_dim(c), c.linear_num_value_heads * \
+        c.linear_value_head_dim
+    per_token = e * (6 * d + 2 * conv + 2 * value + 4 * m) + 4 * (2 * conv + 2 * value) + \
+        c.linear_num_value_heads * CHUNK * 4 * 4
+    return float(per_token), float(e * (conv + value + d + 2 * m + d))
+
+
+register_layer_kind("gated_delta_net", LayerKind(GatedDeltaNetLayer, init_state, param_count, flops_per_token,
+                                                 activations))

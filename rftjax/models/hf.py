@@ -1,5 +1,6 @@
 """Hugging Face interop: read and write `LlavaForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`,
-`Qwen2VLForConditionalGeneration` and `Qwen3VLForConditionalGeneration` directories, dispatching on `config.json`'s `model_type` (`load_pretrained`,
+`Qwen2VLForConditionalGeneration`, `Qwen3VLForConditionalGeneration` and `Qwen3_5ForConditionalGeneration`
+directories, dispatching on `config.json`'s `model_type` (`load_pretrained`,
 `save_pretrained`; `load_llava`/`save_llava`, `load_qwen_vl`/`save_qwen_vl` for one family).
 
 Each family's layout is one `HFLayout` (`Family.hf`): its config parser/writer, its tensor-name map (canonical HF
@@ -37,7 +38,8 @@ import numpy as np
 import safetensors
 import safetensors.flax
 
-from rftjax.models.config import QwenVisionConfig, QwenVLConfig, TextConfig, VisionConfig, VLMConfig
+from rftjax.models.config import (QWEN3_MODEL_TYPES, QWEN_MODEL_TYPES, QwenVisionConfig, QwenVLConfig, TextConfig,
+                                  VisionConfig, VLMConfig)
 from rftjax.models.family import abstract_params, families, family_of
 
 log = logging.getLogger("rftjax")
@@ -116,7 +118,7 @@ def _text_entries(t: TextConfig):
         yield from _norm_entries(hf + "post_attention_layernorm", (*ours, "post_attention_layernorm"), False)
         for proj in ("gate_proj", "up_proj", "down_proj"):
             yield from _linear_entries(hf + f"mlp.{proj}", (*ours, proj), False)
-        if t.layer_pattern[i % len(t.layer_pattern)] == "gated_delta_net":
+        if t.layer_kinds[i] == "gated_delta_net":
             yield from _gated_delta_net_entries(hf + "linear_attn.", ours)
             continue
         if t.qk_norm:
@@ -144,7 +146,7 @@ def _merger_entries(hf: str, ours: tuple[str, ...], qwen3: bool, layer_norm: boo
 
 
 def _qwen_entries(c: QwenVLConfig) -> Iterator[Entry]:
-    v, qwen3 = c.vision, c.model_type in ("qwen3_vl", "qwen3_5")
+    v, qwen3 = c.vision, c.model_type in QWEN3_MODEL_TYPES
     hf_patch = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     yield Entry("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch", hf_patch)
     if v.patch_bias:
@@ -218,7 +220,7 @@ def _text_from_hf(tc: dict, root: dict, qkv_bias: bool, o_bias: bool, family: st
     """`TextConfig` from a text-config dict `tc` (a nested `text_config`, or the root of older Qwen-VL files);
     `root` supplies fields some files keep at the top level (tie_word_embeddings). M-RoPE is read when the
     rope parameters carry an `mrope_section` (rope type `default` or `mrope`; `mrope_interleaved` too); `extra`:
-    more `TextConfig` fields."""
+    more `TextConfig` fields, replacing the parsed ones."""
     def bad(field, value, supported):
         return _unsupported(prefix + field, value, supported, family)
 
@@ -235,16 +237,15 @@ def _text_from_hf(tc: dict, root: dict, qkv_bias: bool, o_bias: bool, family: st
         raise bad("rope_parameters.rope_type (rope scaling)", rope_type, "'default' or 'mrope'")
     theta = rope.get("rope_theta", tc.get("rope_theta", 10000.0))
     tie = tc.get("tie_word_embeddings", root.get("tie_word_embeddings", False))
-    if qk_norm and "tie_word_embeddings" in root:  # Qwen3: the top-level flag decides (transformers ties by it)
-        tie = root["tie_word_embeddings"]
-    return TextConfig(
+    fields = dict(
         vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], intermediate_size=tc["intermediate_size"],
         num_layers=tc["num_hidden_layers"], num_heads=tc["num_attention_heads"],
         num_kv_heads=tc.get("num_key_value_heads") or tc["num_attention_heads"], head_dim=tc.get("head_dim"),
         rope_theta=float(theta), rms_norm_eps=tc.get("rms_norm_eps", 1e-6), tie_word_embeddings=bool(tie),
         qkv_bias=qkv_bias, o_bias=o_bias, max_position_embeddings=tc.get("max_position_embeddings", 4096),
         mrope_section=None if mrope is None else tuple(mrope), mrope_interleaved=bool(rope.get("mrope_interleaved")),
-        qk_norm=qk_norm, **extra)
+        qk_norm=qk_norm)
+    return TextConfig(**{**fields, **extra})
 
 
 def _text_to_hf(t: TextConfig, model_type: str) -> dict:
@@ -387,13 +388,15 @@ def qwen_config_from_hf(hf: dict, **overrides) -> QwenVLConfig:
         raise _unsupported("model_type", model_type, "'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl' or 'qwen3_5'", "Qwen-VL")
     family = {"qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL", "qwen3_5": "Qwen3.5"}[
         model_type]
-    qwen3 = model_type in ("qwen3_vl", "qwen3_5")
+    qwen3 = model_type in QWEN3_MODEL_TYPES
     vc = hf.get("vision_config") or {}
     tc = hf.get("text_config") or hf
     prefix = "text_config." if "text_config" in hf else ""
     if qwen3:
         bias = bool(tc.get("attention_bias", False))
         extra = _qwen3_5_text_fields(tc, prefix) if model_type == "qwen3_5" else {}
+        if "tie_word_embeddings" in hf:  # transformers ties Qwen3 models by the top-level flag
+            extra["tie_word_embeddings"] = bool(hf["tie_word_embeddings"])
         text = _text_from_hf(tc, hf, bias, bias, family, prefix, qk_norm=True, **extra)
     else:
         text = _text_from_hf(tc, hf, True, False, family, prefix)
@@ -443,14 +446,14 @@ def qwen_config_to_hf(config: QwenVLConfig) -> dict:
     """
     v, t = config.vision, config.text
     text = _text_to_hf(t, config.model_type + "_text")
-    if config.model_type in ("qwen3_vl", "qwen3_5"):
+    if config.model_type in QWEN3_MODEL_TYPES:
         if t.qkv_bias != t.o_bias or not t.qk_norm:
             raise ValueError("a Qwen3 text config has q/k norms and one attention_bias for q, k, v and o")
         text.update({"attention_bias": t.qkv_bias})
     if config.model_type == "qwen3_5":
         kinds = {v: k for k, v in _LAYER_TYPES.items()}
         text["rope_parameters"]["partial_rotary_factor"] = t.partial_rotary_factor
-        text.update(layer_types=[kinds[t.layer_pattern[i % len(t.layer_pattern)]] for i in range(t.num_layers)],
+        text.update(layer_types=[kinds[name] for name in t.layer_kinds],
                     linear_conv_kernel_dim=t.linear_conv_kernel, linear_key_head_dim=t.linear_key_head_dim,
                     linear_value_head_dim=t.linear_value_head_dim, linear_num_key_heads=t.linear_num_key_heads,
                     linear_num_value_heads=t.linear_num_value_heads)
@@ -462,7 +465,7 @@ def qwen_config_to_hf(config: QwenVLConfig) -> dict:
               "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
               "in_channels": v.in_channels, "hidden_act": act,
               "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}}
-    if config.model_type in ("qwen3_vl", "qwen3_5"):
+    if config.model_type in QWEN3_MODEL_TYPES:
         vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                       out_hidden_size=v.out_hidden_size, num_position_embeddings=v.num_position_embeddings)
         if config.model_type == "qwen3_vl":
@@ -537,9 +540,9 @@ def qwen_processor_overrides(pre: dict) -> dict:
 LLAVA = HFLayout(("llava",), config_from_hf, config_to_hf, _llava_entries, _LLAVA_PREFIXES, _LLAVA_HUB, {
     "text.lm_head.": "lm_head.", "vision.": "model.vision_tower.vision_model.",
     "projector.": "model.multi_modal_projector.", "text.": "model.language_model."}, ("vision.head.",))
-QWEN_VL = HFLayout(("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"), qwen_config_from_hf, qwen_config_to_hf,
-                   _qwen_entries, _QWEN_PREFIXES, _QWEN_HUB, _QWEN3_HUB,
-                   hub_by_model_type={"qwen3_vl": _QWEN3_HUB, "qwen3_5": _QWEN3_HUB},
+QWEN_VL = HFLayout(QWEN_MODEL_TYPES, qwen_config_from_hf, qwen_config_to_hf, _qwen_entries, _QWEN_PREFIXES,
+                   hub=_QWEN_HUB, modules=_QWEN3_HUB,  # transformers 5 names its modules as Qwen3's Hub layout
+                   hub_by_model_type=dict.fromkeys(QWEN3_MODEL_TYPES, _QWEN3_HUB),
                    processor=qwen_processor_overrides)
 
 

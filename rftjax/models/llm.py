@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rftjax.models.common import Linear, RMSNorm, dot_product_attention, normal_init, shard_rows
-from rftjax.models.config import TextConfig, attention_layer_flops, attention_layer_params
+from rftjax.models.common import (Linear, RMSNorm, dot_product_attention, merge_image_features, normal_init,
+                                  shard_rows)
+from rftjax.models.config import TextConfig, attention_layer_activations, attention_layer_flops, attention_layer_params
 
 Array = jax.Array
 
@@ -113,9 +114,7 @@ class DeepStack:
         if isinstance(layer, int) and layer >= k:
             return x
         level = jax.lax.dynamic_index_in_dim(self.features, jnp.minimum(layer, k - 1), axis=1, keepdims=False)
-        idx = jnp.clip(jnp.cumsum(self.is_visual, axis=1) - 1, 0, level.shape[1] - 1)
-        add = jnp.take_along_axis(level.astype(x.dtype), idx[..., None], axis=1)
-        return jnp.where(self.is_visual[..., None] & (layer < k), x + add, x)
+        return x + merge_image_features(jnp.zeros_like(x), self.is_visual & (layer < k), level)
 
 
 @flax.struct.dataclass
@@ -150,12 +149,16 @@ class LayerKind:
       param_count: `config -> ` the layer's parameters (`text_param_count`, `rftjax.models.param_count`).
       flops_per_token: `(config, mean context length) -> ` the layer's forward FLOPs per token (matmuls only;
         `text_flops_per_token`, MFU).
+      activations: `(config, seq, compute dtype bytes) -> (bytes per token while its backward pass runs, bytes per
+        token of its matmul outputs)`: the planner's activation estimate (`rftjax.plan`); default the attention
+        layer's (`attention_layer_activations`).
     """
 
     module: type
     init_state: Callable[[TextConfig, int, int, Any], Any]
     param_count: Callable[[TextConfig], int]
     flops_per_token: Callable[[TextConfig, float], float]
+    activations: Callable[[TextConfig, int, int], tuple[float, float]] = attention_layer_activations
 
 
 LAYER_KINDS: dict[str, LayerKind] = {}
@@ -182,8 +185,7 @@ def layer_kind(name: str) -> LayerKind:
 
 def _layer_kinds(config: TextConfig) -> list[LayerKind]:
     """The kind of every layer, `[num_layers]`."""
-    pattern = config.layer_pattern
-    return [layer_kind(pattern[i % len(pattern)]) for i in range(config.num_layers)]
+    return [layer_kind(name) for name in config.layer_kinds]
 
 
 def text_param_count(t: TextConfig) -> int:
@@ -457,8 +459,8 @@ class DecoderLM(nn.Module):
             else:
                 self.layers = DecoderBlock(c, self.dtype, self.param_dtype, self.remat, self.remat_policy)
         else:
-            self.layers = [_layer_class(pattern[i % len(pattern)], self.remat, self.remat_policy, prevent_cse=True)(
-                c, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(c.num_layers)]
+            self.layers = [_layer_class(kind, self.remat, self.remat_policy, prevent_cse=True)(
+                c, self.dtype, self.param_dtype, name=f"layers_{i}") for i, kind in enumerate(c.layer_kinds)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, zero_centered=c.zero_centered_norm)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
