@@ -292,7 +292,8 @@ def tokenizer_of(c: ml_collections.ConfigDict, model_config) -> TextTokenizer:
     if c.model.checkpoint:
         from rftjax.data.chat import CheckpointTokenizer
 
-        tokenizer = CheckpointTokenizer(c.model.checkpoint, model_config.image_token_id, instruction)
+        tokenizer = CheckpointTokenizer(c.model.checkpoint, model_config.image_token_id, instruction,
+                                        template_kwargs=c.data.chat_template_kwargs.to_dict())
     else:
         family = family_of(model_config)
         if family.needs_checkpoint_tokenizer:

@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
         "sft": "1-4",                   # cold-start traces and validation (e.g. 1-3: traces are scarce)
         "rl": "1-4", "test": "1-4",     # RL problems, test
         "test_ood": "5-6"})             # out of distribution
+    c.data.chat_template_kwargs = ml_collections.ConfigDict()  # model.checkpoint's chat template switches, as
+                                        # transformers' apply_chat_template(**kwargs): {"enable_thinking": False}
+                                        # (Qwen3.5 answers without its <think> block)
     c.data.augment = ""                 # "" | "noise:0.1" | "crop:0.8", applied to RL prompts (the update sees them)
     c.data.num_workers = 0              # grain worker processes
 

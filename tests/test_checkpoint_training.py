@@ -175,7 +175,8 @@ def test_chat_template_prompts_equal_transformers(family, tmp_path):
     on the same messages (image placeholder first, in the middle, at the end; a system turn; string content), and
     the expanded prompt equals HF's processor rule (the placeholder repeated per image token). `qwen3`: Qwen3.5's
     thinking template from `chat_template.jinja` (macros, `|trim`, reversed loops; the generation prompt opens
-    `<think>`)."""
+    `<think>`), and with `template_kwargs={"enable_thinking": False}` (`data.chat_template_kwargs`) the closed
+    empty think block that `apply_chat_template(..., enable_thinking=False)` renders."""
     from transformers import AutoTokenizer
 
     path = make_tokenizer_dir(str(tmp_path / family), family)
@@ -197,6 +198,11 @@ def test_chat_template_prompts_equal_transformers(family, tmp_path):
     assert ours.decode(want).startswith({"qwen": "system", "qwen3": "user", "llava": "USER:"}[family])
     if family == "qwen3":
         assert text.endswith("<|im_start|>assistant\n<think>\n")
+        plain = CheckpointTokenizer(path, 5, template_kwargs={"enable_thinking": False})
+        for messages in conversations:
+            want = hf.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False, tokenize=False)
+            assert plain.render_messages(messages) == want
+        assert want.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
 def test_no_prompt_reaching_the_model_is_cut_through_its_image(qwen_dir, files, tmp_path):

@@ -62,11 +62,12 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 def render_chat(template: jinja2.Template, messages: list[dict], special_tokens: dict[str, str] | None = None,
-                add_generation_prompt: bool = True) -> str:
+                add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> str:
     """The text of `messages` (`[{"role", "content"}]`, content a string or a list of `{"type": "text"|"image"}`
-    parts) under `template`, as `tokenizer.apply_chat_template(messages, tokenize=False)` renders it."""
+    parts) under `template`, as `tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)`
+    renders it (`template_kwargs`: the template's own switches, e.g. Qwen3.5's `enable_thinking=False`)."""
     return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                           documents=None, **(special_tokens or {}))
+                           documents=None, **(special_tokens or {}), **(template_kwargs or {}))
 
 
 def user_message(question: str, instruction: str = "") -> dict:
@@ -128,19 +129,22 @@ class CheckpointTokenizer(TextTokenizer):
       instruction: the format instruction appended to each question.
       eos_ids: ids that end a completion; default `generation_config.json`'s `eos_token_id`, else the
         tokenizer's `eos_token`.
+      template_kwargs: extra variables of every rendering (transformers' `apply_chat_template(**kwargs)`), e.g.
+        `{"enable_thinking": False}` for Qwen3.5's template, whose generation prompt otherwise opens `<think>`.
 
     Raises:
       ValueError: no tokenizer.json, no chat template, an image id the tokenizer does not know, no EOS token.
     """
 
     def __init__(self, directory: str, image_token_id: int, instruction: str = INSTRUCTIONS["tags"],
-                 eos_ids: Iterable[int] | None = None):
+                 eos_ids: Iterable[int] | None = None, template_kwargs: dict | None = None):
         self.path = os.path.join(directory, "tokenizer.json")
         if not os.path.exists(self.path):
             raise ValueError(f"{directory} has no tokenizer.json (HF fast tokenizer); save the checkpoint's "
                              f"tokenizer with transformers (AutoTokenizer.from_pretrained(...).save_pretrained)")
         self.tok = Tokenizer.from_file(self.path)
         self.instruction = instruction
+        self.template_kwargs = dict(template_kwargs or {})
         config = _read_json(os.path.join(directory, "tokenizer_config.json"))
         names = ("bos_token", "eos_token", "pad_token", "unk_token")
         self.special_tokens = {k: _token_text(config.get(k)) for k in names}
@@ -177,7 +181,7 @@ class CheckpointTokenizer(TextTokenizer):
     def render_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """`render_chat` with this checkpoint's template and special tokens."""
         specials = {k: v for k, v in self.special_tokens.items() if v is not None}
-        return render_chat(self.template, messages, specials, add_generation_prompt)
+        return render_chat(self.template, messages, specials, add_generation_prompt, self.template_kwargs)
 
     def render_prompt(self, question: str, num_image_tokens: int) -> str:
         """The chat-template text of one user turn (`user_message`) plus the generation prompt, each image
