@@ -27,13 +27,24 @@ MODELS = {"qwen3_5_2b": "Qwen/Qwen3.5-2B", "qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-
 RUNTIMES = {
     # name: memory per device (GB, as the planner's plan.device_memory_gb), prompts per step, group size,
     # rows per micro-batch, completion tokens, held-out problems evaluated before and after
-    "t4": dict(memory_gb=15.0, prompts=4, group_size=8, micro=2, new_tokens=512, eval_examples=48),
+    "t4": dict(memory_gb=15.0, prompts=4, group_size=4, micro=2, new_tokens=384, eval_examples=48),
     "l4": dict(memory_gb=22.0, prompts=8, group_size=8, micro=4, new_tokens=512, eval_examples=64),
     "a100": dict(memory_gb=40.0, prompts=16, group_size=8, micro=8, new_tokens=768, eval_examples=128),
     "v5e-1": dict(memory_gb=16.0, prompts=8, group_size=8, micro=4, new_tokens=512, eval_examples=64),
     "cpu": dict(memory_gb=12.0, prompts=2, group_size=2, micro=2, new_tokens=16, eval_examples=4),
 }
 """Per-runtime settings; `cpu` is for the tiny stand-in checkpoint only (the notebook's headless test)."""
+
+
+def runtime_for(platform: str, memory_gb: float) -> str:
+    """The `RUNTIMES` entry for a device: `platform` as `jax.Device.platform` ("gpu", "tpu", "cpu"; "cuda" and
+    "rocm" count as gpu) and its memory in GB. TPUs get v5e-1's settings (Colab's TPU runtime; a v6e chip has
+    more memory); GPUs by memory: under 20 GB a T4's, under 32 GB an L4's, else an A100 40 GB's."""
+    if platform == "tpu":
+        return "v5e-1"
+    if platform == "cpu":
+        return "cpu"
+    return "t4" if memory_gb < 20 else "l4" if memory_gb < 32 else "a100"
 
 
 def get_config(arg: str = "t4") -> ml_collections.ConfigDict:
@@ -54,6 +65,7 @@ def get_config(arg: str = "t4") -> ml_collections.ConfigDict:
     c.rl.max_new_tokens = r["new_tokens"]
     c.rl.algo.kl_coef = 0.0
     c.rl.lr, c.rl.warmup_steps, c.rl.steps = 2e-5, 3, 60
+    c.rl.max_seconds = 2700.0                   # 45 minutes of GRPO at most: a Colab session's share
     c.eval.batch_size = r["prompts"] * r["group_size"]
     c.eval.every = 10_000                       # evaluations before and after only (the notebook's)
     c.plan.num_devices, c.plan.device_memory_gb = 1, r["memory_gb"]

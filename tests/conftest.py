@@ -111,6 +111,7 @@ SLOW = {
     "test_plan.py::test_plan_matches_a_live_run[float32-0]",
     "test_plan.py::test_plan_matches_a_live_run[bfloat16-4]",
     "test_notebook.py::test_notebook_runs_headless_and_ends_with_the_accuracy_table",
+    "test_notebook.py::test_qwen_notebook_runs_headless_on_a_tiny_standin",
     *(f"test_family.py::{t}[unrolled]" for t in ("test_hybrid_params_follow_the_pattern",
                                                  "test_hybrid_model_samples_what_the_trainer_scores",
                                                  "test_hybrid_cached_decode_equals_full_forward",
