@@ -38,13 +38,16 @@ RUNTIMES = {
 
 def runtime_for(platform: str, memory_gb: float) -> str:
     """The `RUNTIMES` entry for a device: `platform` as `jax.Device.platform` ("gpu", "tpu", "cpu"; "cuda" and
-    "rocm" count as gpu) and its memory in GB. TPUs get v5e-1's settings (Colab's TPU runtime; a v6e chip has
-    more memory); GPUs by memory: under 20 GB a T4's, under 32 GB an L4's, else an A100 40 GB's."""
+    "rocm" count as gpu) and the memory JAX may use on it, in GB (`memory_stats()["bytes_limit"]`: on a GPU the
+    `XLA_PYTHON_CLIENT_MEM_FRACTION` share of the card, 0.92 in the notebook, 0.75 by default). TPUs get v5e-1's
+    settings (Colab's TPU runtime; a v6e chip has more memory); GPUs by memory: under 18 GB a T4's (13.9 GB of a
+    T4 at 0.92), under 30 GB an L4's (20.7 GB), else an A100 40 GB's. A smaller share than 0.92 only picks smaller
+    settings."""
     if platform == "tpu":
         return "v5e-1"
     if platform == "cpu":
         return "cpu"
-    return "t4" if memory_gb < 20 else "l4" if memory_gb < 32 else "a100"
+    return "t4" if memory_gb < 18 else "l4" if memory_gb < 30 else "a100"
 
 
 def get_config(arg: str = "t4") -> ml_collections.ConfigDict:

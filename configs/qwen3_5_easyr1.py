@@ -11,7 +11,7 @@ The decoder alternates three Gated DeltaNet layers (a conv window and a float32 
 decoding: no KV cache to grow) with one gated-attention layer. The checkpoint's `preprocessor_config.json` sets
 the image processor (patch 16, mean/std 0.5, at least 65536 px per image) and its chat template renders the
 prompts: Qwen3.5's template thinks by default (the generation prompt opens `<think>`), so leave room in
-`rl.max_new_tokens`. The multi-token-prediction head (`mtp.*`) is not loaded. The RL settings are
+`rl.max_new_tokens`, or switch thinking off with `--config.data.chat_template_kwargs='{"enable_thinking": False}'`. The multi-token-prediction head (`mtp.*`) is not loaded. The RL settings are
 `rftjax.configs.easyr1_checkpoint_config`'s. MoE checkpoints (Qwen3.5-35B-A3B) and video inputs are not supported.
 """
 

@@ -110,8 +110,8 @@ def test_colab_settings_follow_the_device_and_fit_with_margin():
     from rftjax import plan as plan_lib
 
     assert [colab_qwen.runtime_for(p, gb) for p, gb in
-            (("gpu", 15.8), ("cuda", 22.5), ("gpu", 40.0), ("gpu", 80.0), ("tpu", 16.9), ("cpu", 64.0))] == \
-        ["t4", "l4", "a100", "a100", "v5e-1", "cpu"]
+            (("gpu", 13.9), ("cuda", 20.7), ("gpu", 36.8), ("gpu", 73.6), ("gpu", 16.9), ("tpu", 16.9),
+             ("cpu", 64.0))] == ["t4", "l4", "a100", "a100", "t4", "v5e-1", "cpu"]
     for runtime in ("t4", "l4", "a100", "v5e-1"):
         c = colab_qwen.get_config(runtime)
         p = plan_lib.plan(c)
