@@ -57,9 +57,11 @@ def estimate(runtime: str, model: str) -> dict:
     logprob_flops, update_flops = rows * row, 3 * rows * row
     rollout_s = prefill / rate + decode_s
     step_s = rollout_s + (logprob_flops + update_flops) / rate
+    steps = min(c.rl.steps, int(c.rl.max_seconds // step_s))  # rl.steps or the rl.max_seconds budget
     return {"runtime": runtime, "chip": chip, "model": model, "rows": f"{prompts} x {group}",
             "tokens": f"{p} + {n}", "step TFLOP": (prefill + decode_flops + logprob_flops + update_flops) / 1e12,
-            "rollout s": rollout_s, "step s": step_s, "steps in 45 min": int(c.rl.max_seconds // step_s)}
+            "rollout s": rollout_s, "step s": step_s, f"steps (of {c.rl.steps}, {c.rl.max_seconds / 60:.0f} min)": steps,
+            "GRPO min": steps * step_s / 60}
 
 
 def main():

@@ -15,8 +15,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "colab_digits_grpo.ipynb")
 
 
-def test_notebook_is_stripped_and_every_code_cell_is_explained():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+def _executed(path: str):
+    """The notebook at `path` after running every cell in a fresh kernel (the environment passes through)."""
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    return nb
+
+
+def _last_table(nb) -> list[str]:
+    """The lines of the Markdown the last code cell displays."""
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    return "".join(o.get("data", {}).get("text/markdown", "") for o in last.outputs).splitlines()
+
+
+@pytest.mark.parametrize("name", ["colab_digits_grpo", "colab_qwen_grpo"])
+def test_notebook_is_stripped_and_every_code_cell_is_explained(name):
+    nb = nbformat.read(os.path.join(ROOT, "experiments", f"{name}.ipynb"), as_version=4)
     code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     assert all(not nb.cells[i].outputs and nb.cells[i].execution_count is None for i in code)
     assert all(i > 0 and nb.cells[i - 1].cell_type == "markdown" for i in code)
@@ -25,13 +40,9 @@ def test_notebook_is_stripped_and_every_code_cell_is_explained():
 def test_notebook_runs_headless_and_ends_with_the_accuracy_table(tmp_path, monkeypatch):
     monkeypatch.setenv("RFTJAX_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("RFTJAX_NOTEBOOK_WORKDIR", str(tmp_path / "runs"))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
-                            resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
-    last = [c for c in nb.cells if c.cell_type == "code"][-1]
-    table = "".join(o.get("data", {}).get("text/markdown", "") for o in last.outputs)
-    lines = table.splitlines()
-    assert lines[0].startswith("| model | test accuracy | OOD accuracy | pass@1 | pass@2 |"), table
+    nb = _executed(NOTEBOOK)
+    lines = _last_table(nb)
+    assert lines[0].startswith("| model | test accuracy | OOD accuracy | pass@1 | pass@2 |"), lines
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| cold start", "| after RL"]
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 4  # the two sample grids, the curves, pass@k
@@ -39,14 +50,6 @@ def test_notebook_runs_headless_and_ends_with_the_accuracy_table(tmp_path, monke
 
 
 QWEN_NOTEBOOK = os.path.join(ROOT, "experiments", "colab_qwen_grpo.ipynb")
-
-
-def test_qwen_notebook_is_stripped_and_every_code_cell_is_explained():
-    nb = nbformat.read(QWEN_NOTEBOOK, as_version=4)
-    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    assert all(not nb.cells[i].outputs and nb.cells[i].execution_count is None for i in code)
-    assert all(i > 0 and nb.cells[i - 1].cell_type == "markdown" for i in code)
-    assert "snapshot_download(colab_qwen.MODELS[MODEL]" in "".join(c.source for c in nb.cells)
 
 
 def _standin(root, checkpoint: str) -> str:
@@ -81,19 +84,16 @@ def test_qwen_notebook_runs_headless_on_a_tiny_standin(tmp_path, monkeypatch, qw
     with the before/after table."""
     monkeypatch.setenv("RFTJAX_NOTEBOOK_STANDIN", _standin(tmp_path / "standin", qwen3_5_dir[1]))
     monkeypatch.setenv("RFTJAX_NOTEBOOK_WORKDIR", str(tmp_path / "runs"))
-    nb = nbformat.read(QWEN_NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
-                            resources={"metadata": {"path": os.path.dirname(QWEN_NOTEBOOK)}}).execute()
-    last = [c for c in nb.cells if c.cell_type == "code"][-1]
-    table = "".join(o.get("data", {}).get("text/markdown", "") for o in last.outputs)
-    lines = table.splitlines()
-    assert lines[0] == "| model | held-out accuracy | problems | GRPO steps |", table
+    nb = _executed(QWEN_NOTEBOOK)
+    lines = _last_table(nb)
+    assert lines[0] == "| model | held-out accuracy | problems | GRPO steps |", lines
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| qwen3_5_2b (base)", "| qwen3_5_2b + LoRA GRPO"]
     assert [line.split(" | ")[2:] for line in lines[2:]] == [["4", "0 |"], ["4", "3 |"]]
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # the curves, three problems
     text = "".join(o.get("text", "") for o in outputs)
     assert "of 12.0 GB: fits" in text  # the planner's figures before training
+    assert "snapshot_download(colab_qwen.MODELS[MODEL]" in "".join(c.source for c in nb.cells)
     run = tmp_path / "runs" / "geo3k_qwen3_5_2b_cpu"
     assert os.path.exists(run / "summary.json") and os.path.exists(run / "checkpoints")
 
