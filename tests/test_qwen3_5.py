@@ -14,7 +14,7 @@ from hf_reference import (HALF, hf_qwen_greedy, hf_qwen_logits, loaded_by_tie, m
 from rftjax import sampling
 from rftjax.models import abstract_params, abstract_state, get_preset, model_for, param_count
 from rftjax.models import hf as rhf
-from rftjax.models.gated_delta_net import chunked_delta_rule, recurrent_delta_rule
+from rftjax.models.gated_delta_net import chunked_delta_rule, recurrent_delta_rule, unit_lower_inverse
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,45 @@ def test_chunked_delta_rule_equals_recurrent():
     out_c, s_c = chunked_delta_rule(q, k, v, g, beta, s0, chunk=16)
     np.testing.assert_allclose(np.asarray(out_c), np.asarray(out_r), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(s_c), np.asarray(s_r), atol=1e-5, rtol=1e-5)
+
+
+def test_unit_lower_inverse_and_its_gradient_equal_the_matrix_inverse():
+    """`unit_lower_inverse` (forward substitution, closed-form gradient) equals `jnp.linalg.inv(I + tril(a, -1))`
+    and its autodiff gradient, in float64; the entries on and above the diagonal get no gradient."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        a = jnp.asarray(rng.standard_normal((2, 3, 12, 12)) * 0.3)
+        w = jnp.asarray(rng.standard_normal((2, 3, 12, 12)))
+        naive = lambda a: jnp.linalg.inv(jnp.eye(12) + jnp.tril(a, -1))  # noqa: E731
+        np.testing.assert_allclose(np.asarray(unit_lower_inverse(a)), np.asarray(naive(a)), atol=1e-12)
+        ours, want = (jax.grad(lambda a: jnp.sum(w * f(a)))(a) for f in (unit_lower_inverse, naive))
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(want), atol=1e-12)
+        assert not np.any(np.asarray(jnp.triu(ours)))
+
+
+def test_chunked_delta_rule_gradients_equal_the_recurrence():
+    """Gradients of a loss of the chunked form's outputs and state, w.r.t. every input, equal those of the
+    token-by-token recurrence (plain autodiff: the independent reference for `unit_lower_inverse`'s gradient)."""
+    rng = np.random.default_rng(2)
+    b, t, h, dk, dv = 1, 37, 2, 8, 4
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    args = (jnp.asarray(unit(rng.standard_normal((b, t, h, dk))) * dk ** -0.5, jnp.float32),
+            jnp.asarray(unit(rng.standard_normal((b, t, h, dk))), jnp.float32),
+            jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32),
+            jnp.asarray(-rng.uniform(0.0, 1.0, (b, t, h)), jnp.float32),
+            jnp.asarray(rng.uniform(0, 1, (b, t, h)), jnp.float32),
+            jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32))
+    wo, ws = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32), jnp.asarray(
+        rng.standard_normal((b, h, dk, dv)), jnp.float32)
+
+    def loss(f):
+        def value(*xs):
+            out, state = f(*xs)
+            return jnp.sum(wo * out) + jnp.sum(ws * state)
+        return jax.grad(value, argnums=tuple(range(6)))(*args)
+
+    for ours, want in zip(loss(lambda *xs: chunked_delta_rule(*xs, chunk=16)), loss(recurrent_delta_rule)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(want), atol=2e-4, rtol=2e-4)
 
 
 def test_recurrent_decode_equals_full_forward(hf_models, batch):
