@@ -181,12 +181,14 @@ def make_hf_qwen3_vl(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=N
     return _save_qwen3(Qwen3VLForConditionalGeneration, config, path, processor), path
 
 
-def make_hf_qwen3_5(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=None, processor=True):
-    """A random `Qwen3_5ForConditionalGeneration` saved under tmp_path (`_save_qwen3`); returns `(model, path)`.
+def make_hf_qwen3_5(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=None, processor=True,
+                    classifier=False):
+    """A random `Qwen3_5ForConditionalGeneration` (with `classifier`: `Qwen3_5ForSequenceClassification`, one
+    label, pad id 0) saved under tmp_path (`_save_qwen3`); returns `(model, path)`.
     Vision: Qwen3-VL's tower without DeepStack (2 blocks); decoder: 4 layers, Gated DeltaNet and gated attention
     alternating, GQA in both (attention: 2 heads, 1 kv head, head_dim 32; DeltaNet: 2 key heads, 4 value heads),
     partial rotary (a quarter of head_dim) with interleaved M-RoPE."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5ForSequenceClassification
 
     torch.manual_seed(seed)
     vision = dict(QWEN3_VISION, depth=2, out_hidden_size=hidden)
@@ -196,9 +198,14 @@ def make_hf_qwen3_5(tmp_path, *, tie=False, seed=0, vocab=160, hidden=32, ids=No
                 linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=512,
                 rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
                                      mrope_section=[2, 1, 1], mrope_interleaved=True))
-    config = Qwen3_5Config(vision_config=vision, text_config=text, tie_word_embeddings=tie, **(ids or QWEN_IDS))
-    path = str(tmp_path / f"hf_qwen3_5_{'tied' if tie else 'untied'}")
-    return _save_qwen3(Qwen3_5ForConditionalGeneration, config, path, processor), path
+    extra = dict(num_labels=1) if classifier else {}
+    if classifier:
+        text["pad_token_id"] = 0
+    config = Qwen3_5Config(vision_config=vision, text_config=text, tie_word_embeddings=tie, **(ids or QWEN_IDS),
+                           **extra)
+    path = str(tmp_path / f"hf_qwen3_5_{'classifier' if classifier else 'tied' if tie else 'untied'}")
+    cls = Qwen3_5ForSequenceClassification if classifier else Qwen3_5ForConditionalGeneration
+    return _save_qwen3(cls, config, path, processor), path
 
 
 HALF = ((0.5,) * 3, (0.5,) * 3)

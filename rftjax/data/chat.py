@@ -183,14 +183,19 @@ class CheckpointTokenizer(TextTokenizer):
         specials = {k: v for k, v in self.special_tokens.items() if v is not None}
         return render_chat(self.template, messages, specials, add_generation_prompt, self.template_kwargs)
 
-    def render_prompt(self, question: str, num_image_tokens: int) -> str:
+    def render_prompt(self, question: str, num_image_tokens: int, response: str | None = None) -> str:
         """The chat-template text of one user turn (`user_message`) plus the generation prompt, each image
-        placeholder token repeated `num_image_tokens` times (as the HF processors expand it).
+        placeholder token repeated `num_image_tokens` times (as the HF processors expand it); with `response`,
+        the user turn and the assistant turn `response` instead (no generation prompt: what a reward model reads,
+        as `apply_chat_template([user, assistant], add_generation_prompt=False)`).
 
         Raises:
           ValueError: the template did not render exactly one image placeholder.
         """
-        text = self.render_messages([user_message(question, self.instruction)])
+        messages = [user_message(question, self.instruction)]
+        if response is not None:
+            messages.append({"role": "assistant", "content": response})
+        text = self.render_messages(messages, add_generation_prompt=response is None)
         if text.count(self.image_token) != 1:
             raise ValueError(f"the chat template rendered {text.count(self.image_token)} image placeholders "
                              f"{self.image_token!r} for one image; is image_token_id right for this checkpoint?")

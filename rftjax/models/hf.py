@@ -662,13 +662,28 @@ def _weight_files(path: str) -> list[str]:
     raise ValueError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path}: not a safetensors checkpoint directory")
 
 
+def read_tensors(path: str, names: set[str] | frozenset[str]) -> dict[str, np.ndarray]:
+    """The tensors of a Hugging Face directory's safetensors files (single or sharded) named in `names`, as
+    float32 numpy arrays (names the files lack are absent).
+
+    Raises:
+      ValueError: no safetensors weights in `path`.
+    """
+    out = {}
+    for fname in _weight_files(path):
+        with safetensors.safe_open(os.path.join(path, fname), framework="flax") as f:
+            for key in set(f.keys()) & set(names):
+                out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+    return out
+
+
 def read_hf_config(path: str) -> dict:
     """The `config.json` of a Hugging Face model directory, as a dict."""
     with open(os.path.join(path, CONFIG_NAME)) as f:
         return json.load(f)
 
 
-def _load(path: str, family: HFLayout, hf_config: dict, overrides: dict):
+def _load(path: str, family: HFLayout, hf_config: dict, overrides: dict, without: tuple[str, ...] = ()):
     config = family.config_from_hf(hf_config, **{**family.overrides_from(path), **overrides})
     tensors: dict[str, Any] = {}
     unused: list[str] = []
@@ -686,6 +701,8 @@ def _load(path: str, family: HFLayout, hf_config: dict, overrides: dict):
     shapes = abstract_params(config.replace(scan_layers=False))
     params: dict = {}
     for e in family.entries(config):
+        if without and e.name.startswith(without):
+            continue
         if e.name not in tensors:
             raise ValueError(f"checkpoint {path} lacks tensor {_hub_name(e.name, family.hub_of(config))!r} that its "
                              f"config.json needs")
@@ -727,6 +744,18 @@ def load_pretrained(path: str, **overrides) -> tuple[VLMConfig | QwenVLConfig, d
     """
     hf_config = read_hf_config(path)
     return _load(path, layout_of(hf_config.get("model_type")), hf_config, overrides)
+
+
+def load_body(path: str, **overrides) -> tuple[VLMConfig | QwenVLConfig, dict]:
+    """`load_pretrained` without the LM head: the vision tower and decoder of a directory whose head is another
+    (a `*ForSequenceClassification`'s `score`, a value head beside the body), for `return_hidden` forward
+    passes. A checkpoint's `lm_head` tensor, when present, is skipped.
+
+    Raises:
+      ValueError: as `load_pretrained`.
+    """
+    hf_config = read_hf_config(path)
+    return _load(path, layout_of(hf_config.get("model_type")), hf_config, overrides, without=("text.lm_head.",))
 
 
 def load_llava(path: str, **overrides) -> tuple[VLMConfig, dict]:

@@ -1,0 +1,93 @@
+"""Reward models against transformers (float32, images, left padding) and judges' parse rules."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import jax.numpy as jnp  # noqa: E402
+from hf_reference import HALF, QWEN_IDS, make_hf_qwen3_5, make_hf_qwen_vl, qwen_batch, qwen_images  # noqa: E402
+
+from rftjax.rewards import models as rm  # noqa: E402
+
+
+def _scores(model: rm.RewardModel, batch: dict) -> np.ndarray:
+    features = rm.encode_images(model.params, model.config, qwen_images(batch))
+    n = len(batch["input_ids"])
+    return np.asarray(rm.last_token_scores(model.params, model.head, model.config, features,
+                                           jnp.arange(n, dtype=jnp.int32), jnp.asarray(batch["input_ids"], jnp.int32),
+                                           jnp.asarray(batch["attention_mask"], bool)))
+
+
+def _hf_inputs(batch: dict) -> dict:
+    return dict(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
+                pixel_values=torch.tensor(batch["pixel_values"]), image_grid_thw=torch.tensor(batch["image_grid_thw"]),
+                mm_token_type_ids=torch.tensor(batch["mm_token_type_ids"]))
+
+
+def test_sequence_classification_scores_equal_transformers(tmp_path):
+    model, path = make_hf_qwen3_5(tmp_path, classifier=True)
+    batch = qwen_batch(np.random.default_rng(1), sizes=((64, 96), (96, 64), (64, 64)), pad=(0, 5, 9),
+                       text_before=(3, 2, 4), text_after=(6, 2, 3), budget_tokens=24, patch=16, mean_std=HALF)
+    with torch.no_grad():
+        want = model(**_hf_inputs(batch)).logits[:, 0].numpy()
+    loaded = rm.load_reward_model(path, max_image_tokens=24)
+    assert loaded.layout == "sequence_classification" and "lm_head" not in str(loaded.params.keys())
+    np.testing.assert_allclose(_scores(loaded, batch), want, atol=1e-4, rtol=0)
+
+
+def test_value_head_scores_equal_the_hidden_state_times_the_head(tmp_path):
+    from safetensors.numpy import save_file
+
+    model, path = make_hf_qwen_vl(tmp_path, seed=2)
+    rng = np.random.default_rng(3)
+    weight, bias = rng.normal(size=(1, 32)).astype(np.float32), rng.normal(size=(1,)).astype(np.float32)
+    save_file({"v_head.summary.weight": weight, "v_head.summary.bias": bias}, f"{path}/value_head.safetensors")
+    batch = qwen_batch(np.random.default_rng(4), pad=(0, 6))
+    with torch.no_grad():
+        hidden = model.model(**_hf_inputs(batch)).last_hidden_state[:, -1].numpy()  # left padded: the last token
+    loaded = rm.load_reward_model(path, max_image_tokens=16)
+    assert loaded.layout == "value_head"
+    np.testing.assert_allclose(_scores(loaded, batch), hidden @ weight[0] + bias[0], atol=1e-4, rtol=0)
+
+
+def test_a_checkpoint_without_a_head_is_refused_with_the_layouts(tmp_path):
+    _, path = make_hf_qwen_vl(tmp_path)
+    with pytest.raises(ValueError, match="value_head.safetensors"):
+        rm.load_reward_model(path)
+
+
+RULE = rm.ParseRule.parse("score:0:10")
+
+
+@pytest.mark.parametrize("text, want", [
+    ("The answer is right. Final Score: 7", 0.7),
+    ("Final Score: 3\n...on reflection, Final Score: 10", 1.0),   # the last verdict counts
+    ("final score = **8**", 0.8),
+    ("Final Score: 11", None),                                    # out of range
+    ("Final Score: -1", None),
+    ("Final Score: 1e999", 0.1),                                  # reads the 1; no overflow
+    ("no verdict here", None),
+    ("", None),
+    (None, None),
+    ("Final Score: " + "9" * 10_000, None),                       # too many digits to be a verdict
+    ("Final Score:" * 50_000 + " 5", 0.5),                        # long hostile output, linear time
+])
+def test_score_rule_on_hand_written_outputs(text, want):
+    got = rm.parse_judgement(text, RULE)
+    assert got == pytest.approx(want) if want is not None else got is None
+
+
+@pytest.mark.parametrize("text, want", [
+    (r"so \boxed{0.25}", 0.25), (r"\boxed{Yes}", 1.0), (r"\boxed{incorrect}", 0.0), (r"\boxed{2}", None),
+    (r"\boxed{nan}", None), (r"\boxed{inf}", None), (r"\boxed{" + "{" * 5000, None), (r"\boxed{}", None),
+])
+def test_boxed_rule_on_hand_written_outputs(text, want):
+    got = rm.parse_judgement(text, rm.ParseRule.parse("boxed:0:1"))
+    assert got == pytest.approx(want) if want is not None else got is None
+
+
+@pytest.mark.parametrize("spec", ["score:5:5", "score:a:b", "boxed:1", "yes:Yes", "yes:A:A", "vote", "score:0:inf"])
+def test_bad_parse_rules_say_what_is_accepted(spec):
+    with pytest.raises(ValueError):
+        rm.ParseRule.parse(spec)
