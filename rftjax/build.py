@@ -29,6 +29,7 @@ from rftjax.models import (LoraConfig, ModelConfig, abstract_params, dummy_input
                            param_count)
 from rftjax.models import hf as rhf
 from rftjax.models import lora as lora_lib
+from rftjax.rewards import models as reward_models
 from rftjax.rewards.parsing import INSTRUCTIONS
 from rftjax.rollout import Policy, RolloutConfig
 from rftjax.sampling import SamplingParams
@@ -43,6 +44,8 @@ def validate_config(c: ml_collections.ConfigDict, n_data_shards: int, algo: rl.A
             raise ValueError(f"bad config: {msg}")
 
     n_rows = c.rl.prompts_per_step * algo.group_size
+    need(c.data.train or c.data.task != "describe" or c.reward.model or c.reward.judge,
+         "data.task=describe has no gold answers: set reward.model=DIR or reward.judge=DIR to score it")
     mb = c.rl.minibatch_size or n_rows
     need(c.rl.prompts_per_step >= 1 and c.rl.steps >= 0, "rl.prompts_per_step must be >= 1 and rl.steps >= 0")
     need(n_rows % mb == 0, f"rl.minibatch_size={mb} must divide prompts_per_step x group_size = {n_rows}")
@@ -114,7 +117,15 @@ def rewards_of(c: ml_collections.ConfigDict, context: rewards.SourceContext) -> 
             accuracy_weight=r.accuracy_weight, format_weight=r.format_weight, box_iou=r.box_iou,
             answer_format=r.answer_format, function=r.function, timeout_s=r.timeout_s, num_workers=r.num_workers,
             on_error=r.on_error)
-        return rewards.build_rewards(rules, configs.schedule(c)["overlong_buffer_len"], context, r.sources)
+        model = judge = None
+        if r.model:
+            model = reward_models.ModelRewardConfig(r.model, r.model_weight, r.model_mean, r.model_std,
+                                                    r.model_batch_size, r.model_gate)
+        if r.judge:
+            judge = reward_models.JudgeConfig(r.judge, r.judge_template, r.judge_parse, r.judge_max_new_tokens,
+                                              r.judge_weight, r.judge_batch_size, r.judge_gate)
+        return rewards.build_rewards(rules, configs.schedule(c)["overlong_buffer_len"], context, r.sources, model,
+                                     judge, r.aggregation)
     except ValueError as e:
         raise ValueError(f"bad config: {e}") from None
 
@@ -310,14 +321,16 @@ def tokenizer_of(c: ml_collections.ConfigDict, model_config) -> TextTokenizer:
     return tokenizer
 
 
-def file_source(spec: str, name: str, pre: Preprocess, max_prompt_len: int, reports: dict | None = None):
-    """The examples of a dataset spec (`rftjax.data.importers.load_dataset`) without the rows whose prompt would
-    not fit `max_prompt_len` (`drop_long_prompts`); the report is logged, printed and stored in `reports[name]`.
+def file_source(spec: str, name: str, pre: Preprocess, max_prompt_len: int, reports: dict | None = None,
+                open_ended: bool = False):
+    """The examples of a dataset spec (`rftjax.data.importers.load_dataset`; `open_ended`: rows without an answer
+    kept) without the rows whose prompt would not fit `max_prompt_len` (`drop_long_prompts`); the report is
+    logged, printed and stored in `reports[name]`.
 
     Raises:
       ValueError: a bad spec, or no row that fits.
     """
-    source, report = importers.load_dataset(spec)
+    source, report = importers.load_dataset(spec, open_ended=open_ended)
     source = importers.drop_long_prompts(source, pre.prompt_len, max_prompt_len, report)
     if reports is not None:
         reports[name] = report
@@ -334,7 +347,8 @@ def _sources(c: ml_collections.ConfigDict, workdir: str, model_config, pre: Prep
     d = c.data
     if d.train:
         specs = {"rl": d.train, "test": d.test, "test_ood": d.test_ood}
-        return {name: file_source(spec, name, pre, d.max_prompt_len, reports) for name, spec in specs.items()
+        learned = bool(c.reward.model or c.reward.judge)  # rows without a gold answer need a learned reward
+        return {name: file_source(spec, name, pre, d.max_prompt_len, reports, learned) for name, spec in specs.items()
                 if spec}
     # Procedural images are square; a dynamic-resolution (Qwen-VL) model sees them at the tasks' native 64 px.
     image_size = getattr(model_config.vision, "image_size", 64)
@@ -396,7 +410,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
                          f"{family_of(model_config).name}")
     parse_augment(c.data.augment)  # a bad spec fails here, not after the model is built
     d, images = c.data, image_input_for(model_config)
-    prompt_pre = Preprocess(tokenizer, images, d.max_prompt_len)
+    prompt_pre = Preprocess(tokenizer, images, d.max_prompt_len,
+                            extra_media=tuple(reward_models.extra_media(reward).items()))
     shortest = prompt_pre.prompt_len("", 28, 28)
     if d.max_prompt_len < shortest:
         raise ValueError(f"bad config: data.max_prompt_len={d.max_prompt_len} cannot hold the chat template with the "

@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.lora.targets = "decoder"    # decoder | decoder+vision | vision | a module-path regex (re.fullmatch)
 
     c.data = ml_collections.ConfigDict()
-    c.data.task = "digits"              # digits | shapes | grounding
+    c.data.task = "digits"              # digits | shapes | grounding | describe (open-ended: reward.model/judge)
     c.data.train = ""                   # a dataset file instead of the task: easyr1:PATH.(jsonl|parquet) (RL prompts)
     c.data.test = ""                    # ... its held-out evaluation set: easyr1:PATH or mathv:PATH (MATH-V jsonl)
     c.data.test_ood = ""                # ... an optional second evaluation set
@@ -131,6 +131,22 @@ def base_config() -> ml_collections.ConfigDict:
                                         # over the last N tokens of rl.max_new_tokens; 0 = off; unset: the preset's
     c.reward.sources = ""               # more reward sources: PATH.py:FACTORY[:WEIGHT], comma-separated; FACTORY(
                                         # rftjax.rewards.SourceContext) -> a RewardSource (rftjax.rewards.sources)
+    c.reward.aggregation = "sum_then_normalize"  # | normalize_then_sum: each source normalised per group first
+    # A reward model on the mesh (docs/rewards.md): a *ForSequenceClassification dir or a body + value_head.safetensors
+    c.reward.model = ""                 # DIR; "" = none
+    c.reward.model_weight = 1.0
+    c.reward.model_mean = 0.0           # the score enters as (score - mean) / std
+    c.reward.model_std = 1.0
+    c.reward.model_batch_size = 0       # rows per forward pass and process; 0 = the step's rows at once
+    c.reward.model_gate = "all"         # rows it scores: all | correct (rules) | answered | unanswered (no gold answer)
+    # A generative judge on the mesh: an HF VLM dir, greedy, its verdict parsed to [0, 1]
+    c.reward.judge = ""                 # DIR; "" = none
+    c.reward.judge_template = ""        # jinja2 FILE (question, response, answer); "" = the built-in one
+    c.reward.judge_parse = "score:0:10"  # score:LOW:HIGH ("Final Score: N") | boxed:LOW:HIGH | yes:YES:NO (p(yes))
+    c.reward.judge_max_new_tokens = 256
+    c.reward.judge_weight = 1.0
+    c.reward.judge_batch_size = 0
+    c.reward.judge_gate = "all"         # e.g. correct: judge only the rows the rules mark correct (FAPO)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                    # -1: all devices not used by fsdp/tensor

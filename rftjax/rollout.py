@@ -57,11 +57,16 @@ class Rollouts:
 
     def metrics(self) -> dict[str, float]:
         """Rewards, accuracy, lengths and truncation of the rows trained on, plus the rollout statistics: `reward_mean`
-        and `reward_std` of the total, `reward_{component}_mean` of every component (the 0/1 flags as counts
-        `reward_{flag}s`), `accuracy` and `format_rate` (the rules' `correct` and `format`)."""
+        and `reward_std` of the total, `reward_{component}_mean` and `_std` of every component (the 0/1 flags as
+        counts `reward_{flag}s`), `accuracy` and `format_rate` (the rules' `correct` and `format`); the stats
+        include each source's scoring seconds, `reward_time_{source}_s`."""
         r, lengths = self.rewards, self.lengths
-        per_component = {f"reward_{k}s" if k in rewards.FLAGS else f"reward_{k}_mean":
-                         int(v.sum()) if k in rewards.FLAGS else float(v.mean()) for k, v in r.items() if k != "total"}
+        per_component = {}
+        for k, v in r.items():
+            if k in rewards.FLAGS:
+                per_component[f"reward_{k}s"] = int(v.sum())
+            elif k != "total":
+                per_component.update({f"reward_{k}_mean": float(v.mean()), f"reward_{k}_std": float(v.std())})
         rules = {"accuracy": float(r["correct"].mean()), "format_rate": float(r["format"].mean())} \
             if "correct" in r else {}
         return {"reward_mean": float(r["total"].mean()), "reward_std": float(r["total"].std()), **rules,
@@ -276,7 +281,8 @@ def collect_rollouts(policy: Policy, prompts, key, config: RolloutConfig, reward
              "rollout_groups_with_signal": signal_seen / generated,
              "rollout_accuracy": correct / (generated * g),  # over every rollout, not only the groups kept
              "groups_with_signal": float(np.mean(every["has_signal"])),
-             "data_rows_skipped": skipped_rows}  # unreadable dataset rows replaced by the next readable ones
+             "data_rows_skipped": skipped_rows,  # unreadable dataset rows replaced by the next readable ones
+             **{f"reward_time_{name}_s": t for name, t in reward.take_times().items()}}
     if config.noisy_rollout is not None:  # the accuracy of each half over every rollout, and the strength
         half = generated * g / 2
         stats.update(rollout_accuracy_clean=(correct - correct_noisy) / half,

@@ -91,3 +91,76 @@ def test_boxed_rule_on_hand_written_outputs(text, want):
 def test_bad_parse_rules_say_what_is_accepted(spec):
     with pytest.raises(ValueError):
         rm.ParseRule.parse(spec)
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    """A tiny Qwen2.5-VL body with a value head and a tokenizer + chat template (Skywork-VL-Reward's layout)."""
+    from hf_reference import QWEN_TOKEN_IDS, make_tokenizer_dir
+    from safetensors.numpy import save_file
+
+    _, path = make_hf_qwen_vl(tmp_path_factory.mktemp("rm"), vocab=320, ids=QWEN_TOKEN_IDS, seed=5)
+    rng = np.random.default_rng(6)
+    save_file({"v_head.summary.weight": rng.normal(size=(1, 32)).astype(np.float32),
+               "v_head.summary.bias": np.asarray([0.5], np.float32)}, f"{path}/value_head.safetensors")
+    return make_tokenizer_dir(path, "qwen")
+
+
+def _train(workdir, *extra, fault: str = ""):
+    """The smoke config's run (1 SFT step, 3 RL steps) with `extra` flags; its RL metric rows. `fault`:
+    `RFTJAX_FAULT` (the run is killed there)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+    from rftjax.metrics import read_jsonl
+
+    cmd = [sys.executable, "-m", "rftjax.train", "--config", os.path.join(ROOT, "configs", "smoke.py"), "--workdir",
+           str(workdir), "--config.mesh.num_devices=1", "--config.sft.max_steps=1", "--config.eval.pass_n=0",
+           "--config.checkpoint.every=1", "--config.log.tensorboard=False", "--config.rl.steps=3", *extra]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "RFTJAX_FAULT": fault}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == (-9 if fault else 0), proc.stderr[-3000:]
+    return [r for r in read_jsonl(os.path.join(str(workdir), "metrics.jsonl")) if r["stage"] == "rl"]
+
+
+def test_rules_plus_a_reward_model_train_and_resume_through_the_cli(tmp_path, reward_model_dir):
+    """A LLaVA-layout policy on the digits task with a Qwen2.5-VL value-head reward model (its own image input and
+    chat template) at weight 0.5: GRPO steps with per-source metrics; killed before its third update, the rerun
+    resumes and finishes the 3 steps."""
+    flags = (f"--config.reward.model={reward_model_dir}", "--config.reward.model_weight=0.5")
+    first = _train(tmp_path, *flags, fault="rollout:3")
+    assert len(first) == 2
+    rows = _train(tmp_path, *flags)
+    assert [r["step"] for r in rows] == [2, 3, 4]
+    for r in rows:
+        assert np.isfinite(r["reward_model_mean"]) and r["reward_model_std"] > 0  # the head reads each completion
+        assert r["reward_mean"] == pytest.approx(r["reward_score_mean"] + 0.5 * r["reward_model_mean"], abs=1e-4)
+        assert r["reward_time_model_s"] > 0 and "reward_time_rules_s" in r
+
+
+def test_a_reward_model_alone_scores_rows_without_gold_answers(tmp_path, reward_model_dir):
+    """The open-ended `describe` task: no rule applies (its components stay 0), the reward is the model's."""
+    rows = _train(tmp_path, "--config.data.task=describe", f"--config.reward.model={reward_model_dir}",
+                  "--config.model.overrides.vision.image_size=64", "--config.model.overrides.vision.patch_size=16",
+                  "--config.reward.model_gate=unanswered")
+    assert len(rows) == 3
+    for r in rows:
+        assert r["reward_score_mean"] == 0 and r["accuracy"] == 0
+        assert r["reward_mean"] == pytest.approx(r["reward_model_mean"], abs=1e-5) and r["reward_model_std"] > 0
+
+
+def test_open_ended_data_without_a_learned_reward_is_refused():
+    import importlib.util
+
+    from helpers import ROOT
+    from rftjax import build, configs
+
+    spec = importlib.util.spec_from_file_location("smoke", f"{ROOT}/configs/smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    c = smoke.get_config()
+    c.data.task = "describe"
+    with pytest.raises(ValueError, match="reward.model"):
+        build.validate_config(c, 1, configs.algorithm(c))

@@ -239,15 +239,26 @@ def _image(value: Any, base: str, decode: bool):
 
 
 def import_easyr1(path: str, image_dir: str | None = None, on_error: str = "raise", task: str = "easyr1",
-                  decode: bool = True) -> tuple[list[dict], ImportReport]:
+                  decode: bool = True, open_ended: bool = False) -> tuple[list[dict], ImportReport]:
     """Rows of an EasyR1 / R1-V dataset file (see the module docstring). `image_dir` defaults to the file's
     directory. Returns `(examples, report)`; answer types are inferred (`infer_answer_type`). With
     `decode=False` images are `ImageRef`s (read them through `LazyExamples`). A problem with more than one
-    `<image>` placeholder is a bad row (one image per prompt)."""
+    `<image>` placeholder is a bad row (one image per prompt). With `open_ended`, a row without an `answer` (or
+    with an empty one) is kept as answer "" of type `open` (for runs with a reward model or judge); else it is a
+    bad row."""
     base = image_dir or os.path.dirname(os.path.abspath(path))
 
     def convert(row: dict, ref: str, index: int) -> dict:
-        question, answer = _text(row, "problem"), _text(row, "answer", allow_number=True)
+        question = _text(row, "problem")
+        gold = row.get("answer")
+        if open_ended and (gold is None or isinstance(gold, str) and not gold.strip()):
+            answer, answer_type = "", "open"
+        else:
+            try:
+                answer = _text(row, "answer", allow_number=True)
+            except ValueError as e:
+                raise ValueError(f"{e} (rows without a gold answer need reward.model or reward.judge)") from None
+            answer_type = infer_answer_type(answer)
         images = row.get("images", row.get("image"))
         if isinstance(images, list):
             if len(images) != 1:
@@ -258,8 +269,8 @@ def import_easyr1(path: str, image_dir: str | None = None, on_error: str = "rais
         if len(PLACEHOLDER.findall(question)) > 1:
             raise ValueError(f"field 'problem' has {len(PLACEHOLDER.findall(question))} image placeholders; "
                              f"rftjax supports one image per row")
-        return make_example(task, "import", index, _image(images, base, decode), question, answer,
-                            infer_answer_type(answer), meta={"source": ref})
+        return make_example(task, "import", index, _image(images, base, decode), question, answer, answer_type,
+                            meta={"source": ref})
 
     return _import(path, convert, on_error)
 
@@ -355,9 +366,10 @@ LOADERS = {"easyr1": import_easyr1, "mathv": import_mathv}
 """Dataset kinds of `load_dataset` specs."""
 
 
-def load_dataset(spec: str, image_dir: str | None = None) -> tuple[LazyExamples, ImportReport]:
+def load_dataset(spec: str, image_dir: str | None = None, open_ended: bool = False) -> tuple[LazyExamples, ImportReport]:
     """The examples of a dataset spec `KIND:PATH` (`easyr1:train.jsonl`, `easyr1:train.parquet`,
-    `mathv:data/testmini.jsonl`), imported lazily with bad rows skipped and reported.
+    `mathv:data/testmini.jsonl`), imported lazily with bad rows skipped and reported; `open_ended` keeps EasyR1
+    rows without an answer (`import_easyr1`).
 
     Raises:
       ValueError: an unknown kind or a missing path (the message lists the kinds), or no usable row.
@@ -365,7 +377,8 @@ def load_dataset(spec: str, image_dir: str | None = None) -> tuple[LazyExamples,
     kind, _, path = spec.partition(":")
     if kind not in LOADERS or not path:
         raise ValueError(f"dataset {spec!r}: use KIND:PATH with KIND one of {sorted(LOADERS)}")
-    examples, report = LOADERS[kind](path, image_dir, on_error="skip", decode=False)
+    extra = {"open_ended": True} if open_ended and kind == "easyr1" else {}
+    examples, report = LOADERS[kind](path, image_dir, on_error="skip", decode=False, **extra)
     if not examples:
         raise ValueError(f"dataset {spec!r} has no usable rows: {report}; first problems: {report.skipped[:3]}")
     return LazyExamples(examples), report

@@ -199,6 +199,11 @@ class Preprocess:
         rows before training: `rftjax.data.importers.drop_long_prompts`).
       with_completion: also emit the tokenised reasoning trace (SFT).
       max_completion_len: C.
+      extra_media: `((key, image input), ...)`: the image again as other models read it (a reward model or judge
+        of another family, `rftjax.rewards.models.media_of`), emitted as `{key}_pixel_values` and
+        `{key}_image_tokens`.
+
+    Each example also carries `image_tokens` (int32), the policy's image-token count of its image.
     """
 
     tokenizer: TextTokenizer
@@ -206,10 +211,12 @@ class Preprocess:
     max_prompt_len: int
     with_completion: bool = False
     max_completion_len: int = 64
+    extra_media: tuple = ()
 
     def finish_batch(self, batch: dict) -> dict:
         """A batch of preprocessed examples with its images fitted to their bucket (`fit_batch`)."""
-        return {**batch, "pixel_values": self.images.fit_batch(batch["pixel_values"])}
+        extra = {f"{k}_pixel_values": m.fit_batch(batch[f"{k}_pixel_values"]) for k, m in self.extra_media}
+        return {**batch, "pixel_values": self.images.fit_batch(batch["pixel_values"]), **extra}
 
     def prompt_len(self, question: str, height: int, width: int) -> int:
         """Tokens of the rendered prompt of `question` with an image of `height x width` px."""
@@ -235,7 +242,11 @@ class Preprocess:
         out = {"pixel_values": self.images(image), "prompt_ids": np.asarray(prompt_ids, np.int32),
                "prompt_mask": np.asarray(prompt_mask, bool), "answer": self.answer(ex),
                "answer_type": ex["answer_type"], "id": ex.get("id", ""), "question": ex["question"],
-               "skipped_rows": np.int32(ex.get("skipped_rows", 0))}
+               "skipped_rows": np.int32(ex.get("skipped_rows", 0)),
+               "image_tokens": np.int32(self.images.tokens(*image.shape[:2]))}
+        for key, media in self.extra_media:
+            out[f"{key}_pixel_values"] = media(image)
+            out[f"{key}_image_tokens"] = np.int32(media.tokens(*image.shape[:2]))
         if self.with_completion:
             if not ex.get("reasoning"):
                 raise ValueError(f"example {ex.get('id')} has no reasoning trace: SFT needs one")

@@ -70,14 +70,14 @@ def accuracy(prediction, gold: str, answer_type: str, float_rel_tol: float = 1e-
 
     int: equal as numbers. float: `|p - g| <= float_rel_tol * max(1, |g|)`. choice: same option letter.
     math: math-verify equivalence (with a numeric shortcut). box: IoU of the boxes when `box_iou` (a graded
-    reward, Visual-RFT), else 1 if IoU >= 0.5.
+    reward, Visual-RFT), else 1 if IoU >= 0.5. open: no gold answer to match, 0.
 
     Raises:
       ValueError: unknown answer_type (a config error, not model output).
     """
-    if answer_type not in ("int", "float", "choice", "math", "box"):
+    if answer_type not in ("int", "float", "choice", "math", "box", "open"):
         raise ValueError(f"unknown answer_type {answer_type!r}")
-    if prediction is None:
+    if prediction is None or answer_type == "open":
         return 0.0
     try:
         if answer_type in ("int", "float"):

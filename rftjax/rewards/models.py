@@ -32,9 +32,9 @@ import safetensors
 
 from rftjax.models import family_of, model_for
 from rftjax.models.family import dummy_inputs
+from rftjax.rewards.sources import check_gate
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-GATES = ("all", "correct", "answered", "unanswered")
 LENGTH_MULTIPLE = 64  # reward-model and judge inputs are padded to a multiple of this many tokens (one compile each)
 
 
@@ -167,12 +167,6 @@ def pad_rows(rows: list[list[int]], pad_id: int, multiple: int = LENGTH_MULTIPLE
     for i, r in enumerate(rows):
         ids[i, length - len(r):], mask[i, length - len(r):] = r, True
     return ids, mask
-
-
-def check_gate(gate: str, what: str) -> None:
-    """Raise a ValueError unless `gate` is one of `GATES` (`what` names the setting)."""
-    if gate not in GATES:
-        raise ValueError(f"{what}={gate!r}: choose one of {GATES}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -392,15 +386,16 @@ class MeshModel:
 
 
 class RewardModelSource(MeshModel):
-    """A discriminative reward model (`load_reward_model`) as a reward source: component `reward_model`,
+    """A discriminative reward model (`load_reward_model`) as a reward source: component `model` (logged as
+    `reward_model_mean`),
     `(score - mean) / std` of each completion, the score read at the last token of the model's own chat-template
     rendering of the prompt (with its image) and the completion (`CheckpointTokenizer.render_prompt(response=)`).
     Source: the reward-model scoring of TRL's `GRPOTrainer` (sequence-classification models) and verl's reward
     model worker, with the image the policy saw."""
 
-    name = "reward_model"
-    components = ("reward_model",)
-    total = "reward_model"
+    name = "model"
+    components = ("model",)
+    total = "model"
 
     def __init__(self, model: RewardModel, tokenizer, settings: ModelRewardConfig, place, media_key: str = ""):
         super().__init__(model.config, model.params, tokenizer, place, media_key, settings.batch_size)
@@ -418,7 +413,7 @@ class RewardModelSource(MeshModel):
         scores = self.run(lambda i, ids, m: self._fn(self.params, self.head, features, i, ids, m), rows,
                           view.prompt_index, len(questions), filler)
         s = self.settings
-        return {"reward_model": ((np.asarray(scores, np.float32) - s.mean) / s.std).astype(np.float32)}
+        return {"model": ((np.asarray(scores, np.float32) - s.mean) / s.std).astype(np.float32)}
 
 
 class JudgeSource(MeshModel):
@@ -477,3 +472,54 @@ class JudgeSource(MeshModel):
                     for ids, n in zip(out["ids"], out["lengths"])]
         return {"judge": np.asarray([0.0 if v is None else v for v in verdicts], np.float32),
                 "judge_unparsed": np.asarray([v is None for v in verdicts], np.float32)}
+
+
+def _load_overrides(policy_config) -> dict:
+    """The policy's compute dtype, and its image budget when both read Qwen-VL patches."""
+    out = {"dtype": policy_config.dtype}
+    if hasattr(policy_config, "max_image_tokens"):
+        out["max_image_tokens"] = policy_config.max_image_tokens
+    return out
+
+
+def _checkpoint_parts(path: str, config, context, key: str) -> dict:
+    """The tokenizer (instruction "") of checkpoint `path` and the media key its model reads (`key` when its
+    image input differs from the policy's, else "": it reads the policy's pixel values)."""
+    from rftjax.data.chat import CheckpointTokenizer
+    from rftjax.data.pipeline import image_input_for
+
+    same = image_input_for(config) == image_input_for(context.model_config)
+    return {"tokenizer": CheckpointTokenizer(path, config.image_token_id, instruction=""),
+            "place": context.place, "media_key": "" if same else key}
+
+
+def reward_model_source(settings: ModelRewardConfig, context) -> RewardModelSource:
+    """The `RewardModelSource` of `settings` for a run (`rftjax.rewards.SourceContext`: its mesh and policy).
+
+    Raises:
+      ValueError: the checkpoint is not a reward model (`load_reward_model`) or has no tokenizer/chat template.
+    """
+    model = load_reward_model(settings.path, **_load_overrides(context.model_config))
+    return RewardModelSource(model, settings=settings, **_checkpoint_parts(settings.path, model.config, context,
+                                                                          "reward_model"))
+
+
+def judge_source(settings: JudgeConfig, context) -> JudgeSource:
+    """The `JudgeSource` of `settings` for a run (as `reward_model_source`).
+
+    Raises:
+      ValueError: an unreadable checkpoint, no tokenizer/chat template, yes/no texts that are not one token each.
+    """
+    from rftjax.models import hf
+
+    config, params = hf.load_pretrained(settings.path, **_load_overrides(context.model_config))
+    return JudgeSource(config, params, settings=settings, **_checkpoint_parts(settings.path, config, context, "judge"))
+
+
+def extra_media(reward) -> dict:
+    """`{media key: image input}` of the sources of `reward` (`Rewards`) that read images differently from the
+    policy (`Preprocess.extra_media`)."""
+    from rftjax.data.pipeline import image_input_for
+
+    return {s.media_key: image_input_for(s.config) for s, _, _ in reward.sources
+            if isinstance(s, MeshModel) and s.media_key}

@@ -17,6 +17,7 @@ called with a `SourceContext`. Component names are the metrics' names (`reward_{
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Protocol, Sequence
 
 import jax
@@ -48,6 +49,21 @@ class RewardView:
     answer_types: Sequence[str]
     prompt_index: np.ndarray
     prompts: dict
+
+    @property
+    def has_answer(self) -> np.ndarray:
+        """bool `[N]`: the row's prompt has a gold answer (open-ended rows have "")."""
+        return np.asarray([bool(a) for a in self.answers], bool)
+
+    def subset(self, rows: np.ndarray) -> "RewardView":
+        """The view of the rows where `rows` (bool `[N]`) is True; `prompts` stays whole (`prompt_index` still
+        points into it)."""
+        keep = np.flatnonzero(rows)
+        return dataclasses.replace(
+            self, texts=[self.texts[i] for i in keep], completion_ids=self.completion_ids[keep],
+            completion_mask=self.completion_mask[keep], lengths=self.lengths[keep],
+            answers=[self.answers[i] for i in keep], answer_types=[self.answer_types[i] for i in keep],
+            prompt_index=self.prompt_index[keep])
 
     @classmethod
     def of_groups(cls, texts: Sequence[str], out, prompts: dict, group_size: int) -> "RewardView":
@@ -159,46 +175,132 @@ class SourceContext:
     max_new_tokens: int
 
 
-class Rewards:
-    """A run's reward: sources with weights; `score(view)` returns every source's components and `total`
-    (float32 `[N]` each), `total = Σ weight · component[source.total]` in the order of `sources`.
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+GATES = ("all", "correct", "answered", "unanswered")
+
+
+def check_gate(gate: str, what: str) -> None:
+    """Raise a ValueError unless `gate` is one of `GATES` (`what` names the setting)."""
+    if gate not in GATES:
+        raise ValueError(f"{what}={gate!r}: choose one of {GATES}")
+
+
+def gate_rows(gate: str, view: RewardView, scored: dict[str, np.ndarray]) -> np.ndarray:
+    """bool `[N]`, the rows a source with `gate` scores (`GATES`): `all`; `correct`, where
+    the rules' `correct` component (in `scored`, from an earlier source) is >= 0.5 (FAPO's judge of correct
+    answers); `answered` / `unanswered`, the rows with / without a gold answer.
 
     Raises:
-      ValueError: two sources with the same name, or a component named twice (or `total`).
+      ValueError: an unknown gate; `correct` before any source gave `correct`.
+    """
+    if gate == "all":
+        return np.ones(len(view.texts), bool)
+    if gate == "correct":
+        if "correct" not in scored:
+            raise ValueError("a source gated on 'correct' must come after the rules (which give 'correct')")
+        return np.asarray(scored["correct"]) >= 0.5
+    check_gate(gate, "reward gate")
+    return view.has_answer == (gate == "answered")
+
+
+def aggregate(parts: Sequence[tuple[float, np.ndarray, np.ndarray]], prompt_index: np.ndarray,
+              aggregation: str = "sum_then_normalize", eps: float = 1e-4) -> np.ndarray:
+    """The total reward, float32 `[N]`, of `parts` `[(weight, values [N], scored bool [N])]` (rows a source did
+    not score count 0).
+
+    `sum_then_normalize`: `Σ weight · values` (the advantage estimator normalises the total per group).
+    `normalize_then_sum`: each part first normalised within each group (rows sharing a `prompt_index`) over the
+    rows it scored, `(x - mean) / (std + eps)` with Bessel's std (0 for a one-row group), then weighted and summed
+    (TRL's `multi_objective_aggregation="normalize_then_sum"`, GDPO: a part's scale cannot drown another's);
+    the estimator then treats that total as any reward.
+
+    Raises:
+      ValueError: an unknown aggregation.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"reward.aggregation={aggregation!r}: choose one of {AGGREGATIONS}")
+    total = np.zeros(len(prompt_index), np.float64)
+    for weight, values, scored in parts:
+        x = np.where(scored, np.asarray(values, np.float64), 0.0)
+        if aggregation == "normalize_then_sum":
+            normed = np.zeros_like(x)
+            for p in np.unique(prompt_index):
+                rows = (prompt_index == p) & scored
+                if rows.sum() > 1:
+                    v = x[rows]
+                    normed[rows] = (v - v.mean()) / (v.std(ddof=1) + eps)
+            x = normed
+        total += weight * x
+    return total.astype(np.float32)
+
+
+class Rewards:
+    """A run's reward: sources with weights and gates; `score(view)` returns every source's components and
+    `total` (float32 `[N]` each): `aggregate` of each source's `total` component over the rows its gate
+    (`gate_rows`) lets it score, in the order of `sources` (rows a source does not score get 0 in its components;
+    a source with no row to score is not called). `times` accumulates each source's seconds (`take_times`).
+
+    Args:
+      sources: `(source, weight)` or `(source, weight, gate)` (gate default `all`).
+      aggregation: `sum_then_normalize` or `normalize_then_sum` (`aggregate`).
+
+    Raises:
+      ValueError: two sources with the same name, a component named twice (or `total`), a bad gate or
+        aggregation.
     """
 
-    def __init__(self, sources: Sequence[tuple[RewardSource, float]]):
-        self.sources = tuple(sources)
-        names = [s.name for s, _ in self.sources]
-        components = [c for s, _ in self.sources for c in s.components]
+    def __init__(self, sources: Sequence[tuple], aggregation: str = "sum_then_normalize"):
+        self.sources = tuple((s[0], float(s[1]), s[2] if len(s) > 2 else "all") for s in sources)
+        names = [s.name for s, _, _ in self.sources]
+        components = [c for s, _, _ in self.sources for c in s.components]
         for what, seen in (("source", names), ("component", components + ["total"])):
             twice = sorted({x for x in seen if seen.count(x) > 1})
             if twice:
                 raise ValueError(f"reward {what} names must be unique, got {twice} twice (rename a source)")
-        self.components = tuple(components)
+        aggregate([], np.zeros(0, np.int32), aggregation)  # a bad name fails here
+        for i, (source, _, gate) in enumerate(self.sources):
+            given = {c for s, _, _ in self.sources[:i] for c in s.components}
+            if gate == "correct" and "correct" not in given:
+                raise ValueError(f"reward source {source.name!r} is gated on 'correct': it needs the rules before it")
+            check_gate(gate, f"the gate of reward source {source.name!r}")
+        self.components, self.aggregation = tuple(components), aggregation
+        self.times = dict.fromkeys(names, 0.0)
 
     def score(self, view: RewardView) -> dict[str, np.ndarray]:
         """Every component and `total`, float32 `[N]` each.
 
         Raises:
-          ValueError: a source returned other components than it declares, or not `[N]` values.
+          ValueError: a source returned other components than it declares, or not `[n]` values.
           RuntimeError: what a source raises (the rule source: a user function that failed, `on_error=raise`).
         """
         n = len(view.texts)
-        out, total = {}, np.zeros(n, np.float32)
-        for source, weight in self.sources:
-            got = source.score(view)
-            if set(got) != set(source.components) or any(np.shape(v) != (n,) for v in got.values()):
-                raise ValueError(f"reward source {source.name!r} returned {sorted(got)} with shapes "
-                                 f"{[np.shape(v) for v in got.values()]}; it declares {list(source.components)} "
-                                 f"of shape ({n},)")
-            out.update({k: np.asarray(v, np.float32) for k, v in got.items()})
-            total = (total + np.float32(weight) * out[source.total]).astype(np.float32)
-        out["total"] = total
+        out, parts = {}, []
+        for source, weight, gate in self.sources:
+            rows = gate_rows(gate, view, out)
+            t0 = time.perf_counter()
+            got = {c: np.zeros(n, np.float32) for c in source.components}
+            if rows.any():
+                part = source.score(view if rows.all() else view.subset(rows))
+                m = int(rows.sum())
+                if set(part) != set(source.components) or any(np.shape(v) != (m,) for v in part.values()):
+                    raise ValueError(f"reward source {source.name!r} returned {sorted(part)} with shapes "
+                                     f"{[np.shape(v) for v in part.values()]}; it declares "
+                                     f"{list(source.components)} of shape ({m},)")
+                for c, v in part.items():
+                    got[c][rows] = np.asarray(v, np.float32)
+            self.times[source.name] += time.perf_counter() - t0
+            out.update(got)
+            parts.append((weight, out[source.total], rows))
+        out["total"] = aggregate(parts, np.asarray(view.prompt_index), self.aggregation)
         return out
 
+    def take_times(self) -> dict[str, float]:
+        """Seconds each source spent scoring since the last call, `{name: s}` (and resets them)."""
+        times, self.times = self.times, dict.fromkeys(self.times, 0.0)
+        return times
+
     def close(self) -> None:
-        for source, _ in self.sources:
+        for source, _, _ in self.sources:
             source.close()
 
 
@@ -222,17 +324,26 @@ def parse_sources(spec: str) -> list[tuple[str, str, float]]:
     return out
 
 
-def build_rewards(config: RewardConfig, overlong_buffer_len: int, context: SourceContext,
-                  sources: str = "") -> Rewards:
-    """A run's `Rewards`: the rules (`config`), DAPO's overlong shaping when `overlong_buffer_len` > 0 (of
-    `context.max_new_tokens`), and the `sources` spec's factories called with `context`.
+def build_rewards(config: RewardConfig, overlong_buffer_len: int, context: SourceContext, sources: str = "",
+                  model=None, judge=None, aggregation: str = "sum_then_normalize") -> Rewards:
+    """A run's `Rewards`: the rules (`config`, on the rows with a gold answer), DAPO's overlong shaping when
+    `overlong_buffer_len` > 0 (of `context.max_new_tokens`), a reward model (`model`,
+    `rftjax.rewards.models.ModelRewardConfig`) and a judge (`judge`, `JudgeConfig`) on the run's mesh, and the
+    `sources` spec's factories called with `context`; summed by `aggregation` (`aggregate`).
 
     Raises:
-      ValueError: a bad spec, factory or shaping length; names used twice.
+      ValueError: a bad spec, factory, shaping length, checkpoint or aggregation; names used twice.
     """
-    parts: list[tuple[RewardSource, float]] = [(RuleSource(config), 1.0)]
+    parts: list[tuple] = [(RuleSource(config), 1.0, "answered")]
     if overlong_buffer_len:
         parts.append((OverlongSource(overlong_buffer_len, context.max_new_tokens), 1.0))
+    if model is not None or judge is not None:
+        from rftjax.rewards import models
+
+        if model is not None:
+            parts.append((models.reward_model_source(model, context), model.weight, model.gate))
+        if judge is not None:
+            parts.append((models.judge_source(judge, context), judge.weight, judge.gate))
     for path, name, weight in parse_sources(sources):
         parts.append((load_function(f"{path}:{name}", "reward.sources")(context), weight))
-    return Rewards(parts)
+    return Rewards(parts, aggregation)

@@ -1,11 +1,12 @@
-"""Procedural multimodal reasoning tasks with verifiable answers: `digits`, `shapes`, `grounding`."""
+"""Procedural multimodal reasoning tasks: `digits`, `shapes`, `grounding` (verifiable answers) and `describe`
+(open-ended, for reward models and judges)."""
 
 from rftjax.data.tasks.base import ANSWER_TYPES, SPLITS, Task, make_example
 from rftjax.data.tasks.digits import DigitsTask
 from rftjax.data.tasks.grounding import GroundingTask, format_box
-from rftjax.data.tasks.shapes import ShapesTask
+from rftjax.data.tasks.shapes import DescribeTask, ShapesTask
 
-TASKS = {t.name: t for t in (DigitsTask, ShapesTask, GroundingTask)}
+TASKS = {t.name: t for t in (DigitsTask, ShapesTask, GroundingTask, DescribeTask)}
 
 
 def get_task(name: str, seed: int = 0, image_size: int = 64, **options) -> Task:
@@ -23,4 +24,4 @@ def get_task(name: str, seed: int = 0, image_size: int = 64, **options) -> Task:
 
 
 __all__ = ["ANSWER_TYPES", "SPLITS", "TASKS", "Task", "get_task", "make_example", "format_box", "DigitsTask",
-           "ShapesTask", "GroundingTask"]
+           "ShapesTask", "GroundingTask", "DescribeTask"]

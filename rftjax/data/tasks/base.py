@@ -6,8 +6,9 @@ An example is a plain dict (the record TFDS writes and grain reads):
   task         str   task name
   image        uint8 [H, W, 3]
   question     str   the question, without the image placeholder or chat template
-  answer       str   the verifiable answer ("11", "B", "[3, 5, 17, 19]", a LaTeX expression)
-  answer_type  str   one of ANSWER_TYPES: how rewards compare a prediction with `answer`
+  answer       str   the verifiable answer ("11", "B", "[3, 5, 17, 19]", a LaTeX expression); "" for `open`
+  answer_type  str   one of ANSWER_TYPES: how rewards compare a prediction with `answer`; `open`: no gold answer
+                     (open-ended: only a reward model or judge scores it, `rftjax.rewards.sources.gate_rows`)
   reasoning    str   a short trace "<think>...</think><answer>...</answer>" for the SFT cold start ("" if none)
   meta         str   JSON with what generated the example (scene description, source ids)
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-ANSWER_TYPES = ("int", "float", "choice", "math", "box")
+ANSWER_TYPES = ("int", "float", "choice", "math", "box", "open")
 SPLITS = ("train", "validation", "test", "test_ood")
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 

@@ -41,3 +41,20 @@ class ShapesTask(Task):
         meta = {"objects": objects, "question": kind, "colour": colour, "shape": shape}
         return make_example(self.name, split, index, render(objects, self.image_size), question, str(len(hits)),
                             "int", thought, meta)
+
+
+class DescribeTask(Task):
+    """`describe`: an open-ended caption of a CLEVR-like scene ("Describe the objects in the image."), without a
+    gold answer (answer "", type `open`): a reward model or judge scores it. The cold-start trace lists the
+    objects; `meta` holds the scene. 2-6 objects, 7-9 in `test_ood`."""
+
+    name = "describe"
+
+    def example(self, split: str, index: int) -> dict:
+        rng = example_rng(self.seed, split, index)
+        lo, hi = (7, 9) if split == "test_ood" else (2, 6)
+        objects = sample_scene(rng, int(rng.integers(lo, hi + 1)), self.image_size)
+        caption = f"There are {len(objects)} objects: {', '.join(describe(o) for o in objects)}."
+        ex = make_example(self.name, split, index, render(objects, self.image_size),
+                          "Describe the objects in the image.", "", "open", meta={"objects": objects})
+        return {**ex, "reasoning": f"<think>{caption}</think><answer>{caption}</answer>"}
