@@ -164,3 +164,41 @@ def test_open_ended_data_without_a_learned_reward_is_refused():
     c.data.task = "describe"
     with pytest.raises(ValueError, match="reward.model"):
         build.validate_config(c, 1, configs.algorithm(c))
+
+
+def test_a_tiny_judge_goes_through_the_whole_path(reward_model_dir):
+    """A random tiny Qwen2.5-VL judge on two describe prompts of two completions: greedy verdicts that do not
+    parse score 0 and are counted; the `yes` rule equals a plain forward pass over each unpadded judge prompt."""
+    import jax
+
+    from rftjax import rewards, sharding
+    from rftjax.data.chat import CheckpointTokenizer
+    from rftjax.data.pipeline import Preprocess, image_input_for
+    from rftjax.data.tasks import get_task
+    from rftjax.models import hf, model_for
+
+    config, params = hf.load_pretrained(reward_model_dir, max_image_tokens=16)
+    tok = CheckpointTokenizer(reward_model_dir, config.image_token_id, instruction="")
+    pre = Preprocess(tok, image_input_for(config), 256)
+    task = get_task("describe")
+    examples = [pre(task.example("train", i)) for i in range(2)]
+    batch = pre.finish_batch(jax.tree.map(lambda *xs: np.stack(xs), *examples))
+    texts = ["two red circles", "How many cubes?", "a blue triangle", "<think>"]
+    view = rewards.RewardView(texts=texts, completion_ids=np.zeros((4, 2), np.int32),
+                              completion_mask=np.ones((4, 2), bool), lengths=np.full(4, 2), answers=[""] * 4,
+                              answer_types=["open"] * 4, prompt_index=np.asarray([0, 0, 1, 1], np.int32),
+                              prompts=batch)
+    judge = rm.JudgeSource(config, params, tok, rm.JudgeConfig(reward_model_dir, max_new_tokens=6), sharding.HOST)
+    out = judge.score(view)
+    np.testing.assert_array_equal(out["judge_unparsed"], 1.0)  # a random model gives no "Final Score: N"
+    np.testing.assert_array_equal(out["judge"], 0.0)
+
+    yes = rm.JudgeSource(config, params, tok, rm.JudgeConfig(reward_model_dir, parse="yes:a:b"), sharding.HOST)
+    got = yes.score(view)["judge"]
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    for n, (t, p) in enumerate(zip(texts, view.prompt_index)):
+        ids = tok.prompt_ids(yes.template.render(question=batch["question"][p], response=t, answer=""),
+                             int(batch["image_tokens"][p]))
+        images = jax.tree.map(lambda x: x[p:p + 1], batch["pixel_values"])
+        logits = model_for(config).apply({"params": params}, images, jnp.asarray([ids], jnp.int32)).logits[0, -1]
+        assert got[n] == pytest.approx(float(jax.nn.sigmoid(logits[a] - logits[b])), abs=1e-5)

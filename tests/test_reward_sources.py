@@ -105,3 +105,45 @@ def test_a_device_side_source_through_the_cli(tmp_path):
     for r in rl_rows:
         assert 0 <= r["reward_even_tokens_mean"] <= 1
         assert r["reward_mean"] == pytest.approx(r["reward_score_mean"] + 0.5 * r["reward_even_tokens_mean"], abs=1e-5)
+
+
+def test_gates_and_both_aggregation_orders_against_a_hand_computed_example():
+    """Two prompts of 2 completions; the second prompt has no gold answer. Rules score the answered rows only, a
+    'judge' gated on correct rows scores row 0 only, a 'model' scores the unanswered rows."""
+    from rftjax.rewards.sources import aggregate
+
+    class Fixed:
+        def __init__(self, name, values):
+            self.name, self.components, self.total, self.values, self.calls = name, (name,), name, values, []
+
+        def score(self, view):
+            self.calls.append(list(view.texts))
+            return {self.name: np.asarray([self.values[t] for t in view.texts], np.float32)}
+
+        def close(self):
+            pass
+
+    texts = [GOOD, "<think>x</think><answer>8</answer>", "a cat", "a dog"]
+    view = rewards.RewardView(texts=texts, completion_ids=np.zeros((4, 6), np.int32),
+                              completion_mask=np.ones((4, 6), bool), lengths=np.full(4, 6),
+                              answers=["7", "7", "", ""], answer_types=["int", "int", "open", "open"],
+                              prompt_index=np.asarray([0, 0, 1, 1], np.int32), prompts={})
+    judge = Fixed("judge", {GOOD: 0.25})
+    model = Fixed("model", {"a cat": 2.0, "a dog": -1.0})
+    rules = rewards.RuleSource(rewards.RewardConfig(format_weight=0.5))
+    parts = [(rules, 1.0, "answered"), (judge, 2.0, "correct"), (model, 0.5, "unanswered")]
+    out = rewards.Rewards(parts).score(view)
+    np.testing.assert_allclose(out["score"], [1.5, 0.5, 0, 0])
+    np.testing.assert_allclose(out["judge"], [0.25, 0, 0, 0])
+    np.testing.assert_allclose(out["model"], [0, 0, 2.0, -1.0])
+    assert judge.calls == [[GOOD]] and model.calls == [["a cat", "a dog"]]  # gated rows are never sent
+    np.testing.assert_allclose(out["total"], [1.5 + 2 * 0.25, 0.5, 0.5 * 2.0, 0.5 * -1.0])
+    # normalize_then_sum: per group over the scored rows, Bessel std, eps 1e-4 (TRL's order)
+    out = rewards.Rewards(parts, "normalize_then_sum").score(view)
+    z = 1 / (np.std([1.5, 0.5], ddof=1) + 1e-4) * 0.5  # rules in group 0: +-0.5 / std
+    zm = 1.5 / (np.std([2.0, -1.0], ddof=1) + 1e-4)    # model in group 1: +-1.5 / std
+    np.testing.assert_allclose(out["total"], [z, -z, 0.5 * zm, -0.5 * zm], rtol=1e-6)  # judge: one row, 0
+    with pytest.raises(ValueError, match="needs the rules before it"):
+        rewards.Rewards([(judge, 1.0, "correct")])
+    with pytest.raises(ValueError, match="choose one of"):
+        aggregate([], np.zeros(0, np.int32), "sum")
