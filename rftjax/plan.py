@@ -18,6 +18,9 @@ logical-axis shardings `rftjax.sharding` gives each param:
   critic        PPO: the critic's trainable backbone copy + value head, its optimizer state and gradients.
   sampling copy the compute-dtype copy of the kernels the sampler makes (`cast_for_compute`) when `dtype` differs
                 from `param_dtype`.
+  reward model  a `reward.model`'s params without the LM head (`rftjax.rewards.models`), sharded as the policy's;
+  judge         a `reward.judge`'s params, likewise (its decode state and activations are not counted: it runs
+                after the rollout's state is freed, with at most the rollout's rows).
   decode state  the rollout's decode state (the model's `init_state`, shapes by `jax.eval_shape`; a KV cache for
                 attention layers): `(gen_prompts_per_round or prompts_per_step) x group_size` rows (and the
                 evaluation batch, whichever is larger) x (max_prompt_len + max_new_tokens) slots x layers x 2
@@ -126,6 +129,19 @@ def _activations(mc, rows: float, seq: int, completion: int, media_rows: float) 
     return text + vision + logits
 
 
+def _checkpoint_bytes(path: str, policy_config, sizes: dict[str, int], with_head: bool) -> float:
+    """Bytes per device of the params of the checkpoint at `path` (read as `rftjax.rewards.models` loads it,
+    without the LM head unless `with_head`); 0 for no path."""
+    if not path:
+        return 0.0
+    from rftjax.models import hf
+    from rftjax.rewards.models import load_overrides
+
+    config = hf.load_config(path, **load_overrides(policy_config))
+    boxed = jax.eval_shape(lambda: model_for(config).init(jax.random.key(0), *dummy_inputs(config))["params"])
+    return float(sum(v for p, v in _per_device(boxed, sizes).items() if with_head or "lm_head" not in p))
+
+
 def plan(c: ml_collections.ConfigDict) -> Plan:
     """The `Plan` of run config `c` (nothing is allocated; `c.plan.num_devices` devices need not exist).
 
@@ -154,6 +170,8 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
              "gradients": train_bytes * (2 if micro_batched else 1),  # + the micro-batches' running sum
              "reference": train_bytes if algo.uses_reference else 0.0,
              "critic": 4.0 * train_bytes if algo.uses_critic else 0.0}
+    terms["reward model"] = _checkpoint_bytes(c.reward.model, mc, sizes, with_head=False)
+    terms["judge"] = _checkpoint_bytes(c.reward.judge, mc, sizes, with_head=True)
     kernels = sum(v for p, v in per_device.items() if p[-1] in ("kernel", "embed_tokens"))
     terms["sampling copy"] = 0.0 if mc.dtype == mc.param_dtype else kernels * (
         jnp.dtype(mc.compute_dtype).itemsize / jnp.dtype(mc.params_dtype).itemsize)

@@ -202,3 +202,22 @@ def test_a_tiny_judge_goes_through_the_whole_path(reward_model_dir):
         images = jax.tree.map(lambda x: x[p:p + 1], batch["pixel_values"])
         logits = model_for(config).apply({"params": params}, images, jnp.asarray([ids], jnp.int32)).logits[0, -1]
         assert got[n] == pytest.approx(float(jax.nn.sigmoid(logits[a] - logits[b])), abs=1e-5)
+
+
+def test_the_planner_counts_the_reward_models_params(reward_model_dir):
+    import importlib.util
+
+    import jax
+
+    from helpers import ROOT
+    from rftjax import plan
+
+    spec = importlib.util.spec_from_file_location("smoke", f"{ROOT}/configs/smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    c = smoke.get_config()
+    c.plan.num_devices, c.reward.model = 1, reward_model_dir
+    p = plan.plan(c)
+    loaded = rm.load_reward_model(reward_model_dir)
+    assert p.terms["reward model"] == sum(x.nbytes for x in jax.tree.leaves(loaded.params)) > 0
+    assert p.terms["judge"] == 0 and "reward model" in plan.table(p)

@@ -84,7 +84,12 @@ class RftjaxGrounding(_TaskBuilder):
     TASK = "grounding"
 
 
-BUILDERS = {"digits": RftjaxDigits, "shapes": RftjaxShapes, "grounding": RftjaxGrounding}
+class RftjaxDescribe(_TaskBuilder):
+    TASK = "describe"
+
+
+BUILDERS = {"digits": RftjaxDigits, "shapes": RftjaxShapes, "grounding": RftjaxGrounding,
+            "describe": RftjaxDescribe}
 assert set(BUILDERS) == set(TASKS)
 
 

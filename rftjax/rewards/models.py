@@ -474,8 +474,9 @@ class JudgeSource(MeshModel):
                 "judge_unparsed": np.asarray([v is None for v in verdicts], np.float32)}
 
 
-def _load_overrides(policy_config) -> dict:
-    """The policy's compute dtype, and its image budget when both read Qwen-VL patches."""
+def load_overrides(policy_config) -> dict:
+    """The config fields a reward model or judge takes from the policy's config: its compute dtype, and its image
+    budget (`max_image_tokens`) when the policy has one."""
     out = {"dtype": policy_config.dtype}
     if hasattr(policy_config, "max_image_tokens"):
         out["max_image_tokens"] = policy_config.max_image_tokens
@@ -499,7 +500,7 @@ def reward_model_source(settings: ModelRewardConfig, context) -> RewardModelSour
     Raises:
       ValueError: the checkpoint is not a reward model (`load_reward_model`) or has no tokenizer/chat template.
     """
-    model = load_reward_model(settings.path, **_load_overrides(context.model_config))
+    model = load_reward_model(settings.path, **load_overrides(context.model_config))
     return RewardModelSource(model, settings=settings, **_checkpoint_parts(settings.path, model.config, context,
                                                                           "reward_model"))
 
@@ -512,7 +513,7 @@ def judge_source(settings: JudgeConfig, context) -> JudgeSource:
     """
     from rftjax.models import hf
 
-    config, params = hf.load_pretrained(settings.path, **_load_overrides(context.model_config))
+    config, params = hf.load_pretrained(settings.path, **load_overrides(context.model_config))
     return JudgeSource(config, params, settings=settings, **_checkpoint_parts(settings.path, config, context, "judge"))
 
 
