@@ -133,11 +133,12 @@ class TextTokenizer:
 
 
 def training_corpus(n_per_task: int = 3000) -> list[str]:
-    """Deterministic text the packaged tokenizer is trained on."""
+    """Deterministic text the packaged tokenizer is trained on: the tasks it was built with (`describe` reuses
+    `shapes`' words)."""
     from rftjax.data.tasks import TASKS
 
     lines: list[str] = []
-    for name in sorted(TASKS):
+    for name in ("digits", "grounding", "shapes"):
         task = TASKS[name](seed=0)
         for split in ("train", "test_ood"):
             for i in range(n_per_task if split == "train" else n_per_task // 10):
