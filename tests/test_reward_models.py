@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import jax.numpy as jnp  # noqa: E402
-from hf_reference import HALF, QWEN_IDS, make_hf_qwen3_5, make_hf_qwen_vl, qwen_batch, qwen_images  # noqa: E402
+from hf_reference import HALF, make_hf_qwen3_5, make_hf_qwen_vl, qwen_batch, qwen_images  # noqa: E402
 
 from rftjax.rewards import models as rm  # noqa: E402
 

@@ -366,7 +366,8 @@ LOADERS = {"easyr1": import_easyr1, "mathv": import_mathv}
 """Dataset kinds of `load_dataset` specs."""
 
 
-def load_dataset(spec: str, image_dir: str | None = None, open_ended: bool = False) -> tuple[LazyExamples, ImportReport]:
+def load_dataset(spec: str, image_dir: str | None = None,
+                 open_ended: bool = False) -> tuple[LazyExamples, ImportReport]:
     """The examples of a dataset spec `KIND:PATH` (`easyr1:train.jsonl`, `easyr1:train.parquet`,
     `mathv:data/testmini.jsonl`), imported lazily with bad rows skipped and reported; `open_ended` keeps EasyR1
     rows without an answer (`import_easyr1`).

@@ -1,7 +1,7 @@
 """Learned rewards on the run's mesh: discriminative reward models and generative judges.
 
-    RewardView ──render (the model's own chat template: user turn with the image + question, assistant turn) ──►
-      reward model:  one forward pass, hidden state at the last real token · head  ──► score [N]
+    RewardView ──render (its own chat template: user turn with the image + question, assistant turn) ──►
+      reward model:  one forward pass, hidden state at the last real token · head ──► score [N]
       judge:         greedy generation with rftjax's sampler ──► parse (`parse_judgement`) ──► score in [0, 1]
 
 Both read each prompt's image once (`media_of`: the policy's pixel values when the model reads images the same
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 
-from rftjax.models import family_of, model_for
+from rftjax.models import model_for
 from rftjax.models.family import dummy_inputs
 from rftjax.rewards.sources import check_gate
 
