@@ -221,3 +221,21 @@ def test_the_planner_counts_the_reward_models_params(reward_model_dir):
     loaded = rm.load_reward_model(reward_model_dir)
     assert p.terms["reward model"] == sum(x.nbytes for x in jax.tree.leaves(loaded.params)) > 0
     assert p.terms["judge"] == 0 and "reward model" in plan.table(p)
+
+
+def test_easyr1_rows_without_an_answer_are_kept_only_for_a_learned_reward(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from rftjax.data import importers
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    rows = [{"problem": "<image>What is 1+1?", "answer": "2", "images": ["a.png"]},
+            {"problem": "<image>Describe it.", "images": ["a.png"]},
+            {"problem": "<image>Describe it again.", "answer": " ", "images": ["a.png"]}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    kept, report = importers.import_easyr1(str(tmp_path / "d.jsonl"), on_error="skip")
+    assert len(kept) == 1 and "reward.model" in report.skipped[0][1]
+    kept, _ = importers.import_easyr1(str(tmp_path / "d.jsonl"), open_ended=True)
+    assert [(e["answer"], e["answer_type"]) for e in kept] == [("2", "int"), ("", "open"), ("", "open")]
