@@ -1,7 +1,8 @@
 """Reward sources: where the reward components of a step come from, and how they add up.
 
     completions (host) ──RewardView──► source.score(view) ─► {component: [N]}   for each source
-                                       Rewards: total = Σ weight_s · component[source.total]
+                                       Rewards: total = aggregate of weight_s · component[source.total]
+                                                over the rows each source's gate lets it score
 
 A source is anything with a `name`, the `components` it returns, the one component (`total`) that enters the
 reward, `score(view)` and `close()` (`RewardSource`). Three kinds ship:
@@ -9,7 +10,9 @@ reward, `score(view)` and `close()` (`RewardSource`). Three kinds ship:
   worker pool (`rftjax.rewards.runner.RewardScorer`): `accuracy`, `correct`, `format`, `score` and the 0/1
   flags `timeout`, `error`.
 - `OverlongSource`: DAPO's soft overlong punishment of the completion lengths (Yu et al. 2025, Eq. 13).
-- `DeviceSource`: a jitted function of the token ids on the run's mesh (the place for reward models).
+- `DeviceSource`: a jitted function of the token ids on the run's mesh.
+- `rftjax.rewards.models`: a reward model (`reward.model`) and a generative judge (`reward.judge`) on the mesh.
+Gates (`gate_rows`) and the order of normalisation (`aggregate`) combine them (docs/rewards.md).
 A run names extra sources in `reward.sources` (`PATH.py:FACTORY[:WEIGHT]`, comma-separated), each factory
 called with a `SourceContext`. Component names are the metrics' names (`reward_{component}_mean`).
 """
