@@ -21,6 +21,12 @@ TIMING_KEYS = ("time_per_step_s", "rollout_tokens_per_s", "update_time_s", "roll
                "eval_time_s", "reward_time_s")
 
 
+def is_timing(key: str) -> bool:
+    """Whether metric `key` is a wall-time figure (different between two identical runs): `TIMING_KEYS` and each
+    reward source's seconds, `reward_time_{source}_s`."""
+    return key in TIMING_KEYS or key.startswith("reward_time_")
+
+
 def _clean(v: Any):
     if isinstance(v, (np.generic, np.ndarray)):
         v = v.item() if np.ndim(v) == 0 else v.tolist()
