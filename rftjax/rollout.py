@@ -228,6 +228,7 @@ def collect_rollouts(policy: Policy, prompts, key, config: RolloutConfig, reward
     kept, spare, rounds, gen_time, gen_tokens, generated, signal_seen, correct = [], [], 0, 0.0, 0, 0, 0, 0.0
     reward_time, correct_noisy = 0.0, 0.0
     skipped_rows = 0
+    reward.take_times()  # this step's seconds per source only (not an evaluation's before it)
     while True:
         parts = [next(prompts) for _ in range(per_round)]
         batch = {k: concat_rows(*[p[k] for p in parts]) for k in parts[0]}
