@@ -113,6 +113,7 @@ SLOW = {
     "test_notebook.py::test_notebook_runs_headless_and_ends_with_the_accuracy_table",
     "test_notebook.py::test_qwen_notebook_runs_headless_on_a_tiny_standin",
     "test_reward_models.py::test_rules_plus_a_reward_model_train_and_resume_through_the_cli",
+    "test_reward_models.py::test_a_reward_model_alone_scores_rows_without_gold_answers",
     *(f"test_family.py::{t}[unrolled]" for t in ("test_hybrid_params_follow_the_pattern",
                                                  "test_hybrid_model_samples_what_the_trainer_scores",
                                                  "test_hybrid_cached_decode_equals_full_forward",
