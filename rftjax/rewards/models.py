@@ -160,13 +160,13 @@ def media_of(prompts: dict, key: str = "") -> tuple[Any, np.ndarray]:
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, multiple: int = LENGTH_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
-    """Token rows -> left-padded `(ids int32 [N, L], mask bool [N, L])`, L the longest rounded up to `multiple`."""
+    """Token rows -> left-padded `(ids int32 [N, L], mask bool [N, L])` (`pad_left` per row), L the longest
+    rounded up to `multiple`."""
+    from rftjax.data.tokenizer import pad_left
+
     length = max(multiple, -(-max(len(r) for r in rows) // multiple) * multiple)
-    ids = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), bool)
-    for i, r in enumerate(rows):
-        ids[i, length - len(r):], mask[i, length - len(r):] = r, True
-    return ids, mask
+    ids, mask = zip(*(pad_left(r, length, pad_id) for r in rows))
+    return np.asarray(ids, np.int32), np.asarray(mask, bool)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -387,9 +387,8 @@ class MeshModel:
 
 class RewardModelSource(MeshModel):
     """A discriminative reward model (`load_reward_model`) as a reward source: component `model` (logged as
-    `reward_model_mean`),
-    `(score - mean) / std` of each completion, the score read at the last token of the model's own chat-template
-    rendering of the prompt (with its image) and the completion (`CheckpointTokenizer.render_prompt(response=)`).
+    `reward_model_mean`), `(score - mean) / std` of each completion, the score read at the last token of the
+    model's own chat-template rendering of the prompt (with its image) and the completion (`CheckpointTokenizer.render_prompt(response=)`).
     Source: the reward-model scoring of TRL's `GRPOTrainer` (sequence-classification models) and verl's reward
     model worker, with the image the policy saw."""
 
