@@ -23,6 +23,7 @@ from rftjax import configs, hardware, rewards, rl, sharding, trainable
 from rftjax.data import augment as augment_lib
 from rftjax.data import importers
 from rftjax.data.pipeline import Preprocess, TaskSource, image_input_for, make_dataset
+from rftjax.data.video import VideoSampling
 from rftjax.data.tasks import get_task
 from rftjax.data.tokenizer import TextTokenizer
 from rftjax.models import (LoraConfig, ModelConfig, abstract_params, dummy_inputs, family_of, get_preset, model_for,
@@ -304,7 +305,10 @@ def tokenizer_of(c: ml_collections.ConfigDict, model_config) -> TextTokenizer:
         from rftjax.data.chat import CheckpointTokenizer
 
         tokenizer = CheckpointTokenizer(c.model.checkpoint, model_config.image_token_id, instruction,
-                                        template_kwargs=c.data.chat_template_kwargs.to_dict())
+                                        template_kwargs=c.data.chat_template_kwargs.to_dict(),
+                                        video_token_id=getattr(model_config, "video_token_id", None),
+                                        vision_start_id=getattr(model_config, "vision_start_token_id", None),
+                                        vision_end_id=getattr(model_config, "vision_end_token_id", None))
     else:
         family = family_of(model_config)
         if family.needs_checkpoint_tokenizer:
@@ -330,7 +334,7 @@ def file_source(spec: str, name: str, pre: Preprocess, max_prompt_len: int, repo
     Raises:
       ValueError: a bad spec, or no row that fits.
     """
-    source, report = importers.load_dataset(spec, open_ended=open_ended)
+    source, report = importers.load_dataset(spec, open_ended=open_ended, video=getattr(pre.images, "video", None))
     source = importers.drop_long_prompts(source, pre.prompt_len, max_prompt_len, report)
     if reports is not None:
         reports[name] = report
@@ -409,10 +413,10 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
         raise ValueError(f"bad config: data.augment works on square LLaVA images; set data.augment='' for "
                          f"{family_of(model_config).name}")
     parse_augment(c.data.augment)  # a bad spec fails here, not after the model is built
-    d, images = c.data, image_input_for(model_config)
+    d, images = c.data, image_input_for(model_config, VideoSampling(**c.data.video.to_dict()))
     prompt_pre = Preprocess(tokenizer, images, d.max_prompt_len,
                             extra_media=tuple(reward_models.extra_media(reward).items()))
-    shortest = prompt_pre.prompt_len("", 28, 28)
+    shortest = prompt_pre.prompt_len("", [(28, 28)])
     if d.max_prompt_len < shortest:
         raise ValueError(f"bad config: data.max_prompt_len={d.max_prompt_len} cannot hold the chat template with the "
                          f"image tokens of the smallest image ({shortest} tokens before any question text); raise "

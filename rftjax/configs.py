@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.chat_template_kwargs = ml_collections.ConfigDict()  # model.checkpoint's chat template switches, as
                                         # transformers' apply_chat_template(**kwargs): {"enable_thinking": False}
                                         # (Qwen3.5 answers without its <think> block)
+    c.data.video = ml_collections.ConfigDict(dict(  # video frames (rftjax.data.video.VideoSampling; Qwen-VL)
+        fps=2.0, min_frames=4, max_frames=16,   # sampled per second of video, within [min_frames, max_frames]
+        frame_max_tokens=64))                   # the largest frame in LM tokens (per-frame pixel budget)
     c.data.augment = ""                 # "" | "noise:0.1" | "crop:0.8", applied to RL prompts (the update sees them)
     c.data.num_workers = 0              # grain worker processes
 

@@ -23,6 +23,7 @@ import numpy as np
 from rftjax import configs, faults, rewards, trainable
 from rftjax.build import EVAL_SPLITS, Run, build_run, file_source
 from rftjax.checkpoint import Checkpointer
+from rftjax.data.media import preview_image
 from rftjax.data.pipeline import Preprocess, make_dataset
 from rftjax.metrics import RunLogger, pass_at_k_panel, plot_panels
 from rftjax.rollout import Policy, score_groups
@@ -168,7 +169,7 @@ def evaluate_splits(run: Run, params, logger: RunLogger, step: int, stage: str, 
 
 def greedy_samples(run: Run, params, split: str = "test", n: int = 8) -> list[dict]:
     """The first `n` problems of the run's `split` with the model's greedy completion (one process): dicts with
-    `image` (uint8 `[H, W, 3]`, as the task made it), `question`, `completion` (text), `answer` (the reference),
+    `image` (uint8 `[H, W, 3]`, as the task made it; a video's first frame), `question`, `completion` (text), `answer` (the reference),
     `correct` (0/1 by the run's reward). For showing what a model writes (the Colab notebook)."""
     source = run.sources[split]
     n = min(n, len(source))
@@ -178,7 +179,7 @@ def greedy_samples(run: Run, params, split: str = "test", n: int = 8) -> list[di
     out, texts = run.policy(params).generate(batch, run.key, greedy, run.place)
     correct = score_groups(run.rewards, texts, out, batch, 1)["correct"]
     rows = [source[i] for i in range(n)]
-    return [{"image": np.asarray(r["image"].load() if hasattr(r["image"], "load") else r["image"]),
+    return [{"image": preview_image(r),
              "question": r["question"], "completion": t, "answer": r["answer"], "correct": float(c)}
             for r, t, c in zip(rows, texts, correct)]
 

@@ -288,10 +288,10 @@ def test_qwen_batches_take_the_smallest_bucket_that_fits():
     for b, pair in zip(batches, np.array_split(examples, 3)):
         for row, ex in zip(range(2), pair):
             patches, grid = images.processor(ex["image"])
-            np.testing.assert_array_equal(b["pixel_values"].grid_thw[row], grid)
+            np.testing.assert_array_equal(b["pixel_values"].grid_thw[row], [grid])
             np.testing.assert_array_equal(b["pixel_values"].patches[row, :len(patches)], patches)
             assert not b["pixel_values"].patches[row, len(patches):].any()
     joined = concat_rows(batches[0]["pixel_values"], batches[2]["pixel_values"])
-    assert joined.patches.shape == (4, 256, 1176) and joined.grid_thw.shape == (4, 3)
+    assert joined.patches.shape == (4, 256, 1176) and joined.grid_thw.shape == (4, 1, 3)
     np.testing.assert_array_equal(joined.patches[:2, :16], batches[0]["pixel_values"].patches)
     assert not joined.patches[:2, 16:].any()

@@ -60,7 +60,7 @@ def test_transformers_loads_the_tokenizer(tmp_path):
 
 
 def test_prompt_too_long_names_lengths_and_field():
-    with pytest.raises(PromptTooLongError, match=r"has \d+ tokens, 64 of them image tokens.*max_prompt_len=70.*"
+    with pytest.raises(PromptTooLongError, match=r"has \d+ tokens, 64 of them image/video tokens.*max_prompt_len=70.*"
                                                  r"data\.max_prompt_len"):
         TOK.prompt_ids("How many digits are there?", 64, max_prompt_len=70, example_id="x/1")
     ex = get_task("digits").example("train", 0)
@@ -251,11 +251,14 @@ def test_import_easyr1_jsonl_and_parquet(tmp_path):
     ({"problem": "q", "answer": "1", "images": [{"bytes": b"not an image", "path": None}]}, "not a readable image"),
     ({"problem": "q", "answer": "  ", "images": ["a.png"]}, "'answer' is empty"),
     ({"problem": 5, "answer": "1", "images": ["a.png"]}, "'problem' must be a string"),
-    ({"problem": "q", "answer": "1", "images": ["a.png", "a.png"]}, "exactly one"),
+    ({"problem": "<image> q", "answer": "1", "images": ["a.png", "a.png"]}, "do not match"),
+    ({"problem": "<video> q", "answer": "1", "images": ["a.png"]}, "do not match"),
+    ({"problem": "q", "answer": "1", "videos": ["bad.mp4"]}, "not a readable video"),
     ({"problem": "q", "answer": "1"}, "no 'images'"),
 ])
 def test_bad_rows_raise_naming_the_row_or_are_skipped_and_counted(tmp_path, row, message):
     Image.new("RGB", (12, 12)).save(tmp_path / "a.png")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video at all")
     good = {"problem": "q", "answer": "1", "images": ["a.png"]}
     path = tmp_path / "d.jsonl"
 

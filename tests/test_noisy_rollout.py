@@ -80,7 +80,7 @@ def test_media_layouts_round_trip_and_noise_every_real_pixel_once():
     batch = jax.tree.map(lambda *x: np.stack(x), *[media(im) for im in images])
     unit = media.to_unit(batch)
     assert unit.shape == (2, 16, 3, 4)
-    real = np.arange(16)[None] < np.prod(batch.grid_thw, 1)[:, None]  # the second image has padding patches
+    real = np.arange(16)[None] < np.prod(batch.grid_thw, -1).sum(1)[:, None]  # the second image has padding patches
     assert not real.all() and unit[real].min() >= -1e-6 and unit[real].max() <= 1 + 1e-6
     np.testing.assert_allclose(media.from_unit(unit, batch).patches, batch.patches, atol=1e-5)
     noisy = augment.NoisyRollout(media, total_steps=10).distort(batch, 0, np.random.default_rng(1))

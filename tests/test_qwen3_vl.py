@@ -86,12 +86,18 @@ def test_position_interpolation_equals_hf(hf_models):
     _, _, config, _ = hf_models(False)
     p = int(grids.prod(1).max())
     layout = patch_layout(jnp.asarray(grids), p, config.vision)
-    idx, w = position_interpolation(layout["row"], layout["col"], jnp.asarray(grids), 8)
+    idx, w = position_interpolation(layout["row"], layout["col"], layout["grid_h"], layout["grid_w"], 8)
     start = 0
     for b, n in enumerate(grids.prod(1)):
         np.testing.assert_array_equal(np.asarray(idx[b, :n]), ref_idx[start:start + n].numpy())
         np.testing.assert_allclose(np.asarray(w[b, :n]), ref_w[start:start + n].numpy(), atol=1e-6)
         start += n
+    # the four grids as the media items of one row: HF's concatenation, slot for slot
+    packed = patch_layout(jnp.asarray(grids)[None], start + 4, config.vision)
+    idx, w = position_interpolation(packed["row"], packed["col"], packed["grid_h"], packed["grid_w"], 8)
+    np.testing.assert_array_equal(np.asarray(idx[0, :start]), ref_idx.numpy())
+    np.testing.assert_allclose(np.asarray(w[0, :start]), ref_w.numpy(), atol=1e-6)
+    assert not np.asarray(packed["valid"][0, start:]).any()
 
 
 def test_kv_cache_decode_equals_full_forward(hf_models, batch):

@@ -9,12 +9,13 @@
 - `render_chat` renders a template the way `transformers`' `apply_chat_template` does (sandboxed Jinja with
   `trim_blocks`, `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now`, an unescaped `tojson`
   and `{% generation %}` blocks; the special tokens are template variables).
-- `user_message` builds the user turn as EasyR1 does: the question is split at its image placeholders
-  (`<image>`, MATH-V's `<image1>`) and the image goes where the placeholder was, never left as literal text;
-  a question without a placeholder gets the image first. The format instruction (`rftjax.rewards.INSTRUCTIONS`)
-  follows the text.
-- The rendered template holds one image placeholder per image (Qwen: `<|vision_start|><|image_pad|>
-  <|vision_end|>`, LLaVA: `<image>`); like the HF processors, `prompt_ids` repeats it `num_image_tokens` times.
+- `user_message` builds the user turn as EasyR1 does: the question is split at its media placeholders
+  (`<image>`, MATH-V's `<image1>`, `<video>`) and the i-th item goes where the i-th placeholder was, never left
+  as literal text; a question without placeholders gets its items first. The format instruction
+  (`rftjax.rewards.INSTRUCTIONS`) follows the text.
+- The rendered template holds one placeholder per item (Qwen: `<|vision_start|><|image_pad|><|vision_end|>`,
+  `<|vision_start|><|video_pad|><|vision_end|>`; LLaVA: `<image>`); like the HF processors, `prompt_ids` repeats
+  each item's token its `MediaSpan.tokens` times (Qwen3-VL videos: one timestamped block per temporal patch).
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
-from rftjax.data.tokenizer import PLACEHOLDER, TextTokenizer
+import re
+from typing import Sequence
+
+from rftjax.data.tokenizer import PLACEHOLDER, MediaSpan, TextTokenizer, as_spans
 from rftjax.rewards.parsing import INSTRUCTIONS
 
 
@@ -70,20 +74,29 @@ def render_chat(template: jinja2.Template, messages: list[dict], special_tokens:
                            documents=None, **(special_tokens or {}), **(template_kwargs or {}))
 
 
-def user_message(question: str, instruction: str = "") -> dict:
-    """The user turn of one image and `question` (EasyR1's split at image placeholders, see the module
-    docstring), `instruction` appended to the text on its own line.
+def user_message(question: str, instruction: str = "", kinds: Sequence[str] = ("image",)) -> dict:
+    """The user turn of `question` with media items of `kinds` ("image" / "video", in order), split at its
+    placeholders as EasyR1 does (see the module docstring), `instruction` appended to the text on its own line.
 
     Raises:
-      ValueError: the question has more than one image placeholder (one image per prompt).
+      ValueError: placeholders that do not match the items (count, or an `<image>` where the item is a video).
     """
-    parts = PLACEHOLDER.split(question)
-    if len(parts) > 2:
-        raise ValueError(f"the question has {len(parts) - 1} image placeholders; rftjax feeds one image per prompt")
-    before, after = (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
-    after = after.strip() + (f"\n{instruction}" if instruction else "")
-    content = [{"type": "text", "text": before.strip()}] if before.strip() else []
-    content += [{"type": "image"}, {"type": "text", "text": after.strip()}]
+    pieces = PLACEHOLDER.split(question)
+    marks = PLACEHOLDER.findall(question)
+    if not marks:
+        marks = ["<video>" if k == "video" else "<image>" for k in kinds]
+        pieces = [""] * len(kinds) + [question]
+    kinds_of_marks = ["video" if m == "<video>" else "image" for m in marks]
+    if kinds_of_marks != list(kinds):
+        raise ValueError(f"the question's placeholders {marks} do not match its media items {list(kinds)}: put one "
+                         f"<image> (or <imageN>) per image and one <video> per video, in order")
+    pieces[-1] = pieces[-1].strip() + (f"\n{instruction}" if instruction else "")
+    content = []
+    for i, text in enumerate(pieces):
+        if text.strip():
+            content.append({"type": "text", "text": text.strip()})
+        if i < len(kinds):
+            content.append({"type": kinds[i]})
     return {"role": "user", "content": content}
 
 
@@ -126,6 +139,8 @@ class CheckpointTokenizer(TextTokenizer):
       directory: holds `tokenizer.json` and a chat template (see the module docstring).
       image_token_id: the model's image placeholder id (`config.image_token_id`); its token text is what the
         rendered template contains once per image.
+      video_token_id, vision_start_id, vision_end_id: the video placeholder and the ids around each vision block
+        (videos need the first; Qwen3-VL's timestamped frames all three). None: prompts without videos.
       instruction: the format instruction appended to each question.
       eos_ids: ids that end a completion; default `generation_config.json`'s `eos_token_id`, else the
         tokenizer's `eos_token`.
@@ -137,7 +152,9 @@ class CheckpointTokenizer(TextTokenizer):
     """
 
     def __init__(self, directory: str, image_token_id: int, instruction: str = INSTRUCTIONS["tags"],
-                 eos_ids: Iterable[int] | None = None, template_kwargs: dict | None = None):
+                 eos_ids: Iterable[int] | None = None, template_kwargs: dict | None = None,
+                 video_token_id: int | None = None, vision_start_id: int | None = None,
+                 vision_end_id: int | None = None):
         self.path = os.path.join(directory, "tokenizer.json")
         if not os.path.exists(self.path):
             raise ValueError(f"{directory} has no tokenizer.json (HF fast tokenizer); save the checkpoint's "
@@ -153,6 +170,9 @@ class CheckpointTokenizer(TextTokenizer):
         if self.image_token is None:
             raise ValueError(f"image_token_id={image_token_id} is not a token of {self.path}")
         self.image_id = int(image_token_id)
+        self.video_token, self.vision_start, self.vision_end = (
+            None if i is None else self.tok.id_to_token(int(i)) for i in (video_token_id, vision_start_id,
+                                                                           vision_end_id))
         ids = {k: self.tok.token_to_id(v) if v else None for k, v in self.special_tokens.items()}
         if eos_ids is None:
             eos = _read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id", ids["eos_token"])
@@ -183,23 +203,45 @@ class CheckpointTokenizer(TextTokenizer):
         specials = {k: v for k, v in self.special_tokens.items() if v is not None}
         return render_chat(self.template, messages, specials, add_generation_prompt, self.template_kwargs)
 
-    def render_prompt(self, question: str, num_image_tokens: int, response: str | None = None) -> str:
-        """The chat-template text of one user turn (`user_message`) plus the generation prompt, each image
-        placeholder token repeated `num_image_tokens` times (as the HF processors expand it); with `response`,
-        the user turn and the assistant turn `response` instead (no generation prompt: what a reward model reads,
-        as `apply_chat_template([user, assistant], add_generation_prompt=False)`).
+    def render_prompt(self, question: str, media: int | Sequence[MediaSpan], response: str | None = None) -> str:
+        """The chat-template text of one user turn (`user_message`) plus the generation prompt, each media
+        placeholder expanded to its item's tokens (`media`: one image's token count, or the items' `MediaSpan`s
+        in placeholder order; as the HF processors expand them); with `response`, the user turn and the
+        assistant turn `response` instead (no generation prompt: what a reward model reads, as
+        `apply_chat_template([user, assistant], add_generation_prompt=False)`).
 
         Raises:
-          ValueError: the template did not render exactly one image placeholder.
+          ValueError: the template did not render one placeholder per item, or a video for a tokenizer made
+            without `video_token_id` (or, with timestamps, without the vision start/end ids).
         """
-        messages = [user_message(question, self.instruction)]
+        spans = as_spans(media)
+        if any(s.kind == "video" for s in spans) and (self.video_token is None or any(
+                s.timestamps for s in spans) and None in (self.vision_start, self.vision_end)):
+            raise ValueError("a prompt with a video needs CheckpointTokenizer(video_token_id=...) (and, for "
+                             "timestamped frames, vision_start_id and vision_end_id)")
+        messages = [user_message(question, self.instruction, [s.kind for s in spans])]
         if response is not None:
             messages.append({"role": "assistant", "content": response})
         text = self.render_messages(messages, add_generation_prompt=response is None)
-        if text.count(self.image_token) != 1:
-            raise ValueError(f"the chat template rendered {text.count(self.image_token)} image placeholders "
-                             f"{self.image_token!r} for one image; is image_token_id right for this checkpoint?")
-        return text.replace(self.image_token, self.image_token * num_image_tokens)
+        tokens = {"image": self.image_token, "video": self.video_token}
+        alternatives = [re.escape(t) for t in tokens.values() if t is not None]
+        if self.vision_start is not None and self.video_token is not None and self.vision_end is not None:
+            alternatives.insert(0, re.escape(self.vision_start + self.video_token + self.vision_end))
+        found = re.findall("|".join(alternatives), text)
+        want = [s.kind for s in spans]
+        if [("image" if f == self.image_token else "video") for f in found] != want:
+            raise ValueError(f"the chat template rendered placeholders {found} for media items {want}; is "
+                             f"image_token_id (video_token_id) right for this checkpoint?")
+        items = iter(spans)
+        return re.sub("|".join(alternatives), lambda m: self._expand(m.group(0), next(items)), text)
+
+    def _expand(self, placeholder: str, span: MediaSpan) -> str:
+        """The tokens one rendered placeholder becomes (`MediaSpan`)."""
+        token = self.image_token if span.kind == "image" else self.video_token
+        if not span.timestamps:
+            return placeholder.replace(token, token * span.tokens)
+        return "".join(f"<{t:.1f} seconds>{self.vision_start}{token * span.tokens}{self.vision_end}"
+                       for t in span.timestamps)
 
     def save_pretrained(self, directory: str) -> None:
         """Copy the tokenizer and template files of the source directory to `directory`."""

@@ -1,21 +1,28 @@
 """Importers for user datasets -> example dicts (see `rftjax.data.tasks.base` for the fields).
 
-- EasyR1 / R1-V rows (`.jsonl` or `.parquet`): `problem` (with an `<image>` placeholder), `answer`, and
-  `images` (a list with one entry) or `image`: a path (relative to `image_dir`), raw bytes, or a dict
-  `{"bytes": ..., "path": ...}` as HF `datasets` writes images into parquet.
+- EasyR1 / R1-V rows (`.jsonl` or `.parquet`): `problem` (with one `<image>` placeholder per image, or
+  `<video>`), `answer`, and `images` (a list) or `image`, or `videos` (a list with one entry): each a path
+  (relative to `image_dir`), raw bytes, or a dict `{"bytes": ..., "path": ...}` as HF `datasets` writes images
+  into parquet.
+- Video-R1 rows (`.json` list or `.jsonl`): `problem`, `data_type` (`video` / `image`), `path`, `problem_type`
+  (`multiple choice`, `numerical`, `OCR`, `free-form`, `regression`), `options`, `solution`
+  (`<answer>...</answer>`); answer types `choice`, `numerical`, `ocr`, `free-form`, `regression`
+  (`rftjax.rewards.accuracy`, Video-R1's rewards).
 - MATH-V jsonl: `question` (with `<image1>`), `options` (list, may be empty), `answer`, `image` (path
   relative to the dataset root, the parent of `data/`).
 - Pascal VOC detection annotations (e.g. BCCD): each object whose class is unique in its image becomes a
   grounding example "Give the box of the <name> as [x1, y1, x2, y2]." (the box in pixels, x2/y2 exclusive).
 
-Bad rows (missing image file, unreadable image bytes, empty answer, wrong types, several images) raise a
+Bad rows (missing image or video file, unreadable bytes, empty answer, wrong types, placeholders that do not
+match the media) raise a
 ValueError naming the file, line and field, or with `on_error="skip"` are left out and listed in the
 returned `ImportReport`. Nothing is silently wrong.
 
-For training, `load_dataset("easyr1:PATH")` imports lazily (`decode=False`: each image's header is read, its
-pixels only when the row is used: `LazyExamples`) and `drop_long_prompts` leaves out the rows whose rendered
-prompt (with the image's token count) exceeds `max_prompt_len`, counted in the report, so that no prompt is
-ever cut through its image span and no over-long row stops a run.
+For training, `load_dataset("easyr1:PATH")` imports lazily (`decode=False`: each image's and video's header is
+read, its pixels only when the row is used: `LazyExamples`) and `drop_long_prompts` leaves out the rows whose
+rendered prompt (with the media's token counts) exceeds `max_prompt_len` or whose media exceed the model's
+per-row budgets (items, media tokens), counted in the report, so that no prompt is ever cut through its media
+and no over-long row stops a run.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from rftjax.data.media import example_media, media_meta
 from rftjax.data.tasks import make_example
-from rftjax.data.tokenizer import PLACEHOLDER
+from rftjax.data.video import VideoRef, VideoSampling, probe_video
 from rftjax.data.tasks.grounding import format_box
 from rftjax.rewards.accuracy import parse_choice, parse_number
 from rftjax.rewards.boxes import parse_box
@@ -51,11 +59,12 @@ class ImportReport:
     kept: int = 0
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     too_long: int = 0  # rows left out by `drop_long_prompts` (also in `skipped`)
+    over_budget: int = 0  # rows whose media exceed the model's per-row budgets (also in `skipped`)
 
     def __str__(self):
-        bad = len(self.skipped) - self.too_long
-        return (f"{self.source}: kept {self.kept} of {self.total} rows; dropped {bad} bad rows and {self.too_long} "
-                f"whose prompt exceeds max_prompt_len")
+        bad = len(self.skipped) - self.too_long - self.over_budget
+        return (f"{self.source}: kept {self.kept} of {self.total} rows; dropped {bad} bad rows, {self.too_long} "
+                f"whose prompt exceeds max_prompt_len and {self.over_budget} whose media exceed the row budgets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,16 +95,28 @@ def probe_image(value: Any, base_dir: str | None = None) -> ImageRef:
 
 
 class LazyExamples:
-    """Random-access examples (`len`, `[i]`) whose `ImageRef` images are decoded when the row is read.
+    """Random-access examples (`len`, `[i]`) whose `ImageRef` images and `VideoRef` videos are decoded when the row
+    is read (videos: the frames `video` samples).
 
-    An image that cannot be decoded then (its file corrupted, truncated or removed since the import read its
+    An image or video that cannot be decoded then (its file corrupted, truncated or removed since the import read its
     header) does not stop a run: the row is skipped with a warning and the next readable row (in index order,
     wrapping around) takes its place, with `skipped_rows` (int, 0 normally) saying how many were skipped for it;
     the trainer logs their sum per step as `data_rows_skipped`. Deterministic, so resumed runs see the same rows.
     """
 
-    def __init__(self, examples: list[dict]):
-        self.examples = examples
+    def __init__(self, examples: list[dict], video: VideoSampling | None = None):
+        self.examples, self.video = examples, video or VideoSampling()
+
+    def _load(self, ex: dict) -> dict:
+        """`ex` with its refs decoded (a ValueError names an unreadable one)."""
+        load = lambda v: v.load() if isinstance(v, ImageRef) else v  # noqa: E731
+        if ex.get("image") is not None:
+            ex["image"] = load(ex["image"])
+        if ex.get("images"):
+            ex["images"] = [load(v) for v in ex["images"]]
+        if isinstance(ex.get("video"), VideoRef):
+            ex["video"] = ex["video"].load(self.video)
+        return ex
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -109,15 +130,14 @@ class LazyExamples:
         n = len(self.examples)
         for skipped in range(n):
             ex = dict(self.examples[(int(index) + skipped) % n])
-            if isinstance(ex["image"], ImageRef):
-                try:
-                    ex["image"] = ex["image"].load()
-                except ValueError as e:
-                    log.warning("dataset row %s skipped: %s", ex.get("id"), e)
-                    continue
+            try:
+                ex = self._load(ex)
+            except ValueError as e:
+                log.warning("dataset row %s skipped: %s", ex.get("id"), e)
+                continue
             ex["skipped_rows"] = skipped
             return ex
-        raise ValueError(f"none of the {n} rows of the dataset has a readable image")
+        raise ValueError(f"none of the {n} rows of the dataset has readable media")
 
 
 def _encoded_image(value: Any, base_dir: str | None) -> str | bytes:
@@ -242,8 +262,9 @@ def import_easyr1(path: str, image_dir: str | None = None, on_error: str = "rais
                   decode: bool = True, open_ended: bool = False) -> tuple[list[dict], ImportReport]:
     """Rows of an EasyR1 / R1-V dataset file (see the module docstring). `image_dir` defaults to the file's
     directory. Returns `(examples, report)`; answer types are inferred (`infer_answer_type`). With
-    `decode=False` images are `ImageRef`s (read them through `LazyExamples`). A problem with more than one
-    `<image>` placeholder is a bad row (one image per prompt). With `open_ended`, a row without an `answer` (or
+    `decode=False` images are `ImageRef`s (read them through `LazyExamples`); videos are always `VideoRef`s. A
+    row's placeholders must match its media (one `<image>` per image, `<video>` for its video, or none at all).
+    With `open_ended`, a row without an `answer` (or
     with an empty one) is kept as answer "" of type `open` (for runs with a reward model or judge); else it is a
     bad row."""
     base = image_dir or os.path.dirname(os.path.abspath(path))
@@ -259,20 +280,34 @@ def import_easyr1(path: str, image_dir: str | None = None, on_error: str = "rais
             except ValueError as e:
                 raise ValueError(f"{e} (rows without a gold answer need reward.model or reward.judge)") from None
             answer_type = infer_answer_type(answer)
-        images = row.get("images", row.get("image"))
-        if isinstance(images, list):
-            if len(images) != 1:
-                raise ValueError(f"{len(images)} images in field 'images': rftjax supports exactly one per row")
-            images = images[0]
-        if images is None:
-            raise ValueError("no 'images' or 'image' field")
-        if len(PLACEHOLDER.findall(question)) > 1:
-            raise ValueError(f"field 'problem' has {len(PLACEHOLDER.findall(question))} image placeholders; "
-                             f"rftjax supports one image per row")
-        return make_example(task, "import", index, _image(images, base, decode), question, answer, answer_type,
-                            meta={"source": ref})
+        media = _row_media(row, question, base, decode)
+        return make_example(task, "import", index, media.pop("image", None), question, answer, answer_type,
+                            meta={"source": ref}, **media)
 
     return _import(path, convert, on_error)
+
+
+def _row_media(row: dict, question: str, base: str, decode: bool) -> dict:
+    """`{"image": ...}`, `{"images": [...]}` (several) or `{"video": ...}` of an EasyR1 row (`images` / `image` /
+    `videos`), checked against the question's placeholders (`rftjax.data.media.example_media`).
+
+    Raises:
+      ValueError: no media, several videos, or placeholders that do not match the media.
+    """
+    images = row.get("images", row.get("image"))
+    images = [] if images is None else images if isinstance(images, list) else [images]
+    videos = row.get("videos") or []
+    videos = videos if isinstance(videos, list) else [videos]
+    if not images and not videos:
+        raise ValueError("no 'images', 'image' or 'videos' field")
+    if len(videos) > 1:
+        raise ValueError(f"{len(videos)} videos in field 'videos': rftjax takes one video per row")
+    out = {"image": _image(images[0], base, decode)} if len(images) == 1 else \
+        {"images": [_image(v, base, decode) for v in images]} if images else {}
+    if videos:
+        out["video"] = probe_video(videos[0], base)
+    example_media({"question": question, **out})  # the placeholders match the media
+    return out
 
 
 def import_mathv(path: str, image_dir: str | None = None, on_error: str = "raise",
@@ -366,11 +401,12 @@ LOADERS = {"easyr1": import_easyr1, "mathv": import_mathv}
 """Dataset kinds of `load_dataset` specs."""
 
 
-def load_dataset(spec: str, image_dir: str | None = None,
-                 open_ended: bool = False) -> tuple[LazyExamples, ImportReport]:
+def load_dataset(spec: str, image_dir: str | None = None, open_ended: bool = False,
+                 video: VideoSampling | None = None) -> tuple[LazyExamples, ImportReport]:
     """The examples of a dataset spec `KIND:PATH` (`easyr1:train.jsonl`, `easyr1:train.parquet`,
-    `mathv:data/testmini.jsonl`), imported lazily with bad rows skipped and reported; `open_ended` keeps EasyR1
-    rows without an answer (`import_easyr1`).
+    `mathv:data/testmini.jsonl`, `videor1:train.json`), imported lazily with bad rows skipped and reported;
+    `open_ended` keeps EasyR1 rows without an answer (`import_easyr1`); `video`: the frame sampling of the rows'
+    videos (when read).
 
     Raises:
       ValueError: an unknown kind or a missing path (the message lists the kinds), or no usable row.
@@ -382,29 +418,37 @@ def load_dataset(spec: str, image_dir: str | None = None,
     examples, report = LOADERS[kind](path, image_dir, on_error="skip", decode=False, **extra)
     if not examples:
         raise ValueError(f"dataset {spec!r} has no usable rows: {report}; first problems: {report.skipped[:3]}")
-    return LazyExamples(examples), report
+    return LazyExamples(examples, video), report
 
 
-def drop_long_prompts(source: LazyExamples, prompt_len: Callable[[str, int, int], int], max_prompt_len: int,
+def drop_long_prompts(source: LazyExamples, prompt_len: Callable[[str, list], int], max_prompt_len: int,
                       report: ImportReport) -> LazyExamples:
-    """`source` (from `load_dataset`: images are `ImageRef`s) without the rows whose prompt is longer than
-    `max_prompt_len` tokens; each dropped row is counted in `report.too_long` and listed in `report.skipped`.
+    """`source` (from `load_dataset`: media are refs) without the rows whose prompt is longer than
+    `max_prompt_len` tokens (counted in `report.too_long`) or whose media exceed the model's per-row budgets
+    (`prompt_len` raises a ValueError; counted in `report.over_budget`); each dropped row is listed in
+    `report.skipped`.
 
     Args:
-      prompt_len: `(question, image_height, image_width) -> tokens` of the rendered prompt with the image's
-        tokens (`rftjax.data.pipeline.Preprocess.prompt_len`).
+      prompt_len: `(question, media metas) -> tokens` of the rendered prompt with its media tokens
+        (`rftjax.data.pipeline.Preprocess.prompt_len`; metas from `rftjax.data.media.media_meta`).
     """
     kept = []
     for ex in source.examples:
-        n = prompt_len(ex["question"], ex["image"].height, ex["image"].width)
+        where = json.loads(ex["meta"]).get("source", ex["id"])
+        try:
+            n = prompt_len(ex["question"], [media_meta(k, v) for k, v in example_media(ex)])
+        except ValueError as e:
+            report.over_budget += 1
+            report.kept -= 1
+            report.skipped.append((where, str(e)))
+            continue
         if n <= max_prompt_len:
             kept.append(ex)
             continue
         report.too_long += 1
         report.kept -= 1
-        report.skipped.append((json.loads(ex["meta"]).get("source", ex["id"]),
-                               f"prompt of {n} tokens > max_prompt_len={max_prompt_len}"))
-    return LazyExamples(kept)
+        report.skipped.append((where, f"prompt of {n} tokens > max_prompt_len={max_prompt_len}"))
+    return LazyExamples(kept, source.video)
 
 
 BCCD_NAMES = {"WBC": "white blood cell", "RBC": "red blood cell", "Platelets": "platelet"}

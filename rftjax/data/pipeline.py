@@ -11,7 +11,8 @@ The iterator's state is checkpointable (`get_state` / `set_state`, a small dict)
 exactly the batches an uninterrupted run would. Batches are dicts of numpy arrays:
 
   pixel_values   float32 [B, H, W, 3]  in [-1, 1] (LLaVA, SigLIP normalisation: (x/255 - 0.5) / 0.5), or a
-                 `QwenImages` (patches float32 [B, P, 1176], grid_thw int32 [B, 3]) for Qwen-VL
+                 `QwenImages` (patches [B, P, 1176], grid_thw int32 [B, K, 3], time_interval float32 [B, K]:
+                 each row's images and video, `rftjax.data.media`) for Qwen-VL
   prompt_ids     int32 [B, P]          left-padded with <pad>
   prompt_mask    bool  [B, P]
   completion_ids int32 [B, C], completion_mask bool [B, C]   (with_completion only: trace + <eos>)
@@ -29,10 +30,12 @@ import grain
 import numpy as np
 from PIL import Image
 
-from rftjax.data.qwen_image import QwenImageProcessor, choose_bucket, pad_images
+from rftjax.data.media import example_media, load_media, media_meta
+from rftjax.data.qwen_image import QwenImageProcessor, choose_bucket
 from rftjax.data.tasks import Task
 from rftjax.data.tasks.grounding import format_box
-from rftjax.data.tokenizer import TextTokenizer, pad_left, pad_right
+from rftjax.data.tokenizer import MediaSpan, TextTokenizer, pad_left, pad_right
+from rftjax.data.video import VideoMeta, VideoSampling, frame_indices, second_per_grid_t, temporal_patch_times
 from rftjax.models.family import family_of
 from rftjax.models.qwen_vl import QwenImages
 from rftjax.rewards.boxes import parse_box
@@ -106,6 +109,21 @@ class SquareImages:
         """The batch `pixel_values` with its images replaced by `unit` (`to_unit`'s layout)."""
         return (np.asarray(unit, np.float32) * 2.0 - 1.0).astype(np.asarray(pixel_values).dtype)
 
+    def spans(self, metas: list) -> list[MediaSpan]:
+        """The prompt spans of a row's media (`media_meta`s): one image of `num_tokens`.
+
+        Raises:
+          ValueError: anything but exactly one image.
+        """
+        if len(metas) != 1 or isinstance(metas[0], VideoMeta):
+            raise ValueError(f"this model takes exactly one image per prompt, got {len(metas)} media items; several "
+                             f"images and videos need a Qwen-VL model")
+        return [MediaSpan("image", self.num_tokens)]
+
+    def pack(self, items: list) -> np.ndarray:
+        """The pixel values of a row's one loaded image (`spans` checked the row)."""
+        return self(items[0][1])
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         img = np.asarray(image)
         if img.ndim != 3 or img.shape[2] != 3:
@@ -117,17 +135,27 @@ class SquareImages:
 
 @dataclasses.dataclass(frozen=True)
 class QwenPatchImages:
-    """Qwen2-VL / Qwen2.5-VL image input: the aspect-preserving `QwenImageProcessor`, patches padded to the
-    model's `max_image_tokens` budget.
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL media input: images by the aspect-preserving `QwenImageProcessor`, videos
+    sampled (`rftjax.data.video`) and patched by its `video`, a row's items packed into the model's
+    `max_image_tokens` budget.
 
-    Calling it on an image gives a `QwenImages` of one row, unbatched: patches `[P, patch_dim]` in `dtype`
-    (`P = max_image_tokens * merge_unit`) and grid_thw int32 `[3]`; grain's batching stacks them to `[B, ...]`,
-    then `fit_batch` cuts the batch's padding down to the smallest of `buckets` that holds its largest image (one
-    compilation per bucket, `QwenVLConfig.image_token_buckets`).
+    `pack(items)` of a row's loaded items gives a `QwenImages` of one row, unbatched: patches `[P, patch_dim]` in
+    `dtype` (`P = max_image_tokens * merge_unit`), grid_thw int32 `[max_items, 3]` and time_interval float32
+    `[max_items]`; grain's batching stacks them to `[B, ...]`, then `fit_batch` cuts the batch's padding down to the
+    smallest of `buckets` that holds its largest row (one compilation per bucket,
+    `QwenVLConfig.image_token_buckets`).
 
-    `dtype`: the model's compute dtype, the dtype its patch embedding casts the patches to before anything else
-    reads them: storing them in it changes no result and halves every host and device copy in bfloat16 (a batch of
-    16 photo-sized images is 308 MB of float32 patches).
+    Attributes:
+      processor, max_image_tokens, merge_unit, buckets: the model's (`QwenVLConfig`).
+      dtype: the model's compute dtype, the dtype its patch embedding casts the patches to before anything else
+        reads them: storing them in it changes no result and halves every host and device copy in bfloat16 (a
+        batch of 16 photo-sized images is 308 MB of float32 patches).
+      max_items: grid rows per row (`QwenVLConfig.max_media_items`): images, videos, and with `split_frames`
+        each temporal patch of a video.
+      video: frame sampling and per-frame size (`VideoSampling`).
+      split_frames: Qwen3-VL: each temporal patch of a video is its own item behind a `<t seconds>` timestamp.
+      tokens_per_second: Qwen2.5-VL's temporal M-RoPE rate (a video's step per temporal patch is
+        `tokens_per_second * second_per_grid_t`); None: 1 per temporal patch (Qwen2-VL).
     """
 
     processor: QwenImageProcessor
@@ -135,14 +163,18 @@ class QwenPatchImages:
     merge_unit: int = 4
     buckets: tuple[int, ...] = ()
     dtype: Any = np.float32
+    max_items: int = 1
+    video: VideoSampling = VideoSampling()
+    split_frames: bool = False
+    tokens_per_second: float | None = None
 
     def fit_batch(self, images: QwenImages) -> QwenImages:
         """`images` (patches `[B, max_image_tokens * merge_unit, D]`) with patches cut to
         `[B, bucket * merge_unit, D]`, the bucket the smallest of `buckets` (and `max_image_tokens`) holding the
-        batch's largest image; only zero padding is removed."""
-        largest = int(np.prod(np.asarray(images.grid_thw), axis=1).max()) // self.merge_unit
+        batch's largest row; only zero padding is removed."""
+        largest = int(_row_patches(images.grid_thw).max()) // self.merge_unit
         budget = choose_bucket(largest, sorted({*self.buckets, self.max_image_tokens})) * self.merge_unit
-        return QwenImages(images.patches[:, :budget], images.grid_thw)
+        return images.replace(patches=images.patches[:, :budget])
 
     def _per_channel(self):
         p = self.processor
@@ -150,8 +182,8 @@ class QwenPatchImages:
         return np.reshape(np.asarray(p.mean, np.float32), shape), np.reshape(np.asarray(p.std, np.float32), shape)
 
     def to_unit(self, images: QwenImages) -> np.ndarray:
-        """The pixels of a batch's patches as float32 in [0, 1], `[B, P, C, patch_size ** 2]` (one copy of the
-        `temporal_patch_size` identical frames of an image's patches; the padding past a row's grid included)."""
+        """The pixels of a batch's patches as float32 in [0, 1], `[B, P, C, patch_size ** 2]` (the first of the
+        `temporal_patch_size` frames of each patch; the padding past a row's items included)."""
         p = self.processor
         x = np.asarray(images.patches, np.float32)
         b, n = x.shape[:2]
@@ -160,15 +192,16 @@ class QwenPatchImages:
 
     def from_unit(self, unit: np.ndarray, images: QwenImages) -> QwenImages:
         """`images` with its pixels replaced by `unit` (`to_unit`'s layout), normalised and repeated over the
-        temporal patch again; the padding past each row's grid stays as it was."""
+        temporal patch again (a video's temporal patch then shows its first frame twice); the padding past each
+        row's items stays as it was."""
         p = self.processor
         mean, std = self._per_channel()
         x = (np.asarray(unit, np.float32) - mean) / std
         b, n = x.shape[:2]
         x = np.broadcast_to(x[:, :, :, None], (*x.shape[:3], p.temporal_patch_size, x.shape[-1])).reshape(b, n, -1)
-        real = np.arange(n)[None, :] < np.prod(np.asarray(images.grid_thw), axis=1)[:, None]
+        real = np.arange(n)[None, :] < _row_patches(images.grid_thw)[:, None]
         patches = np.where(real[..., None], x, np.asarray(images.patches, np.float32))
-        return QwenImages(patches.astype(np.asarray(images.patches).dtype), images.grid_thw)
+        return images.replace(patches=patches.astype(np.asarray(images.patches).dtype))
 
     def tokens(self, height: int, width: int) -> int:
         """Image tokens of an image of `height x width` px (`grid_h * grid_w / merge_unit` after resizing)."""
@@ -177,15 +210,92 @@ class QwenPatchImages:
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         return self.processor.resized_size(height, width)
 
+    @property
+    def frame_max_pixels(self) -> int:
+        return self.video.frame_max_tokens * self.processor.factor ** 2
+
+    def spans(self, metas: list) -> list[MediaSpan]:
+        """The prompt spans of a row's media (`rftjax.data.media.media_meta`s: `(height, width)` or `VideoMeta`),
+        computed from sizes alone.
+
+        Raises:
+          ValueError: a row over its budgets: more than `max_items` grid rows, or more than `max_image_tokens`
+            tokens in all (names both and the config fields to raise).
+        """
+        out, rows = [], 0
+        tp = self.processor.temporal_patch_size
+        for meta in metas:
+            if not isinstance(meta, VideoMeta):
+                out.append(MediaSpan("image", self.tokens(*meta)))
+                rows += 1
+                continue
+            idx = frame_indices(meta.total_frames, meta.fps, self.video)
+            h, w = self.processor.frame_size(meta.height, meta.width, self.frame_max_pixels)
+            per_frame, t = (h // self.processor.factor) * (w // self.processor.factor), -(-len(idx) // tp)
+            if self.split_frames:
+                out.append(MediaSpan("video", per_frame, tuple(temporal_patch_times(idx, meta.fps, tp))))
+            else:
+                out.append(MediaSpan("video", per_frame * t))
+            rows += t if self.split_frames else 1
+        total = sum(s.total_tokens for s in out)
+        if rows > self.max_items or total > self.max_image_tokens:
+            raise ValueError(f"a row of {len(metas)} media items needs {rows} grid rows and {total} image/video "
+                             f"tokens, over its budget of max_media_items={self.max_items} and max_image_tokens="
+                             f"{self.max_image_tokens}: raise model.max_media_items / model.max_image_tokens, or "
+                             f"lower data.video.max_frames / frame_max_tokens")
+        return out
+
+    def _items(self, kind: str, value) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        """`[(patches, grid_thw [3], time_interval)]` of one loaded item (a video split per temporal patch when
+        `split_frames`)."""
+        if kind == "image":
+            return [(*self.processor(value), 1.0)]
+        patches, grid = self.processor.video(value.frames, self.frame_max_pixels)
+        if self.split_frames:
+            n = int(grid[1] * grid[2])
+            return [(patches[i * n:(i + 1) * n], np.asarray([1, grid[1], grid[2]]), 1.0) for i in range(grid[0])]
+        step = 1.0 if self.tokens_per_second is None else self.tokens_per_second * second_per_grid_t(
+            value.meta, len(value.frames), self.processor.temporal_patch_size)
+        return [(patches, grid, step)]
+
+    def pack(self, items: list) -> QwenImages:
+        """One row's loaded media items (`[(kind, uint8 image [H, W, 3] or sampled Clip)]`, checked by `spans`)
+        packed into the static layout (class docstring).
+
+        Raises:
+          ValueError: the row is over its budgets (as `spans`).
+        """
+        parts = [part for kind, value in items for part in self._items(kind, value)]
+        n = sum(len(p) for p, _, _ in parts)
+        if len(parts) > self.max_items or n > self.max_image_tokens * self.merge_unit:
+            raise ValueError(f"a row needs {len(parts)} grid rows and {n // self.merge_unit} tokens, over "
+                             f"max_media_items={self.max_items} / max_image_tokens={self.max_image_tokens}")
+        patches = np.zeros((self.max_image_tokens * self.merge_unit, parts[0][0].shape[1]), self.dtype)
+        grids = np.zeros((self.max_items, 3), np.int32)
+        steps = np.ones((self.max_items,), np.float32)
+        start = 0
+        for k, (p, g, step) in enumerate(parts):
+            patches[start:start + len(p)] = p
+            grids[k], steps[k] = g, step
+            start += len(p)
+        return QwenImages(patches, grids, steps)
+
     def __call__(self, image) -> QwenImages:
-        padded = pad_images([self.processor(image)], [self.max_image_tokens], self.merge_unit)
-        return QwenImages(padded["patches"][0].astype(self.dtype), padded["grid_thw"][0])
+        """`pack` of one image."""
+        return self.pack([("image", image)])
 
 
-def image_input_for(config) -> SquareImages | QwenPatchImages:
+def _row_patches(grid_thw) -> np.ndarray:
+    """Patches of each row's items, int `[B]`, from `grid_thw` `[B, K, 3]` (or `[B, 3]`)."""
+    g = np.asarray(grid_thw).astype(np.int64).prod(-1)
+    return g.sum(-1) if g.ndim == 2 else g
+
+
+def image_input_for(config, video: VideoSampling | None = None) -> SquareImages | QwenPatchImages:
     """The media input of a model config (its family's `media_input`: `SquareImages` for LLaVA,
-    `QwenPatchImages` for Qwen-VL)."""
-    return family_of(config).media_input(config)
+    `QwenPatchImages` for Qwen-VL), with the frame sampling `video` where the family reads videos."""
+    media = family_of(config).media_input(config)
+    return dataclasses.replace(media, video=video) if video is not None and hasattr(media, "video") else media
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,9 +311,10 @@ class Preprocess:
       max_completion_len: C.
       extra_media: `((key, image input), ...)`: the image again as other models read it (a reward model or judge
         of another family, `rftjax.rewards.models.media_of`), emitted as `{key}_pixel_values` and
-        `{key}_image_tokens`.
+        `{key}_image_tokens` (rows with one image only).
 
-    Each example also carries `image_tokens` (int32), the policy's image-token count of its image.
+    Each example also carries `image_tokens` (int32), the policy's count of its media tokens (all items).
+    The media are the example's `image`, `images` and `video` (`rftjax.data.media.example_media`).
     """
 
     tokenizer: TextTokenizer
@@ -218,9 +329,14 @@ class Preprocess:
         extra = {f"{k}_pixel_values": m.fit_batch(batch[f"{k}_pixel_values"]) for k, m in self.extra_media}
         return {**batch, "pixel_values": self.images.fit_batch(batch["pixel_values"]), **extra}
 
-    def prompt_len(self, question: str, height: int, width: int) -> int:
-        """Tokens of the rendered prompt of `question` with an image of `height x width` px."""
-        return len(self.tokenizer.prompt_ids(question, self.images.tokens(height, width)))
+    def prompt_len(self, question: str, metas: list) -> int:
+        """Tokens of the rendered prompt of `question` with media of `metas` (`rftjax.data.media.media_meta`:
+        an image's `(height, width)`, a video's `VideoMeta`).
+
+        Raises:
+          ValueError: media over the row's budgets (`QwenPatchImages.spans`) or that the model cannot take.
+        """
+        return len(self.tokenizer.prompt_ids(question, self.images.spans(metas)))
 
     def answer(self, ex: dict) -> str:
         """Box answers rescaled from the stored image to the model's view of it."""
@@ -235,16 +351,22 @@ class Preprocess:
         return format_box([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy])
 
     def __call__(self, ex: dict) -> dict:
-        image = np.asarray(ex["image"])
-        prompt = self.tokenizer.prompt_ids(ex["question"], self.images.tokens(*image.shape[:2]), self.max_prompt_len,
-                                           ex.get("id", ""))
+        items = example_media(ex)
+        spans = self.images.spans([media_meta(kind, value) for kind, value in items])
+        sampling = getattr(self.images, "video", None)
+        loaded = [(kind, load_media(kind, value, sampling)) for kind, value in items]
+        prompt = self.tokenizer.prompt_ids(ex["question"], spans, self.max_prompt_len, ex.get("id", ""))
         prompt_ids, prompt_mask = pad_left(prompt, self.max_prompt_len, self.tokenizer.pad_id)
-        out = {"pixel_values": self.images(image), "prompt_ids": np.asarray(prompt_ids, np.int32),
+        out = {"pixel_values": self.images.pack(loaded), "prompt_ids": np.asarray(prompt_ids, np.int32),
                "prompt_mask": np.asarray(prompt_mask, bool), "answer": self.answer(ex),
                "answer_type": ex["answer_type"], "id": ex.get("id", ""), "question": ex["question"],
                "skipped_rows": np.int32(ex.get("skipped_rows", 0)),
-               "image_tokens": np.int32(self.images.tokens(*image.shape[:2]))}
+               "image_tokens": np.int32(sum(s.total_tokens for s in spans))}
+        if self.extra_media and [k for k, _ in items] != ["image"]:
+            raise ValueError(f"example {ex.get('id')}: reward models and judges read rows with one image; this row "
+                             f"has {[k for k, _ in items]}")
         for key, media in self.extra_media:
+            image = loaded[0][1]
             out[f"{key}_pixel_values"] = media(image)
             out[f"{key}_image_tokens"] = np.int32(media.tokens(*image.shape[:2]))
         if self.with_completion:

@@ -7,6 +7,12 @@ float32), normalise with the checkpoint's mean/std (OpenAI CLIP's for Qwen2.x, 0
 patch order: the image viewed as `(C, h/2, 2, p, w/2, 2, p)`, transposed so each 2x2 merge unit is contiguous,
 each patch repeated over the `temporal_patch_size` frames and flattened `(C, t, p, p)`.
 
+Videos (`QwenImageProcessor.video`) follow transformers' `Qwen2VLVideoProcessor` / `Qwen3VLVideoProcessor`
+arithmetic: every frame resized to one size (`smart_resize` of the first frame's size under the per-frame pixel
+budget; PIL bicubic per frame where transformers uses torchvision's), the last frame repeated to a multiple of
+`temporal_patch_size`, rescale and normalise as images, and the patches of `temporal_patch_size` consecutive
+frames flattened `(C, t, p, p)` in the images' merge-unit order.
+
 `pad_images` then pads a batch to a static patch budget (`QwenVLConfig.buckets`), the layout the model
 takes under jit (`rftjax.models.QwenImages`).
 """
@@ -101,6 +107,37 @@ class QwenImageProcessor:
         h, w = self.resized_size(height, width)
         return (h // self.factor) * (w // self.factor)
 
+    def _normalised(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 `[..., C, H, W]` of uint8 `[..., H, W, C]`: rescale by 1/255 (float64, then float32), normalise."""
+        x = np.moveaxis((pixels.astype(np.float64) * (1 / 255)).astype(np.float32), -1, -3)
+        return (x - np.asarray(self.mean, np.float32)[:, None, None]) / np.asarray(self.std, np.float32)[:, None, None]
+
+    def video(self, frames: np.ndarray, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+        """Patches float32 `[t*h*w, C * temporal_patch_size * patch_size ** 2]` and `grid_thw` int64 `[3]` of
+        sampled video frames uint8 `[F, H, W, 3]` (module docstring), each frame at most `max_pixels` px
+        (`min_pixels` capped there), `t = ceil(F / temporal_patch_size)`.
+
+        Raises:
+          ValueError: no frames, frames that are not `[F, H, W, 3]` uint8, an aspect ratio above 200.
+        """
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+            raise ValueError(f"video frames must be uint8 [F, H, W, 3] with F > 0, got {frames.dtype} {frames.shape}")
+        height, width = smart_resize(*frames.shape[1:3], self.factor, min(self.min_pixels, max_pixels), max_pixels)
+        if (height, width) != frames.shape[1:3]:
+            frames = np.stack([np.asarray(Image.fromarray(f).resize((width, height), resample=Image.BICUBIC))
+                               for f in frames])
+        frames = np.concatenate([frames, np.repeat(frames[-1:], -len(frames) % self.temporal_patch_size, axis=0)])
+        x = self._normalised(frames)  # [F, C, H, W]
+        tp, c, m, p = self.temporal_patch_size, x.shape[1], self.merge_size, self.patch_size
+        t, gh, gw = len(frames) // tp, height // p, width // p
+        x = x.reshape(t, tp, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return np.ascontiguousarray(x.reshape(t * gh * gw, -1)), np.asarray([t, gh, gw], np.int64)
+
+    def frame_size(self, height: int, width: int, max_pixels: int) -> tuple[int, int]:
+        """`(height, width)` the frames of a `height x width` video are resized to under `max_pixels` per frame."""
+        return smart_resize(height, width, self.factor, min(self.min_pixels, max_pixels), max_pixels)
+
     def __call__(self, image) -> tuple[np.ndarray, np.ndarray]:
         """Patches float32 `[t*h*w, C * temporal_patch_size * patch_size ** 2]` and `grid_thw` int64 `[3]`
         (t = 1) of one image (PIL or uint8 array).
@@ -110,9 +147,7 @@ class QwenImageProcessor:
         """
         image = to_rgb(image)
         height, width = self.resized_size(image.height, image.width)
-        resized = np.asarray(image.resize((width, height), resample=Image.BICUBIC))  # [H, W, C] uint8
-        x = (resized.astype(np.float64) * (1 / 255)).astype(np.float32).transpose(2, 0, 1)  # [C, H, W]
-        x = (x - np.asarray(self.mean, np.float32)[:, None, None]) / np.asarray(self.std, np.float32)[:, None, None]
+        x = self._normalised(np.asarray(image.resize((width, height), resample=Image.BICUBIC)))  # [C, H, W]
         c, m, p = x.shape[0], self.merge_size, self.patch_size
         gh, gw = height // p, width // p
         x = x.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, C, p, p]

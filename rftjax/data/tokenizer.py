@@ -17,12 +17,14 @@ writes a directory `transformers.AutoTokenizer` loads, with the same template as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import sys
 from typing import Iterable, Sequence
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from rftjax.rewards.parsing import INSTRUCTIONS
@@ -33,8 +35,35 @@ PAD, BOS, EOS, IMAGE = 0, 1, 2, 3
 DEFAULT_INSTRUCTION = INSTRUCTIONS["tags"]
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer.json")
 VOCAB_SIZE = 1024
-# Image placeholders users' datasets put in questions: "<image>" (EasyR1/R1-V), "<image1>" (MATH-V).
-PLACEHOLDER = re.compile(r"<image\d*>")
+# Media placeholders users' datasets put in questions: "<image>" (EasyR1/R1-V), "<image1>" (MATH-V), "<video>".
+PLACEHOLDER = re.compile(r"<image\d*>|<video>")
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaSpan:
+    """How one media item of a prompt appears in its tokens.
+
+    Attributes:
+      kind: "image" or "video".
+      tokens: placeholder tokens the item becomes (a video with `timestamps`: the tokens of each frame block).
+      timestamps: Qwen3-VL videos: seconds of each temporal patch; the video becomes one block per patch, each
+        `<{t:.1f} seconds>` + `<|vision_start|>` + `tokens` video tokens + `<|vision_end|>` (transformers'
+        `Qwen3VLProcessor.replace_video_token`). Empty: one block of `tokens`.
+    """
+
+    kind: str
+    tokens: int
+    timestamps: tuple[float, ...] = ()
+
+    @property
+    def total_tokens(self) -> int:
+        """Placeholder tokens of the whole item."""
+        return self.tokens * max(len(self.timestamps), 1)
+
+
+def as_spans(media: int | Sequence[MediaSpan]) -> tuple[MediaSpan, ...]:
+    """`media` as spans: an int n is one image of n tokens."""
+    return (MediaSpan("image", int(media)),) if isinstance(media, (int, np.integer)) else tuple(media)
 
 
 class PromptTooLongError(ValueError):
@@ -88,30 +117,40 @@ class TextTokenizer:
         drop = {PAD, BOS, EOS, IMAGE}
         return self.tok.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
 
-    def render_prompt(self, question: str, num_image_tokens: int) -> str:
-        """The prompt text (chat template) with the image placeholder expanded to `num_image_tokens` tokens.
+    def render_prompt(self, question: str, media: int | Sequence[MediaSpan]) -> str:
+        """The prompt text (chat template) with the image placeholder expanded to its tokens (`media`: the image's
+        token count, or its one `MediaSpan`).
 
         Image placeholders inside the question (`<image>`, `<image1>`) are removed: the image block always
         comes first.
-        """
-        question = PLACEHOLDER.sub("", question).strip()
-        return f"<|user|>{'<image>' * num_image_tokens}\n{question}\n{self.instruction}<|assistant|>"
 
-    def prompt_ids(self, question: str, num_image_tokens: int, max_prompt_len: int | None = None,
+        Raises:
+          ValueError: media other than one image (this template has one image slot).
+        """
+        spans = as_spans(media)
+        if [s.kind for s in spans] != ["image"]:
+            raise ValueError(f"this model's prompt holds exactly one image, got {[s.kind for s in spans]}; several "
+                             f"images and videos need a Qwen-VL model")
+        question = PLACEHOLDER.sub("", question).strip()
+        return f"<|user|>{'<image>' * spans[0].tokens}\n{question}\n{self.instruction}<|assistant|>"
+
+    def prompt_ids(self, question: str, media: int | Sequence[MediaSpan], max_prompt_len: int | None = None,
                    example_id: str = "") -> list[int]:
-        """Token ids of the rendered prompt.
+        """Token ids of the rendered prompt (`media`: an image's token count, or the `MediaSpan`s of the items in
+        placeholder order).
 
         Raises:
           PromptTooLongError (a ValueError): the prompt is longer than `max_prompt_len`; the message names the
-            prompt length, the image-token count and the config field to raise.
+            prompt length, the media-token count and the config field to raise.
         """
-        ids = self.encode(self.render_prompt(question, num_image_tokens))
+        ids = self.encode(self.render_prompt(question, media))
         if max_prompt_len is not None and len(ids) > max_prompt_len:
             where = f" (example {example_id})" if example_id else ""
+            n = sum(s.total_tokens for s in as_spans(media))
             raise PromptTooLongError(
-                f"prompt{where} has {len(ids)} tokens, {num_image_tokens} of them image tokens, but "
+                f"prompt{where} has {len(ids)} tokens, {n} of them image/video tokens, but "
                 f"max_prompt_len={max_prompt_len}: truncating would cut through the prompt (left truncation would "
-                f"cut the image tokens). Raise config data.max_prompt_len to at least {len(ids)}.")
+                f"cut the media tokens). Raise config data.max_prompt_len to at least {len(ids)}.")
         return ids
 
     def completion_ids(self, completion: str) -> list[int]:

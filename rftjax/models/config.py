@@ -279,6 +279,9 @@ class QwenVisionConfig:
       deepstack_visual_indexes: blocks whose outputs pass their own merger (LayerNorm after the 2x2 merge) and
         are added to the decoder's hidden states at the image positions after decoder layers 0, 1, ...
         (Qwen3-VL's DeepStack, Meng et al. 2024); empty: none.
+      tokens_per_second: Qwen2.5-VL's temporal M-RoPE rate: a video's temporal position advances
+        `tokens_per_second * second_per_grid_t` per temporal patch (HF `vision_config.tokens_per_second`); None:
+        by 1 (Qwen2-VL; Qwen3-VL timestamps its frames in text instead).
     """
 
     depth: int = 32
@@ -300,6 +303,7 @@ class QwenVisionConfig:
     patch_bias: bool = False
     num_position_embeddings: int | None = None
     deepstack_visual_indexes: tuple[int, ...] = ()
+    tokens_per_second: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
@@ -380,9 +384,11 @@ class QwenVLConfig(_ModelConfig):
       model_type: `"qwen2_5_vl"`, `"qwen2_vl"`, `"qwen3_vl"` or `"qwen3_5"` (the HF family written on export).
       image_token_id, video_token_id, vision_start_token_id, vision_end_token_id: special token ids; each
         image is `<|vision_start|>` + `grid_t * grid_h * grid_w / 4` image tokens + `<|vision_end|>`.
-      max_image_tokens: the largest image a batch can hold, in LM tokens (merged patches): the static patch
-        budget per row is `max_image_tokens * spatial_merge_size ** 2`. Images are resized (aspect ratio kept)
-        to at most `max_image_tokens * (patch_size * spatial_merge_size) ** 2` pixels.
+      max_image_tokens: the media tokens a row can hold (all its images and video frames), in LM tokens (merged
+        patches): the static patch budget per row is `max_image_tokens * spatial_merge_size ** 2`. Images are
+        resized (aspect ratio kept) to at most `max_image_tokens * (patch_size * spatial_merge_size) ** 2` pixels.
+      max_media_items: grid rows per row: images + videos (Qwen3-VL: + each video's temporal patches); rows
+        with more are dropped from file datasets and counted.
       image_token_buckets: smaller budgets a batch may be padded to (each a separate compilation); the batch
         takes the smallest bucket that holds its largest image. Empty: always `max_image_tokens`.
       image_mean, image_std: the image processor's per-channel normalisation (None: the family's, OpenAI CLIP's
@@ -400,6 +406,7 @@ class QwenVLConfig(_ModelConfig):
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     max_image_tokens: int = 1024
+    max_media_items: int = 1
     image_token_buckets: tuple[int, ...] = ()
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
@@ -425,6 +432,8 @@ class QwenVLConfig(_ModelConfig):
                                  f"({self.vision.in_channels})")
         if self.min_pixels is None:
             object.__setattr__(self, "min_pixels", 65536 if qwen3 else 56 * 56)
+        if self.model_type == "qwen2_5_vl" and self.vision.tokens_per_second is None:  # HF's default
+            object.__setattr__(self, "vision", dataclasses.replace(self.vision, tokens_per_second=4.0))
         if self.text.mrope_section is None:
             raise ValueError("QwenVLConfig.text.mrope_section is None; Qwen-VL decoders use M-RoPE (3 ints summing "
                              "to head_dim / 2, e.g. (16, 24, 24))")
@@ -435,7 +444,7 @@ class QwenVLConfig(_ModelConfig):
             if not 0 <= getattr(self, name) < self.text.vocab_size:
                 raise ValueError(f"QwenVLConfig.{name}={getattr(self, name)} must be a token id in "
                                  f"[0, text.vocab_size={self.text.vocab_size})")
-        _check_positive(self, "max_image_tokens")
+        _check_positive(self, "max_image_tokens", "max_media_items")
         bad = [b for b in self.image_token_buckets if not 0 < b <= self.max_image_tokens]
         if bad:
             raise ValueError(f"QwenVLConfig.image_token_buckets has {bad} outside (0, max_image_tokens="

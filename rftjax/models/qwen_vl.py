@@ -9,10 +9,12 @@ transformers' `modeling_qwen2_5_vl.py` / `modeling_qwen2_vl.py` / `modeling_qwen
 three families through `QwenVisionConfig` / `TextConfig` switches (norm, gated MLP, windows, patch bias,
 position table, DeepStack; q/k norm, interleaved M-RoPE).
 
-Static shapes under jit. HF concatenates the patches of all images into one `[sum(t*h*w), 1176]` array and
-runs variable-length attention; XLA needs fixed shapes, so here each row carries one image padded to a patch
-budget: `QwenImages.patches [B, P, patch_dim]` (the image's `t*h*w` patches first, in HF's order where each
-2x2 merge unit is contiguous, then zeros) and `QwenImages.grid_thw [B, 3]`. Every attention masks the padding
+Static shapes under jit. HF concatenates the patches of all images and videos into one `[sum(t*h*w), 1176]`
+array and runs variable-length attention; XLA needs fixed shapes, so here each row carries its media items (up
+to K images and videos, in the order their placeholders appear in the row's prompt) packed into one patch
+budget: `QwenImages.patches [B, P, patch_dim]` (item 0's `t*h*w` patches, then item 1's, ..., in HF's order
+where each 2x2 merge unit is contiguous, then zeros), `QwenImages.grid_thw [B, K, 3]` and, for videos,
+`QwenImages.time_interval [B, K]`. Every attention masks the padding
 out; window and full-image attention are masks over the row's patches (attention with a mask does not depend
 on token order, so HF's reordering into window order and back is not needed; the merger groups the same 4
 patches in both orders). A model call compiles once per `(B, P, T)`: with `QwenVLConfig.image_token_buckets`
@@ -25,7 +27,11 @@ a windowed kernel) and full-attention blocks one block of `FULL_ATTENTION_BLOCK`
 (`segment_attention`); after the last block the patches return to HF's order for the merger.
 `config.qwen_vision_flops` counts the windowed work.
 
-Limits: one image per row (or none); images only (no video inputs).
+A video item is `t` temporal patches of `temporal_patch_size` frames each: the tower attends within each
+temporal patch (a "frame" below) as HF does, and the M-RoPE temporal positions of frame f are
+`floor(f * time_interval)` (Qwen2.5-VL: `tokens_per_second * second_per_grid_t`; Qwen2-VL: 1). Qwen3-VL
+places each temporal patch as its own `t = 1` item behind a text timestamp (HF's `get_rope_index` splits
+its video grids the same way); the data side does that split (`rftjax.data.qwen_image.QwenMedia`).
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ import numpy as np
 from rftjax.models import hf
 from rftjax.models.common import (FULL_ATTENTION_BLOCK, LayerNorm, Linear, RMSNorm, gelu_exact, gelu_tanh,
                                   local_rows, merge_image_features, segment_attention, shard_rows)
-from rftjax.models.config import QwenVisionConfig, QwenVLConfig, qwen_vision_flops, qwen_vision_param_count
+from rftjax.models.config import (QWEN3_MODEL_TYPES, QwenVisionConfig, QwenVLConfig, qwen_vision_flops,
+                                  qwen_vision_param_count)
 from rftjax.models.family import Family, VisionDims, register
 from rftjax.models.llm import DecoderLM, DecoderState, DeepStack, ModelOutput, ModelStateMixin, rotate
 
@@ -50,17 +57,23 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class QwenImages:
-    """One image per row in the Qwen-VL patch layout, padded to a static patch budget.
+    """The media items of each row (images and videos) in the Qwen-VL patch layout, packed into a static
+    patch budget.
 
     Attributes:
-      patches: float `[B, P, patch_dim]`: row b's `t*h*w` normalised patches first (HF's
-        `Qwen2VLImageProcessor` order and values), zeros after. `P` is a multiple of `spatial_merge_size ** 2`.
-      grid_thw: int32 `[B, 3]`: `(t, h, w)` patch grid of row b's image (t = 1 for images); `(0, 0, 0)` for a
-        row without an image.
+      patches: float `[B, P, patch_dim]`: row b's items' normalised patches one after another (each item's
+        `t*h*w` patches in HF's `Qwen2VLImageProcessor` / video-processor order and values), zeros after. `P` is
+        a multiple of `spatial_merge_size ** 2`.
+      grid_thw: int32 `[B, K, 3]`: `(t, h, w)` patch grid of row b's item k (t = 1 for images, temporal patches
+        for videos); `(0, 0, 0)` for an absent item (absent items come last). `[B, 3]` is shorthand for K = 1.
+      time_interval: float32 `[B, K]` (or `[B]` with `[B, 3]` grids), the M-RoPE temporal step per temporal
+        patch of each item (videos: Qwen2.5-VL `tokens_per_second * second_per_grid_t`, Qwen2-VL 1), or None
+        (all 1; images have one temporal patch, so theirs never matters).
     """
 
     patches: Array
     grid_thw: Array
+    time_interval: Array | None = None
 
 
 @flax.struct.dataclass
@@ -68,8 +81,9 @@ class QwenImageFeatures:
     """Merged image features (the vision tower's output) with the grids the M-RoPE positions need.
 
     Attributes:
-      features: `[B, P / merge_unit, D]` in the compute dtype; row b's first `t*h*w / merge_unit` are its image.
-      grid_thw: int32 `[B, 3]`, as in `QwenImages`.
+      features: `[B, P / merge_unit, D]` in the compute dtype; row b's items' `t*h*w / merge_unit` features one
+        after another, then zeros.
+      grid_thw, time_interval: as in `QwenImages`.
       deepstack: Qwen3-VL's DeepStack features `[B, k, P / merge_unit, D]` (level j from vision block
         `deepstack_visual_indexes[j]` through its own merger), or None.
     """
@@ -77,6 +91,17 @@ class QwenImageFeatures:
     features: Array
     grid_thw: Array
     deepstack: Array | None = None
+    time_interval: Array | None = None
+
+
+def media_items(grid_thw: Array, time_interval: Array | None = None) -> tuple[Array, Array]:
+    """`(grids int32 [B, K, 3], time_interval float32 [B, K])` of a `QwenImages`' `grid_thw` (`[B, 3]` or
+    `[B, K, 3]`) and `time_interval` (None: all 1)."""
+    grids = grid_thw[:, None] if grid_thw.ndim == 2 else grid_thw
+    if time_interval is None:
+        return grids.astype(jnp.int32), jnp.ones(grids.shape[:2], jnp.float32)
+    step = time_interval[:, None] if time_interval.ndim == 1 else time_interval
+    return grids.astype(jnp.int32), step.astype(jnp.float32)
 
 
 def _activation(name: str):
@@ -89,28 +114,44 @@ def _norm(v: QwenVisionConfig):
 
 
 def patch_layout(grid_thw: Array, num_patches: int, v: QwenVisionConfig) -> dict[str, Array]:
-    """Geometry of every patch slot of every row, int32 `[B, P]` each (computed under jit from `grid_thw`).
+    """Geometry of every patch slot of every row, int32 `[B, P]` each (computed under jit from `grid_thw`,
+    `[B, 3]` or `[B, K, 3]`: the row's items packed one after another).
 
-    Keys: `valid` (bool: slot holds a patch of the row's image), `frame` (temporal index), `row`, `col`
-    (patch coordinates in the image, the 2-D RoPE positions), `window` (attention window id within the row;
-    windows are `window_units x window_units` merged tokens, counted per frame as HF's `get_window_index`).
-    Slot i of a frame holds merge unit `i // merge_unit` (row-major over the merged grid), sub-patch
-    `i % merge_unit` (row-major within the unit), HF's patch order.
+    Keys: `valid` (bool: slot holds a patch of one of the row's items), `frame` (temporal patch, counted over
+    the row's items so that two items never share one: the attention segment of full-attention blocks), `row`,
+    `col` (patch coordinates in the item, the 2-D RoPE positions), `grid_h`, `grid_w` (the item's patch grid),
+    `window` (attention window id within the row; windows are `window_units x window_units` merged tokens,
+    counted per frame as HF's `get_window_index`, items one after another). Slot i of a frame holds merge unit
+    `i // merge_unit` (row-major over the merged grid), sub-patch `i % merge_unit` (row-major within the unit),
+    HF's patch order.
     """
     m = v.spatial_merge_size
+    grids, _ = media_items(grid_thw)
+    b, k = grids.shape[:2]
+    sizes = grids.prod(-1)  # [B, K]
+    ends = jnp.cumsum(sizes, axis=1)
     i = jnp.arange(num_patches, dtype=jnp.int32)[None]
-    t, h, w = (grid_thw[:, k:k + 1].astype(jnp.int32) for k in range(3))
-    valid = i < t * h * w
-    frame, j = i // jnp.maximum(h * w, 1), i % jnp.maximum(h * w, 1)
+    item = (i[..., None] >= ends[:, None, :]).sum(-1)  # [B, P], K past the last item
+    valid = item < k
+    item = jnp.minimum(item, k - 1)
+    at = lambda a: jnp.take_along_axis(a, item, axis=1)  # noqa: E731  per-item value of each slot
+    t, h, w = (at(grids[..., j]) for j in range(3))
+    hw = jnp.maximum(h * w, 1)
+    j = i - at(ends - sizes)
+    frame_in_item, j = j // hw, j % hw
     unit, sub = j // (m * m), j % (m * m)
     merged_w = jnp.maximum(w // m, 1)
     unit_row, unit_col = unit // merged_w, unit % merged_w
-    out = {"valid": valid, "frame": frame, "row": unit_row * m + sub // m, "col": unit_col * m + sub % m}
+    frames_before = jnp.cumsum(grids[..., 0], axis=1) - grids[..., 0]
+    out = {"valid": valid, "frame": at(frames_before) + frame_in_item, "row": unit_row * m + sub // m,
+           "col": unit_col * m + sub % m, "grid_h": h, "grid_w": w}
     if v.window_units is not None:
         wu = v.window_units
-        windows_w = (merged_w + wu - 1) // wu
-        windows_h = (jnp.maximum(h // m, 1) + wu - 1) // wu
-        out["window"] = (frame * windows_h + unit_row // wu) * windows_w + unit_col // wu
+        windows_w = (jnp.maximum(grids[..., 2] // m, 1) + wu - 1) // wu  # [B, K]
+        windows_h = (jnp.maximum(grids[..., 1] // m, 1) + wu - 1) // wu
+        per_item = grids[..., 0] * windows_h * windows_w
+        first = at(jnp.cumsum(per_item, axis=1) - per_item)
+        out["window"] = first + (frame_in_item * at(windows_h) + unit_row // wu) * at(windows_w) + unit_col // wu
     return out
 
 
@@ -187,9 +228,10 @@ class PatchMerger(nn.Module):
         return Linear(c.out_hidden_size, ("mlp", "embed"), name="mlp_2", **kw)(x)
 
 
-def position_interpolation(row: Array, col: Array, grid_thw: Array, side: int) -> tuple[Array, Array]:
+def position_interpolation(row: Array, col: Array, grid_h: Array, grid_w: Array, side: int) -> tuple[Array, Array]:
     """Bilinear (align_corners) taps into a `side x side` table of learned position embeddings for patches at
-    `(row, col)` (int `[B, P]`) of each row's `grid_h x grid_w` grid: indices int32 `[B, P, 4]` into the
+    `(row, col)` (int `[B, P]`) of a `grid_h x grid_w` grid (int `[B, P]` or broadcastable, the patch's
+    item's): indices int32 `[B, P, 4]` into the
     flattened table and weights float32 `[B, P, 4]` (summing to 1). Equal to HF
     `vision_utils.get_vision_interpolation_indices_and_weights(mode="bilinear", align_corners=True)`, i.e.
     `F.interpolate` of the table to the grid."""
@@ -200,8 +242,8 @@ def position_interpolation(row: Array, col: Array, grid_thw: Array, side: int) -
         weights = jnp.maximum(1 - jnp.abs(src[..., None] - taps), 0)
         return jnp.clip(taps, 0, side - 1).astype(jnp.int32), weights
 
-    h_taps, h_w = axis(row, grid_thw[:, 1:2])
-    w_taps, w_w = axis(col, grid_thw[:, 2:3])
+    h_taps, h_w = axis(row, grid_h)
+    w_taps, w_w = axis(col, grid_w)
     b, p = row.shape
     indices = (h_taps[..., :, None] * side + w_taps[..., None, :]).reshape(b, p, 4)
     return indices, (h_w[..., :, None] * w_w[..., None, :]).reshape(b, p, 4)
@@ -211,12 +253,13 @@ class QwenVisionTower(nn.Module):
     """Qwen-VL vision encoder: patch embedding (+ learned position embeddings, Qwen3-VL), `depth` blocks
     (windowed or full attention), patch merger (+ DeepStack mergers, Qwen3-VL).
 
-    Call: `(patches float [B, P, patch_dim], grid_thw int [B, 3])` -> `(merged features [B, P / merge_unit,
+    Call: `(patches float [B, P, patch_dim], grid_thw int [B, 3] or [B, K, 3])` -> `(merged features
+    [B, P / merge_unit,
     out_hidden_size], deepstack [B, k, P / merge_unit, out_hidden_size] or None)` (compute dtype; zero on
     padding slots). The patch embedding is a linear map of the flattened `(C, temporal_patch_size, patch_size,
     patch_size)` patch (with a bias when `patch_bias`), equal to HF's Conv3d. With `num_position_embeddings`,
-    the square table is resampled bilinearly to each image's grid (`position_interpolation`) and added. Attention
-    never crosses frames, images (rows) or into padding; windowed blocks attend within their window only. The
+    the square table is resampled bilinearly to each item's grid (`position_interpolation`) and added. Attention
+    never crosses frames, items, rows or into padding; windowed blocks attend within their window only. The
     outputs of the blocks in `deepstack_visual_indexes` pass their own `PatchMerger` (post-shuffle norm).
 
     Raises:
@@ -246,7 +289,8 @@ class QwenVisionTower(nn.Module):
             table = self.param("position_embedding", nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), (None, "embed")), (c.num_position_embeddings, c.hidden_size),
                 self.param_dtype).astype(jnp.float32)
-            indices, weights = position_interpolation(layout["row"], layout["col"], grid_thw, c.position_grid_side)
+            indices, weights = position_interpolation(layout["row"], layout["col"], layout["grid_h"],
+                                                      layout["grid_w"], c.position_grid_side)
             pos = sum(jnp.take(table, indices[..., j], axis=0) * weights[..., j, None] for j in range(4))
             x = (x.astype(jnp.float32) + pos).astype(self.dtype)
         if c.window_units is not None:  # window order (HF's get_window_index): each window a contiguous run
@@ -271,61 +315,86 @@ class QwenVisionTower(nn.Module):
         return out, (jnp.stack(deepstack, axis=1) if deepstack else None)
 
 
-def mrope_positions(input_ids: Array, attention_mask: Array, grid_thw: Array | None, config: QwenVLConfig) -> Array:
-    """M-RoPE position ids int32 `[3, B, T]` (temporal, height, width) of left-padded rows with <= 1 image each.
+def vision_token_mask(input_ids: Array, config: QwenVLConfig) -> Array:
+    """bool `[B, T]`: the media placeholders of `input_ids` (image and video tokens; the model fills both with its
+    media features in order)."""
+    return (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
 
-    Over each row's real tokens (mask True): text tokens count up from 0 on all three axes; the image tokens
-    (a contiguous run of `t*h*w/4` ids `config.image_token_id`) get `start + (frame, merged row, merged
-    column)` with `start` the number of text tokens before them; text after the image continues from
-    `start + max(h, w) / 2`. Padding gets 0. Equal to HF's `Qwen2_5_VLModel.get_rope_index` for images.
-    With `grid_thw=None` (no images) every axis is `cumsum(mask) - 1`, plain 1-D RoPE.
+
+def mrope_positions(input_ids: Array, attention_mask: Array, grid_thw: Array | None, config: QwenVLConfig,
+                    time_interval: Array | None = None) -> Array:
+    """M-RoPE position ids int32 `[3, B, T]` (temporal, height, width) of left-padded rows with media items.
+
+    Over each row's real tokens (mask True): text tokens count up from 0 on all three axes; the placeholders of
+    item k (its contiguous run of `t*h*w/4` image or video tokens; items in row order, `grid_thw` `[B, K, 3]`
+    or `[B, 3]`) get `start + (floor(frame * time_interval[k]) , merged row, merged column)` with `start` the
+    position the next text token would have had; text after the item continues from `start + max(h, w) / 2`.
+    Padding gets 0. Equal to HF's `Qwen2_5_VLModel.get_rope_index` / `Qwen3VLModel.get_rope_index` (Qwen3-VL
+    video frames are separate `t = 1` items) in transformers 5.
+    With `grid_thw=None` (no media) every axis is `cumsum(mask) - 1`, plain 1-D RoPE.
     """
     mask = attention_mask.astype(bool)
-    is_img = (input_ids == config.image_token_id) & mask
-    is_text = mask & ~is_img
+    is_vis = vision_token_mask(input_ids, config) & mask
+    is_text = mask & ~is_vis
     text_before = jnp.cumsum(is_text, axis=1, dtype=jnp.int32) - is_text
     if grid_thw is None:
         return jnp.broadcast_to(jnp.where(mask, text_before, 0), (3, *input_ids.shape)).astype(jnp.int32)
+    grids, step = media_items(grid_thw, time_interval)
     m = config.vision.spatial_merge_size
-    gt, gh, gw = (grid_thw[:, k:k + 1].astype(jnp.int32) for k in range(3))
-    gh, gw = gh // m, gw // m
-    k = jnp.cumsum(is_img, axis=1, dtype=jnp.int32) - 1  # ordinal of each image token
-    per_frame = jnp.maximum(gh * gw, 1)
-    img = jnp.stack([k // per_frame, (k % per_frame) // jnp.maximum(gw, 1), k % jnp.maximum(gw, 1)])
-    image_seen = (k >= 0) & ~is_img  # text after the image
-    text = text_before + jnp.where(image_seen, jnp.maximum(gh, gw), 0)
-    pos = jnp.where(is_img[None], text_before[None] + img, text[None])
+    gh, gw = grids[..., 1] // m, grids[..., 2] // m  # [B, K]
+    tokens = grids[..., 0] * gh * gw
+    ends = jnp.cumsum(tokens, axis=1)
+    extent = jnp.maximum(gh, gw)
+    seen = jnp.cumsum(is_vis, axis=1, dtype=jnp.int32)  # placeholders up to and including each token
+    k = seen - 1  # ordinal of each placeholder
+    done = seen - is_vis  # placeholders strictly before each token
+    # positions taken by the items that ended before each token: sum of their extents
+    before = ((ends[:, None, :] <= done[..., None]) * extent[:, None, :]).sum(-1)
+    item = jnp.minimum((k[..., None] >= ends[:, None, :]).sum(-1), grids.shape[1] - 1)  # [B, T]
+    at = lambda a: jnp.take_along_axis(a, item, axis=1)  # noqa: E731
+    j = k - at(ends - tokens)
+    per_frame = jnp.maximum(at(gh * gw), 1)
+    width = jnp.maximum(at(gw), 1)
+    frame = jnp.floor((j // per_frame).astype(jnp.float32) * at(step)).astype(jnp.int32)
+    start = text_before + before
+    img = jnp.stack([frame, (j % per_frame) // width, j % width])
+    pos = jnp.where(is_vis[None], start[None] + img, start[None])
     return jnp.where(mask[None], pos, 0).astype(jnp.int32)
 
 
 def image_token_counts(grid_thw, config: QwenVLConfig) -> np.ndarray:
-    """LM tokens per image `t*h*w / merge_unit`, int `[B]`, from a concrete `grid_thw` `[B, 3]`."""
+    """LM tokens per media item `t*h*w / merge_unit`, int `[B, K]` (`[B]` for `[B, 3]` grids), from a concrete
+    `grid_thw`."""
     g = np.asarray(grid_thw).astype(np.int64)
-    return g.prod(axis=1) // config.vision.merge_unit
+    return g.prod(axis=-1) // config.vision.merge_unit
 
 
 def check_image_tokens(input_ids, config: QwenVLConfig, grid_thw) -> None:
-    """Raise a ValueError unless every row of `input_ids` `[B, T]` holds one contiguous run of exactly
-    `t*h*w / 4` image tokens for its `grid_thw` row (or none, for a row without an image / `grid_thw=None`).
+    """Raise a ValueError unless row b of `input_ids` `[B, T]` holds, for each of its media items (`grid_thw`
+    `[B, K, 3]` or `[B, 3]`, zero grids absent), one contiguous run of exactly `t*h*w / 4` image or video tokens,
+    in item order, and no other media placeholders (none at all for `grid_thw=None`).
 
     Call it on host data before jitting (the model calls it itself when `input_ids` is concrete). The usual
-    cause of a mismatch is a prompt truncated through its image tokens, or a grid from another resize.
+    cause of a mismatch is a prompt truncated through its media tokens, or a grid from another resize.
     """
     ids = local_rows(input_ids)
-    is_img = ids == config.image_token_id
-    counts = is_img.sum(axis=1)
-    want = np.zeros(len(ids), np.int64) if grid_thw is None else image_token_counts(local_rows(grid_thw), config)
-    for row in np.nonzero(counts != want)[0]:
-        raise ValueError(
-            f"image tokens and image features do not match: row {row} of input_ids has {int(counts[row])} image "
-            f"tokens (id {config.image_token_id}) but its image gives {int(want[row])} features (grid_thw "
-            f"{None if grid_thw is None else np.asarray(grid_thw)[row].tolist()} / {config.vision.merge_unit}). "
-            f"A prompt truncated through its image tokens does this: raise the maximum prompt length, or "
-            f"shorten the text.")
-    runs = (np.diff(is_img.astype(np.int8), axis=1) == 1).sum(axis=1) + is_img[:, 0]
-    for row in np.nonzero(runs > 1)[0]:
-        raise ValueError(f"row {row} of input_ids has {int(runs[row])} separate runs of image tokens; rftjax's "
-                         f"Qwen-VL takes one image per row")
+    is_vis = np.asarray(vision_token_mask(np.asarray(ids), config))
+    if grid_thw is None:
+        want = np.zeros((len(ids), 0), np.int64)
+    else:
+        want = image_token_counts(local_rows(grid_thw), config)
+        want = want[:, None] if want.ndim == 1 else want
+    for row in range(len(ids)):
+        edges = np.diff(np.concatenate([[0], is_vis[row].astype(np.int8), [0]]))
+        runs = (np.nonzero(edges == -1)[0] - np.nonzero(edges == 1)[0]).tolist()
+        items = [int(n) for n in want[row] if n > 0]
+        if runs != items:
+            grids = None if grid_thw is None else np.asarray(local_rows(grid_thw))[row].tolist()
+            raise ValueError(
+                f"media tokens and media features do not match: row {row} of input_ids has runs of {runs} image/"
+                f"video tokens (ids {config.image_token_id}/{config.video_token_id}) but its media items give "
+                f"{items} features (grid_thw {grids} / {config.vision.merge_unit}). A prompt truncated through its "
+                f"media tokens does this: raise the maximum prompt length, or shorten the text.")
 
 
 class QwenVL(ModelStateMixin, nn.Module):
@@ -336,9 +405,9 @@ class QwenVL(ModelStateMixin, nn.Module):
       `QwenVL(config).apply({'params': params}, images, input_ids, attention_mask=None, state=None,
       image_features=None, return_hidden=False)`
 
-      - images: `QwenImages` (one image per row, padded patches + grids) or None (text only).
-      - input_ids: int32 `[B, T]`, left-padded; row b holds `t*h*w/4` image tokens for its image (between
-        `<|vision_start|>` and `<|vision_end|>` in the chat template).
+      - images: `QwenImages` (each row's media items, packed patches + grids) or None (text only).
+      - input_ids: int32 `[B, T]`, left-padded; row b holds one run of `t*h*w/4` image (or video) tokens per
+        media item, in item order (each between `<|vision_start|>` and `<|vision_end|>` in the chat template).
       - attention_mask: `[B, T]`, False on padding.
       - state: a `DecoderState` to continue from (the output then holds the new state); the prompt with its image
         is written from the state's `next_pos`, and later tokens continue from its largest M-RoPE position + 1.
@@ -349,7 +418,7 @@ class QwenVL(ModelStateMixin, nn.Module):
       `ModelOutput`: logits float32 `[B, T, V]` (or hidden), and the new state when given one.
 
     Raises:
-      ValueError: (when input_ids is concrete) image tokens that do not match the image grids; both images
+      ValueError: (when input_ids is concrete) media tokens that do not match the media grids; both images
         and image_features given.
     """
 
@@ -363,9 +432,9 @@ class QwenVL(ModelStateMixin, nn.Module):
                                         remat_policy=c.checkpoint_policy)
 
     def encode_images(self, images: QwenImages) -> QwenImageFeatures:
-        """Merged image features of `images` (see `QwenImageFeatures`)."""
+        """Merged media features of `images` (see `QwenImageFeatures`)."""
         features, deepstack = self.visual(images.patches, images.grid_thw)
-        return QwenImageFeatures(features, images.grid_thw, deepstack)
+        return QwenImageFeatures(features, images.grid_thw, deepstack, images.time_interval)
 
     def __call__(self, pixel_values: QwenImages | None, input_ids, attention_mask=None,
                  state: DecoderState | None = None, image_features: QwenImageFeatures | None = None,
@@ -383,9 +452,10 @@ class QwenVL(ModelStateMixin, nn.Module):
         embeds = self.language_model.embed(input_ids)
         positions = deepstack = None
         if image_features is not None:
-            is_image = input_ids == self.config.image_token_id
+            is_image = vision_token_mask(input_ids, self.config)
             embeds = merge_image_features(embeds, is_image, image_features.features)
-            positions = mrope_positions(input_ids, attention_mask, image_features.grid_thw, self.config)
+            positions = mrope_positions(input_ids, attention_mask, image_features.grid_thw, self.config,
+                                        image_features.time_interval)
             if state is not None:
                 positions = positions + state.next_pos[None, :, None]
             if image_features.deepstack is not None:
@@ -411,7 +481,9 @@ def _media_input(config: QwenVLConfig):
     from rftjax.data.qwen_image import QwenImageProcessor
 
     return QwenPatchImages(QwenImageProcessor.for_model(config), config.max_image_tokens, config.vision.merge_unit,
-                           config.buckets, config.compute_dtype)
+                           config.buckets, config.compute_dtype, max_items=config.max_media_items,
+                           split_frames=config.model_type in QWEN3_MODEL_TYPES,
+                           tokens_per_second=config.vision.tokens_per_second)
 
 
 def _vision_dims(c: QwenVLConfig) -> VisionDims:
@@ -423,7 +495,8 @@ def _vision_dims(c: QwenVLConfig) -> VisionDims:
 def _media_shapes(c: QwenVLConfig, n: int) -> QwenImages:
     v = c.vision
     return QwenImages(jax.ShapeDtypeStruct((n, c.max_image_tokens * v.merge_unit, v.patch_dim), c.compute_dtype),
-                      jax.ShapeDtypeStruct((n, 3), jnp.int32))
+                      jax.ShapeDtypeStruct((n, c.max_media_items, 3), jnp.int32),
+                      jax.ShapeDtypeStruct((n, c.max_media_items), jnp.float32))
 
 
 QWEN_VL = register(Family(

@@ -4,7 +4,8 @@ An example is a plain dict (the record TFDS writes and grain reads):
 
   id           str   unique within the task, e.g. "digits/test/17"
   task         str   task name
-  image        uint8 [H, W, 3]
+  image        uint8 [H, W, 3] (or absent: `images`, a list of them, and/or `video`, a `rftjax.data.video.Clip`;
+               `rftjax.data.media`)
   question     str   the question, without the image placeholder or chat template
   answer       str   the verifiable answer ("11", "B", "[3, 5, 17, 19]", a LaTeX expression); "" for `open`
   answer_type  str   one of ANSWER_TYPES: how rewards compare a prediction with `answer`; `open`: no gold answer
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-ANSWER_TYPES = ("int", "float", "choice", "math", "box", "open")
+ANSWER_TYPES = ("int", "float", "choice", "math", "box", "open", "numerical", "ocr", "free-form", "regression")
 SPLITS = ("train", "validation", "test", "test_ood")
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 
@@ -39,17 +40,26 @@ def trace(thought: str, answer: str) -> str:
     return f"<think>{thought}</think><answer>{answer}</answer>"
 
 
-def make_example(task: str, split: str, index: int, image: np.ndarray, question: str, answer: str,
-                 answer_type: str, thought: str = "", meta: dict[str, Any] | None = None) -> dict:
+def make_example(task: str, split: str, index: int, image: np.ndarray | None, question: str, answer: str,
+                 answer_type: str, thought: str = "", meta: dict[str, Any] | None = None, **media) -> dict:
     """Assemble and check one example dict (see the module docstring). `image` is uint8 `[H, W, 3]`, or an
-    object with `load()` returning one (`rftjax.data.importers.ImageRef`, decoded when the row is read)."""
+    object with `load()` returning one (`rftjax.data.importers.ImageRef`, decoded when the row is read), or None
+    when `media` holds the example's `images` and/or `video`.
+
+    Raises:
+      ValueError: an unknown answer type, a malformed image, no media at all.
+    """
     if answer_type not in ANSWER_TYPES:
         raise ValueError(f"answer_type {answer_type!r} not in {ANSWER_TYPES}")
-    if not hasattr(image, "load") and (image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3):
+    if image is None and not media:
+        raise ValueError("an example needs an image, images or a video")
+    if image is not None and not hasattr(image, "load") and (
+            image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3):
         raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
-    return {"id": f"{task}/{split}/{index}", "task": task, "image": image, "question": question, "answer": answer,
-            "answer_type": answer_type, "reasoning": trace(thought, answer) if thought else "",
-            "meta": json.dumps(meta or {}, sort_keys=True)}
+    out = {"id": f"{task}/{split}/{index}", "task": task, "question": question, "answer": answer,
+           "answer_type": answer_type, "reasoning": trace(thought, answer) if thought else "",
+           "meta": json.dumps(meta or {}, sort_keys=True), **media}
+    return out if image is None else {**out, "image": image}
 
 
 class Task:
