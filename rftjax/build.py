@@ -67,6 +67,8 @@ def validate_config(c: ml_collections.ConfigDict, n_data_shards: int, algo: rl.A
          f"rl.control_schedule={c.rl.control_schedule!r}: choose continue (the cold start's schedule goes on) or "
          f"restart (warm-up to sft.lr again)")
     need(c.data.source in ("procedural", "tfds"), f"data.source={c.data.source!r}: choose procedural or tfds")
+    need(c.data.task != "motion" or c.data.train or c.data.source == "procedural",
+         "data.task=motion (videos) is rendered on the fly only: set data.source=procedural")
     need(c.reward.answer_format in INSTRUCTIONS, f"reward.answer_format={c.reward.answer_format!r}: choose one of "
                                                  f"{sorted(INSTRUCTIONS)}")
     if c.data.train:

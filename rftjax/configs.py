@@ -34,8 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.lora.targets = "decoder"    # decoder | decoder+vision | vision | a module-path regex (re.fullmatch)
 
     c.data = ml_collections.ConfigDict()
-    c.data.task = "digits"              # digits | shapes | grounding | describe (open-ended: reward.model/judge)
-    c.data.train = ""                   # a dataset file instead of the task: easyr1:PATH.(jsonl|parquet) (RL prompts)
+    c.data.task = "digits"              # digits | shapes | grounding | describe (open-ended: reward.model/judge) |
+    #                                     motion (videos, Qwen-VL models: data.video, model.overrides.max_media_items)
+    c.data.train = ""                   # a dataset file instead of the task: easyr1:PATH.(jsonl|parquet) or
+    #                                     videor1:PATH.(json|jsonl) (RL prompts)
     c.data.test = ""                    # ... its held-out evaluation set: easyr1:PATH or mathv:PATH (MATH-V jsonl)
     c.data.test_ood = ""                # ... an optional second evaluation set
     c.data.source = "procedural"        # procedural (rendered on the fly) | tfds (array_record under data_dir)

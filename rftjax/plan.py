@@ -35,6 +35,11 @@ logical-axis shardings `rftjax.sharding` gives each param:
                 attention scores at a time); one chunk of float32 logits (`steps.LOGPROB_CHUNK_BYTES`) with its
                 probabilities and gradient. Rows: `rl.micro_batch_size` (else the minibatch).
 
+Media: prompts are padded to `max_prompt_len`, which holds a row's image and video tokens (at most the model's
+`max_image_tokens`), and the vision tower's activations are counted for `max_image_tokens` patches per prompt;
+for models that read videos the report adds the largest video `data.video` allows (`video_budget`: its frames,
+temporal patches and tokens, under the per-frame budget) and whether it fits the row.
+
 When the total exceeds `plan.device_memory_gb` the planner says which settings bring it under, each alone, with
 its figure: bf16 params, LoRA, FSDP over all devices, remat, smaller minibatches, a frozen vision tower.
 The persistent terms are exact (tests/test_plan.py compares them with a live run's arrays); the activation term
@@ -233,10 +238,40 @@ def table(p: Plan) -> str:
     return "\n".join(lines)
 
 
+def video_budget(c: ml_collections.ConfigDict) -> dict | None:
+    """The largest video `data.video` lets a row hold (`max_frames` frames of `frame_max_tokens` tokens) as the run's
+    model reads it: `{"frames", "temporal_patches", "tokens_per_patch", "tokens", "max_image_tokens", "fits"}`
+    (`fits`: the row's token and grid-row budgets hold it; else such rows are dropped and counted), or None for a
+    model that reads no videos."""
+    from rftjax.data.pipeline import image_input_for
+    from rftjax.data.video import VideoMeta, VideoSampling
+
+    mc = model_config_of(c)
+    media = image_input_for(mc, VideoSampling(**c.data.video.to_dict()))
+    if not hasattr(media, "video"):
+        return None
+    side = int(math.isqrt(media.video.frame_max_tokens)) * media.processor.factor  # a square frame at the budget
+    meta = VideoMeta(media.video.max_frames, media.video.fps, side, side)
+    try:
+        span, fits = media.spans([meta])[0], True
+    except ValueError:
+        span, fits = dataclasses.replace(media, max_items=10 ** 6, max_image_tokens=10 ** 9).spans([meta])[0], False
+    patches = max(len(span.timestamps), -(-media.video.max_frames // media.processor.temporal_patch_size))
+    return {"frames": media.video.max_frames, "temporal_patches": patches, "tokens_per_patch": span.total_tokens //
+            patches, "tokens": span.total_tokens, "max_image_tokens": media.max_image_tokens, "fits": fits}
+
+
 def report(c: ml_collections.ConfigDict) -> str:
-    """`table(plan(c))`, and when it does not fit, each lever's total and whether it fits alone."""
+    """`table(plan(c))` (with `video_budget`'s line for video models), and when it does not fit, each lever's total
+    and whether it fits alone."""
     p = plan(c)
     out = [table(p)]
+    video = video_budget(c)
+    if video is not None:
+        out.append(f"video: {video['frames']} frames -> {video['temporal_patches']} temporal patches x "
+                   f"{video['tokens_per_patch']} tokens = {video['tokens']} tokens per video, of max_image_tokens="
+                   f"{video['max_image_tokens']} per row: " + ("fits" if video["fits"] else
+                                                             "DOES NOT FIT (such rows are dropped)"))
     if not p.fits:
         out.append("over by %.2f GB per device; settings that lower it (each alone):" % ((p.total - p.device_memory) / GB))
         every = {}

@@ -79,6 +79,9 @@ SLOW = {
     # process, the CLI with a device-side reward source), the sharded, scanned and Qwen-VL paths at one
     # setting each, and every parity check against transformers, TRL and peft that takes under ~10 s.
     "test_noisy_rollout.py::test_interrupted_noisy_corrected_run_resumes_exactly",
+    "test_multimodal.py::test_video_task_trains_through_the_cli[qwen_dir]",
+    "test_multimodal.py::test_video_task_trains_through_the_cli[qwen3_dir]",
+    "test_multimodal.py::test_multi_image_easyr1_rows_train_through_the_cli",
     "test_multiprocess.py::test_two_processes_equal_one_process_and_resume_exactly_after_sigkill",
     "test_checkpoint_training.py::test_qwen_checkpoint_trains_resumes_evaluates_and_exports",
     "test_checkpoint_training.py::test_llava_checkpoint_trains_resumes_and_exports",

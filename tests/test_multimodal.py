@@ -206,3 +206,227 @@ def test_frame_sampling_on_an_mp4_follows_the_documented_rule(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not a readable video"):
         read_video(str(tmp_path / "bad.mp4"), VideoSampling())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rewards of Video-R1's question types, the motion task, Video-R1 rows, prompts with videos, row budgets
+
+
+def test_video_r1_rewards_equal_the_references():
+    """ROUGE against `rouge_score`, WER against `jiwer`, the numeric types by hand; hostile output scores 0."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    jiwer = pytest.importorskip("jiwer")
+    from rftjax.rewards import accuracy
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    for pred, gold in (("a red ball", "a red cube"), ("The cat sat on the mat.", "the cat is on a mat"),
+                       ("nothing alike", "completely different words here"), ("Same text", "same text")):
+        want = np.mean([s.fmeasure for s in scorer.score(gold, pred).values()])
+        assert accuracy(pred, gold, "free-form") == pytest.approx(want, abs=1e-12)
+    for pred, gold in (("the cat sat down", "the cat sat"), ("one two", "one two three four"), ("x y z w v", "a")):
+        assert accuracy(pred, gold, "ocr") == pytest.approx(1 - min(1.0, jiwer.wer(gold, pred)), abs=1e-12)
+    assert accuracy("12", "10", "regression") == pytest.approx(0.8)
+    assert accuracy("25", "10", "regression") == 0.0 and accuracy("-5", "-5", "regression") == pytest.approx(1.0)
+    assert accuracy("3.50", "3.5", "numerical") == 1.0 and accuracy("3.504", "3.5", "numerical") == 1.0
+    assert accuracy("4", "4.0", "numerical") == 0.0 and accuracy("3.6", "3.5", "numerical") == 0.0
+    for kind in ("numerical", "ocr", "free-form", "regression"):
+        for hostile in (None, "", "x" * 100_000, "1e999", "\x00" * 50):
+            assert 0.0 <= accuracy(hostile, "42", kind) <= 1.0
+
+
+def test_motion_task_answers_follow_from_its_frames():
+    """Direction: the one object that changes place moves the way the answer says; count: the last frame holds
+    as many objects as the answer, the first frame fewer unless all start at 0; traces end in the answer."""
+    from scipy import ndimage
+
+    from rftjax.data.tasks import get_task
+    from rftjax.data.tasks.motion import DIRECTIONS
+
+    task = get_task("motion")
+    kinds = set()
+    for i in range(24):
+        ex = task.example("train", i)
+        frames, meta = ex["video"].frames, __import__("json").loads(ex["meta"])
+        assert frames.shape == (8, 64, 64, 3) and "image" not in ex
+        assert ex["reasoning"].endswith(f"<answer>{ex['answer']}</answer>")
+        kinds.add(meta["kind"])
+        lit = lambda f: (f.max(-1) > 60)  # noqa: E731  object pixels (the background is 24)
+        if meta["kind"] == "count":
+            assert ndimage.label(lit(frames[-1]))[1] == int(ex["answer"])
+            assert ndimage.label(lit(frames[0]))[1] == sum(t == 0 for t in meta["starts"])
+        else:
+            moved = lit(frames[0]) ^ lit(frames[-1])
+            ys, xs = np.nonzero(lit(frames[-1]) & moved)
+            y0, x0 = np.nonzero(lit(frames[0]) & moved)
+            dx, dy = DIRECTIONS[meta["direction"]]
+            assert np.sign(round(xs.mean() - x0.mean())) == dx and np.sign(round(ys.mean() - y0.mean())) == dy
+            assert ex["answer"] == "ABCD"[list(DIRECTIONS).index(meta["direction"])]
+    assert kinds == {"count", "direction"}
+    assert task.example("test_ood", 0)["video"].frames.shape[0] == 16
+
+
+def test_video_r1_rows_import_and_become_prompts_with_timestamped_frames(qwen3_dir, tmp_path):
+    """A Video-R1 json (a multiple-choice video row, a numerical image row, a bad row) through `load_dataset` and
+    `Preprocess` with a Qwen3-VL checkpoint's tokenizer: options in the question, answers without tags, each
+    temporal patch a `<t seconds>` block of its tokens, patches equal to the processor's."""
+    import json
+
+    from rftjax.data import importers
+    from rftjax.data.chat import CheckpointTokenizer
+    from rftjax.data.pipeline import Preprocess
+
+    _, ckpt = qwen3_dir
+    config, _ = rhf.load_pretrained(ckpt, max_image_tokens=64, max_media_items=4)
+    rng = np.random.default_rng(4)
+    write_video(str(tmp_path / "clip.mp4"), rng.integers(0, 256, (12, 64, 96, 3), np.uint8), fps=4)
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(tmp_path / "still.png")
+    rows = [{"problem_id": 7, "problem": "Where does the ball go?", "data_type": "video", "path": "clip.mp4",
+             "problem_type": "multiple choice", "options": ["A. left", "B. right"], "solution": "<answer>B</answer>",
+             "process": "<think>It rolls right.</think>"},
+            {"problem_id": 8, "problem": "How long is it?", "data_type": "image", "path": "still.png",
+             "problem_type": "numerical", "options": [], "solution": "<answer>3.5</answer>"},
+            {"problem_id": 9, "problem": "?", "data_type": "video", "path": "gone.mp4", "problem_type": "OCR",
+             "solution": "<answer>x</answer>"}]
+    (tmp_path / "v.json").write_text(json.dumps(rows))
+    sampling = VideoSampling(fps=2.0, min_frames=4, max_frames=8, frame_max_tokens=6)
+    source, report = importers.load_dataset(f"videor1:{tmp_path / 'v.json'}", video=sampling)
+    assert report.kept == 2 and "does not exist" in report.skipped[0][1]
+    video_row, image_row = source[0], source[1]
+    assert video_row["question"] == "Where does the ball go?\nOptions:\nA. left\nB. right"
+    assert (video_row["answer"], video_row["answer_type"]) == ("B", "choice")
+    assert video_row["reasoning"] == "<think>It rolls right.</think><answer>B</answer>"
+    assert (image_row["answer"], image_row["answer_type"]) == ("3.5", "numerical")
+    clip = video_row["video"]  # 12 frames at 4 fps = 3 s: floor(3 * 2) = 6 frames
+    assert clip.indices.tolist() == [0, 2, 4, 7, 9, 11]
+    tok = CheckpointTokenizer(ckpt, config.image_token_id, video_token_id=config.video_token_id,
+                              vision_start_id=config.vision_start_token_id, vision_end_id=config.vision_end_token_id)
+    pre = Preprocess(tok, image_input_for(config, sampling), max_prompt_len=160)
+    out = pre(video_row)
+    text = tok.tok.decode(out["prompt_ids"][out["prompt_mask"]].tolist(), skip_special_tokens=False)
+    times = temporal_patch_times(clip.indices, 4.0, 2)  # (0 + .5) / 2, (1 + 1.75) / 2, (2.25 + 2.75) / 2
+    assert times == pytest.approx([0.25, 1.375, 2.5])
+    for t in times:
+        assert f"<{t:.1f} seconds><|vision_start|>" in text
+    media = image_input_for(config, sampling)
+    patches, grid = media.processor.video(clip.frames, media.frame_max_pixels)
+    assert grid.tolist() == [3, 4, 6] and int((out["prompt_ids"] == config.video_token_id).sum()) == 3 * 6
+    np.testing.assert_array_equal(out["pixel_values"].grid_thw[:3], [[1, 4, 6]] * 3)
+    np.testing.assert_array_equal(out["pixel_values"].patches[:len(patches)], patches)
+    assert out["image_tokens"] == 18
+
+
+def test_rows_over_the_media_budgets_are_dropped_and_counted(qwen_dir, tmp_path):
+    """EasyR1 rows with 1, 2 and 3 images against max_media_items=2 and a token budget: the 3-image row and the row
+    of two large images are dropped, counted in `over_budget`; the others keep their order."""
+    import json
+
+    from PIL import Image
+
+    from rftjax.data import importers
+    from rftjax.data.chat import CheckpointTokenizer
+    from rftjax.data.pipeline import Preprocess
+
+    _, ckpt = qwen_dir
+    config, _ = rhf.load_pretrained(ckpt, max_image_tokens=24, max_media_items=2)
+    for name, size in (("s.png", (56, 56)), ("l.png", (112, 112))):  # 4 and 16 tokens
+        Image.new("RGB", size, (200, 10, 10)).save(tmp_path / name)
+    rows = [{"problem": "<image> one", "answer": "1", "images": ["s.png"]},
+            {"problem": "<image> and <image> two", "answer": "2", "images": ["s.png", "l.png"]},
+            {"problem": "<image><image><image> three", "answer": "3", "images": ["s.png"] * 3},
+            {"problem": "big <image> <image>", "answer": "4", "images": ["l.png", "l.png"]}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    source, report = importers.load_dataset(f"easyr1:{tmp_path / 'd.jsonl'}")
+    pre = Preprocess(CheckpointTokenizer(ckpt, config.image_token_id), image_input_for(config), 256)
+    kept = importers.drop_long_prompts(source, pre.prompt_len, 256, report)
+    assert [ex["answer"] for ex in kept.examples] == ["1", "2"] and report.over_budget == 2
+    assert "max_media_items=2" in report.skipped[0][1] and "max_image_tokens=24" in report.skipped[1][1]
+    out = pre(kept[1])
+    assert np.asarray(out["pixel_values"].grid_thw).tolist() == [[1, 4, 4], [1, 8, 8]]
+    ids = out["prompt_ids"][out["prompt_mask"]]
+    starts = np.nonzero(np.diff(np.r_[0, ids == config.image_token_id].astype(int)) == 1)[0]
+    assert len(starts) == 2 and int((ids == config.image_token_id).sum()) == 4 + 16
+
+
+def test_planner_counts_video_tokens():
+    """configs/qwen_video.py on Qwen2.5-VL-3B: 8 frames -> 4 temporal patches x 64 tokens = 256, the row budget;
+    with 16 frames the video needs 512 tokens and does not fit."""
+    import sys
+
+    from rftjax import plan
+
+    sys.path.insert(0, "configs")
+    import qwen_video
+
+    c = qwen_video.get_config()
+    c.model.preset = "qwen2_5_vl_3b"
+    assert plan.video_budget(c) == {"frames": 8, "temporal_patches": 4, "tokens_per_patch": 64, "tokens": 256,
+                                    "max_image_tokens": 256, "fits": True}
+    c.data.video.max_frames = 16
+    assert plan.video_budget(c)["tokens"] == 512 and not plan.video_budget(c)["fits"]
+    assert "512 tokens per video, of max_image_tokens=256 per row: DOES NOT FIT" in plan.report(c)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Through the CLI (slow tier)
+
+VIDEO_RUN = ("--config.model.dtype=float32", "--config.rl.steps=3", "--config.rl.prompts_per_step=2",
+             "--config.rl.algo.group_size=2", "--config.rl.max_new_tokens=8", "--config.rl.lr=0.02",
+             "--config.rl.algo.entropy_coef=0.01", "--config.rl.warmup_steps=0", "--config.eval.batch_size=4",
+             "--config.eval.every=100", "--config.eval.during_rl_examples=4", "--config.log.progress=False",
+             "--config.log.tensorboard=False", "--config.mesh.num_devices=1", "--config.checkpoint.every=1")
+
+
+@pytest.mark.parametrize("fixture", ["qwen_dir", "qwen3_dir"])
+def test_video_task_trains_through_the_cli(fixture, request, tmp_path):
+    """configs/qwen_video.py: 3 GRPO steps on the motion task with a tiny Qwen2.5-VL / Qwen3-VL checkpoint (the
+    sampler's log-probs equal the trainer's; the entropy bonus gives every step a gradient), then evaluation."""
+    from rftjax.metrics import read_jsonl
+    from test_checkpoint_training import _cli
+
+    _, ckpt = request.getfixturevalue(fixture)
+    workdir = str(tmp_path / "run")
+    _cli("rftjax.train", "--config", "configs/qwen_video.py", "--workdir", workdir,
+         f"--config.model.checkpoint={ckpt}", "--config.data.test_examples=4", "--config.data.ood_examples=4",
+         "--config.data.max_prompt_len=200", "--config.model.overrides.max_image_tokens=64", *VIDEO_RUN)
+    rl = [m for m in read_jsonl(f"{workdir}/metrics.jsonl") if m.get("stage") == "rl"]
+    assert [m["step"] for m in rl] == [1, 2, 3]
+    assert all(m["sampler_logprob_gap_max"] < 1e-5 and m["grad_norm"] > 0 for m in rl)
+    evals = [e for e in read_jsonl(f"{workdir}/eval.jsonl") if e["stage"] == "rl_end"]
+    assert len(evals) == 2 and all(e["n"] > 0 for e in evals)  # test and test_ood (16-frame clips)
+
+
+def test_multi_image_easyr1_rows_train_through_the_cli(qwen_dir, tmp_path):
+    """EasyR1 rows with two images each (placeholders in the problem text) train 3 GRPO steps on a tiny Qwen2.5-VL
+    and are evaluated; a 3-image row is dropped and counted."""
+    import json
+
+    from PIL import Image
+
+    from rftjax.metrics import read_jsonl
+    from test_checkpoint_training import _cli
+
+    _, ckpt = qwen_dir
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(10):
+        names = []
+        for j in range(3 if i == 0 else 2):
+            names.append(f"{i}_{j}.png")
+            h, w = (int(v) for v in rng.integers(40, 100, 2))
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(tmp_path / names[-1])
+        rows.append({"problem": "".join(f"Image {k}: <image> " for k in range(len(names))) + "Which is redder?",
+                     "answer": str(i % 2 + 1), "images": names})
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "multi_image.py").write_text(  # a user's config: the EasyR1 recipe with two images per row
+        "from rftjax.configs import easyr1_checkpoint_config\n\n\ndef get_config():\n"
+        "    c = easyr1_checkpoint_config()\n"
+        "    c.model.overrides = {'max_image_tokens': 32, 'max_media_items': 2}\n    return c\n")
+    workdir = str(tmp_path / "run")
+    out = _cli("rftjax.train", "--config", str(tmp_path / "multi_image.py"), "--workdir", workdir,
+               f"--config.model.checkpoint={ckpt}", f"--config.data.train=easyr1:{tmp_path / 'd.jsonl'}",
+               f"--config.data.test=easyr1:{tmp_path / 'd.jsonl'}", "--config.data.max_prompt_len=200", *VIDEO_RUN)
+    assert "dropped 0 bad rows, 0 whose prompt exceeds max_prompt_len and 1 whose media exceed" in out
+    rl = [m for m in read_jsonl(f"{workdir}/metrics.jsonl") if m.get("stage") == "rl"]
+    assert [m["step"] for m in rl] == [1, 2, 3] and all(m["grad_norm"] > 0 for m in rl)

@@ -204,7 +204,19 @@ def infer_answer_type(answer: str) -> str:
 
 
 def _read_rows(path: str) -> Iterable[tuple[str, Any]]:
-    """`(row reference, row)` from a .jsonl or .parquet file; unparsable jsonl lines come as exceptions."""
+    """`(row reference, row)` from a .jsonl, .json (a list of rows) or .parquet file; unparsable jsonl lines come as
+    exceptions."""
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path} holds a {type(rows).__name__}; a .json dataset is a list of rows")
+        for i, row in enumerate(rows):
+            yield f"{path}:row {i}", row
+        return
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -397,7 +409,51 @@ def import_voc(annotation_dir: str, image_dir: str, names: dict[str, str] | None
     return out, report
 
 
-LOADERS = {"easyr1": import_easyr1, "mathv": import_mathv}
+VIDEO_R1_TYPES = {"multiple choice": "choice", "numerical": "numerical", "OCR": "ocr", "free-form": "free-form",
+                  "regression": "regression"}
+"""Video-R1 `problem_type` -> answer type (`rftjax.rewards.accuracy`)."""
+
+
+def import_video_r1(path: str, media_dir: str | None = None, on_error: str = "raise",
+                    decode: bool = True) -> tuple[list[dict], ImportReport]:
+    """Rows of a Video-R1 file (`Video-R1-260k.json`, `.jsonl`; see the module docstring). `media_dir` (default
+    the file's directory) holds the `path`s. Multiple-choice rows list their `options` after the question as
+    Video-R1's prompt does (`"\nOptions:\n" + one option per line`); the gold answer is `solution` without its
+    `<answer>` tags; `process` (a reasoning trace, when present) becomes the cold-start trace. Videos are
+    `VideoRef`s; images `ImageRef`s with `decode=False`."""
+    base = media_dir or os.path.dirname(os.path.abspath(path))
+
+    def convert(row: dict, ref: str, index: int) -> dict:
+        question, solution = _text(row, "problem"), _text(row, "solution", allow_number=True)
+        kind = row.get("problem_type")
+        if kind not in VIDEO_R1_TYPES:
+            raise ValueError(f"field 'problem_type' is {kind!r}, not one of {sorted(VIDEO_R1_TYPES)}")
+        answer = re.sub(r"</?answer>", "", solution).strip()
+        if not answer:
+            raise ValueError("field 'solution' has an empty answer")
+        options = row.get("options") or []
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise ValueError("field 'options' must be a list of strings")
+        if kind == "multiple choice":
+            if not options:
+                raise ValueError("a multiple-choice row has no 'options'")
+            question += "\nOptions:\n" + "\n".join(options)
+        data_type, media = row.get("data_type"), _text(row, "path")
+        if data_type not in ("video", "image"):
+            raise ValueError(f"field 'data_type' is {data_type!r}, not 'video' or 'image'")
+        thought = re.sub(r"</?think>", "", row.get("process") or "").strip() if isinstance(row.get("process"), str) \
+            else ""
+        extra = {"video": probe_video(media, base)} if data_type == "video" else {}
+        image = _image(media, base, decode) if data_type == "image" else None
+        ex = make_example("videor1", "import", index, image, question, answer, VIDEO_R1_TYPES[kind], thought,
+                          meta={"source": ref, "problem_type": kind}, **extra)
+        ex["id"] = f"videor1/{row.get('problem_id', index)}"
+        return ex
+
+    return _import(path, convert, on_error)
+
+
+LOADERS = {"easyr1": import_easyr1, "mathv": import_mathv, "videor1": import_video_r1}
 """Dataset kinds of `load_dataset` specs."""
 
 

@@ -90,7 +90,7 @@ class RftjaxDescribe(_TaskBuilder):
 
 BUILDERS = {"digits": RftjaxDigits, "shapes": RftjaxShapes, "grounding": RftjaxGrounding,
             "describe": RftjaxDescribe}
-assert set(BUILDERS) == set(TASKS)
+assert set(BUILDERS) == set(TASKS) - {"motion"}  # videos are rendered on the fly (no image field to store)
 
 
 def build(task: str, data_dir: str, config: str = "default") -> tfds.core.DatasetBuilder:

@@ -1,12 +1,13 @@
-"""Procedural multimodal reasoning tasks: `digits`, `shapes`, `grounding` (verifiable answers) and `describe`
-(open-ended, for reward models and judges)."""
+"""Procedural multimodal reasoning tasks: `digits`, `shapes`, `grounding` (verifiable answers), `describe`
+(open-ended, for reward models and judges) and `motion` (videos)."""
 
 from rftjax.data.tasks.base import ANSWER_TYPES, SPLITS, Task, make_example
 from rftjax.data.tasks.digits import DigitsTask
 from rftjax.data.tasks.grounding import GroundingTask, format_box
+from rftjax.data.tasks.motion import MotionTask
 from rftjax.data.tasks.shapes import DescribeTask, ShapesTask
 
-TASKS = {t.name: t for t in (DigitsTask, ShapesTask, GroundingTask, DescribeTask)}
+TASKS = {t.name: t for t in (DigitsTask, ShapesTask, GroundingTask, DescribeTask, MotionTask)}
 
 
 def get_task(name: str, seed: int = 0, image_size: int = 64, **options) -> Task:
@@ -24,4 +25,4 @@ def get_task(name: str, seed: int = 0, image_size: int = 64, **options) -> Task:
 
 
 __all__ = ["ANSWER_TYPES", "SPLITS", "TASKS", "Task", "get_task", "make_example", "format_box", "DigitsTask",
-           "ShapesTask", "GroundingTask", "DescribeTask"]
+           "ShapesTask", "GroundingTask", "DescribeTask", "MotionTask"]

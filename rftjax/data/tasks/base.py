@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-ANSWER_TYPES = ("int", "float", "choice", "math", "box", "open", "numerical", "ocr", "free-form", "regression")
+from rftjax.rewards.accuracy import ANSWER_TYPES  # noqa: F401  (re-exported: the types an example may have)
+
 SPLITS = ("train", "validation", "test", "test_ood")
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 
