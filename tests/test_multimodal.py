@@ -364,6 +364,7 @@ def test_planner_counts_video_tokens():
     assert plan.video_budget(c) == {"frames": 8, "temporal_patches": 4, "tokens_per_patch": 64, "tokens": 256,
                                     "max_image_tokens": 256, "fits": True}
     c.data.video.max_frames = 16
+    c.plan.device_memory_gb = 1000.0  # fits: the report skips the levers
     assert plan.video_budget(c)["tokens"] == 512 and not plan.video_budget(c)["fits"]
     assert "512 tokens per video, of max_image_tokens=256 per row: DOES NOT FIT" in plan.report(c)
 

@@ -303,7 +303,7 @@ class QwenVisionConfig:
     patch_bias: bool = False
     num_position_embeddings: int | None = None
     deepstack_visual_indexes: tuple[int, ...] = ()
-    tokens_per_second: float | None = None
+    tokens_per_second: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
@@ -433,7 +433,7 @@ class QwenVLConfig(_ModelConfig):
         if self.min_pixels is None:
             object.__setattr__(self, "min_pixels", 65536 if qwen3 else 56 * 56)
         if self.model_type == "qwen2_5_vl" and self.vision.tokens_per_second is None:  # HF's default
-            object.__setattr__(self, "vision", dataclasses.replace(self.vision, tokens_per_second=4.0))
+            object.__setattr__(self, "vision", dataclasses.replace(self.vision, tokens_per_second=4))
         if self.text.mrope_section is None:
             raise ValueError("QwenVLConfig.text.mrope_section is None; Qwen-VL decoders use M-RoPE (3 ints summing "
                              "to head_dim / 2, e.g. (16, 24, 24))")

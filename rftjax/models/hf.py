@@ -417,7 +417,7 @@ def qwen_config_from_hf(hf: dict, **overrides) -> QwenVLConfig:
     if model_type == "qwen2_5_vl":
         vision = QwenVisionConfig(hidden_size=vc.get("hidden_size", 1280), intermediate_size=vc.get(
             "intermediate_size", 3420), out_hidden_size=vc.get("out_hidden_size", text.hidden_size),
-            window_size=vc.get("window_size", 112), tokens_per_second=float(vc.get("tokens_per_second", 4)),
+            window_size=vc.get("window_size", 112), tokens_per_second=int(vc.get("tokens_per_second", 4)),
             fullatt_block_indexes=tuple(vc.get("fullatt_block_indexes", (7, 15, 23, 31))), **common)
     elif qwen3:
         vision = QwenVisionConfig(
