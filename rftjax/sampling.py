@@ -284,11 +284,11 @@ def generate(weights, config, pixel_values, prompt_ids: Array, prompt_mask: Arra
     Args:
       weights: `model_for(config)` params (may be sharded; the batch may be sharded over the mesh's data axes).
       config: the model config (static) of any registered family (`rftjax.models.family`).
-      pixel_values: one image per prompt, or None for text-only prompts: float `[B, H, W, C]` (LLaVA) or
-        `QwenImages` (padded patches + `grid_thw`; the M-RoPE positions continue past the image while
-        decoding).
-      prompt_ids: int32 `[B, P]`, left-padded, with each row's image placeholders (LLaVA:
-        `config.num_image_tokens`; Qwen-VL: `t*h*w/4` for its grid).
+      pixel_values: each prompt's media, or None for text-only prompts: one image float `[B, H, W, C]` (LLaVA)
+        or `QwenImages` (each row's images and video: packed patches + `grid_thw`; the M-RoPE positions continue
+        past the media while decoding).
+      prompt_ids: int32 `[B, P]`, left-padded, with each row's media placeholders (LLaVA:
+        `config.num_image_tokens`; Qwen-VL: a run of `t*h*w/4` per item of its grids).
       prompt_mask: bool `[B, P]`, False on padding.
       rng: PRNG key. Same key and inputs, same output; the left padding of a prompt does not matter.
       params: the `SamplingParams` (G, T, the distribution, EOS/pad/suppressed ids, compaction); its
