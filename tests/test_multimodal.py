@@ -347,6 +347,12 @@ def test_rows_over_the_media_budgets_are_dropped_and_counted(qwen_dir, tmp_path)
     ids = out["prompt_ids"][out["prompt_mask"]]
     starts = np.nonzero(np.diff(np.r_[0, ids == config.image_token_id].astype(int)) == 1)[0]
     assert len(starts) == 2 and int((ids == config.image_token_id).sum()) == 4 + 16
+    # batches take the smallest bucket that holds their largest row's total: 20 tokens, though no image is over 16
+    import dataclasses
+
+    media = dataclasses.replace(pre.images, buckets=(16, 24))
+    batch = jax.tree.map(lambda *x: np.stack(x), pre(kept[0])["pixel_values"], out["pixel_values"])
+    assert media.fit_batch(batch).patches.shape[1] == 24 * 4
 
 
 def test_planner_counts_video_tokens():
