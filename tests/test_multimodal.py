@@ -20,7 +20,7 @@ from rftjax.data.pipeline import image_input_for
 from rftjax.data.qwen_image import QwenImageProcessor
 from rftjax.data.video import (Clip, VideoSampling, frame_indices, read_video, second_per_grid_t,
                                temporal_patch_times, write_video)
-from rftjax.models import QwenImages, model_for
+from rftjax.models import model_for
 from rftjax.models import hf as rhf
 from rftjax.models.qwen_vl import mrope_positions
 

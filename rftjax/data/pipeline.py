@@ -263,9 +263,11 @@ class QwenPatchImages:
         packed into the static layout (class docstring).
 
         Raises:
-          ValueError: the row is over its budgets (as `spans`).
+          ValueError: the row is over its budgets (as `spans`), or has no media.
         """
         parts = [part for kind, value in items for part in self._items(kind, value)]
+        if not parts:
+            raise ValueError("a row without images or video: every prompt needs its media")
         n = sum(len(p) for p, _, _ in parts)
         if len(parts) > self.max_items or n > self.max_image_tokens * self.merge_unit:
             raise ValueError(f"a row needs {len(parts)} grid rows and {n // self.merge_unit} tokens, over "

@@ -100,7 +100,7 @@ class VideoRef:
     meta: VideoMeta
 
     def load(self, sampling: VideoSampling) -> Clip:
-        return read_video(self.value, sampling)
+        return read_video(self.value, sampling, meta=self.meta)
 
 
 def frame_indices(total_frames: int, video_fps: float, sampling: VideoSampling) -> np.ndarray:
@@ -137,36 +137,38 @@ def sample_clip(clip: Clip, sampling: VideoSampling) -> Clip:
     return Clip(clip.frames[idx], clip.fps, idx, len(clip.frames))
 
 
-def _source(value: Any, base_dir: str | None = None):
-    """A path (joined to `base_dir` when relative; it must exist) or a bytes stream for `av.open`."""
+def _encoded(value: Any, base_dir: str | None = None) -> str | bytes:
+    """The encoded video a reference names: a path (joined to `base_dir` when relative; it must exist) or bytes,
+    from a path, bytes or a `{"bytes", "path"}` dict.
+
+    Raises:
+      ValueError: a missing file or an unsupported type.
+    """
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
-        return io.BytesIO(bytes(value)), f"video bytes ({len(value)} bytes)"
+        return bytes(value)
     if not isinstance(value, str):
         raise ValueError(f"video must be a path, bytes or {{'bytes', 'path'}} dict, got {type(value).__name__}")
     path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
     if not os.path.exists(path):
         raise ValueError(f"video file {path} does not exist")
-    return path, f"video file {path}"
+    return path
 
 
-def _open(value: Any, base_dir: str | None = None):
+def _what(encoded: str | bytes) -> str:
+    return f"video bytes ({len(encoded)} bytes)" if isinstance(encoded, bytes) else f"video file {encoded}"
+
+
+def _open(encoded: str | bytes):
+    """`(container, its first video stream)` of an encoded video; unreadable data raises a ValueError."""
     import av
 
-    source, what = _source(value, base_dir)
     try:
-        container = av.open(source)
-        stream = container.streams.video[0]
+        container = av.open(io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded)
+        return container, container.streams.video[0]
     except (av.error.FFmpegError, IndexError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} is not a readable video: {e}") from None
-    return container, stream, what
-
-
-def _frames(container, stream):
-    """RGB uint8 frames of the stream, in order."""
-    for frame in container.decode(stream):
-        yield frame.to_ndarray(format="rgb24")
+        raise ValueError(f"{_what(encoded)} is not a readable video: {e}") from None
 
 
 def probe_video(value: Any, base_dir: str | None = None) -> VideoRef:
@@ -178,7 +180,8 @@ def probe_video(value: Any, base_dir: str | None = None) -> VideoRef:
     """
     import av
 
-    container, stream, what = _open(value, base_dir)
+    encoded = _encoded(value, base_dir)
+    container, stream = _open(encoded)
     with container:
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         total, height, width = int(stream.frames or 0), stream.codec_context.height, stream.codec_context.width
@@ -186,41 +189,40 @@ def probe_video(value: Any, base_dir: str | None = None) -> VideoRef:
             try:
                 total = sum(1 for _ in container.decode(stream))
             except av.error.FFmpegError as e:
-                raise ValueError(f"{what} is not a readable video: {e}") from None
+                raise ValueError(f"{_what(encoded)} is not a readable video: {e}") from None
     if total <= 0 or fps <= 0 or not height or not width:
-        raise ValueError(f"{what}: {total} frames at {fps} fps of {height}x{width} px has nothing to sample")
-    source = value if not isinstance(value, str) or os.path.isabs(value) or base_dir is None else \
-        os.path.join(base_dir, value)
-    if isinstance(source, dict):
-        source = source.get("bytes") or source.get("path")
-    return VideoRef(source, VideoMeta(total, fps, height, width))
+        raise ValueError(f"{_what(encoded)}: {total} frames at {fps} fps of {height}x{width} px has nothing to sample")
+    return VideoRef(encoded, VideoMeta(total, fps, height, width))
 
 
-def read_video(value: Any, sampling: VideoSampling, base_dir: str | None = None) -> Clip:
+def read_video(value: Any, sampling: VideoSampling, base_dir: str | None = None,
+               meta: VideoMeta | None = None) -> Clip:
     """The frames `sampling` takes from a video file or bytes (decoded with PyAV), as a `Clip` with their
-    indices.
+    indices; `meta`: its header, when probed already (`VideoRef`).
 
     Raises:
       ValueError: a missing or unreadable file, or one that ends before its header's frame count.
     """
     import av
 
-    meta = probe_video(value, base_dir).meta
+    encoded = _encoded(value, base_dir)
+    meta = meta or probe_video(encoded).meta
     idx = frame_indices(meta.total_frames, meta.fps, sampling)
     wanted = {int(i): k for k, i in enumerate(idx)}  # the indices are distinct: n <= total
     frames: list[np.ndarray | None] = [None] * len(idx)
-    container, stream, what = _open(value, base_dir)
+    container, stream = _open(encoded)
     with container:
         try:
-            for i, frame in enumerate(_frames(container, stream)):
+            for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    frames[wanted[i]] = frame
+                    frames[wanted[i]] = frame.to_ndarray(format="rgb24")
                 if i >= idx[-1]:
                     break
         except av.error.FFmpegError as e:
-            raise ValueError(f"{what} is not a readable video: {e}") from None
+            raise ValueError(f"{_what(encoded)} is not a readable video: {e}") from None
     if any(f is None for f in frames):
-        raise ValueError(f"{what} ended before frame {int(idx[-1])} of the {meta.total_frames} its header promised")
+        raise ValueError(f"{_what(encoded)} ended before frame {int(idx[-1])} of the {meta.total_frames} its header "
+                         f"promised")
     return Clip(np.stack(frames), meta.fps, idx, meta.total_frames)
 
 
