@@ -1,4 +1,4 @@
-"""Several images and videos per row (Qwen2.5-VL, Qwen2-VL, Qwen3-VL) against transformers, the video
+"""Several images and videos per row (Qwen2.5-VL, Qwen2-VL, Qwen3-VL, Qwen3.5) against transformers, the video
 processor's arithmetic against a hand-built torch reference of transformers' video-processor patchify, and
 PyAV frame sampling on an mp4 the test writes.
 
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import HALF, QWEN_IDS, make_hf_qwen3_vl, make_hf_qwen_vl, torch
+from hf_reference import HALF, QWEN_IDS, make_hf_qwen3_5, make_hf_qwen3_vl, make_hf_qwen_vl, torch
 from rftjax.data.pipeline import image_input_for
 from rftjax.data.qwen_image import QwenImageProcessor
 from rftjax.data.video import (Clip, VideoSampling, frame_indices, read_video, second_per_grid_t,
@@ -35,7 +35,8 @@ def models(tmp_path_factory):
     def get(family):
         if family not in cache:
             tmp = tmp_path_factory.mktemp(family)
-            model, path = (make_hf_qwen3_vl(tmp) if family == "qwen3_vl" else make_hf_qwen_vl(tmp, family=family))
+            makers = {"qwen3_vl": make_hf_qwen3_vl, "qwen3_5": make_hf_qwen3_5}
+            model, path = makers[family](tmp) if family in makers else make_hf_qwen_vl(tmp, family=family)
             cache[family] = (model, *rhf.load_pretrained(path, max_image_tokens=32, max_media_items=3))
         return cache[family]
 
@@ -114,7 +115,7 @@ def _compare(model, config, params, images, ids, mask, kwargs):
     return ref
 
 
-FAMILIES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+FAMILIES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"]
 
 
 def _unit(config) -> int:
@@ -144,7 +145,7 @@ def test_video_row_matches_transformers(models, family):
             (3, [("text", 2), ("image", rng.integers(0, 256, (2 * u, 2 * u, 3), np.uint8)), ("text", 2)])]
     images, ids, mask, kwargs = _batch(config, rows, rng)
     grids = np.asarray(images.grid_thw)
-    if family == "qwen3_vl":  # one t = 1 item per temporal patch
+    if family in ("qwen3_vl", "qwen3_5"):  # one t = 1 item per temporal patch
         assert grids[0, :2].tolist() == [[1, 4, 6], [1, 4, 6]]
     else:
         assert grids[0, 0].tolist() == [2, 4, 6] and kwargs["video_grid_thw"].tolist() == [[2, 4, 6]]
@@ -153,7 +154,7 @@ def test_video_row_matches_transformers(models, family):
                                      jnp.asarray(images.time_interval)))
     video = ids[0] == QWEN_IDS["video_token_id"]
     # Qwen3-VL: frame 2 is its own item, after frame 1's extent max(2, 3) and 5 text tokens (</v>, timestamp, <v>)
-    want = {"qwen2_5_vl": [0, 3], "qwen2_vl": [0, 1], "qwen3_vl": [0, 8]}[family]
+    want = {"qwen2_5_vl": [0, 3], "qwen2_vl": [0, 1], "qwen3_vl": [0, 8], "qwen3_5": [0, 8]}[family]
     assert sorted(set((pos[0, 0, video] - pos[0, 0, video].min()).tolist())) == want
 
 
