@@ -60,8 +60,7 @@ def get_config(arg: str = "t4") -> ml_collections.ConfigDict:
     c = easyr1_checkpoint_config()
     c.model.preset = model
     c.model.lora.update(rank=64, alpha=128.0, targets="decoder")
-    c.model.overrides = ml_collections.ConfigDict({"param_dtype": "bfloat16", "remat": True,
-                                                   "max_image_tokens": 256})
+    c.model.overrides.update(param_dtype="bfloat16", remat=True, max_image_tokens=256)
     c.data.max_prompt_len = 512
     c.data.chat_template_kwargs = ml_collections.ConfigDict({"enable_thinking": False})
     c.rl.prompts_per_step, c.rl.algo.group_size, c.rl.micro_batch_size = r["prompts"], r["group_size"], r["micro"]

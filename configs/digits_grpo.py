@@ -30,7 +30,7 @@ def get_config(setting: str = ""):
     # 16 px patches: one patch per digit cell of the 64 px canvas -> 16 image tokens per prompt.
     # A 4-layer decoder (the preset has 8): half the cost of every step, rollout and evaluation (issue 18: the job
     # must keep its 30 minutes on slow 2-core machines too).
-    c.model.overrides = {"vision": {"patch_size": 16}, "text": {"num_layers": 4}}
+    c.model.overrides.update(vision={"patch_size": 16}, text={"num_layers": 4})
     # model.dtype stays "auto": bfloat16 compute where this machine's bf16 matmul is faster (AMX, TPU, GPU), float32
     # where it is slower (CPUs without AVX-512 BF16 / AMX); the run logs the choice.
     c.data.task = "digits"

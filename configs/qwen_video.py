@@ -21,6 +21,6 @@ def get_config():
     c.data.task = "motion"
     c.data.max_prompt_len = 512
     c.data.video.update(fps=4.0, min_frames=4, max_frames=8, frame_max_tokens=64)
-    c.model.overrides = {"max_media_items": 8, "max_image_tokens": 256}  # 8 frames = 4 temporal patches
+    c.model.overrides.update(max_media_items=8, max_image_tokens=256)  # 8 frames = 4 temporal patches
     c.reward.answer_format = "tags"
     return c

@@ -10,7 +10,7 @@ from rftjax.configs import base_config
 def get_config(algorithm: str = "grpo"):
     c = base_config()
     c.model.preset = "tiny"
-    c.model.overrides = {"vision": {"image_size": 48, "patch_size": 12}, "text": {"vocab_size": 512}}
+    c.model.overrides.update(vision={"image_size": 48, "patch_size": 12}, text={"vocab_size": 512})
     c.model.dtype = "float32"  # the same numbers on every machine (tests compare runs against references)
     c.data.task = "digits"
     c.data.max_prompt_len = 64

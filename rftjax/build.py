@@ -247,7 +247,7 @@ def model_overrides(c: ml_collections.ConfigDict) -> dict:
     Raises:
       ValueError: an unknown `model.dtype`, or `model.overrides.dtype` set together with a different `model.dtype`.
     """
-    overrides = c.model.overrides.to_dict()
+    overrides = {k: v for k, v in c.model.overrides.to_dict().items() if v is not None}  # None: unset placeholder
     name = c.model.get("dtype", "auto")
     if "dtype" in overrides:
         if name not in ("auto", overrides["dtype"]):

@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.preset = "default"          # rftjax.models.PRESETS: tiny | default (~19M) | large
     c.model.dtype = "auto"              # compute dtype: auto (bfloat16 on TPU/GPU and on CPUs whose bf16 matmul is
                                         # faster, measured once and cached; else float32) | float32 | bfloat16
-    c.model.overrides = ml_collections.ConfigDict()   # VLMConfig fields, e.g. {"vision": {"patch_size": 16}}
+    c.model.overrides = model_override_fields()  # the model config's fields, e.g. {"vision": {"patch_size": 16}}
     c.model.checkpoint = ""             # an HF directory (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL): weights, tokenizer.json
                                         # and chat template instead of the preset, random init and packaged tokenizer
     c.model.lora = ml_collections.ConfigDict()  # LoRA adapters (rftjax.models.lora, via qwix); rank 0 = off
@@ -219,6 +219,24 @@ def easyr1_checkpoint_config() -> ml_collections.ConfigDict:
     c.eval.during_rl_examples = 128
     c.checkpoint.every = 25
     return c
+
+
+def model_override_fields() -> ml_collections.ConfigDict:
+    """Every top-level bool / int / float / str field of the registered model families' configs (`param_dtype`,
+    `remat`, `max_image_tokens`, `max_media_items`, ...) as an unset placeholder, so that any of them can be set
+    on the command line (`--config.model.overrides.remat=True`); nested fields (`vision`, `text`) and tuples are
+    set in a config file (`c.model.overrides.update(vision={"patch_size": 16})`). Unset fields (None) keep the
+    preset's or checkpoint's value."""
+    import dataclasses
+
+    from rftjax.models import families
+
+    fields = {}
+    for family in families():
+        for f in dataclasses.fields(family.config_cls):
+            if isinstance(f.default, (bool, int, float, str)):
+                fields.setdefault(f.name, type(f.default))
+    return ml_collections.ConfigDict({k: ml_collections.config_dict.placeholder(t) for k, t in fields.items()})
 
 
 def algo_overrides() -> ml_collections.ConfigDict:

@@ -268,10 +268,10 @@ def report(c: ml_collections.ConfigDict) -> str:
     out = [table(p)]
     video = video_budget(c)
     if video is not None:
-        out.append(f"video: {video['frames']} frames -> {video['temporal_patches']} temporal patches x "
-                   f"{video['tokens_per_patch']} tokens = {video['tokens']} tokens per video, of max_image_tokens="
-                   f"{video['max_image_tokens']} per row: " + ("fits" if video["fits"] else
-                                                             "DOES NOT FIT (such rows are dropped)"))
+        out.append(f"video rows (data.video): {video['frames']} frames -> {video['temporal_patches']} temporal "
+                   f"patches x {video['tokens_per_patch']} tokens = {video['tokens']} tokens per video, of "
+                   f"max_image_tokens={video['max_image_tokens']} per row: " + (
+                       "fits" if video["fits"] else "DOES NOT FIT (such rows are dropped)"))
     if not p.fits:
         out.append("over by %.2f GB per device; settings that lower it (each alone):" % ((p.total - p.device_memory) / GB))
         every = {}

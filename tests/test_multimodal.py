@@ -427,14 +427,12 @@ def test_multi_image_easyr1_rows_train_through_the_cli(qwen_dir, tmp_path):
         rows.append({"problem": "".join(f"Image {k}: <image> " for k in range(len(names))) + "Which is redder?",
                      "answer": str(i % 2 + 1), "images": names})
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (tmp_path / "multi_image.py").write_text(  # a user's config: the EasyR1 recipe with two images per row
-        "from rftjax.configs import easyr1_checkpoint_config\n\n\ndef get_config():\n"
-        "    c = easyr1_checkpoint_config()\n"
-        "    c.model.overrides = {'max_image_tokens': 32, 'max_media_items': 2}\n    return c\n")
     workdir = str(tmp_path / "run")
-    out = _cli("rftjax.train", "--config", str(tmp_path / "multi_image.py"), "--workdir", workdir,
+    out = _cli("rftjax.train", "--config", "configs/qwen2_5_vl_easyr1.py", "--workdir", workdir,
                f"--config.model.checkpoint={ckpt}", f"--config.data.train=easyr1:{tmp_path / 'd.jsonl'}",
-               f"--config.data.test=easyr1:{tmp_path / 'd.jsonl'}", "--config.data.max_prompt_len=200", *VIDEO_RUN)
+               f"--config.data.test=easyr1:{tmp_path / 'd.jsonl'}", "--config.data.max_prompt_len=200",
+               "--config.model.overrides.max_image_tokens=32", "--config.model.overrides.max_media_items=2",
+               *VIDEO_RUN)
     assert "dropped 0 bad rows, 0 whose prompt exceeds max_prompt_len and 1 whose media exceed" in out
     rl = [m for m in read_jsonl(f"{workdir}/metrics.jsonl") if m.get("stage") == "rl"]
     assert [m["step"] for m in rl] == [1, 2, 3] and all(m["grad_norm"] > 0 for m in rl)
