@@ -99,7 +99,7 @@ def test_qwen_checkpoint_trains_resumes_evaluates_and_exports(qwen_dir, files, t
     too_long = sum(n > MAX_PROMPT_LEN for n in lengths)
     excess = sorted(n - MAX_PROMPT_LEN for n in lengths if n > MAX_PROMPT_LEN)
     assert 0 < too_long < 32 and len(set(excess)) >= 3 and excess[-1] > 200  # over by a few to hundreds of tokens
-    assert f"kept {32 - too_long} of 32 rows; dropped 0 bad rows and {too_long} whose prompt exceeds" in out
+    assert f"kept {32 - too_long} of 32 rows; dropped 0 bad rows, {too_long} whose prompt exceeds" in out
     assert out.count(f"{too_long} whose prompt exceeds") >= 2  # printed and logged
 
     first = [m for m in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if m.get("stage") == "rl"]
