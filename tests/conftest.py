@@ -82,6 +82,8 @@ SLOW = {
     "test_multimodal.py::test_video_task_trains_through_the_cli[qwen_dir]",
     "test_multimodal.py::test_video_task_trains_through_the_cli[qwen3_dir]",
     "test_multimodal.py::test_multi_image_easyr1_rows_train_through_the_cli",
+    *(f"test_multimodal.py::test_{t}[{f}]" for t in ("two_image_row_and_one_image_row_match_transformers",
+                                                     "video_row_matches_transformers") for f in ("qwen2_vl", "qwen3_5")),
     "test_multiprocess.py::test_two_processes_equal_one_process_and_resume_exactly_after_sigkill",
     "test_checkpoint_training.py::test_qwen_checkpoint_trains_resumes_evaluates_and_exports",
     "test_checkpoint_training.py::test_llava_checkpoint_trains_resumes_and_exports",
