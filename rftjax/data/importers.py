@@ -42,7 +42,7 @@ from PIL import Image, UnidentifiedImageError
 
 from rftjax.data.media import example_media, media_meta
 from rftjax.data.tasks import make_example
-from rftjax.data.video import VideoRef, VideoSampling, probe_video
+from rftjax.data.video import VideoRef, VideoSampling, encoded_file, probe_video
 from rftjax.data.tasks.grounding import format_box
 from rftjax.rewards.accuracy import parse_choice, parse_number
 from rftjax.rewards.boxes import parse_box
@@ -86,7 +86,7 @@ def probe_image(value: Any, base_dir: str | None = None) -> ImageRef:
     Raises:
       ValueError: a missing file, or bytes/file that are not an image.
     """
-    encoded = _encoded_image(value, base_dir)
+    encoded = encoded_file(value, base_dir, "image")
     with _open_image(encoded) as im:
         width, height = im.size
     if not height or not width:
@@ -140,25 +140,6 @@ class LazyExamples:
         raise ValueError(f"none of the {n} rows of the dataset has readable media")
 
 
-def _encoded_image(value: Any, base_dir: str | None) -> str | bytes:
-    """The encoded image a reference names: a path (joined to `base_dir` when relative; it must exist) or bytes,
-    from a path, bytes or a `{"bytes", "path"}` dict.
-
-    Raises:
-      ValueError: a missing file or an unsupported type.
-    """
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if not isinstance(value, str):
-        raise ValueError(f"image must be a path, bytes or {{'bytes', 'path'}} dict, got {type(value).__name__}")
-    path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
-    if not os.path.exists(path):
-        raise ValueError(f"image file {path} does not exist")
-    return path
-
-
 @contextlib.contextmanager
 def _open_image(encoded: str | bytes):
     """`PIL.Image.open` of a path or bytes; unreadable or corrupt data (also while reading in the `with` body)
@@ -182,7 +163,7 @@ def load_image(value: Any, base_dir: str | None = None) -> np.ndarray:
     elif isinstance(value, Image.Image):
         img = np.asarray(value.convert("RGB"))
     else:
-        with _open_image(_encoded_image(value, base_dir)) as im:
+        with _open_image(encoded_file(value, base_dir, "image")) as im:
             img = np.asarray(im.convert("RGB"))
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)

@@ -137,9 +137,9 @@ def sample_clip(clip: Clip, sampling: VideoSampling) -> Clip:
     return Clip(clip.frames[idx], clip.fps, idx, len(clip.frames))
 
 
-def _encoded(value: Any, base_dir: str | None = None) -> str | bytes:
-    """The encoded video a reference names: a path (joined to `base_dir` when relative; it must exist) or bytes,
-    from a path, bytes or a `{"bytes", "path"}` dict.
+def encoded_file(value: Any, base_dir: str | None = None, kind: str = "video") -> str | bytes:
+    """The encoded image or video (`kind`, for messages) a dataset field names: a path (joined to `base_dir` when
+    relative; it must exist) or bytes, from a path, bytes or a `{"bytes", "path"}` dict (HF `datasets`' layout).
 
     Raises:
       ValueError: a missing file or an unsupported type.
@@ -149,10 +149,10 @@ def _encoded(value: Any, base_dir: str | None = None) -> str | bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if not isinstance(value, str):
-        raise ValueError(f"video must be a path, bytes or {{'bytes', 'path'}} dict, got {type(value).__name__}")
+        raise ValueError(f"{kind} must be a path, bytes or {{'bytes', 'path'}} dict, got {type(value).__name__}")
     path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
     if not os.path.exists(path):
-        raise ValueError(f"video file {path} does not exist")
+        raise ValueError(f"{kind} file {path} does not exist")
     return path
 
 
@@ -180,7 +180,7 @@ def probe_video(value: Any, base_dir: str | None = None) -> VideoRef:
     """
     import av
 
-    encoded = _encoded(value, base_dir)
+    encoded = encoded_file(value, base_dir)
     container, stream = _open(encoded)
     with container:
         fps = float(stream.average_rate or stream.guessed_rate or 0)
@@ -205,7 +205,7 @@ def read_video(value: Any, sampling: VideoSampling, base_dir: str | None = None,
     """
     import av
 
-    encoded = _encoded(value, base_dir)
+    encoded = encoded_file(value, base_dir)
     meta = meta or probe_video(encoded).meta
     idx = frame_indices(meta.total_frames, meta.fps, sampling)
     wanted = {int(i): k for k, i in enumerate(idx)}  # the indices are distinct: n <= total
