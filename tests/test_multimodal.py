@@ -156,6 +156,15 @@ def test_video_row_matches_transformers(models, family):
     # Qwen3-VL: frame 2 is its own item, after frame 1's extent max(2, 3) and 5 text tokens (</v>, timestamp, <v>)
     want = {"qwen2_5_vl": [0, 3], "qwen2_vl": [0, 1], "qwen3_vl": [0, 8], "qwen3_5": [0, 8]}[family]
     assert sorted(set((pos[0, 0, video] - pos[0, 0, video].min()).tolist())) == want
+    if family == "qwen2_5_vl":  # text after the video: transformers 5 continues 3 = max(2, 3) past the video's start;
+        # Qwen's reference rule one past its largest position, the temporal 3: 4 past it
+        after = np.nonzero(video)[0][-1] + 1
+        classic = np.asarray(mrope_positions(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(images.grid_thw),
+                                             config.replace(text_after_video="max"), jnp.asarray(images.time_interval)))
+        start = pos[0, 0, video].min()
+        assert pos[:, 0, after].tolist() == [start + 3] * 3 and classic[:, 0, after].tolist() == [start + 4] * 3
+        np.testing.assert_array_equal(classic[:, 0, :after], pos[:, 0, :after])
+        assert (classic[:, 1] == pos[:, 1]).all()  # the image row is the same under both rules
 
 
 def test_video_patches_equal_transformers_video_processor_arithmetic():

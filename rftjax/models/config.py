@@ -389,6 +389,11 @@ class QwenVLConfig(_ModelConfig):
         resized (aspect ratio kept) to at most `max_image_tokens * (patch_size * spatial_merge_size) ** 2` pixels.
       max_media_items: grid rows per row: images + videos (Qwen3-VL: + each video's temporal patches); rows
         with more are dropped from file datasets and counted.
+      text_after_video: where M-RoPE positions continue after a video of several temporal patches: `spatial`
+        (transformers 5's `get_rope_index`: `max(h, w) / 2` past the video's start, as after an image) or `max`
+        (Qwen's reference code and transformers 4: one past the video's largest position on any axis, its
+        temporal one included). The two differ only for Qwen2.5-VL / Qwen2-VL videos whose temporal positions
+        outgrow their spatial grid.
       image_token_buckets: smaller budgets a batch may be padded to (each a separate compilation); the batch
         takes the smallest bucket that holds its largest image. Empty: always `max_image_tokens`.
       image_mean, image_std: the image processor's per-channel normalisation (None: the family's, OpenAI CLIP's
@@ -407,6 +412,7 @@ class QwenVLConfig(_ModelConfig):
     vision_end_token_id: int = 151653
     max_image_tokens: int = 1024
     max_media_items: int = 1
+    text_after_video: str = "spatial"
     image_token_buckets: tuple[int, ...] = ()
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
@@ -434,6 +440,9 @@ class QwenVLConfig(_ModelConfig):
             object.__setattr__(self, "min_pixels", 65536 if qwen3 else 56 * 56)
         if self.model_type == "qwen2_5_vl" and self.vision.tokens_per_second is None:  # HF's default
             object.__setattr__(self, "vision", dataclasses.replace(self.vision, tokens_per_second=4))
+        if self.text_after_video not in ("spatial", "max"):
+            raise ValueError(f"QwenVLConfig.text_after_video={self.text_after_video!r}; choose 'spatial' "
+                             f"(transformers 5) or 'max' (Qwen's reference code)")
         if self.text.mrope_section is None:
             raise ValueError("QwenVLConfig.text.mrope_section is None; Qwen-VL decoders use M-RoPE (3 ints summing "
                              "to head_dim / 2, e.g. (16, 24, 24))")

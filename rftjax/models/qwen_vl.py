@@ -328,9 +328,10 @@ def mrope_positions(input_ids: Array, attention_mask: Array, grid_thw: Array | N
     Over each row's real tokens (mask True): text tokens count up from 0 on all three axes; the placeholders of
     item k (its contiguous run of `t*h*w/4` image or video tokens; items in row order, `grid_thw` `[B, K, 3]`
     or `[B, 3]`) get `start + (floor(frame * time_interval[k]) , merged row, merged column)` with `start` the
-    position the next text token would have had; text after the item continues from `start + max(h, w) / 2`.
-    Padding gets 0. Equal to HF's `Qwen2_5_VLModel.get_rope_index` / `Qwen3VLModel.get_rope_index` (Qwen3-VL
-    video frames are separate `t = 1` items) in transformers 5.
+    position the next text token would have had; text after the item continues from `start + max(h, w) / 2`
+    (with `config.text_after_video="max"`: from `start + max(h / 2, w / 2, floor((t - 1) * time_interval) + 1)`,
+    Qwen's reference rule). Padding gets 0. Equal to HF's `Qwen2_5_VLModel.get_rope_index` /
+    `Qwen3VLModel.get_rope_index` (Qwen3-VL video frames are separate `t = 1` items) in transformers 5.
     With `grid_thw=None` (no media) every axis is `cumsum(mask) - 1`, plain 1-D RoPE.
     """
     mask = attention_mask.astype(bool)
@@ -345,6 +346,9 @@ def mrope_positions(input_ids: Array, attention_mask: Array, grid_thw: Array | N
     tokens = grids[..., 0] * gh * gw
     ends = jnp.cumsum(tokens, axis=1)
     extent = jnp.maximum(gh, gw)
+    if config.text_after_video == "max":  # one past the video's last temporal position too
+        last = jnp.floor((grids[..., 0] - 1).astype(jnp.float32) * step).astype(jnp.int32) + 1
+        extent = jnp.maximum(extent, jnp.where(grids[..., 0] > 0, last, 0))  # absent items take no place
     seen = jnp.cumsum(is_vis, axis=1, dtype=jnp.int32)  # placeholders up to and including each token
     k = seen - 1  # ordinal of each placeholder
     done = seen - is_vis  # placeholders strictly before each token
