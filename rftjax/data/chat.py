@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 import re
 from typing import Sequence
 
-from rftjax.data.tokenizer import PLACEHOLDER, MediaSpan, TextTokenizer, as_spans
+from rftjax.data.tokenizer import PLACEHOLDER, MediaSpan, TextTokenizer, as_spans, placeholder_kinds
 from rftjax.rewards.parsing import INSTRUCTIONS
 
 
@@ -81,15 +81,12 @@ def user_message(question: str, instruction: str = "", kinds: Sequence[str] = ("
     Raises:
       ValueError: placeholders that do not match the items (count, or an `<image>` where the item is a video).
     """
-    pieces = PLACEHOLDER.split(question)
-    marks = PLACEHOLDER.findall(question)
+    pieces, marks = PLACEHOLDER.split(question), placeholder_kinds(question)
     if not marks:
-        marks = ["<video>" if k == "video" else "<image>" for k in kinds]
-        pieces = [""] * len(kinds) + [question]
-    kinds_of_marks = ["video" if m == "<video>" else "image" for m in marks]
-    if kinds_of_marks != list(kinds):
-        raise ValueError(f"the question's placeholders {marks} do not match its media items {list(kinds)}: put one "
-                         f"<image> (or <imageN>) per image and one <video> per video, in order")
+        marks, pieces = list(kinds), [""] * len(kinds) + [question]
+    if marks != list(kinds):
+        raise ValueError(f"the question's placeholders {PLACEHOLDER.findall(question)} do not match its media items "
+                         f"{list(kinds)}: put one <image> (or <imageN>) per image and one <video> per video, in order")
     pieces[-1] = pieces[-1].strip() + (f"\n{instruction}" if instruction else "")
     content = []
     for i, text in enumerate(pieces):

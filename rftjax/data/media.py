@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from rftjax.data.tokenizer import PLACEHOLDER
+from rftjax.data.tokenizer import PLACEHOLDER, placeholder_kinds
 from rftjax.data.video import Clip, VideoMeta, VideoRef, VideoSampling, probe_video, sample_clip
 
 
@@ -24,13 +24,12 @@ def example_media(ex: dict) -> list[tuple[str, Any]]:
     """
     images = ([ex["image"]] if ex.get("image") is not None else []) + list(ex.get("images") or ())
     videos = [ex["video"]] if ex.get("video") is not None else []
-    marks = PLACEHOLDER.findall(ex.get("question", ""))
-    if not marks:
+    want = placeholder_kinds(ex.get("question", ""))
+    if not want:
         return [("image", im) for im in images] + [("video", v) for v in videos]
-    want = ["video" if m == "<video>" else "image" for m in marks]
     if want.count("image") != len(images) or want.count("video") != len(videos):
-        raise ValueError(f"example {ex.get('id')}: the question's placeholders {marks} do not match its "
-                         f"{len(images)} image(s) and {len(videos)} video(s)")
+        raise ValueError(f"example {ex.get('id')}: the question's placeholders {PLACEHOLDER.findall(ex['question'])} "
+                         f"do not match its {len(images)} image(s) and {len(videos)} video(s)")
     pools = {"image": iter(images), "video": iter(videos)}
     return [(kind, next(pools[kind])) for kind in want]
 

@@ -39,6 +39,11 @@ VOCAB_SIZE = 1024
 PLACEHOLDER = re.compile(r"<image\d*>|<video>")
 
 
+def placeholder_kinds(question: str) -> list[str]:
+    """The media kind ("image" / "video") of each placeholder in `question`, in order."""
+    return ["video" if m == "<video>" else "image" for m in PLACEHOLDER.findall(question)]
+
+
 @dataclasses.dataclass(frozen=True)
 class MediaSpan:
     """How one media item of a prompt appears in its tokens.

@@ -113,6 +113,18 @@ def _norm(v: QwenVisionConfig):
     return RMSNorm if v.norm == "rms" else LayerNorm
 
 
+def locate_items(index: Array, sizes: Array):
+    """Where ordinals `index` (int `[B, N]` or `[1, N]`) fall among a row's items laid end to end (`sizes` int
+    `[B, K]`): `(offset within the item [B, N], valid [B, N] (False past the last item), at)`, `at(a [B, K]) ->
+    [B, N]` giving each ordinal's item's value (the last item's past the end)."""
+    ends = jnp.cumsum(sizes, axis=1)
+    item = (index[..., None] >= ends[:, None, :]).sum(-1)
+    valid = item < sizes.shape[1]
+    item = jnp.minimum(item, sizes.shape[1] - 1)
+    at = lambda a: jnp.take_along_axis(a, item, axis=1)  # noqa: E731
+    return index - at(ends - sizes), valid, at
+
+
 def patch_layout(grid_thw: Array, num_patches: int, v: QwenVisionConfig) -> dict[str, Array]:
     """Geometry of every patch slot of every row, int32 `[B, P]` each (computed under jit from `grid_thw`,
     `[B, 3]` or `[B, K, 3]`: the row's items packed one after another).
@@ -127,17 +139,10 @@ def patch_layout(grid_thw: Array, num_patches: int, v: QwenVisionConfig) -> dict
     """
     m = v.spatial_merge_size
     grids, _ = media_items(grid_thw)
-    b, k = grids.shape[:2]
-    sizes = grids.prod(-1)  # [B, K]
-    ends = jnp.cumsum(sizes, axis=1)
     i = jnp.arange(num_patches, dtype=jnp.int32)[None]
-    item = (i[..., None] >= ends[:, None, :]).sum(-1)  # [B, P], K past the last item
-    valid = item < k
-    item = jnp.minimum(item, k - 1)
-    at = lambda a: jnp.take_along_axis(a, item, axis=1)  # noqa: E731  per-item value of each slot
-    t, h, w = (at(grids[..., j]) for j in range(3))
+    j, valid, at = locate_items(i, grids.prod(-1))
+    h, w = at(grids[..., 1]), at(grids[..., 2])
     hw = jnp.maximum(h * w, 1)
-    j = i - at(ends - sizes)
     frame_in_item, j = j // hw, j % hw
     unit, sub = j // (m * m), j % (m * m)
     merged_w = jnp.maximum(w // m, 1)
@@ -354,9 +359,7 @@ def mrope_positions(input_ids: Array, attention_mask: Array, grid_thw: Array | N
     done = seen - is_vis  # placeholders strictly before each token
     # positions taken by the items that ended before each token: sum of their extents
     before = ((ends[:, None, :] <= done[..., None]) * extent[:, None, :]).sum(-1)
-    item = jnp.minimum((k[..., None] >= ends[:, None, :]).sum(-1), grids.shape[1] - 1)  # [B, T]
-    at = lambda a: jnp.take_along_axis(a, item, axis=1)  # noqa: E731
-    j = k - at(ends - tokens)
+    j, _, at = locate_items(k, tokens)
     per_frame = jnp.maximum(at(gh * gw), 1)
     width = jnp.maximum(at(gw), 1)
     frame = jnp.floor((j // per_frame).astype(jnp.float32) * at(step)).astype(jnp.int32)
