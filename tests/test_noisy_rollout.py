@@ -1,5 +1,5 @@
 """NoisyRollout: the DDPM noise against its formula (moments over many draws, the schedule by hand), the annealing
-schedule at chosen steps, the media layouts' round trip, the group layout (clean half, noisy half, advantages over
+schedule at chosen steps, the media layouts' round trip (images and a video's frames), the group layout (clean half, noisy half, advantages over
 the whole group, every row conditioned on the clean image), and an interrupted run resumed exactly."""
 
 import math
@@ -16,6 +16,7 @@ from rftjax.batches import RolloutBatch
 from rftjax.data import augment
 from rftjax.data.pipeline import QwenPatchImages, SquareImages
 from rftjax.data.qwen_image import QwenImageProcessor
+from rftjax.data.video import Clip
 from rftjax.metrics import read_jsonl
 from rftjax.models.qwen_vl import QwenImages
 from rftjax.rollout import RolloutConfig, collect_rollouts
@@ -79,16 +80,38 @@ def test_media_layouts_round_trip_and_noise_every_real_pixel_once():
     images = [rng.integers(0, 256, (8, 8, 3), np.uint8), rng.integers(0, 256, (4, 8, 3), np.uint8)]
     batch = jax.tree.map(lambda *x: np.stack(x), *[media(im) for im in images])
     unit = media.to_unit(batch)
-    assert unit.shape == (2, 16, 3, 4)
+    assert unit.shape == (2, 16, 3, 2, 4)
     real = np.arange(16)[None] < np.prod(batch.grid_thw, -1).sum(1)[:, None]  # the second image has padding patches
     assert not real.all() and unit[real].min() >= -1e-6 and unit[real].max() <= 1 + 1e-6
     np.testing.assert_allclose(media.from_unit(unit, batch).patches, batch.patches, atol=1e-5)
     noisy = augment.NoisyRollout(media, total_steps=10).distort(batch, 0, np.random.default_rng(1))
     p = noisy.patches.reshape(2, 16, 3, 2, 4)
-    np.testing.assert_array_equal(p[:, :, :, 0], p[:, :, :, 1])  # the two temporal copies of a frame: one noise
+    np.testing.assert_array_equal(p[:, :, :, 0], p[:, :, :, 1])  # an image's two temporal copies: one noise
     np.testing.assert_array_equal(noisy.patches[~real], batch.patches[~real])  # padding untouched
     assert np.abs(noisy.patches[real] - batch.patches[real]).mean() > 0.5
     np.testing.assert_array_equal(noisy.grid_thw, batch.grid_thw)
+
+
+def test_noise_on_a_video_row_keeps_each_frame_and_an_images_copies_together():
+    """A row of an image (4 patches) and a 4-frame video (2 temporal patches x 4 patches): the round trip is exact;
+    the noise keeps the video's frames apart (each its own draw, as NoisyRollout noising the frames before the
+    processor) and the image's two copies of itself equal."""
+    rng = np.random.default_rng(2)
+    proc = QwenImageProcessor(patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=16, max_pixels=64)
+    media = QwenPatchImages(proc, max_image_tokens=4, max_items=2)
+    frames = rng.integers(0, 256, (4, 4, 4, 3), np.uint8)
+    row = media.pack([("image", rng.integers(0, 256, (4, 4, 3), np.uint8)), ("video", Clip(frames, fps=2.0))])
+    batch = jax.tree.map(lambda x: np.asarray(x)[None], row)
+    np.testing.assert_array_equal(batch.grid_thw[0], [[1, 2, 2], [2, 2, 2]])
+    np.testing.assert_allclose(media.from_unit(media.to_unit(batch), batch).patches, batch.patches, atol=1e-5)
+    before = batch.patches.reshape(1, 16, 3, 2, 4)
+    assert np.abs(before[0, 4:12, :, 0] - before[0, 4:12, :, 1]).mean() > 0.1  # the video's frames differ
+    noisy = augment.NoisyRollout(media, total_steps=10).distort(batch, 0, np.random.default_rng(1))
+    p = noisy.patches.reshape(1, 16, 3, 2, 4)
+    np.testing.assert_array_equal(p[0, :4, :, 0], p[0, :4, :, 1])
+    change = p - before
+    assert np.abs(change[0, 4:12, :, 0] - change[0, 4:12, :, 1]).mean() > 0.5  # independent draws per frame
+    np.testing.assert_array_equal(p[0, 12:], before[0, 12:])
 
 
 def test_rotation_with_expansion():

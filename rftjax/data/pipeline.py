@@ -178,27 +178,30 @@ class QwenPatchImages:
 
     def _per_channel(self):
         p = self.processor
-        shape = (1, 1, len(p.mean), 1)  # [B, P, C, patch_size ** 2]
+        shape = (1, 1, len(p.mean), 1, 1)  # [B, P, C, temporal_patch_size, patch_size ** 2]
         return np.reshape(np.asarray(p.mean, np.float32), shape), np.reshape(np.asarray(p.std, np.float32), shape)
 
     def to_unit(self, images: QwenImages) -> np.ndarray:
-        """The pixels of a batch's patches as float32 in [0, 1], `[B, P, C, patch_size ** 2]` (the first of the
-        `temporal_patch_size` frames of each patch; the padding past a row's items included)."""
+        """The pixels of a batch's patches as float32 in [0, 1], `[B, P, C, temporal_patch_size, patch_size ** 2]`
+        (every frame of a temporal patch: a video's two frames, an image's two copies of itself; the padding past
+        a row's items included)."""
         p = self.processor
         x = np.asarray(images.patches, np.float32)
         b, n = x.shape[:2]
         mean, std = self._per_channel()
-        return x.reshape(b, n, len(p.mean), p.temporal_patch_size, -1)[:, :, :, 0] * std + mean
+        return x.reshape(b, n, len(p.mean), p.temporal_patch_size, -1) * std + mean
 
     def from_unit(self, unit: np.ndarray, images: QwenImages) -> QwenImages:
-        """`images` with its pixels replaced by `unit` (`to_unit`'s layout), normalised and repeated over the
-        temporal patch again (a video's temporal patch then shows its first frame twice); the padding past each
-        row's items stays as it was."""
-        p = self.processor
+        """`images` with its pixels replaced by `unit` (`to_unit`'s layout), normalised again. A temporal patch
+        whose frames were equal in `images` (an image, repeated over the temporal patch by the processor) takes
+        its first frame's new pixels for every copy, as an image distorted before processing would; a video's
+        frames keep their own. The padding past each row's items stays as it was."""
         mean, std = self._per_channel()
         x = (np.asarray(unit, np.float32) - mean) / std
-        b, n = x.shape[:2]
-        x = np.broadcast_to(x[:, :, :, None], (*x.shape[:3], p.temporal_patch_size, x.shape[-1])).reshape(b, n, -1)
+        b, n, c, t = x.shape[:4]
+        old = np.asarray(images.patches).reshape(b, n, c, t, -1)
+        still = np.all(old == old[:, :, :, :1], axis=(2, 3, 4))
+        x = np.where(still[:, :, None, None, None], x[:, :, :, :1], x).reshape(b, n, -1)
         real = np.arange(n)[None, :] < _row_patches(images.grid_thw)[:, None]
         patches = np.where(real[..., None], x, np.asarray(images.patches, np.float32))
         return images.replace(patches=patches.astype(np.asarray(images.patches).dtype))
