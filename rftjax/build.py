@@ -91,7 +91,7 @@ def rollout_config_of(c: ml_collections.ConfigDict, algo: rl.AlgorithmConfig, mo
     sched, nr = configs.schedule(c), c.rl.noisy_rollout
     try:
         noisy = None if not nr.kind else augment_lib.NoisyRollout(
-            image_input_for(model_config), c.rl.steps, nr.kind, nr.noise_step, nr.max_angle, nr.decay_coef,
+            media_input_of(c, model_config), c.rl.steps, nr.kind, nr.noise_step, nr.max_angle, nr.decay_coef,
             nr.decay_mid_step)
         if noisy is not None and noisy.kind == "rotate" and not family_of(model_config).augmentable:
             raise ValueError(f"rl.noisy_rollout.kind='rotate' rotates square LLaVA images; use 'gaussian' for "
@@ -276,6 +276,12 @@ def model_config_of(c: ml_collections.ConfigDict):
     return config
 
 
+def media_input_of(c: ml_collections.ConfigDict, model_config):
+    """The run's media input (`rftjax.data.pipeline.image_input_for`): the model family's, with `data.video`'s frame
+    sampling where the family reads videos."""
+    return image_input_for(model_config, VideoSampling(**c.data.video.to_dict()))
+
+
 def init_params(c: ml_collections.ConfigDict, model_config, mesh: Mesh, key: jax.Array):
     """`(params, param_shardings)`: the `model.checkpoint` directory's weights placed in their shardings, or
     random params created in them; LoRA adapters initialised in theirs (the base weights are never initialised
@@ -415,7 +421,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
         raise ValueError(f"bad config: data.augment works on square LLaVA images; set data.augment='' for "
                          f"{family_of(model_config).name}")
     parse_augment(c.data.augment)  # a bad spec fails here, not after the model is built
-    d, images = c.data, image_input_for(model_config, VideoSampling(**c.data.video.to_dict()))
+    d, images = c.data, media_input_of(c, model_config)
     prompt_pre = Preprocess(tokenizer, images, d.max_prompt_len,
                             extra_media=tuple(reward_models.extra_media(reward).items()))
     shortest = prompt_pre.prompt_len("", [(28, 28)])

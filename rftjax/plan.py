@@ -58,7 +58,7 @@ import ml_collections
 from jax.sharding import PartitionSpec
 
 from rftjax import configs, optim, steps, trainable
-from rftjax.build import model_config_of
+from rftjax.build import media_input_of, model_config_of
 from rftjax.models import dummy_inputs, model_for
 from rftjax.models.family import abstract_state, family_of
 from rftjax.models.llm import layer_kind
@@ -243,11 +243,9 @@ def video_budget(c: ml_collections.ConfigDict) -> dict | None:
     model reads it: `{"frames", "temporal_patches", "tokens_per_patch", "tokens", "max_image_tokens", "fits"}`
     (`fits`: the row's token and grid-row budgets hold it; else such rows are dropped and counted), or None for a
     model that reads no videos."""
-    from rftjax.data.pipeline import image_input_for
-    from rftjax.data.video import VideoMeta, VideoSampling
+    from rftjax.data.video import VideoMeta
 
-    mc = model_config_of(c)
-    media = image_input_for(mc, VideoSampling(**c.data.video.to_dict()))
+    media = media_input_of(c, model_config_of(c))
     if not hasattr(media, "video"):
         return None
     side = int(math.isqrt(media.video.frame_max_tokens)) * media.processor.factor  # a square frame at the budget
@@ -271,7 +269,8 @@ def report(c: ml_collections.ConfigDict) -> str:
         out.append(f"video rows (data.video): {video['frames']} frames -> {video['temporal_patches']} temporal "
                    f"patches x {video['tokens_per_patch']} tokens = {video['tokens']} tokens per video, of "
                    f"max_image_tokens={video['max_image_tokens']} per row: " + (
-                       "fits" if video["fits"] else "DOES NOT FIT (such rows are dropped)"))
+                       "fits" if video["fits"] else "over it: such video rows are dropped (lower data.video.max_frames "
+                       "or frame_max_tokens, or raise model.max_image_tokens; rows of images alone are unaffected)"))
     if not p.fits:
         out.append("over by %.2f GB per device; settings that lower it (each alone):" % ((p.total - p.device_memory) / GB))
         every = {}

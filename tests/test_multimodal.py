@@ -18,7 +18,7 @@ import pytest
 from hf_reference import HALF, QWEN_IDS, make_hf_qwen3_5, make_hf_qwen3_vl, make_hf_qwen_vl, torch
 from rftjax.data.pipeline import image_input_for
 from rftjax.data.qwen_image import QwenImageProcessor
-from rftjax.data.video import (Clip, VideoSampling, frame_indices, read_video, second_per_grid_t,
+from rftjax.data.video import (Clip, VideoMeta, VideoSampling, frame_indices, read_video, second_per_grid_t,
                                temporal_patch_times, write_video)
 from rftjax.models import model_for
 from rftjax.models import hf as rhf
@@ -218,6 +218,38 @@ def test_frame_sampling_on_an_mp4_follows_the_documented_rule(tmp_path):
         read_video(str(tmp_path / "bad.mp4"), VideoSampling())
 
 
+def test_example_media_probes_a_video_path_once_and_loads_every_image_kind(tmp_path, monkeypatch):
+    """A row with a PIL image (greyscale), an array and an mp4 path: `example_media` orders them by the placeholders
+    and turns the path into a `VideoRef` (its header read once); `load_media` gives uint8 `[H, W, 3]` images and
+    the sampled clip; `media_meta` reads sizes without decoding."""
+    from PIL import Image
+
+    from rftjax.data import media
+    from rftjax.data.media import example_media, load_media, media_meta
+    from rftjax.data.video import VideoRef, probe_video
+
+    probes = []
+
+    def counted(value):
+        probes.append(value)
+        return probe_video(value)
+
+    monkeypatch.setattr(media, "probe_video", counted)
+    path = write_video(str(tmp_path / "c.mp4"), np.zeros((6, 16, 32, 3), np.uint8), fps=3)
+    ex = {"question": "<video> then <image> and <image>", "video": path,
+          "images": [Image.new("L", (5, 3)), np.ones((4, 2, 3), np.uint8)]}
+    items = example_media(ex)
+    assert [k for k, _ in items] == ["video", "image", "image"] and isinstance(items[0][1], VideoRef)
+    assert [media_meta(k, v) for k, v in items][1:] == [(3, 5), (4, 2)]
+    assert media_meta(*items[0]) == VideoMeta(6, 3.0, 16, 32)
+    loaded = [load_media(k, v, VideoSampling(fps=2.0, min_frames=4)) for k, v in items]
+    assert loaded[1].shape == (3, 5, 3) and loaded[1].dtype == np.uint8 and loaded[2].shape == (4, 2, 3)
+    assert loaded[0].indices.tolist() == [0, 2, 3, 5] and loaded[0].frames.shape == (4, 16, 32, 3)
+    assert probes == [path]
+    with pytest.raises(ValueError, match="do not match"):
+        example_media({"question": "<image>", "video": path})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Rewards of Video-R1's question types, the motion task, Video-R1 rows, prompts with videos, row budgets
 
@@ -382,7 +414,7 @@ def test_planner_counts_video_tokens():
     c.data.video.max_frames = 16
     c.plan.device_memory_gb = 1000.0  # fits: the report skips the levers
     assert plan.video_budget(c)["tokens"] == 512 and not plan.video_budget(c)["fits"]
-    assert "512 tokens per video, of max_image_tokens=256 per row: DOES NOT FIT" in plan.report(c)
+    assert "512 tokens per video, of max_image_tokens=256 per row: over it: such video rows are dropped" in plan.report(c)
 
 
 # ----------------------------------------------------------------------------------------------------------

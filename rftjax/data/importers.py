@@ -40,9 +40,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rftjax.data.media import example_media, media_meta
+from rftjax.data.media import example_media, load_media, media_meta
 from rftjax.data.tasks import make_example
-from rftjax.data.video import VideoRef, VideoSampling, encoded_file, probe_video
+from rftjax.data.video import VideoSampling, encoded_file, probe_video
 from rftjax.data.tasks.grounding import format_box
 from rftjax.rewards.accuracy import parse_choice, parse_number
 from rftjax.rewards.boxes import parse_box
@@ -108,14 +108,13 @@ class LazyExamples:
         self.examples, self.video = examples, video or VideoSampling()
 
     def _load(self, ex: dict) -> dict:
-        """`ex` with its refs decoded (a ValueError names an unreadable one)."""
-        load = lambda v: v.load() if isinstance(v, ImageRef) else v  # noqa: E731
+        """`ex` with its media decoded (`rftjax.data.media.load_media`; a ValueError names an unreadable one)."""
         if ex.get("image") is not None:
-            ex["image"] = load(ex["image"])
+            ex["image"] = load_media("image", ex["image"], self.video)
         if ex.get("images"):
-            ex["images"] = [load(v) for v in ex["images"]]
-        if isinstance(ex.get("video"), VideoRef):
-            ex["video"] = ex["video"].load(self.video)
+            ex["images"] = [load_media("image", v, self.video) for v in ex["images"]]
+        if ex.get("video") is not None:
+            ex["video"] = load_media("video", ex["video"], self.video)
         return ex
 
     def __len__(self) -> int:
