@@ -100,8 +100,8 @@ def test_qwen_notebook_runs_headless_on_a_tiny_standin(tmp_path, monkeypatch, qw
 
 def test_colab_settings_follow_the_device_and_fit_with_margin():
     """`colab_qwen.runtime_for` picks the settings by platform and memory; each GPU/TPU setting of the default
-    model plans under 60% of its device's memory (XLA's own total for the v5e-1 update ran 1.6x the planner's:
-    experiments/results/plan_colab.md); a bad argument names the choices."""
+    model plans under 60% of its device's memory (a margin for the GPUs' buffer assignment, measured on none:
+    experiments/results/plan_colab.md has XLA's TPU figures); a bad argument names the choices."""
     import sys
 
     sys.path.insert(0, os.path.join(ROOT, "configs"))
