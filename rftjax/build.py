@@ -312,11 +312,8 @@ def tokenizer_of(c: ml_collections.ConfigDict, model_config) -> TextTokenizer:
     if c.model.checkpoint:
         from rftjax.data.chat import CheckpointTokenizer
 
-        tokenizer = CheckpointTokenizer(c.model.checkpoint, model_config.image_token_id, instruction,
-                                        template_kwargs=c.data.chat_template_kwargs.to_dict(),
-                                        video_token_id=getattr(model_config, "video_token_id", None),
-                                        vision_start_id=getattr(model_config, "vision_start_token_id", None),
-                                        vision_end_id=getattr(model_config, "vision_end_token_id", None))
+        tokenizer = CheckpointTokenizer.for_model(c.model.checkpoint, model_config, instruction,
+                                                  c.data.chat_template_kwargs.to_dict())
     else:
         family = family_of(model_config)
         if family.needs_checkpoint_tokenizer:
@@ -423,7 +420,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     parse_augment(c.data.augment)  # a bad spec fails here, not after the model is built
     d, images = c.data, media_input_of(c, model_config)
     prompt_pre = Preprocess(tokenizer, images, d.max_prompt_len,
-                            extra_media=tuple(reward_models.extra_media(reward).items()))
+                            extra_media=tuple(reward_models.extra_media(reward, getattr(images, "video", None)).items()))
     shortest = prompt_pre.prompt_len("", [(28, 28)])
     if d.max_prompt_len < shortest:
         raise ValueError(f"bad config: data.max_prompt_len={d.max_prompt_len} cannot hold the chat template with the "

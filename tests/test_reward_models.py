@@ -204,6 +204,67 @@ def test_a_tiny_judge_goes_through_the_whole_path(reward_model_dir):
         assert got[n] == pytest.approx(float(jax.nn.sigmoid(logits[a] - logits[b])), abs=1e-5)
 
 
+def test_learned_rewards_read_every_image_and_video_of_a_row(reward_model_dir):
+    """A row of two images of different sizes and a 4-frame video beside a one-image row, completions that write
+    media placeholders: the reward model's scores equal the value head on a plain forward pass over each unpadded
+    prompt with its own pixel values, and the judge's `yes` rule p(yes) / (p(yes) + p(no)) likewise; each rendered
+    prompt holds every item's tokens (the model's own check would raise otherwise)."""
+    import dataclasses
+
+    import jax
+
+    from rftjax import rewards, sharding
+    from rftjax.data.chat import CheckpointTokenizer
+    from rftjax.data.pipeline import Preprocess, SquareImages, image_input_for
+    from rftjax.data.tokenizer import parse_spans
+    from rftjax.data.video import Clip, VideoSampling
+    from rftjax.models import hf, model_for
+
+    model = rm.load_reward_model(reward_model_dir, max_image_tokens=48, max_media_items=3)
+    config, params = hf.load_pretrained(reward_model_dir, max_image_tokens=48, max_media_items=3)
+    tok = CheckpointTokenizer.for_model(reward_model_dir, config)
+    sampling = VideoSampling(fps=2.0, min_frames=4, max_frames=4, frame_max_tokens=6)
+    pre = Preprocess(tok, image_input_for(config, sampling), 512)
+    rng = np.random.default_rng(7)
+    image = lambda h, w: rng.integers(0, 256, (h, w, 3), np.uint8)  # noqa: E731
+    rows = [{"question": "Compare <image> with <image>, then watch <video>: what moved?", "id": "many",
+             "images": [image(56, 84), image(84, 56)], "video": Clip(image(4 * 56, 56).reshape(4, 56, 56, 3), 2.0),
+             "answer": "", "answer_type": "open"},
+            {"question": "What is it?", "id": "one", "image": image(56, 56), "answer": "", "answer_type": "open"}]
+    batch = pre.finish_batch(jax.tree.map(lambda *xs: np.stack(xs), *[pre(r) for r in rows]))
+    spans = [parse_spans(t) for t in batch["media_spans"]]
+    square = dataclasses.replace(pre, extra_media=(("judge", SquareImages(size=28, num_tokens=4)),))
+    assert square(rows[1])["judge_media_spans"] == '[["image", 4, []]]'
+    with pytest.raises(ValueError, match="many: the judge reads its media differently .* exactly one image"):
+        square(rows[0])
+    assert [s.kind for s in spans[0]] == ["image", "image", "video"] and spans[0][2].tokens == 2 * 4
+    texts = ["the <video> shows a ball", "<image> and <|image_pad|> differ", "a cube<|video_pad|>", "no"]
+    view = rewards.RewardView(texts=texts, completion_ids=np.zeros((4, 2), np.int32),
+                              completion_mask=np.ones((4, 2), bool), lengths=np.full(4, 2), answers=[""] * 4,
+                              answer_types=["open"] * 4, prompt_index=np.asarray([0, 0, 1, 1], np.int32),
+                              prompts=batch)
+    source = rm.RewardModelSource(model, tok, rm.ModelRewardConfig(reward_model_dir), sharding.HOST)
+    judge = rm.JudgeSource(config, params, tok, rm.JudgeConfig(reward_model_dir, parse="yes:a:b"), sharding.HOST)
+    scores, verdicts = source.score(view)["model"], judge.score(view)["judge"]
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    module = model_for(config)
+    for n, (t, p) in enumerate(zip(texts, view.prompt_index)):
+        images = jax.tree.map(lambda x: x[p:p + 1], batch["pixel_values"])
+        clean = judge.clean(t)
+        assert "<" not in clean.replace("<|", "")  # the placeholders are gone
+        ids = tok.encode(tok.render_prompt(batch["question"][p], spans[p], response=clean))
+        want_video = sum(s.total_tokens for s in spans[p] if s.kind == "video")
+        assert ids.count(config.video_token_id) == want_video and ids.count(config.image_token_id) == sum(
+            s.total_tokens for s in spans[p] if s.kind == "image")
+        hidden = module.apply({"params": params}, images, jnp.asarray([ids], jnp.int32), return_hidden=True).hidden
+        want = float(np.asarray(hidden)[0, -1] @ np.asarray(model.head["kernel"]) + float(model.head["bias"]))
+        assert scores[n] == pytest.approx(want, abs=1e-4)
+        ids = tok.prompt_ids(judge.template.render(question=batch["question"][p], response=clean, answer=""),
+                             spans[p])
+        logits = module.apply({"params": params}, images, jnp.asarray([ids], jnp.int32)).logits[0, -1]
+        assert verdicts[n] == pytest.approx(float(jax.nn.sigmoid(logits[a] - logits[b])), abs=1e-5)
+
+
 def test_the_planner_counts_the_reward_models_params(reward_model_dir):
     import importlib.util
 

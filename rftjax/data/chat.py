@@ -182,6 +182,15 @@ class CheckpointTokenizer(TextTokenizer):
         self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else self.eos_id
         self.bos_id = ids["bos_token"]
 
+    @classmethod
+    def for_model(cls, directory: str, config, instruction: str = "", template_kwargs: dict | None = None):
+        """The tokenizer of checkpoint `directory` with the placeholder ids of its model `config` (image; video
+        and the vision block ids where the family has them)."""
+        return cls(directory, config.image_token_id, instruction, template_kwargs=template_kwargs,
+                   video_token_id=getattr(config, "video_token_id", None),
+                   vision_start_id=getattr(config, "vision_start_token_id", None),
+                   vision_end_id=getattr(config, "vision_end_token_id", None))
+
     @property
     def eos_ids(self) -> tuple[int, ...]:
         return self._eos_ids

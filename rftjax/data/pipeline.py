@@ -34,7 +34,7 @@ from rftjax.data.media import example_media, load_media, media_meta
 from rftjax.data.qwen_image import QwenImageProcessor, choose_bucket
 from rftjax.data.tasks import Task
 from rftjax.data.tasks.grounding import format_box
-from rftjax.data.tokenizer import MediaSpan, TextTokenizer, pad_left, pad_right
+from rftjax.data.tokenizer import MediaSpan, TextTokenizer, pad_left, pad_right, spans_text
 from rftjax.data.video import VideoMeta, VideoSampling, frame_indices, second_per_grid_t, temporal_patch_times
 from rftjax.models.family import family_of
 from rftjax.models.qwen_vl import QwenImages
@@ -314,11 +314,13 @@ class Preprocess:
         rows before training: `rftjax.data.importers.drop_long_prompts`).
       with_completion: also emit the tokenised reasoning trace (SFT).
       max_completion_len: C.
-      extra_media: `((key, image input), ...)`: the image again as other models read it (a reward model or judge
+      extra_media: `((key, image input), ...)`: the media again as other models read them (a reward model or judge
         of another family, `rftjax.rewards.models.media_of`), emitted as `{key}_pixel_values` and
-        `{key}_image_tokens` (rows with one image only).
+        `{key}_media_spans`; the image inputs sample videos as `images` does.
 
-    Each example also carries `image_tokens` (int32), the policy's count of its media tokens (all items).
+    Each example also carries `image_tokens` (int32), the policy's count of its media tokens (all items), and
+    `media_spans`, its items' `MediaSpan`s as text (`rftjax.data.tokenizer.spans_text`) for models that render the
+    prompt again.
     The media are the example's `image`, `images` and `video` (`rftjax.data.media.example_media`).
     """
 
@@ -357,7 +359,8 @@ class Preprocess:
 
     def __call__(self, ex: dict) -> dict:
         items = example_media(ex)
-        spans = self.images.spans([media_meta(kind, value) for kind, value in items])
+        metas = [media_meta(kind, value) for kind, value in items]
+        spans = self.images.spans(metas)
         sampling = getattr(self.images, "video", None)
         loaded = [(kind, load_media(kind, value, sampling)) for kind, value in items]
         prompt = self.tokenizer.prompt_ids(ex["question"], spans, self.max_prompt_len, ex.get("id", ""))
@@ -366,14 +369,15 @@ class Preprocess:
                "prompt_mask": np.asarray(prompt_mask, bool), "answer": self.answer(ex),
                "answer_type": ex["answer_type"], "id": ex.get("id", ""), "question": ex["question"],
                "skipped_rows": np.int32(ex.get("skipped_rows", 0)),
-               "image_tokens": np.int32(sum(s.total_tokens for s in spans))}
-        if self.extra_media and [k for k, _ in items] != ["image"]:
-            raise ValueError(f"example {ex.get('id')}: reward models and judges read rows with one image; this row "
-                             f"has {[k for k, _ in items]}")
+               "image_tokens": np.int32(sum(s.total_tokens for s in spans)), "media_spans": spans_text(spans)}
         for key, media in self.extra_media:
-            image = loaded[0][1]
-            out[f"{key}_pixel_values"] = media(image)
-            out[f"{key}_image_tokens"] = np.int32(media.tokens(*image.shape[:2]))
+            try:
+                extra = media.spans(metas)
+            except ValueError as e:
+                raise ValueError(f"example {ex.get('id')}: the {key} reads its media differently from the policy "
+                                 f"and cannot take this row: {e}") from e
+            out[f"{key}_pixel_values"] = media.pack(loaded)
+            out[f"{key}_media_spans"] = spans_text(extra)
         if self.with_completion:
             if not ex.get("reasoning"):
                 raise ValueError(f"example {ex.get('id')} has no reasoning trace: SFT needs one")

@@ -71,6 +71,18 @@ def as_spans(media: int | Sequence[MediaSpan]) -> tuple[MediaSpan, ...]:
     return (MediaSpan("image", int(media)),) if isinstance(media, (int, np.integer)) else tuple(media)
 
 
+def spans_text(spans: Sequence[MediaSpan]) -> str:
+    """`spans` as a JSON string, a batch field a model re-rendering the prompt reads back (`parse_spans`;
+    `rftjax.data.pipeline.Preprocess`'s `media_spans`)."""
+    return json.dumps([[s.kind, s.tokens, list(s.timestamps)] for s in spans])
+
+
+def parse_spans(text: str) -> tuple[MediaSpan, ...]:
+    """The spans `spans_text` wrote (floats round-trip exactly)."""
+    return tuple(MediaSpan(kind, int(tokens), tuple(float(t) for t in times)) for kind, tokens, times in
+                 json.loads(str(text)))
+
+
 class PromptTooLongError(ValueError):
     """A prompt that does not fit `max_prompt_len` (truncating it would cut text or image tokens)."""
 

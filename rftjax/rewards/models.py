@@ -4,8 +4,9 @@
       reward model:  one forward pass, hidden state at the last real token · head ──► score [N]
       judge:         greedy generation with rftjax's sampler ──► parse (`parse_judgement`) ──► score in [0, 1]
 
-Both read each prompt's image once (`media_of`: the policy's pixel values when the model reads images the same
-way, else the copy the data pipeline made for it, `Preprocess.extra_media`), and run jitted on the policy's
+Both read each prompt's media once (`media_of`: the policy's pixel values when the model reads images the same
+way, else the copy the data pipeline made for it, `Preprocess.extra_media`; every image and video of a row), and
+run jitted on the policy's
 mesh with their params placed in the model family's shardings (never trained, never copied per step).
 
 Reward-model checkpoint layouts (`load_reward_model`):
@@ -32,6 +33,7 @@ import safetensors
 
 from rftjax.models import model_for
 from rftjax.models.family import dummy_inputs
+from rftjax.data.tokenizer import MediaSpan, parse_spans
 from rftjax.rewards.sources import check_gate
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -148,15 +150,15 @@ def encode_images(params, config, pixel_values):
     return model_for(config).apply({"params": params}, pixel_values, method="encode_images")
 
 
-def media_of(prompts: dict, key: str = "") -> tuple[Any, np.ndarray]:
-    """`(pixel_values, image_tokens int [B])` of a prompt batch for a model reading images under `key`
-    (`Preprocess.extra_media`; "" = the policy's).
+def media_of(prompts: dict, key: str = "") -> tuple[Any, list[tuple[MediaSpan, ...]]]:
+    """`(pixel_values, spans)` of a prompt batch for a model reading media under `key` (`Preprocess.extra_media`;
+    "" = the policy's): the pixel values as the batch holds them and each row's `MediaSpan`s in placeholder order.
 
     Raises:
       KeyError: the batch has no media for `key` (the pipeline was built without that model).
     """
     prefix = f"{key}_" if key else ""
-    return prompts[f"{prefix}pixel_values"], np.asarray(prompts[f"{prefix}image_tokens"])
+    return prompts[f"{prefix}pixel_values"], [parse_spans(t) for t in prompts[f"{prefix}media_spans"]]
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, multiple: int = LENGTH_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
@@ -352,14 +354,19 @@ class MeshModel:
         self._encode = jax.jit(lambda p, pixels: encode_images(p, config, pixels))
 
     def clean(self, text: str) -> str:
-        """Model output without the image placeholder's text (rendering it would add an image)."""
-        return text.replace(self.tokenizer.image_token, "")
+        """Model output without media placeholders (`<image>`, `<video>`, the checkpoint's image and video token
+        texts): rendering one would add a media item the batch does not have."""
+        from rftjax.data.tokenizer import PLACEHOLDER
 
-    def media(self, view) -> tuple[Any, Any, np.ndarray]:
-        """`(global pixel values, their features, image_tokens [B])` of the view's prompts."""
-        pixels, tokens = media_of(view.prompts, self.media_key)
+        for token in (self.tokenizer.image_token, getattr(self.tokenizer, "video_token", None)):
+            text = text.replace(token, "") if token else text
+        return PLACEHOLDER.sub("", text)
+
+    def media(self, view) -> tuple[Any, Any, list]:
+        """`(global pixel values, their features, each prompt's MediaSpans)` of the view's prompts."""
+        pixels, spans = media_of(view.prompts, self.media_key)
         placed = self.place.put(pixels)
-        return placed, self._encode(self.params, placed), tokens
+        return placed, self._encode(self.params, placed), spans
 
     def run(self, fn, rows: list[list[int]], prompt_index: np.ndarray, num_prompts: int, filler: list[int]):
         """`fn(index int32 [n], ids int32 [n, L], mask bool [n, L])` (global device arrays, index into the
@@ -403,12 +410,11 @@ class RewardModelSource(MeshModel):
         self._fn = jax.jit(lambda p, h, f, i, ids, m: last_token_scores(p, h, config, f, i, ids, m))
 
     def score(self, view) -> dict[str, np.ndarray]:
-        _, features, tokens = self.media(view)
+        _, features, spans = self.media(view)
         questions = view.prompts["question"]
-        rows = [self.tokenizer.encode(self.tokenizer.render_prompt(questions[b], int(tokens[b]),
-                                                                   response=self.clean(t)))
+        rows = [self.tokenizer.encode(self.tokenizer.render_prompt(questions[b], spans[b], response=self.clean(t)))
                 for t, b in zip(view.texts, view.prompt_index)]
-        filler = self.tokenizer.encode(self.tokenizer.render_prompt("", int(tokens[0]), response=""))
+        filler = self.tokenizer.encode(self.tokenizer.render_prompt("", spans[0], response=""))
         scores = self.run(lambda i, ids, m: self._fn(self.params, self.head, features, i, ids, m), rows,
                           view.prompt_index, len(questions), filler)
         s = self.settings
@@ -449,12 +455,12 @@ class JudgeSource(MeshModel):
         self._generate = functools.partial(sampling.generate, params=self.sampling)
 
     def score(self, view) -> dict[str, np.ndarray]:
-        pixels, features, tokens = self.media(view)
+        pixels, features, spans = self.media(view)
         questions = view.prompts["question"]
         rows = [self.tokenizer.prompt_ids(
             self.template.render(question=questions[b], response=self.clean(t), answer=view.answers[n]),
-            int(tokens[b])) for n, (t, b) in enumerate(zip(view.texts, view.prompt_index))]
-        filler = self.tokenizer.prompt_ids("", int(tokens[0]))
+            spans[b]) for n, (t, b) in enumerate(zip(view.texts, view.prompt_index))]
+        filler = self.tokenizer.prompt_ids("", spans[0])
         if self.rule.kind == "yes":
             p = self.run(lambda i, ids, m: self._yes(self.params, features, i, ids, m), rows, view.prompt_index,
                          len(questions), filler)
@@ -474,11 +480,12 @@ class JudgeSource(MeshModel):
 
 
 def load_overrides(policy_config) -> dict:
-    """The config fields a reward model or judge takes from the policy's config: its compute dtype, and its image
-    budget (`max_image_tokens`) when the policy has one."""
+    """The config fields a reward model or judge takes from the policy's config: its compute dtype, and its media
+    budgets (`max_image_tokens`, `max_media_items`) when the policy has them."""
     out = {"dtype": policy_config.dtype}
-    if hasattr(policy_config, "max_image_tokens"):
-        out["max_image_tokens"] = policy_config.max_image_tokens
+    for name in ("max_image_tokens", "max_media_items"):
+        if hasattr(policy_config, name):
+            out[name] = getattr(policy_config, name)
     return out
 
 
@@ -489,7 +496,7 @@ def _checkpoint_parts(path: str, config, context, key: str) -> dict:
     from rftjax.data.pipeline import image_input_for
 
     same = image_input_for(config) == image_input_for(context.model_config)
-    return {"tokenizer": CheckpointTokenizer(path, config.image_token_id, instruction=""),
+    return {"tokenizer": CheckpointTokenizer.for_model(path, config),
             "place": context.place, "media_key": "" if same else key}
 
 
@@ -516,10 +523,11 @@ def judge_source(settings: JudgeConfig, context) -> JudgeSource:
     return JudgeSource(config, params, settings=settings, **_checkpoint_parts(settings.path, config, context, "judge"))
 
 
-def extra_media(reward) -> dict:
+def extra_media(reward, video=None) -> dict:
     """`{media key: image input}` of the sources of `reward` (`Rewards`) that read images differently from the
-    policy (`Preprocess.extra_media`)."""
+    policy (`Preprocess.extra_media`), sampling videos as `video` (`rftjax.data.video.VideoSampling`, the
+    policy's; None: the default)."""
     from rftjax.data.pipeline import image_input_for
 
-    return {s.media_key: image_input_for(s.config) for s, _, _ in reward.sources
+    return {s.media_key: image_input_for(s.config, video) for s, _, _ in reward.sources
             if isinstance(s, MeshModel) and s.media_key}
