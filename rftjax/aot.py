@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 from typing import Any, Callable
@@ -46,6 +47,18 @@ TOPOLOGIES: dict[str, tuple[str, str, tuple[int, int, int], float]] = {
     "v5p-8": ("v5:2x2x1", "megacore", (2, 2, 1), 95.74 * 2 ** 30),
     "v4-8": ("v4:2x2x1", "megacore", (2, 2, 1), 32.0 * 2 ** 30),
 }
+
+
+def on_topology(c: ml_collections.ConfigDict, topology: str) -> ml_collections.ConfigDict:
+    """A copy of run config `c` whose planner figures (`plan.num_devices`, `plan.device_memory_gb`) are those of
+    `topology` (`TOPOLOGIES`; `cpu`: `c` as it is)."""
+    if topology not in TOPOLOGIES:
+        return c
+    name, _, _, memory = TOPOLOGIES[topology]
+    out = c.copy_and_resolve_references()
+    out.plan.num_devices = math.prod(int(n) for n in name.split(":")[1].split("x"))  # one device per chip
+    out.plan.device_memory_gb = memory / 1e9
+    return out
 
 
 def topology_devices(name: str) -> list:
@@ -226,7 +239,7 @@ def report(c: ml_collections.ConfigDict, topology: str, search: bool = True) -> 
 
     devices = topology_devices(topology)
     memory = TOPOLOGIES[topology][3] if topology in TOPOLOGIES else plan._local_memory()
-    planned = plan.plan(c).total
+    planned = plan.plan(on_topology(c, topology)).total
     lines = [f"{topology}: {len(devices)} devices, {memory / GB:.2f} GB each; the planner's total {planned / GB:.2f} GB"
              f" per device", f"{'program':<12}{'args GB':>9}{'out GB':>9}{'alias GB':>10}{'temp GB':>9}{'total GB':>10}"
              f"{'TFLOP':>9}  fits"]

@@ -283,13 +283,15 @@ def report(c: ml_collections.ConfigDict) -> str:
 
 
 def main(config, workdir=None, topology: str | None = None, search: bool = True):
-    """Print the plan; with `topology`, also XLA's own figures for the run's programs compiled for it
-    (`rftjax.aot.report`; `search`: the largest micro-batch that compiles)."""
-    print(report(config))
-    if topology:
-        from rftjax import aot
+    """Print the plan; with `topology`, the plan for its devices and XLA's own figures for the run's programs
+    compiled for it (`rftjax.aot.report`; `search`: the largest micro-batch that compiles)."""
+    if not topology:
+        print(report(config))
+        return
+    from rftjax import aot
 
-        print(aot.report(config, topology, search))
+    print(report(aot.on_topology(config, topology)))
+    print(aot.report(config, topology, search))
 
 
 if __name__ == "__main__":

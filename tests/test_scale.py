@@ -196,6 +196,18 @@ def test_aot_compiles_a_tiny_runs_programs_for_the_cpu_topology():
     assert best == 0 and list(tried) == [1]
 
 
+def test_the_planner_beside_a_tpu_compile_plans_for_that_topology():
+    """`--compile --topology T` plans for T's chips and memory (v5e-8: 8 x 15.75 GiB; v5p-8: 4 megacore chips), not
+    this host's devices; `cpu` leaves the config as it is."""
+    from rftjax import aot
+
+    c = _smoke()
+    got = {t: (aot.on_topology(c, t).plan.num_devices, round(aot.on_topology(c, t).plan.device_memory_gb, 2))
+           for t in ("v5e-1", "v5e-8", "v5p-8")}
+    assert got == {"v5e-1": (1, 16.91), "v5e-8": (8, 16.91), "v5p-8": (4, 102.8)}
+    assert aot.on_topology(c, "cpu") is c and c.plan.num_devices == 0
+
+
 def test_aot_compiles_for_a_tpu_slice_where_libtpu_is_installed():
     """The same programs for a v5e-8 slice (compile-only devices from `jax.experimental.topologies`)."""
     import importlib.util
