@@ -137,18 +137,23 @@ def test_two_image_row_and_one_image_row_match_transformers(models, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_video_row_matches_transformers(models, family):
     """4 frames of a 5-frame source at 3 fps: 2 temporal patches, `second_per_grid_t` = 2 * (5/3 s) / 4, so
-    Qwen2.5-VL's temporal step 4 * 0.833 = 3.33 is floored (positions 0, 3); Qwen3-VL gets 2 timestamped frames."""
+    Qwen2.5-VL's temporal step 4 * 0.833 = 3.33 is floored (positions 0, 3); Qwen3-VL gets 2 timestamped frames.
+    Beside it a one-image row and a row of two videos of different sizes and lengths."""
     model, config, params = models(family)
     u, rng = _unit(config), np.random.default_rng(2)
     clip = _clip(rng, 4, 2 * u, 3 * u, fps=3.0, total=5)
     rows = [(0, [("text", 2), ("video", clip), ("text", 3)]),
-            (3, [("text", 2), ("image", rng.integers(0, 256, (2 * u, 2 * u, 3), np.uint8)), ("text", 2)])]
+            (3, [("text", 2), ("image", rng.integers(0, 256, (2 * u, 2 * u, 3), np.uint8)), ("text", 2)]),
+            (1, [("text", 2), ("video", _clip(rng, 2, 2 * u, 2 * u, fps=2.0, total=2)), ("text", 1),
+                 ("video", _clip(rng, 4, 3 * u, 2 * u, fps=4.0, total=4)), ("text", 2)])]
     images, ids, mask, kwargs = _batch(config, rows, rng)
     grids = np.asarray(images.grid_thw)
     if family in ("qwen3_vl", "qwen3_5"):  # one t = 1 item per temporal patch
         assert grids[0, :2].tolist() == [[1, 4, 6], [1, 4, 6]]
+        assert grids[2].tolist() == [[1, 4, 4], [1, 6, 4], [1, 6, 4]]
     else:
-        assert grids[0, 0].tolist() == [2, 4, 6] and kwargs["video_grid_thw"].tolist() == [[2, 4, 6]]
+        assert grids[0, 0].tolist() == [2, 4, 6] and grids[2, :2].tolist() == [[1, 4, 4], [2, 6, 4]]
+        assert kwargs["video_grid_thw"].tolist() == [[2, 4, 6], [1, 4, 4], [2, 6, 4]]
     _compare(model, config, params, images, ids, mask, kwargs)
     pos = np.asarray(mrope_positions(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(images.grid_thw), config,
                                      jnp.asarray(images.time_interval)))
@@ -357,6 +362,40 @@ def test_video_r1_rows_import_and_become_prompts_with_timestamped_frames(qwen3_d
     np.testing.assert_array_equal(out["pixel_values"].grid_thw[:3], [[1, 4, 6]] * 3)
     np.testing.assert_array_equal(out["pixel_values"].patches[:len(patches)], patches)
     assert out["image_tokens"] == 18
+
+
+def test_an_easyr1_row_of_two_videos_becomes_one_prompt(qwen_dir, tmp_path):
+    """An EasyR1 row with `videos: [a, b]` and an image: imported as `videos` refs, decoded when read, and a prompt
+    whose media follow the question's placeholders (video, video, image) with each item's grid and tokens."""
+    import json
+
+    from PIL import Image
+
+    from rftjax.data import importers
+    from rftjax.data.chat import CheckpointTokenizer
+    from rftjax.data.pipeline import Preprocess
+
+    _, ckpt = qwen_dir
+    config, _ = rhf.load_pretrained(ckpt, max_image_tokens=32, max_media_items=3)
+    rng = np.random.default_rng(8)
+    write_video(str(tmp_path / "a.mp4"), rng.integers(0, 256, (8, 56, 56, 3), np.uint8), fps=4)
+    write_video(str(tmp_path / "b.mp4"), rng.integers(0, 256, (2, 56, 84, 3), np.uint8), fps=4)
+    Image.new("RGB", (56, 56), (0, 90, 200)).save(tmp_path / "c.png")
+    row = {"problem": "Is <video> longer than <video>? See <image>", "answer": "A", "videos": ["a.mp4", "b.mp4"],
+           "images": ["c.png"]}
+    (tmp_path / "d.jsonl").write_text(json.dumps({**row, "problem": "<video><image><video>"}) + "\n" + json.dumps(row))
+    source, report = importers.load_dataset(f"easyr1:{tmp_path / 'd.jsonl'}", video=SAMPLING)
+    assert report.kept == 2 and [v.meta.total_frames for v in source.examples[1]["videos"]] == [8, 2]
+    ex = source[1]
+    assert [len(v.frames) for v in ex["videos"]] == [4, 2]  # 2 s at 2 fps; a 2-frame clip whole
+    pre = Preprocess(CheckpointTokenizer.for_model(ckpt, config), image_input_for(config, SAMPLING), 256)
+    out = pre(ex)
+    assert np.asarray(out["pixel_values"].grid_thw).tolist() == [[2, 4, 4], [1, 4, 6], [1, 4, 4]]
+    ids = out["prompt_ids"][out["prompt_mask"]].tolist()
+    kinds = {config.video_token_id: "video", config.image_token_id: "image"}
+    starts = [kinds[t] for i, t in enumerate(ids) if t in kinds and (i == 0 or ids[i - 1] != t)]
+    assert starts == ["video", "video", "image"]
+    assert ids.count(config.video_token_id) == 2 * 4 + 6 and ids.count(config.image_token_id) == 4
 
 
 def test_rows_over_the_media_budgets_are_dropped_and_counted(qwen_dir, tmp_path):

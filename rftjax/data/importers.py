@@ -109,12 +109,11 @@ class LazyExamples:
 
     def _load(self, ex: dict) -> dict:
         """`ex` with its media decoded (`rftjax.data.media.load_media`; a ValueError names an unreadable one)."""
-        if ex.get("image") is not None:
-            ex["image"] = load_media("image", ex["image"], self.video)
-        if ex.get("images"):
-            ex["images"] = [load_media("image", v, self.video) for v in ex["images"]]
-        if ex.get("video") is not None:
-            ex["video"] = load_media("video", ex["video"], self.video)
+        for kind in ("image", "video"):  # `image` / `images`, `video` / `videos`
+            if ex.get(kind) is not None:
+                ex[kind] = load_media(kind, ex[kind], self.video)
+            if ex.get(kind + "s"):
+                ex[kind + "s"] = [load_media(kind, v, self.video) for v in ex[kind + "s"]]
         return ex
 
     def __len__(self) -> int:
@@ -280,11 +279,12 @@ def import_easyr1(path: str, image_dir: str | None = None, on_error: str = "rais
 
 
 def _row_media(row: dict, question: str, base: str, decode: bool) -> dict:
-    """`{"image": ...}`, `{"images": [...]}` (several) or `{"video": ...}` of an EasyR1 row (`images` / `image` /
-    `videos`), checked against the question's placeholders (`rftjax.data.media.example_media`).
+    """`{"image": ...}` or `{"images": [...]}` (several), and `{"video": ...}` or `{"videos": [...]}`, of an EasyR1
+    row (`images` / `image` / `videos`), checked against the question's placeholders
+    (`rftjax.data.media.example_media`).
 
     Raises:
-      ValueError: no media, several videos, or placeholders that do not match the media.
+      ValueError: no media, or placeholders that do not match the media.
     """
     images = row.get("images", row.get("image"))
     images = [] if images is None else images if isinstance(images, list) else [images]
@@ -292,12 +292,12 @@ def _row_media(row: dict, question: str, base: str, decode: bool) -> dict:
     videos = videos if isinstance(videos, list) else [videos]
     if not images and not videos:
         raise ValueError("no 'images', 'image' or 'videos' field")
-    if len(videos) > 1:
-        raise ValueError(f"{len(videos)} videos in field 'videos': rftjax takes one video per row")
     out = {"image": _image(images[0], base, decode)} if len(images) == 1 else \
         {"images": [_image(v, base, decode) for v in images]} if images else {}
-    if videos:
+    if len(videos) == 1:
         out["video"] = probe_video(videos[0], base)
+    elif videos:
+        out["videos"] = [probe_video(v, base) for v in videos]
     example_media({"question": question, **out})  # the placeholders match the media
     return out
 

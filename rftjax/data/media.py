@@ -1,10 +1,10 @@
 """The media items of an example: images and a video, in the order the question's placeholders name them.
 
-An example holds `image` (one image), `images` (a list, several) and/or `video` (a `VideoRef`, an in-memory
-`Clip`, or a path/bytes); each image is a uint8 array `[H, W, 3]` or an `ImageRef` (decoded when the row is
+An example holds `image` (one image), `images` (a list, several), `video` (one video: a `VideoRef`, an in-memory
+`Clip`, or a path/bytes) and/or `videos` (a list, several); each image is a uint8 array `[H, W, 3]` or an `ImageRef` (decoded when the row is
 read). `example_media` orders them as the question's placeholders do (`<image>`/`<imageN>` take the images in
-list order, `<video>` the video); a question without placeholders takes its images first, then the video. A video
-given as a path or bytes is probed there once (`probe_video`), so later steps see a `VideoRef` or a `Clip`.
+list order, `<video>` the videos likewise); a question without placeholders takes its images first, then its
+videos. A video given as a path or bytes is probed there once (`probe_video`), so later steps see a `VideoRef` or a `Clip`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def example_media(ex: dict) -> list[tuple[str, Any]]:
         video path or bytes that cannot be probed.
     """
     images = ([ex["image"]] if ex.get("image") is not None else []) + list(ex.get("images") or ())
-    videos = [_as_video(ex["video"])] if ex.get("video") is not None else []
+    videos = [_as_video(v) for v in ([ex["video"]] if ex.get("video") is not None else []) +
+              list(ex.get("videos") or ())]
     want = placeholder_kinds(ex.get("question", ""))
     if not want:
         return [("image", im) for im in images] + [("video", v) for v in videos]
