@@ -238,11 +238,10 @@ def test_learned_rewards_read_every_image_and_video_of_a_row(reward_model_dir):
     with pytest.raises(ValueError, match="many: the judge reads its media differently .* exactly one image"):
         square(rows[0])
     assert [s.kind for s in spans[0]] == ["image", "image", "video"] and spans[0][2].tokens == 2 * 4
-    texts = ["the <video> shows a ball", "<image> and <|image_pad|> differ", "a cube<|video_pad|>", "no"]
-    view = rewards.RewardView(texts=texts, completion_ids=np.zeros((4, 2), np.int32),
-                              completion_mask=np.ones((4, 2), bool), lengths=np.full(4, 2), answers=[""] * 4,
-                              answer_types=["open"] * 4, prompt_index=np.asarray([0, 0, 1, 1], np.int32),
-                              prompts=batch)
+    texts = ["the <video> shows <image> and <|image_pad|>", "a cube<|video_pad|>"]
+    view = rewards.RewardView(texts=texts, completion_ids=np.zeros((2, 2), np.int32),
+                              completion_mask=np.ones((2, 2), bool), lengths=np.full(2, 2), answers=[""] * 2,
+                              answer_types=["open"] * 2, prompt_index=np.asarray([0, 1], np.int32), prompts=batch)
     source = rm.RewardModelSource(model, tok, rm.ModelRewardConfig(reward_model_dir), sharding.HOST)
     judge = rm.JudgeSource(config, params, tok, rm.JudgeConfig(reward_model_dir, parse="yes:a:b"), sharding.HOST)
     scores, verdicts = source.score(view)["model"], judge.score(view)["judge"]
