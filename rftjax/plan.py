@@ -2,7 +2,8 @@
 
     python -m rftjax.plan --config configs/qwen2_5_vl_easyr1.py --config.model.preset=qwen2_5_vl_7b \\
         --config.plan.num_devices=8 --config.mesh.fsdp=8 --config.plan.device_memory_gb=16
-    ... --compile --topology v5e-8      # and XLA's own bytes per device for each program (rftjax.aot)
+    ... --compile --topology v5e-8      # the plan for that slice's chips, and XLA's own bytes per device for
+                                        # each program (rftjax.aot)
 
 Every figure is bytes per device for the run's mesh (`mesh.data x mesh.fsdp x mesh.tensor`, `plan.num_devices`
 devices; the mesh need not exist here), from abstract shapes (`jax.eval_shape`: no array is allocated) and the
