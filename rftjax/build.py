@@ -419,8 +419,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
                          f"{family_of(model_config).name}")
     parse_augment(c.data.augment)  # a bad spec fails here, not after the model is built
     d, images = c.data, media_input_of(c, model_config)
-    prompt_pre = Preprocess(tokenizer, images, d.max_prompt_len,
-                            extra_media=tuple(reward_models.extra_media(reward, getattr(images, "video", None)).items()))
+    extra = reward_models.extra_media(reward, getattr(images, "video", None))
+    prompt_pre = Preprocess(tokenizer, images, d.max_prompt_len, extra_media=tuple(extra.items()))
     shortest = prompt_pre.prompt_len("", [(28, 28)])
     if d.max_prompt_len < shortest:
         raise ValueError(f"bad config: data.max_prompt_len={d.max_prompt_len} cannot hold the chat template with the "

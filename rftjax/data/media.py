@@ -1,12 +1,12 @@
-"""The media items of an example: images and a video, in the order the question's placeholders name them.
+"""The media items of an example: images and videos, in the order the question's placeholders name them.
 
 An example holds `image` (one image), `images` (a list, several), `video` (one video: a `VideoRef`, an in-memory
-`Clip`, or a path/bytes) and/or `videos` (a list, several); each image is a uint8 array `[H, W, 3]` or an `ImageRef` (decoded when the row is
-read). `example_media` orders them as the question's placeholders do (`<image>`/`<imageN>` take the images in
-list order, `<video>` the videos likewise); a question without placeholders takes its images first, then its
-videos. A video given as a path or bytes is probed there once (`probe_video`), so later steps see a `VideoRef` or a `Clip`.
+`Clip`, or a path/bytes) and/or `videos` (a list, several); each image is a uint8 array `[H, W, 3]` or an
+`ImageRef` (decoded when the row is read). `example_media` orders them as the question's placeholders do
+(`<image>`/`<imageN>` take the images in list order, `<video>` the videos likewise); a question without
+placeholders takes its images first, then its videos. A video given as a path or bytes is probed there once
+(`probe_video`), so later steps see a `VideoRef` or a `Clip`.
 """
-
 from __future__ import annotations
 
 from typing import Any

@@ -321,7 +321,7 @@ class Preprocess:
     Each example also carries `image_tokens` (int32), the policy's count of its media tokens (all items), and
     `media_spans`, its items' `MediaSpan`s as text (`rftjax.data.tokenizer.spans_text`) for models that render the
     prompt again.
-    The media are the example's `image`, `images` and `video` (`rftjax.data.media.example_media`).
+    The media are the example's `image`, `images`, `video` and `videos` (`rftjax.data.media.example_media`).
     """
 
     tokenizer: TextTokenizer

@@ -6,8 +6,8 @@
 
 Both read each prompt's media once (`media_of`: the policy's pixel values when the model reads images the same
 way, else the copy the data pipeline made for it, `Preprocess.extra_media`; every image and video of a row), and
-run jitted on the policy's
-mesh with their params placed in the model family's shardings (never trained, never copied per step).
+run jitted on the policy's mesh with their params placed in the model family's shardings (never trained, never
+copied per step).
 
 Reward-model checkpoint layouts (`load_reward_model`):
 - `*ForSequenceClassification` (transformers' `GenericForSequenceClassification`, e.g.
@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 
+from rftjax.data.tokenizer import PLACEHOLDER, MediaSpan, parse_spans
 from rftjax.models import model_for
 from rftjax.models.family import dummy_inputs
-from rftjax.data.tokenizer import MediaSpan, parse_spans
 from rftjax.rewards.sources import check_gate
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -356,8 +356,6 @@ class MeshModel:
     def clean(self, text: str) -> str:
         """Model output without media placeholders (`<image>`, `<video>`, the checkpoint's image and video token
         texts): rendering one would add a media item the batch does not have."""
-        from rftjax.data.tokenizer import PLACEHOLDER
-
         for token in (self.tokenizer.image_token, getattr(self.tokenizer, "video_token", None)):
             text = text.replace(token, "") if token else text
         return PLACEHOLDER.sub("", text)
@@ -395,7 +393,8 @@ class MeshModel:
 class RewardModelSource(MeshModel):
     """A discriminative reward model (`load_reward_model`) as a reward source: component `model` (logged as
     `reward_model_mean`), `(score - mean) / std` of each completion, the score read at the last token of the
-    model's own chat-template rendering of the prompt (with its image) and the completion (`CheckpointTokenizer.render_prompt(response=)`).
+    model's own chat-template rendering of the prompt (with its media) and the completion
+    (`CheckpointTokenizer.render_prompt(response=)`).
     Source: the reward-model scoring of TRL's `GRPOTrainer` (sequence-classification models) and verl's reward
     model worker, with the image the policy saw."""
 
