@@ -28,9 +28,27 @@ def _check_positive(obj: Any, *names: str) -> None:
             raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class _ModelConfig:
-    """What the two model configs share: compute/param dtype names (validated by `_check_dtypes`) and
-    `replace` with nested `vision=`/`text=` dicts."""
+    """What the model configs share: how the model computes and trains, and `replace` with nested
+    `vision=`/`text=` dicts. These fields are keyword-only (they come after a family's own fields).
+
+    Attributes:
+      dtype: compute dtype name (`float32`, `bfloat16`); params are stored in `param_dtype`. Logits are
+        always returned in float32.
+      scan_layers: run the decoder layers with `nn.scan` (params stacked on a leading `layers` axis):
+        compile time independent of depth.
+      remat: rematerialise each decoder layer (and ViT block) in the backward pass (less memory, ~1/3 more
+        compute), keeping what `remat_policy` says (`REMAT_POLICIES`).
+      lora: a `LoraConfig` (or its dict): `model_for` adds LoRA adapters (`rftjax.models.lora`); None: no adapters.
+    """
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: bool = False
+    remat_policy: str = "full"
+    lora: LoraConfig | None = None
 
     def _check_dtypes(self) -> None:
         """Validate the dtype names and the remat policy; turn a `lora` dict into a `LoraConfig`."""
@@ -208,13 +226,7 @@ class VLMConfig(_ModelConfig):
       vision_feature_layer: which ViT hidden state feeds the projector, indexing
         `[embeddings, block_1, ..., block_L]` as HF does (-1: last block's output, before the post-LayerNorm).
       projector_bias: biases on both projector layers (HF `multimodal_projector_bias`).
-      dtype: compute dtype name (`float32`, `bfloat16`); params are stored in `param_dtype`. Logits are
-        always returned in float32.
-      scan_layers: run the decoder layers with `nn.scan` (params stacked on a leading `layers` axis):
-        compile time independent of depth.
-      remat: rematerialise each decoder layer (and ViT block) in the backward pass (less memory, ~1/3 more
-        compute), keeping what `remat_policy` says (`REMAT_POLICIES`).
-      lora: a `LoraConfig` (or its dict): `model_for` adds LoRA adapters (`rftjax.models.lora`); None: no adapters.
+      dtype, param_dtype, scan_layers, remat, remat_policy, lora: see `_ModelConfig`.
     """
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -222,12 +234,6 @@ class VLMConfig(_ModelConfig):
     image_token_id: int = 3
     vision_feature_layer: int = -1
     projector_bias: bool = True
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan_layers: bool = False
-    remat: bool = False
-    remat_policy: str = "full"
-    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if not 0 <= self.image_token_id < self.text.vocab_size:
@@ -400,7 +406,7 @@ class QwenVLConfig(_ModelConfig):
         for Qwen2.x, 0.5 for Qwen3-VL / Qwen3.5; a checkpoint's `preprocessor_config.json` sets them when loaded).
       min_pixels: the processor's smallest image area in px (None: the family's, 56 * 56 for Qwen2.x and
         65536 for Qwen3-VL / Qwen3.5), capped at `max_pixels`.
-      dtype, param_dtype, scan_layers, remat, remat_policy, lora: as `VLMConfig` (scan applies to the decoder).
+      dtype, param_dtype, scan_layers, remat, remat_policy, lora: see `_ModelConfig` (scan applies to the decoder).
     """
 
     vision: QwenVisionConfig = dataclasses.field(default_factory=QwenVisionConfig)
@@ -417,12 +423,6 @@ class QwenVLConfig(_ModelConfig):
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
     min_pixels: int | None = None
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan_layers: bool = False
-    remat: bool = False
-    remat_policy: str = "full"
-    lora: LoraConfig | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "image_token_buckets", tuple(int(b) for b in self.image_token_buckets))
