@@ -110,7 +110,7 @@ def main():
     cases = [(*s.split(":")[:3], tuple(int(r) for r in s.split(":")[3].split(",")) if s.count(":") == 3 else None)
              for s in args.only] if args.only else [(m, t, s, None) for m in MODELS for s in SETTINGS for t in TOPOLOGIES]
     out = os.path.join(ROOT, "experiments", "results", "plan_compile.md")
-    lines = list(HEADER)
+    rows = _table_rows(out)
     if args.logprob_gradient:
         text = logprob_gradient(*args.logprob_gradient.split(":"))
         print(text, flush=True)
@@ -118,11 +118,26 @@ def main():
             f.write(text + "\n")
         return
     for case in cases:
-        lines.append(line(measure(*case)))
-        print(lines[-1], flush=True)
+        row = line(measure(*case))
+        print(row, flush=True)
+        rows[_key(row)] = row
         with open(out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write("\n".join([*HEADER, *rows.values()]) + "\n")
     print(f"wrote {out}")
+
+
+def _key(row: str) -> tuple[str, ...]:
+    """A table row's (model, setting, topology) cells."""
+    return tuple(cell.strip() for cell in row.split("|")[1:4])
+
+
+def _table_rows(path: str) -> dict[tuple[str, ...], str]:
+    """The rows already measured in `path` (a rerun of the same case replaces its row; other cases are kept)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [r.rstrip("\n") for r in f if r.startswith("| ") and not r.startswith(HEADER[0][:20])]
+    return {_key(r): r for r in rows}
 
 
 if __name__ == "__main__":
