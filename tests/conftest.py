@@ -120,6 +120,7 @@ SLOW = {
     "test_reward_models.py::test_rules_plus_a_reward_model_train_and_resume_through_the_cli",
     "test_reward_models.py::test_a_reward_model_alone_scores_rows_without_gold_answers",
     "test_reward_models.py::test_learned_rewards_read_every_image_and_video_of_a_row",
+    "test_reward_models.py::test_a_tiny_judge_goes_through_the_whole_path",
     "test_rl_update.py::test_on_policy_correction_uses_the_trainer_at_the_rollout_params_and_skips_noisy_rows",
     *(f"test_family.py::{t}[unrolled]" for t in ("test_hybrid_params_follow_the_pattern",
                                                  "test_hybrid_model_samples_what_the_trainer_scores",
