@@ -190,10 +190,15 @@ def test_aot_compiles_a_tiny_runs_programs_for_the_cpu_topology():
     for name, r in results.items():
         assert r.fits and r.arguments > 0 and r.temp > 0, (name, r)
     rows = c.rl.prompts_per_step * c.rl.algo.group_size // 8
+    divisors = [r for r in range(1, rows + 1) if rows % r == 0]
     best, tried = aot.largest_micro_batch(c, devices, memory=1e12)
-    assert best == rows and sorted(tried) == [r for r in range(1, rows + 1) if rows % r == 0]
-    best, tried = aot.largest_micro_batch(c, devices, memory=tried[1].total - 1)  # nothing fits: stops at once
-    assert best == 0 and list(tried) == [1]
+    assert best == rows and list(tried) == [rows]  # the largest fits: one compile
+    best, tried = aot.largest_micro_batch(c, devices, memory=1.0)  # nothing fits: every size tried, largest first
+    assert best == 0 and list(tried) == divisors[::-1]
+    totals = {r: v.total for r, v in tried.items()}
+    memory = sorted(totals.values())[-2]  # below the largest total: the largest size whose total fits wins
+    best, _ = aot.largest_micro_batch(c, devices, memory=memory)
+    assert len(divisors) >= 3 and best == max(r for r, t in totals.items() if t <= memory)
 
 
 def test_the_planner_beside_a_tpu_compile_plans_for_that_topology():
