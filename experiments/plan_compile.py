@@ -7,7 +7,8 @@ device) whose RL update compiles within the chip's HBM.
     JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 python experiments/plan_compile.py [--only 3b:v5e-8:full ...]
     # needs libtpu: pip install "rftjax[aot]"; writes experiments/results/plan_compile.md
 
-Settings: full-parameter (bf16 params, remat, scanned decoder) and LoRA rank 64 on the decoder (bf16 base).
+Settings: full-parameter (bf16 params, remat, scanned decoder), the same with the vision tower frozen (EasyR1's
+`freeze_vision_tower`), and LoRA rank 64 on the decoder (bf16 base).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from rftjax.plan import GB, _with  # noqa: E402
 
 BASE = {"model.overrides.param_dtype": "bfloat16", "model.overrides.remat": True,
         "model.overrides.scan_layers": True}
-SETTINGS = {"full": {}, "lora": {"model.lora.rank": 64, "model.lora.alpha": 128.0}}
+SETTINGS = {"full": {}, "full_vit_frozen": {"optim.freeze": "visual/.*"},
+            "lora": {"model.lora.rank": 64, "model.lora.alpha": 128.0}}
 MODELS = {"3b": "qwen2_5_vl_3b", "7b": "qwen2_5_vl_7b"}
 TOPOLOGIES = ("v5e-8", "v6e-8", "v5p-8")
 
@@ -105,14 +107,16 @@ def main():
     parser.add_argument("--only", nargs="*", default=None,
                         help="model:topology:setting[:rows,rows,...] (micro-batch rows per device to try), e.g. "
                              "3b:v5e-8:full:1,5")
-    parser.add_argument("--logprob-gradient", default="", help="model:topology, e.g. 3b:v6e-8")
+    parser.add_argument("--logprob-gradient", default="",
+                        help="model:topology[:rows,rows,...] (rows per device, default 1,2), e.g. 3b:v6e-8:1,2,5")
     args = parser.parse_args()
     cases = [(*s.split(":")[:3], tuple(int(r) for r in s.split(":")[3].split(",")) if s.count(":") == 3 else None)
              for s in args.only] if args.only else [(m, t, s, None) for m in MODELS for s in SETTINGS for t in TOPOLOGIES]
     out = os.path.join(ROOT, "experiments", "results", "plan_compile.md")
     rows = _table_rows(out)
     if args.logprob_gradient:
-        text = logprob_gradient(*args.logprob_gradient.split(":"))
+        model, topology, *sizes = args.logprob_gradient.split(":")
+        text = logprob_gradient(model, topology, tuple(int(r) for r in sizes[0].split(",")) if sizes else (1, 2))
         print(text, flush=True)
         with open(os.path.join(ROOT, "experiments", "results", "plan_compile_logprob_grad.md"), "a") as f:
             f.write(text + "\n")

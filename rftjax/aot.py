@@ -218,8 +218,9 @@ def largest_micro_batch(c: ml_collections.ConfigDict, devices: list, memory: flo
     `{rows per device: Compiled}` of those tried.
 
     XLA's bytes are not monotonic in the micro-batch (its schedule changes with the shapes: Qwen2.5-VL-7B's update
-    on v6e-8 takes 23.8 GB at 1 row per device, 27.8 at 2 and 25.2 at 10), so a size over `memory` says nothing about
-    the larger ones: the candidates are tried from the largest down and the first that fits is the answer.
+    on v6e-8 takes 23.8 GB at 1 row per device, 27.8 at 2 and 25.2 at 10; 3B's on v5e-8 18.9 GB at 2 rows and 17.6
+    at 5), so a size over `memory` says nothing about the larger ones: the candidates are tried from the largest
+    down and the first that fits is the answer.
     """
     algo = configs.algorithm(c)
     n_data = len(devices) // (c.mesh.tensor or 1)
