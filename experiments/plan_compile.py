@@ -112,15 +112,15 @@ def main():
     args = parser.parse_args()
     cases = [(*s.split(":")[:3], tuple(int(r) for r in s.split(":")[3].split(",")) if s.count(":") == 3 else None)
              for s in args.only] if args.only else [(m, t, s, None) for m in MODELS for s in SETTINGS for t in TOPOLOGIES]
-    out = os.path.join(ROOT, "experiments", "results", "plan_compile.md")
-    rows = _table_rows(out)
     if args.logprob_gradient:
         model, topology, *sizes = args.logprob_gradient.split(":")
-        text = logprob_gradient(model, topology, tuple(int(r) for r in sizes[0].split(",")) if sizes else (1, 2))
+        text = logprob_gradient(model, topology, *(tuple(int(r) for r in s.split(",")) for s in sizes))
         print(text, flush=True)
         with open(os.path.join(ROOT, "experiments", "results", "plan_compile_logprob_grad.md"), "a") as f:
             f.write(text + "\n")
         return
+    out = os.path.join(ROOT, "experiments", "results", "plan_compile.md")
+    rows = _table_rows(out)
     for case in cases:
         row = line(measure(*case))
         print(row, flush=True)
