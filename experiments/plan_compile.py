@@ -67,6 +67,8 @@ def logprob_gradient(model: str, topology: str, rows: tuple[int, ...] = (1, 2)) 
 
     from rftjax import steps
     from rftjax.build import model_config_of
+    from rftjax.models.common import rows_over
+    from rftjax.sharding import shardings_of
 
     devices = aot.topology_devices(topology)
     c = _with(qwen2_5_vl_easyr1.get_config(), {"model.preset": MODELS[model], "plan.num_devices": len(devices),
@@ -80,7 +82,14 @@ def logprob_gradient(model: str, topology: str, rows: tuple[int, ...] = (1, 2)) 
         program = aot.run_programs(c, devices)["rl_update"]
         params = aot.combine_params(program)
         seq = program.args[4].seq
-        fn = jax.jit(jax.grad(lambda p, s: steps.completion_logprobs(p, mc, s)[0].sum()))
+        shardings = shardings_of(params)
+        mesh = jax.tree.leaves(shardings)[0].mesh
+
+        def loss(p, s):
+            with rows_over(mesh):  # activations' rows over the devices, as in the RL update
+                return steps.completion_logprobs(p, mc, s)[0].sum()
+
+        fn = jax.jit(jax.grad(loss), out_shardings=shardings)  # the gradient laid out as the params are
         result = aot.compile_program(aot.Program(fn, (params, seq)))
         tokens = r * (c.data.max_prompt_len + c.rl.max_new_tokens)
         out.append(f"{r} row(s)/device: temp {result.temp / GB:.2f} GB ({result.temp / tokens / 1e6:.2f} MB/token)")

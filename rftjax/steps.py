@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from rftjax import rl
 from rftjax.batches import SequenceBatch, UpdateBatch, sampler_mask
 from rftjax.models import ModelConfig, model_for, uses_dropout
+from rftjax.models.common import row_shards, shard_rows
 from rftjax.rl.masking import masked_mean
 
 Array = jax.Array
@@ -52,40 +53,44 @@ def completion_hidden(params, config: ModelConfig, batch: SequenceBatch, rng: Ar
 def token_logprobs(head: Callable[[Array], Array], hidden: Array, targets: Array, temperature: float = 1.0,
                    chunk_bytes: int | None = None) -> tuple[Array, Array]:
     """`(logprobs, entropy)`, float32 `[N, T]`, of `targets` (int `[N, T]`) under `softmax(head(hidden) /
-    temperature)`, never holding more than one chunk of float32 logits `[C, V]`.
+    temperature)`, never holding more than one chunk of float32 logits `[N, C, V]`.
 
-    The N*T positions are cut into chunks of C = max(8, chunk_bytes / (4 V)) tokens; a `lax.scan` computes each
-    chunk's logits, logsumexp, target log-prob and entropy under `jax.checkpoint`, so the backward pass recomputes
-    a chunk's logits instead of storing them (levanter's blockwise cross-entropy, MaxText's vocabulary tiling over
-    tokens). Equal to `log_softmax` of the full logits up to float32 rounding.
+    The T positions of every row are cut into chunks of C = max(1, chunk_bytes / (4 V n)) tokens, n the rows
+    per device (N over the `rows_over` context's row shards, `rftjax.models.common.row_shards`); a `lax.scan`
+    computes each chunk's logits, logsumexp, target log-prob and entropy under `jax.checkpoint`, so the backward
+    pass recomputes a chunk's logits instead of storing them (levanter's blockwise cross-entropy, MaxText's
+    vocabulary tiling over tokens). The scan runs along T with the rows as the batch dim: under data/FSDP
+    parallelism each device computes its own rows' chunks (a scan over chunks of the flattened `N * T` positions
+    would gather every row's hidden states to every device and repeat the LM head on each). Equal to
+    `log_softmax` of the full logits up to float32 rounding.
 
     Args:
-      head: float32 logits `[C, V]` of hidden states `[C, D]` (the model's `head` method).
+      head: float32 logits `[N, C, V]` of hidden states `[N, C, D]` (the model's `head` method).
       hidden: `[N, T, D]`, any float dtype.
       targets: int `[N, T]` token ids in `[0, V)`.
       temperature: divides the logits (> 0).
-      chunk_bytes: float32 logits bytes per chunk (default `LOGPROB_CHUNK_BYTES`).
+      chunk_bytes: float32 logits bytes per chunk per device (default `LOGPROB_CHUNK_BYTES`).
     """
     n, t, d = hidden.shape
     chunk_bytes = chunk_bytes or LOGPROB_CHUNK_BYTES
-    vocab = jax.eval_shape(head, jax.ShapeDtypeStruct((1, d), hidden.dtype)).shape[-1]
-    total = n * t
-    chunk = max(8, min(total, chunk_bytes // (4 * vocab)))
-    k = -(-total // chunk)
-    pad = k * chunk - total
-    h = jnp.pad(hidden.reshape(total, d), ((0, pad), (0, 0))).reshape(k, chunk, d)
-    y = jnp.pad(targets.reshape(total), (0, pad)).reshape(k, chunk)
+    vocab = jax.eval_shape(head, jax.ShapeDtypeStruct((1, 1, d), hidden.dtype)).shape[-1]
+    chunk = max(1, min(t, chunk_bytes * row_shards(n) // (4 * vocab * n)))
+    k = -(-t // chunk)
+    pad = k * chunk - t
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(n, k, chunk, d).swapaxes(0, 1)  # [k, N, C, D]
+    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(n, k, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
     def one_chunk(h_c, y_c):
-        logits = head(h_c).astype(jnp.float32) / temperature
+        logits = head(shard_rows(h_c)).astype(jnp.float32) / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
-        lp = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0] - lse
+        lp = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0] - lse
         entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
         return lp, entropy
 
     _, (lp, entropy) = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (h, y))
-    return lp.reshape(-1)[:total].reshape(n, t), entropy.reshape(-1)[:total].reshape(n, t)
+    back = lambda x: x.swapaxes(0, 1).reshape(n, k * chunk)[:, :t]  # noqa: E731
+    return back(lp), back(entropy)
 
 
 def completion_logprobs(params, config: ModelConfig, batch: SequenceBatch, temperature: float = 1.0,

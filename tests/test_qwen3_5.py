@@ -126,10 +126,10 @@ def test_scanned_layers_equal_unscanned(hf_models, batch):
     """A pattern of two kinds scans its block (`layers/{kind}_{j}` stacked); save/load round-trips it."""
     _, _, config, params = hf_models(False)
     scanned = config.replace(scan_layers=True)
-    stacked = rhf.stack_layers(params, config.text.num_layers, config.text.layer_pattern)
+    stacked = rhf.stack_layers(params, config)
     assert set(stacked["language_model"]["layers"]) == {"gated_delta_net_0", "attention_1"}
     np.testing.assert_allclose(_ours(scanned, stacked, batch), _ours(config, params, batch), atol=1e-5, rtol=0)
-    back = rhf.unstack_layers(stacked, config.text.num_layers, config.text.layer_pattern)
+    back = rhf.unstack_layers(stacked, config)
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
 

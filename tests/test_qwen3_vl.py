@@ -111,7 +111,7 @@ def test_scanned_layers_equal_unscanned(hf_models, batch):
     """DeepStack inside the scan over layers (the level index rides in the scan's carry)."""
     _, _, config, params = hf_models(False)
     scanned = config.replace(scan_layers=True)
-    stacked = rhf.stack_layers(params, config.text.num_layers)
+    stacked = rhf.stack_layers(params, config)
     np.testing.assert_allclose(_ours(scanned, stacked, batch), _ours(config, params, batch), atol=1e-5, rtol=0)
 
 

@@ -105,6 +105,29 @@ def test_kv_cache_decode_equals_full_forward(hf_models, batch):
     np.testing.assert_allclose(cached[valid], full[valid], atol=1e-5, rtol=0)
 
 
+def test_scanned_towers_equal_unscanned(hf_models, batch):
+    """`scan_layers` scans the vision blocks too (windowed and full-attention blocks in one scan, a per-block
+    flag choosing) and the decoder layers: the same logits and gradients as the unrolled model; loading with
+    `scan_layers=True` gives the stacked params, and they unstack back."""
+    _, path, config, params = hf_models("qwen2_5_vl_untied")
+    scanned, stacked = config.replace(scan_layers=True), rhf.stack_layers(params, config)
+    assert stacked["visual"]["blocks"]["qkv"]["kernel"].shape[0] == config.vision.depth == 2
+    np.testing.assert_allclose(_ours(scanned, stacked, batch), _ours(config, params, batch), atol=1e-5, rtol=0)
+    images, ids = _images(batch), jnp.asarray(batch["input_ids"], jnp.int32)
+    mask = jnp.asarray(batch["attention_mask"], bool)
+
+    def grads(c, p):
+        return jax.grad(lambda p: model_for(c).apply({"params": p}, images, ids, mask).logits[mask].std())(p)
+
+    got = rhf.unstack_layers(grads(scanned.replace(remat=True), stacked), config)
+    ref = grads(config, params)
+    assert float(jnp.abs(ref["visual"]["blocks_0"]["qkv"]["kernel"]).max()) > 1e-4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), got, ref)
+    _, loaded = rhf.load_qwen_vl(path, max_image_tokens=16, scan_layers=True)
+    jax.tree.map(np.testing.assert_array_equal, loaded, stacked)
+    jax.tree.map(np.testing.assert_array_equal, rhf.unstack_layers(loaded, config), params)
+
+
 def test_greedy_generate_equals_transformers(hf_models, batch):
     model, _, config, params = hf_models("qwen2_5_vl_untied")
     out = sampling.generate(params, config, _images(batch), jnp.asarray(batch["input_ids"], jnp.int32),

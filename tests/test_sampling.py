@@ -76,7 +76,7 @@ def test_greedy_equals_naive_full_forward_argmax(tiny, scan):
     config, params = tiny
     if scan:
         config = config.replace(scan_layers=True)
-        params = rhf.stack_layers(params, config.text.num_layers)
+        params = rhf.stack_layers(params, config)
     pixels, ids, mask = _prompts(config)
     steps = 8
     first = sampling.generate(params, config, pixels, ids, mask, jax.random.key(0),
@@ -88,7 +88,7 @@ def test_greedy_equals_naive_full_forward_argmax(tiny, scan):
     eos = rows[row][stop]
     out = sampling.generate(params, config, pixels, ids, mask, jax.random.key(0), sampling.SamplingParams(group_size=2,
                             max_new_tokens=steps, greedy=True, eos_ids=(eos,)))
-    unscanned = (config.replace(scan_layers=False), rhf.unstack_layers(params, config.text.num_layers)) \
+    unscanned = (config.replace(scan_layers=False), rhf.unstack_layers(params, config)) \
         if scan else (config, params)
     ref = _naive_greedy(*unscanned, pixels, ids, mask, steps, (eos,), (config.image_token_id,))
     ref_mask = (np.cumsum(np.isin(ref, [eos]), 1) - np.isin(ref, [eos])) == 0

@@ -37,15 +37,17 @@ def _full_logit_logprobs(params, config, seq, temperature):
 @pytest.mark.parametrize("preset", ["tiny", "qwen_vl_tiny"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_chunked_logprobs_and_gradients_equal_the_full_logits(preset, tied, monkeypatch):
-    """Chunks of 8 tokens over 2 x 3 rows of 6 completion tokens (5 chunks, the last one padded): log-probs,
-    entropy and the gradient of a loss using both equal the full-logit path within 1e-5 (float32)."""
+    """Chunks of 4 tokens per row over 2 x 3 rows of 6 completion tokens (2 chunks, the last one padded):
+    log-probs, entropy and the gradient of a loss using both equal the full-logit path within 1e-5 (float32)."""
     config = get_preset(preset)
     config = config.replace(text=dataclasses.replace(config.text, tie_word_embeddings=tied))
     params = init_params(config, jax.random.key(0))
     batch, _ = media_once.batches(config, np.random.default_rng(0), b=2, g=3)
     seq = batch.seq
-    monkeypatch.setattr(steps, "LOGPROB_CHUNK_BYTES", 8 * 4 * config.text.vocab_size)
-    weights = jnp.asarray(np.random.default_rng(1).standard_normal(seq.completion_ids.shape), jnp.float32)
+    assert seq.completion_ids.shape == (6, 6)
+    monkeypatch.setattr(steps, "LOGPROB_CHUNK_BYTES", 4 * 4 * config.text.vocab_size * 6)
+    # weights ~ N(0, 1) / 36 (the token count): gradients of O(1), where float32 rounding is ~1e-7
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(seq.completion_ids.shape) / 36, jnp.float32)
 
     def loss(fn, p):
         lp, ent = fn(p)
@@ -83,6 +85,39 @@ def test_token_logprobs_never_hold_the_full_logits():
     full_logits = n * t * v * 4
     assert temp["chunked"] < full_logits / 2 < temp["full"], temp
     np.testing.assert_allclose(chunked(kernel, hidden), full(kernel, hidden), rtol=1e-5)
+
+
+def test_token_logprobs_keep_each_devices_rows():
+    """Rows over 8 devices (FSDP / data parallel): each device runs the LM head on its own rows' chunks (no
+    all-gather of the hidden states in the compiled forward + backward, only the head gradient's all-reduce),
+    with chunks sized by the rows per device, and the result equals the unsharded one."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from rftjax.models.common import rows_over
+
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 8), ("data", "fsdp"))
+    d, v, n, t = 16, 512, 16, 64
+    kernel = jax.random.normal(jax.random.key(0), (d, v)) * 0.1
+    hidden = jax.device_put(jax.random.normal(jax.random.key(1), (n, t, d)),
+                            NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    targets = jax.random.randint(jax.random.key(2), (n, t), 0, v)
+
+    def loss(w, h):
+        with rows_over(mesh):  # 2 rows per device, float32 logits of 2 x 8 tokens: chunks of 8 tokens
+            lp, ent = steps.token_logprobs(lambda x: x @ w, h, targets, chunk_bytes=4 * v * 2 * 8)
+        return lp.sum() + ent.sum()
+
+    def full(w, h):
+        logp = jax.nn.log_softmax(h @ w, axis=-1)
+        return jnp.take_along_axis(logp, targets[..., None], -1).sum() - (jnp.exp(logp) * logp).sum()
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    text = grad.lower(kernel, hidden).compile().as_text()
+    assert "all-gather" not in text and "all-reduce" in text
+    got = grad(kernel, hidden)
+    ref = jax.grad(full, argnums=(0, 1))(kernel, np.asarray(hidden))
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean"])

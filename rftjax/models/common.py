@@ -43,9 +43,17 @@ def shard_rows(x: Array, mesh: jax.sharding.Mesh | None = None) -> Array:
     their inputs: under FSDP, XLA's sharding propagation may otherwise shard activations along the hidden
     dimension (the params' FSDP axis) and keep every row on every device."""
     mesh = mesh or _ROW_MESH.get()
-    if mesh is None or not x.ndim or x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    if mesh is None or not x.ndim or x.shape[0] % row_shards(mesh=mesh):
         return x
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+
+
+def row_shards(n: int | None = None, mesh: jax.sharding.Mesh | None = None) -> int:
+    """How many devices `shard_rows` spreads `n` rows over: the size of `mesh`'s (default: the `rows_over`
+    context's) `data x fsdp` axes, or 1 without a mesh or when that size does not divide `n` (None: any n)."""
+    mesh = mesh or _ROW_MESH.get()
+    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    return 1 if n is not None and n % shards else shards
 
 
 def normal_init(std: float = 0.02):

@@ -36,8 +36,8 @@ class _ModelConfig:
     Attributes:
       dtype: compute dtype name (`float32`, `bfloat16`); params are stored in `param_dtype`. Logits are
         always returned in float32.
-      scan_layers: run the decoder layers with `nn.scan` (params stacked on a leading `layers` axis):
-        compile time independent of depth.
+      scan_layers: run the decoder layers with `nn.scan` (params stacked on a leading `layers` axis), and a
+        Qwen-VL vision tower's blocks (`visual/blocks`): compile time independent of depth.
       remat: rematerialise each decoder layer (and ViT block) in the backward pass (less memory, ~1/3 more
         compute), keeping what `remat_policy` says (`REMAT_POLICIES`).
       lora: a `LoraConfig` (or its dict): `model_for` adds LoRA adapters (`rftjax.models.lora`); None: no adapters.
@@ -406,7 +406,7 @@ class QwenVLConfig(_ModelConfig):
         for Qwen2.x, 0.5 for Qwen3-VL / Qwen3.5; a checkpoint's `preprocessor_config.json` sets them when loaded).
       min_pixels: the processor's smallest image area in px (None: the family's, 56 * 56 for Qwen2.x and
         65536 for Qwen3-VL / Qwen3.5), capped at `max_pixels`.
-      dtype, param_dtype, scan_layers, remat, remat_policy, lora: see `_ModelConfig` (scan applies to the decoder).
+      dtype, param_dtype, scan_layers, remat, remat_policy, lora: see `_ModelConfig` (scan applies to the decoder and the vision tower).
     """
 
     vision: QwenVisionConfig = dataclasses.field(default_factory=QwenVisionConfig)

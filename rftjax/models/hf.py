@@ -504,6 +504,7 @@ class HFLayout:
     skip: tuple[str, ...] = ()  # canonical prefixes of tensors rftjax does not use
     hub_by_model_type: dict = dataclasses.field(default_factory=dict)  # model types whose Hub layout differs
     processor: Callable[[dict], dict] | None = None  # preprocessor_config.json dict -> model config overrides
+    vision_blocks: Callable[[Any], int] | None = None  # config -> vision blocks stacked under `visual/blocks` (scan)
 
     def hub_of(self, config) -> dict:
         """The on-disk prefixes written for `config` (its model type's Hub layout)."""
@@ -544,7 +545,7 @@ LLAVA = HFLayout(("llava",), config_from_hf, config_to_hf, _llava_entries, _LLAV
 QWEN_VL = HFLayout(QWEN_MODEL_TYPES, qwen_config_from_hf, qwen_config_to_hf, _qwen_entries, _QWEN_PREFIXES,
                    hub=_QWEN_HUB, modules=_QWEN3_HUB,  # transformers 5 names its modules as Qwen3's Hub layout
                    hub_by_model_type=dict.fromkeys(QWEN3_MODEL_TYPES, _QWEN3_HUB),
-                   processor=qwen_processor_overrides)
+                   processor=qwen_processor_overrides, vision_blocks=lambda c: c.vision.depth)
 
 
 def _layout_for(config) -> HFLayout:
@@ -630,27 +631,40 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def stack_layers(params: dict, num_layers: int, pattern: tuple[str, ...] = ("attention",)) -> dict:
-    """Unscanned LM params (`layers_0..layers_{L-1}`) -> scanned (`layers`, leaves with a leading `[L / p]` axis;
-    for a `pattern` of p > 1 kinds, `layers/{kind}_{j}` stacks layers j, j + p, ...: `DecoderLM`'s scanned
+def _stacks(config) -> list[tuple[str, str, int, tuple[str, ...]]]:
+    """`(module, block name, count, pattern)` of each run of blocks a `scan_layers` model scans: the decoder's
+    layers, and the vision blocks where the family's tower scans them (`HFLayout.vision_blocks`)."""
+    out = [("language_model", "layers", config.text.num_layers, tuple(config.text.layer_pattern))]
+    layout = family_of(config).hf
+    if layout is not None and layout.vision_blocks is not None:
+        out.append(("visual", "blocks", layout.vision_blocks(config), ("block",)))
+    return out
+
+
+def stack_layers(params: dict, config) -> dict:
+    """Unscanned params (`language_model/layers_{i}`; a Qwen-VL tower's `visual/blocks_{i}` too) -> the layout of
+    the same model with `scan_layers`: `layers` / `blocks`, leaves with a leading `[L / p]` axis; for a decoder
+    `layer_pattern` of p > 1 kinds, `layers/{kind}_{j}` stacks layers j, j + p, ... (`DecoderLM`'s scanned
     block)."""
-    lm = dict(params["language_model"])
-    layers = [lm.pop(f"layers_{i}") for i in range(num_layers)]
     stack = lambda group: jax.tree.map(lambda *xs: jnp.stack(xs), *group)  # noqa: E731
-    p = len(pattern)
-    lm["layers"] = stack(layers) if p == 1 else {f"{kind}_{j}": stack(layers[j::p]) for j, kind in enumerate(pattern)}
-    return {**params, "language_model": lm}
+    for module, name, n, pattern in _stacks(config):
+        tree = dict(params[module])
+        blocks, p = [tree.pop(f"{name}_{i}") for i in range(n)], len(pattern)
+        tree[name] = stack(blocks) if p == 1 else {f"{kind}_{j}": stack(blocks[j::p]) for j, kind in enumerate(pattern)}
+        params = {**params, module: tree}
+    return params
 
 
-def unstack_layers(params: dict, num_layers: int, pattern: tuple[str, ...] = ("attention",)) -> dict:
+def unstack_layers(params: dict, config) -> dict:
     """Inverse of `stack_layers`."""
-    lm = dict(params["language_model"])
-    stacked = lm.pop("layers")
-    p = len(pattern)
-    for i in range(num_layers):
-        block = stacked if p == 1 else stacked[f"{pattern[i % p]}_{i % p}"]
-        lm[f"layers_{i}"] = jax.tree.map(lambda x, k=i // p: x[k], block)
-    return {**params, "language_model": lm}
+    for module, name, n, pattern in _stacks(config):
+        tree = dict(params[module])
+        stacked, p = tree.pop(name), len(pattern)
+        for i in range(n):
+            block = stacked if p == 1 else stacked[f"{pattern[i % p]}_{i % p}"]
+            tree[f"{name}_{i}"] = jax.tree.map(lambda x, k=i // p: x[k], block)
+        params = {**params, module: tree}
+    return params
 
 
 def _weight_files(path: str) -> list[str]:
@@ -711,7 +725,7 @@ def _load(path: str, family: HFLayout, hf_config: dict, overrides: dict, without
         value = _to_ours(e, np.asarray(x.astype(jnp.float32)), tuple(_get(shapes, e.path).shape), key)
         _set(params, e.path, jnp.asarray(value, config.params_dtype))
     if config.scan_layers:
-        params = stack_layers(params, config.text.num_layers, config.text.layer_pattern)
+        params = stack_layers(params, config)
     return config, params
 
 
@@ -794,7 +808,7 @@ def save_pretrained(path: str, config: VLMConfig | QwenVLConfig, params: dict, m
 
         params = lora_lib.merge(params, config.lora)
     if config.scan_layers:
-        params = unstack_layers(params, config.text.num_layers, config.text.layer_pattern)
+        params = unstack_layers(params, config)
     tensors = {}
     for e in family.entries(config):
         x = np.asarray(jax.device_get(_get(params, e.path)))
@@ -850,7 +864,7 @@ def save_adapter(path: str, config: VLMConfig | QwenVLConfig, params: dict, base
         raise ValueError("save_adapter: the model config has no LoRA (config.lora is None)")
     family = _layout_for(config)
     if config.scan_layers:
-        params = unstack_layers(params, config.text.num_layers, config.text.layer_pattern)
+        params = unstack_layers(params, config)
     entries = {e.path: e for e in family.entries(config)}
     tensors, modules = {}, []
     for kernel_path, (a, b) in lora_lib.adapted_kernels(params).items():

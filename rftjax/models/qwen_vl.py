@@ -171,19 +171,23 @@ def vision_rope_angles(row: Array, col: Array, v: QwenVisionConfig) -> Array:
 class QwenVisionBlock(nn.Module):
     """Pre-norm ViT block: `x + proj(attn(rope(qkv(norm1(x)))))`, then `x + mlp(norm2(x))`.
 
-    Call: `(x [B, P, D], angles float32 [B, P, hd/2], segments int [B, P]) -> [B, P, D]`: each patch attends to
-    the patches of its segment (-1: padding); `windowed` blocks get window segments in window order (contiguous
-    runs of at most one window, `segment_attention` with a band), the others frame segments. Fused qkv with bias
-    (kernel `[D, 3, H, hd]`), output projection with bias, MLP gated (SwiGLU-style with `hidden_act`) or plain.
+    Call: `(x [B, P, D], angles float32 [B, P, hd/2], frames int [B, P], windows int [B, P] or None, window
+    bool [] or None) -> [B, P, D]`: each patch attends to the patches of its segment (-1: padding); windowed
+    blocks attend within `windows` (window segments in window order: contiguous runs of at most one window,
+    `segment_attention` with a band), the others within `frames`. `windowed` says which kind the block is; None:
+    the `window` argument says it per call (a traced flag: the scanned tower's blocks of both kinds, `lax.cond`).
+    Fused qkv with bias (kernel `[D, 3, H, hd]`), output projection with bias, MLP gated (SwiGLU-style with
+    `hidden_act`) or plain.
     """
 
     config: QwenVisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    windowed: bool = False
+    windowed: bool | None = False
 
     @nn.compact
-    def __call__(self, x: Array, angles: Array, segments: Array) -> Array:
+    def __call__(self, x: Array, angles: Array, frames: Array, windows: Array | None = None,
+                 window: Array | None = None) -> Array:
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
         norm = _norm(c)
@@ -192,10 +196,16 @@ class QwenVisionBlock(nn.Module):
         qkv = Linear((3, c.num_heads, c.head_dim), ("embed", None, "heads", "head_dim"), name="qkv", **kw)(h)
         q, k, vv = (qkv[:, :, i] for i in range(3))
         q, k = rotate(q, angles), rotate(k, angles)
-        if self.windowed:
-            a = segment_attention(q, k, vv, segments, c.window_units ** 2 * c.merge_unit, band=True)
+
+        def attend(windowed: bool) -> Array:
+            if windowed:
+                return segment_attention(q, k, vv, windows, c.window_units ** 2 * c.merge_unit, band=True)
+            return segment_attention(q, k, vv, frames, min(FULL_ATTENTION_BLOCK, x.shape[1]))
+
+        if self.windowed is None:
+            a = jax.lax.cond(window, lambda: attend(True), lambda: attend(False))
         else:
-            a = segment_attention(q, k, vv, segments, min(FULL_ATTENTION_BLOCK, x.shape[1]))
+            a = attend(self.windowed)
         x = x + Linear(c.hidden_size, ("heads", "head_dim", "embed"), num_in=2, name="proj", **kw)(a)
         h = norm(c.norm_eps, self.dtype, self.param_dtype, name="norm2")(x)
         act = _activation(c.hidden_act)
@@ -266,6 +276,10 @@ class QwenVisionTower(nn.Module):
     the square table is resampled bilinearly to each item's grid (`position_interpolation`) and added. Attention
     never crosses frames, items, rows or into padding; windowed blocks attend within their window only. The
     outputs of the blocks in `deepstack_visual_indexes` pass their own `PatchMerger` (post-shuffle norm).
+    `remat`: each block under `nn.remat` (`remat_policy`); `scan`: the blocks as one `nn.scan` with params stacked
+    under `blocks` (`rftjax.models.hf.stack_layers`), else `blocks_{i}`. Unrolled, XLA's TPU schedule can hold
+    many blocks' float32 matmul outputs at once (Qwen2.5-VL-3B's RL update on v5e-8 at 2 rows per device: 8.7 GB
+    of the qkv and MLP outputs of about 20 blocks live at its peak, 15.0 GB of temporaries; scanned: 7.7 GB).
 
     Raises:
       ValueError: patches whose last dim is not `patch_dim` or whose count is not a multiple of `merge_unit`.
@@ -276,6 +290,49 @@ class QwenVisionTower(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
     remat_policy: Any = None
+    scan: bool = False
+
+    def _block(self, **kw) -> nn.Module:
+        block = nn.remat(QwenVisionBlock, policy=self.remat_policy) if self.remat else QwenVisionBlock
+        return block(self.config, self.dtype, self.param_dtype, **kw)
+
+    def _blocks(self, x: Array, angles: Array, frames: Array, windows: Array | None) -> tuple[Array, list]:
+        """The blocks one after the other (params `blocks_{i}`): the output and the DeepStack levels."""
+        c, levels = self.config, []
+        for i in range(c.depth):
+            x = self._block(windowed=c.is_windowed(i), name=f"blocks_{i}")(x, angles, frames, windows)
+            if i in c.deepstack_visual_indexes:
+                levels.append(x)
+        return x, levels
+
+    def _scanned_blocks(self, x: Array, angles: Array, frames: Array, windows: Array | None) -> tuple[Array, list]:
+        """The blocks as one `nn.scan` (params stacked on axis 0 under `blocks`; compile time and the live
+        activations independent of depth): a per-block flag picks windowed or full attention (`lax.cond`) when
+        the tower has both, and a `[k, B, P, D]` carry collects the k DeepStack levels (one slot written per
+        block; a linear update, so the backward pass saves no copy of it per block)."""
+        c = self.config
+        kinds = [c.is_windowed(i) for i in range(c.depth)]
+        mixed = len(set(kinds)) > 1
+        slots = [c.deepstack_visual_indexes.index(i) if i in c.deepstack_visual_indexes else -1
+                 for i in range(c.depth)]
+        k = len(c.deepstack_visual_indexes)
+
+        def body(block, carry, window, slot, angles, frames, windows):
+            x, levels = carry
+            x = block(x, angles, frames, windows, window if mixed else None)
+            if k:
+                at = jnp.maximum(slot, 0)
+                level = jnp.where(slot >= 0, x, jax.lax.dynamic_index_in_dim(levels, at, keepdims=False))
+                levels = jax.lax.dynamic_update_index_in_dim(levels, level, at, 0)
+            return (x, levels), None
+
+        scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+        levels = jnp.zeros((k, *x.shape), x.dtype) if k else None
+        (x, levels), _ = scan(self._block(windowed=None if mixed else kinds[0], name="blocks"), (x, levels),
+                              jnp.asarray(kinds), jnp.asarray(slots, jnp.int32), angles, frames, windows)
+        return x, (list(levels) if k else [])
 
     @nn.compact
     def __call__(self, patches: Array, grid_thw: Array) -> Array:
@@ -303,17 +360,14 @@ class QwenVisionTower(nn.Module):
             take = lambda a: jnp.take_along_axis(a, order.reshape(b, p, *[1] * (a.ndim - 2)), axis=1)  # noqa: E731
             x, angles, frames = take(x), take(angles), take(frames)
             windows = jnp.where(take(valid), take(layout["window"]), -1)
-        block = nn.remat(QwenVisionBlock, policy=self.remat_policy) if self.remat else QwenVisionBlock
+        else:
+            windows = None
         token_valid = valid.reshape(b, p // c.merge_unit, c.merge_unit)[:, :, 0]
         merged = lambda merger, x: jnp.where(token_valid[..., None], merger(x), 0).astype(self.dtype)  # noqa: E731
-        deepstack = []
-        for i in range(c.depth):
-            segments = windows if c.is_windowed(i) else frames
-            x = block(c, self.dtype, self.param_dtype, c.is_windowed(i), name=f"blocks_{i}")(x, angles, segments)
-            if i in c.deepstack_visual_indexes:  # Qwen3-VL: no windows, so x is in HF's patch order here
-                j = c.deepstack_visual_indexes.index(i)
-                deepstack.append(merged(PatchMerger(c, self.dtype, self.param_dtype, postshuffle_norm=True,
-                                                    name=f"deepstack_merger_{j}"), x))
+        # Qwen3-VL's DeepStack levels: the outputs of blocks `deepstack_visual_indexes` (no windows: HF's order)
+        x, levels = (self._scanned_blocks if self.scan else self._blocks)(x, angles, frames, windows)
+        deepstack = [merged(PatchMerger(c, self.dtype, self.param_dtype, postshuffle_norm=True,
+                                        name=f"deepstack_merger_{j}"), level) for j, level in enumerate(levels)]
         if c.window_units is not None:  # back to HF's patch order (merge units are contiguous in both)
             x = jnp.take_along_axis(x, jnp.argsort(order, axis=1)[..., None], axis=1)
         out = merged(PatchMerger(c, self.dtype, self.param_dtype, name="merger"), x)
@@ -434,7 +488,8 @@ class QwenVL(ModelStateMixin, nn.Module):
     def setup(self):
         c = self.config
         dt, pdt = c.compute_dtype, c.params_dtype
-        self.visual = QwenVisionTower(c.vision, dt, pdt, remat=c.remat, remat_policy=c.checkpoint_policy)
+        self.visual = QwenVisionTower(c.vision, dt, pdt, remat=c.remat, remat_policy=c.checkpoint_policy,
+                                      scan=c.scan_layers)
         self.language_model = DecoderLM(c.text, dt, pdt, scan_layers=c.scan_layers, remat=c.remat,
                                         remat_policy=c.checkpoint_policy)
 
@@ -513,6 +568,6 @@ QWEN_VL = register(Family(
     media_param_count=lambda c: qwen_vision_param_count(c.vision),
     media_flops=lambda c, image_tokens: qwen_vision_flops(c.vision, image_tokens or c.max_image_tokens),
     vision_dims=_vision_dims, vision_modules=("visual",),
-    lora_vision_targets=r"visual/blocks_\d+/(qkv|proj|gate_proj|up_proj|down_proj|fc1|fc2)",
+    lora_vision_targets=r"visual/blocks(_\d+)?/(qkv|proj|gate_proj|up_proj|down_proj|fc1|fc2)",
     hf=hf.QWEN_VL, needs_checkpoint_tokenizer=True, augmentable=False, media_shapes=_media_shapes))
 """The Qwen2-VL / Qwen2.5-VL family: dynamic-resolution patches, M-RoPE, the checkpoint's own tokenizer."""
