@@ -43,6 +43,8 @@ temporal patches and tokens, under the per-frame budget) and whether it fits the
 
 When the total exceeds `plan.device_memory_gb` the planner says which settings bring it under, each alone, with
 its figure: bf16 params, LoRA, FSDP over all devices, remat, smaller minibatches, a frozen vision tower.
+The total is the peak of the run: the persistent terms plus the larger of the rollout's (sampling copy, decode
+state) and the update's (gradients, activations), which are never live together.
 The persistent terms are exact (tests/test_plan.py compares them with a live run's arrays); the activation term
 is an estimate (the same test reports it beside XLA's own temp-buffer figure for the update).
 """
@@ -67,6 +69,10 @@ from rftjax.models.common import FULL_ATTENTION_BLOCK
 from rftjax.sharding import logical_specs, mesh_shape
 
 GB = 1e9
+ROLLOUT_TERMS = ("sampling copy", "decode state")
+"""Terms live only while the sampler runs."""
+UPDATE_TERMS = ("gradients", "activations")
+"""Terms live only while the update runs (never at the same time as `ROLLOUT_TERMS`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +85,11 @@ class Plan:
 
     @property
     def total(self) -> float:
-        return float(sum(self.terms.values()))
+        """The peak: the persistent terms plus the larger of the rollout's (`ROLLOUT_TERMS`, live while sampling)
+        and the update's (`UPDATE_TERMS`, live while updating)."""
+        persistent = sum(v for k, v in self.terms.items() if k not in ROLLOUT_TERMS + UPDATE_TERMS)
+        return float(persistent + max(sum(self.terms.get(k, 0.0) for k in ROLLOUT_TERMS),
+                                      sum(self.terms.get(k, 0.0) for k in UPDATE_TERMS)))
 
     @property
     def fits(self) -> bool:
@@ -111,9 +121,10 @@ def _per_device(boxed, sizes: dict[str, int]) -> dict[tuple[str, ...], float]:
     return traverse_util.flatten_dict(per_leaf)
 
 
-def _activations(mc, rows: float, seq: int, completion: int, media_rows: float) -> float:
+def _activations(mc, rows: float, seq: int, completion: int, media_rows: float, vision_trains: bool = True) -> float:
     """The activation estimate of one update minibatch of `rows` rows using `media_rows` prompts' media (see the
-    module docstring), bytes per device."""
+    module docstring), bytes per device. `vision_trains`: some vision param gets a gradient (else the tower runs
+    forward only: one block at a time, no block inputs kept)."""
     e = jnp.dtype(mc.compute_dtype).itemsize
     t = mc.text
     terms = [layer_kind(name).activations(t, seq, e) for name in t.layer_kinds]  # (per token, matmul outputs)
@@ -126,7 +137,9 @@ def _activations(mc, rows: float, seq: int, completion: int, media_rows: float) 
     patches, dv, depth, heads, mv, vision_remat = family_of(mc).vision_dims(mc)
     block = min(patches, FULL_ATTENTION_BLOCK)  # one block of queries' float32 scores and probs at a time
     vision_layer = media_rows * patches * (e * (10 * dv + 4 * mv) + heads * block * (4 + e))
-    if mc.remat and vision_remat:
+    if not vision_trains:
+        vision = vision_layer
+    elif mc.remat and vision_remat:
         vision = depth * media_rows * patches * e * dv + vision_layer
     else:
         vision = depth * vision_layer
@@ -190,7 +203,9 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     terms["decode state"] = float(rows * per_row / heads_split)
     mb_rows = (c.rl.micro_batch_size or c.rl.minibatch_size or c.rl.prompts_per_step * algo.group_size) / n_data
     media_rows = min(mb_rows, c.rl.prompts_per_step / n_data)  # each prompt's media is encoded once per micro-batch
-    terms["activations"] = _activations(mc, mb_rows, slots, c.rl.max_new_tokens, media_rows)
+    vision = family_of(mc).vision_modules
+    vision_trains = any(p[0] in vision for p in paths)
+    terms["activations"] = _activations(mc, mb_rows, slots, c.rl.max_new_tokens, media_rows, vision_trains)
     memory = c.plan.device_memory_gb * GB if c.plan.device_memory_gb else _local_memory()
     return Plan(terms, memory, sizes)
 
@@ -234,7 +249,7 @@ def table(p: Plan) -> str:
     """The plan as a text table, GB per device."""
     lines = [f"{'term':<16}{'GB/device':>11}"]
     lines += [f"{k:<16}{v / GB:>11.2f}" for k, v in p.terms.items()]
-    lines.append(f"{'total':<16}{p.total / GB:>11.2f}   of {p.device_memory / GB:.1f} GB: "
+    lines.append(f"{'total (peak)':<16}{p.total / GB:>11.2f}   of {p.device_memory / GB:.1f} GB: "
                  f"{'fits' if p.fits else 'DOES NOT FIT'}  (mesh {p.mesh})")
     return "\n".join(lines)
 

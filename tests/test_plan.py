@@ -92,3 +92,30 @@ def test_plan_reports_levers_when_a_run_does_not_fit():
     assert "DOES NOT FIT" in text and "--config.model.overrides.param_dtype=bfloat16" in text
     assert "--config.model.lora.rank=64" in text and "all of these together" in text
     assert math.isfinite(plan_lib.plan(c).total)
+
+
+def test_total_is_the_peak_of_rollout_or_update():
+    """The rollout's terms and the update's are never live together: total = persistent + the larger of the two."""
+    terms = {"params": 1.0, "optimizer": 2.0, "reference": 1.0, "sampling copy": 0.5, "decode state": 3.0,
+             "gradients": 1.0, "activations": 1.5}
+    assert plan_lib.Plan(terms, 10.0, {}).total == 4.0 + 3.5
+    assert plan_lib.Plan({**terms, "activations": 4.0}, 10.0, {}).total == 4.0 + 5.0
+
+
+def test_a_frozen_vision_tower_keeps_no_block_inputs():
+    """With `visual/.*` frozen the tower runs forward only: the activation term drops by exactly its blocks' kept
+    inputs (depth x images x patches x hidden x bytes, the Qwen-VL tiny preset, remat)."""
+    import qwen2_5_vl_easyr1
+
+    c = qwen2_5_vl_easyr1.get_config()
+    for key, value in {"model.preset": "qwen_vl_tiny", "model.overrides.remat": True, "plan.num_devices": 1,
+                       "mesh.data": 1, "mesh.fsdp": 1}.items():
+        set_by_path(c, key, value)
+    trained = plan_lib.plan(c).terms["activations"]
+    set_by_path(c, "optim.freeze", "visual/.*")
+    frozen = plan_lib.plan(c).terms["activations"]
+    mc = plan_lib.model_config_of(c)
+    v = mc.vision
+    images = min(c.rl.micro_batch_size or c.rl.prompts_per_step * c.rl.algo.group_size, c.rl.prompts_per_step)
+    e = jax.numpy.dtype(mc.compute_dtype).itemsize
+    assert trained - frozen == pytest.approx(v.depth * images * mc.max_image_tokens * v.merge_unit * v.hidden_size * e)
