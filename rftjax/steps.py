@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from rftjax import rl
 from rftjax.batches import SequenceBatch, UpdateBatch, sampler_mask
 from rftjax.models import ModelConfig, model_for, uses_dropout
-from rftjax.models.common import row_shards, shard_rows
+from rftjax.models.common import split_vocab, split_vocab_params, vocab_shards
 from rftjax.rl.masking import masked_mean
 
 Array = jax.Array
@@ -55,13 +55,12 @@ def token_logprobs(head: Callable[[Array], Array], hidden: Array, targets: Array
     """`(logprobs, entropy)`, float32 `[N, T]`, of `targets` (int `[N, T]`) under `softmax(head(hidden) /
     temperature)`, never holding more than one chunk of float32 logits `[N, C, V]`.
 
-    The T positions of every row are cut into chunks of C = max(1, chunk_bytes / (4 V n)) tokens, n the rows
-    per device (N over the `rows_over` context's row shards, `rftjax.models.common.row_shards`); a `lax.scan`
-    computes each chunk's logits, logsumexp, target log-prob and entropy under `jax.checkpoint`, so the backward
-    pass recomputes a chunk's logits instead of storing them (levanter's blockwise cross-entropy, MaxText's
-    vocabulary tiling over tokens). The scan runs along T with the rows as the batch dim: under data/FSDP
-    parallelism each device computes its own rows' chunks (a scan over chunks of the flattened `N * T` positions
-    would gather every row's hidden states to every device and repeat the LM head on each). Equal to
+    The T positions of every row are cut into chunks of C = max(1, chunk_bytes s / (4 V N)) tokens, s the
+    devices the vocabulary is split over; a `lax.scan` computes each chunk's logits, logsumexp, target log-prob
+    and entropy under `jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of storing them
+    (levanter's blockwise cross-entropy, MaxText's vocabulary tiling over tokens). Inside the `rows_over`
+    context each chunk's logits are vocabulary-parallel (`rftjax.models.common.split_vocab`: every device its
+    slice of V for all N rows; no device repeats another's work, the head's gradient stays sharded). Equal to
     `log_softmax` of the full logits up to float32 rounding.
 
     Args:
@@ -74,7 +73,7 @@ def token_logprobs(head: Callable[[Array], Array], hidden: Array, targets: Array
     n, t, d = hidden.shape
     chunk_bytes = chunk_bytes or LOGPROB_CHUNK_BYTES
     vocab = jax.eval_shape(head, jax.ShapeDtypeStruct((1, 1, d), hidden.dtype)).shape[-1]
-    chunk = max(1, min(t, chunk_bytes * row_shards(n) // (4 * vocab * n)))
+    chunk = max(1, min(t, chunk_bytes * vocab_shards(vocab) // (4 * vocab * n)))
     k = -(-t // chunk)
     pad = k * chunk - t
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(n, k, chunk, d).swapaxes(0, 1)  # [k, N, C, D]
@@ -82,9 +81,10 @@ def token_logprobs(head: Callable[[Array], Array], hidden: Array, targets: Array
 
     @jax.checkpoint
     def one_chunk(h_c, y_c):
-        logits = head(shard_rows(h_c)).astype(jnp.float32) / temperature
+        logits = split_vocab(h_c, head).astype(jnp.float32) / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
-        lp = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0] - lse
+        target = jnp.arange(vocab) == y_c[..., None]  # a masked sum: partitions over a split vocabulary
+        lp = jnp.sum(jnp.where(target, logits, 0.0), axis=-1) - lse
         entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
         return lp, entropy
 
@@ -99,7 +99,8 @@ def completion_logprobs(params, config: ModelConfig, batch: SequenceBatch, tempe
     (0 where masked); `rng` as `completion_hidden`. The LM head runs in chunks (`token_logprobs`): no `[N, T, V]`
     array exists in the forward or the backward pass."""
     hidden = completion_hidden(params, config, batch, rng=rng)
-    head = functools.partial(_apply(params, config, rng), method="head")
+    head_params = split_vocab_params(params, config.text.vocab_size)  # vocabulary-parallel under `rows_over`
+    head = functools.partial(_apply(head_params, config, rng), method="head")
     lp, entropy = token_logprobs(head, hidden, batch.completion_ids, temperature)
     m = batch.completion_mask.astype(jnp.float32)
     return lp * m, entropy * m

@@ -87,24 +87,28 @@ def test_token_logprobs_never_hold_the_full_logits():
     np.testing.assert_allclose(chunked(kernel, hidden), full(kernel, hidden), rtol=1e-5)
 
 
-def test_token_logprobs_keep_each_devices_rows():
-    """Rows over 8 devices (FSDP / data parallel): each device runs the LM head on its own rows' chunks (no
-    all-gather of the hidden states in the compiled forward + backward, only the head gradient's all-reduce),
-    with chunks sized by the rows per device, and the result equals the unsharded one."""
+def test_token_logprobs_split_the_vocabulary_over_the_devices():
+    """Inside `rows_over` on 8 devices (FSDP: rows and the head's `D` split), the LM head is vocabulary-parallel:
+    the compiled forward + backward moves only hidden-state-sized and per-token arrays between devices (no
+    collective carries a `V`-sized dim: neither the logits nor the head's weight or gradient are gathered or
+    summed whole), chunks are sized by the vocabulary slice per device, and the result equals the full-logit
+    path."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from rftjax.models.common import rows_over
+    from rftjax.models.common import rows_over, split_vocab_params
 
     mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 8), ("data", "fsdp"))
     d, v, n, t = 16, 512, 16, 64
-    kernel = jax.random.normal(jax.random.key(0), (d, v)) * 0.1
+    kernel = jax.device_put(jax.random.normal(jax.random.key(0), (d, v)) * 0.1,
+                            NamedSharding(mesh, PartitionSpec("fsdp", None)))
     hidden = jax.device_put(jax.random.normal(jax.random.key(1), (n, t, d)),
                             NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     targets = jax.random.randint(jax.random.key(2), (n, t), 0, v)
 
     def loss(w, h):
-        with rows_over(mesh):  # 2 rows per device, float32 logits of 2 x 8 tokens: chunks of 8 tokens
-            lp, ent = steps.token_logprobs(lambda x: x @ w, h, targets, chunk_bytes=4 * v * 2 * 8)
+        with rows_over(mesh):  # float32 logits of 16 rows x 8 tokens x 512 / 8 per device: chunks of 8 tokens
+            w = split_vocab_params(w, v)
+            lp, ent = steps.token_logprobs(lambda x: x @ w, h, targets, chunk_bytes=4 * n * 8 * v // 8)
         return lp.sum() + ent.sum()
 
     def full(w, h):
@@ -113,9 +117,12 @@ def test_token_logprobs_keep_each_devices_rows():
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     text = grad.lower(kernel, hidden).compile().as_text()
-    assert "all-gather" not in text and "all-reduce" in text
+    collectives = [line.split("=", 1)[1].split("{")[0] for line in text.splitlines()
+                   if any(f" {op}(" in line for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all"))]
+    assert any("[16,8,16]" in c for c in collectives), collectives  # a chunk's hidden states, gathered
+    assert not [c for c in collectives if str(v) in c], collectives
     got = grad(kernel, hidden)
-    ref = jax.grad(full, argnums=(0, 1))(kernel, np.asarray(hidden))
+    ref = jax.grad(full, argnums=(0, 1))(np.asarray(kernel), np.asarray(hidden))
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 

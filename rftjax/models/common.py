@@ -43,17 +43,51 @@ def shard_rows(x: Array, mesh: jax.sharding.Mesh | None = None) -> Array:
     their inputs: under FSDP, XLA's sharding propagation may otherwise shard activations along the hidden
     dimension (the params' FSDP axis) and keep every row on every device."""
     mesh = mesh or _ROW_MESH.get()
-    if mesh is None or not x.ndim or x.shape[0] % row_shards(mesh=mesh):
+    if mesh is None or not x.ndim or x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
         return x
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
 
 
-def row_shards(n: int | None = None, mesh: jax.sharding.Mesh | None = None) -> int:
-    """How many devices `shard_rows` spreads `n` rows over: the size of `mesh`'s (default: the `rows_over`
-    context's) `data x fsdp` axes, or 1 without a mesh or when that size does not divide `n` (None: any n)."""
-    mesh = mesh or _ROW_MESH.get()
-    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    return 1 if n is not None and n % shards else shards
+def vocab_shards(vocab: int) -> int:
+    """How many devices `split_vocab` spreads a vocabulary of `vocab` over: all of the `rows_over` context's mesh
+    when its size divides `vocab`, else 1 (also without a mesh)."""
+    mesh = _ROW_MESH.get()
+    return 1 if mesh is None or vocab % mesh.size else mesh.size
+
+
+def split_vocab(hidden: Array, head) -> Array:
+    """Vocabulary-parallel LM head: float32 logits `head(hidden)` `[..., V]` of hidden states `[..., D]` with every
+    row on every device and V split over all devices of the `rows_over` context's mesh (Megatron-LM's parallel
+    cross-entropy, MaxText's vocabulary tiling): each device computes its slice of the vocabulary for all rows, and
+    the rows' hidden states (small) are gathered instead of the head's weight; with the head's params laid out
+    by `split_vocab_params`, its gradient stays in each device's shard. Unchanged `head(hidden)` when
+    `vocab_shards` is 1."""
+    mesh = _ROW_MESH.get()
+    vocab = jax.eval_shape(head, jax.ShapeDtypeStruct((1, hidden.shape[-1]), hidden.dtype)).shape[-1]
+    if vocab_shards(vocab) == 1:
+        return head(hidden)
+    spec = lambda *axes: jax.sharding.NamedSharding(mesh, PartitionSpec(*axes))  # noqa: E731
+    logits = head(jax.lax.with_sharding_constraint(hidden, spec()))
+    return jax.lax.with_sharding_constraint(logits, spec(*[None] * (logits.ndim - 1), tuple(mesh.axis_names)))
+
+
+def split_vocab_params(params, vocab: int):
+    """`params` with every leaf that has a dim of size `vocab` (the LM head's weight, a tied embedding table)
+    laid out with that dim over all devices of the `rows_over` context's mesh, the other dims whole: the layout
+    `split_vocab`'s logits need (one re-layout per pass, never a gather of the weight; the head's gradient is
+    accumulated in it). Unchanged when `vocab_shards(vocab)` is 1."""
+    if vocab_shards(vocab) == 1:
+        return params
+    mesh = _ROW_MESH.get()
+
+    def place(x):
+        if vocab not in x.shape:
+            return x
+        spec = [None] * x.ndim
+        spec[x.shape.index(vocab)] = tuple(mesh.axis_names)
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, PartitionSpec(*spec)))
+
+    return jax.tree.map(place, params)
 
 
 def normal_init(std: float = 0.02):
