@@ -35,18 +35,25 @@ MODELS = {"3b": "qwen2_5_vl_3b", "7b": "qwen2_5_vl_7b"}
 TOPOLOGIES = ("v5e-8", "v6e-8", "v5p-8")
 
 
+def case_config(model: str, topology: str, setting: str, rows: int | None = None):
+    """The run config of one case, FSDP over `topology`'s chips, with micro-batches of `rows` rows per device (None:
+    the config's)."""
+    n = len(aot.topology_devices(topology))
+    c = _with(qwen2_5_vl_easyr1.get_config(), {"model.preset": MODELS[model], "plan.num_devices": n, "mesh.data": 1,
+                                               "mesh.fsdp": n, **BASE, **SETTINGS[setting]})
+    return c if rows is None else _with(c, {"rl.micro_batch_size": rows * c.plan.num_devices})
+
+
 def measure(model: str, topology: str, setting: str, candidates: tuple[int, ...] | None = None) -> dict:
     """One row: each program's XLA total (GB per device), the planner's total, the largest micro-batch among
     `candidates` rows per device (default all divisors of the rows per device)."""
     devices = aot.topology_devices(topology)
-    c = qwen2_5_vl_easyr1.get_config()
-    c = _with(c, {"model.preset": MODELS[model], "plan.num_devices": len(devices), "mesh.data": 1,
-                  "mesh.fsdp": len(devices), **BASE, **SETTINGS[setting]})
+    c = case_config(model, topology, setting)
     memory = aot.TOPOLOGIES[topology][3]
     t0 = time.time()
     best, tried = aot.largest_micro_batch(c, devices, memory, candidates)
     rows = max(best, 1)
-    c = _with(c, {"rl.micro_batch_size": rows * len(devices)})
+    c = case_config(model, topology, setting, rows)
     programs = {name: aot.compile_program(p) for name, p in aot.run_programs(c, devices).items()
                 if name != "rl_update" or rows not in tried}
     tokens = rows * (c.data.max_prompt_len + c.rl.max_new_tokens)
@@ -102,13 +109,29 @@ def line(r: dict) -> str:
 
     tried = ", ".join(f"{k}: {gb(v)}" for k, v in r["tried"].items())
     return (f"| {r['model']} | {r['setting']} | {r['topology']} ({r['hbm']:.1f} GB) | {gb(r['sampler'])} | "
-            f"{gb(r['rl_update'])} | {r['planner']:.2f} | {r['best']} of {r['rows_per_device']} ({tried}) | "
+            f"{gb(r['rl_update'])} | {r['planner']:.2f} | {ratio(r['planner'], r['rl_update'].total / GB)} | {r['best']} of {r['rows_per_device']} ({tried}) | "
             f"{r['best'] * 2048} | {r['temp_per_token'] / 1e6:.2f} | {r['seconds']:.0f} |")
 
 
+def ratio(planner: float, xla: float) -> str:
+    """The planner's total against XLA's for the RL update, as a signed percentage."""
+    return f"{100 * (planner / xla - 1):+.1f}%"
+
+
+def replan(row: str) -> str:
+    """`row` with its planner cells recomputed by today's planner at the row's largest micro-batch (no compile)."""
+    cells = row.split(" | ")
+    model, setting, topology = cells[0].lstrip("| "), cells[1], cells[2].split(" ")[0]
+    rest = cells[7:] if cells[6].endswith("%") else cells[6:]  # tables written before the ratio column
+    best = int(rest[0].split(" of ")[0])
+    planner = plan_lib.plan(case_config(model, topology, setting, max(best, 1))).total / GB
+    return " | ".join([*cells[:5], f"{planner:.2f}", ratio(planner, float(cells[4])), *rest])
+
+
 HEADER = ["| model | setting | topology (HBM/device) | sampler GB/device | RL update GB/device (at the largest "
-          "micro-batch) | planner GB/device | largest micro-batch: rows/device that compile (GB per size tried) | "
-          "tokens/device/micro-batch | update temp MB/token | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "micro-batch) | planner GB/device | planner vs XLA | largest micro-batch: rows/device that compile (GB per "
+          "size tried) | tokens/device/micro-batch | update temp MB/token | compile s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def main():
@@ -118,6 +141,8 @@ def main():
                              "3b:v5e-8:full:1,5")
     parser.add_argument("--logprob-gradient", default="",
                         help="model:topology[:rows,rows,...] (rows per device, default 1,2), e.g. 3b:v6e-8:1,2,5")
+    parser.add_argument("--replan", action="store_true",
+                        help="recompute the planner's cells of the rows already in the table (no compile)")
     args = parser.parse_args()
     cases = [(*s.split(":")[:3], tuple(int(r) for r in s.split(":")[3].split(",")) if s.count(":") == 3 else None)
              for s in args.only] if args.only else [(m, t, s, None) for m in MODELS for s in SETTINGS for t in TOPOLOGIES]
@@ -130,6 +155,11 @@ def main():
         return
     out = os.path.join(ROOT, "experiments", "results", "plan_compile.md")
     rows = _table_rows(out)
+    if args.replan:
+        rows = {key: replan(row) for key, row in rows.items()}
+        cases = []
+        with open(out, "w") as f:
+            f.write("\n".join([*HEADER, *rows.values()]) + "\n")
     for case in cases:
         row = line(measure(*case))
         print(row, flush=True)

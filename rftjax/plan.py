@@ -13,8 +13,9 @@ logical-axis shardings `rftjax.sharding` gives each param:
   trainable     the part that trains (`rftjax.trainable`): all params, LoRA adapters only, minus `optim.freeze`.
   optimizer     AdamW's state for the trainable params (`optax` `init` on their shapes: two moments, plus the
                 gradient accumulator of `optim.grad_accum > 1`).
-  gradients     one gradient of the trainable params, alive during the update (two with `rl.micro_batch_size`:
-                a micro-batch's and their running sum).
+  gradients     the gradient of the trainable params and the optimizer's update made from it (param-sized,
+                before it is applied), alive during the update; with `rl.micro_batch_size` a micro-batch's
+                gradient, their running sum and the update.
   reference     the reference policy's trainable params (the frozen ones are shared), when the algorithm has a KL.
   critic        PPO: the critic's trainable backbone copy + value head, its optimizer state and gradients.
   sampling copy the compute-dtype copy of the kernels the sampler makes (`cast_for_compute`) when `dtype` differs
@@ -31,9 +32,10 @@ logical-axis shardings `rftjax.sharding` gives each param:
                 decoder layer and token (Korthikanti et al. 2022 sec. 4, for SwiGLU/GQA: the norm, projection and
                 MLP intermediates, the attention probabilities in float32; a Gated DeltaNet layer's projections,
                 float32 q/k/v and its chunk's [C, C] matrices per head), for every layer without remat, the
-                layer inputs plus one layer with `remat` (policy `full`; `dots` keeps the matmul outputs too);
-                the vision tower's likewise per image (each prompt's media once per micro-batch, one block of
-                attention scores at a time); one chunk of float32 logits (`steps.LOGPROB_CHUNK_BYTES`) with its
+                layer inputs with `remat` (policy `full`; `dots` keeps the matmul outputs too); the vision
+                tower's likewise per image when it trains (each prompt's media once per micro-batch); plus the
+                largest of what is live one at a time: the decoder layer being recomputed (one block of attention
+                scores), one vision block, or one chunk of float32 logits (`steps.LOGPROB_CHUNK_BYTES`) with its
                 probabilities and gradient. Rows: `rl.micro_batch_size` (else the minibatch).
 
 Media: prompts are padded to `max_prompt_len`, which holds a row's image and video tokens (at most the model's
@@ -130,22 +132,21 @@ def _activations(mc, rows: float, seq: int, completion: int, media_rows: float, 
     terms = [layer_kind(name).activations(t, seq, e) for name in t.layer_kinds]  # (per token, matmul outputs)
     layer = max(rows * seq * per_token for per_token, _ in terms)  # the one layer being recomputed
     if not mc.remat:
-        text = sum(rows * seq * per_token for per_token, _ in terms)
+        text = sum(rows * seq * per_token for per_token, _ in terms) - layer
     else:
-        kept = sum(e * t.hidden_size + (saved if mc.remat_policy != "full" else 0) for _, saved in terms)
-        text = rows * seq * kept + layer
+        text = rows * seq * sum(e * t.hidden_size + (saved if mc.remat_policy != "full" else 0) for _, saved in terms)
     patches, dv, depth, heads, mv, vision_remat = family_of(mc).vision_dims(mc)
     block = min(patches, FULL_ATTENTION_BLOCK)  # one block of queries' float32 scores and probs at a time
     vision_layer = media_rows * patches * (e * (10 * dv + 4 * mv) + heads * block * (4 + e))
     if not vision_trains:
-        vision = vision_layer
+        vision = 0.0
     elif mc.remat and vision_remat:
-        vision = depth * media_rows * patches * e * dv + vision_layer
+        vision = depth * media_rows * patches * e * dv
     else:
-        vision = depth * vision_layer
+        vision = (depth - 1) * vision_layer
     # one chunk of float32 logits at a time (steps.token_logprobs): logits, probabilities and their gradient
     logits = 3.0 * min(steps.LOGPROB_CHUNK_BYTES, 4.0 * t.vocab_size * rows * completion)
-    return text + vision + logits
+    return text + vision + max(layer, vision_layer, logits)  # what is kept + the one transient part at a time
 
 
 def _checkpoint_bytes(path: str, policy_config, sizes: dict[str, int], with_head: bool) -> float:
@@ -186,7 +187,7 @@ def plan(c: ml_collections.ConfigDict) -> Plan:
     minibatch = c.rl.minibatch_size or c.rl.prompts_per_step * algo.group_size
     micro_batched = 0 < c.rl.micro_batch_size < minibatch
     terms = {"params": sum(per_device.values()), "optimizer": optimizer,
-             "gradients": train_bytes * (2 if micro_batched else 1),  # + the micro-batches' running sum
+             "gradients": train_bytes * (3 if micro_batched else 2),  # + the update (+ the running sum)
              "reference": train_bytes if algo.uses_reference else 0.0,
              "critic": 4.0 * train_bytes if algo.uses_critic else 0.0}
     terms["reward model"] = _checkpoint_bytes(c.reward.model, mc, sizes, with_head=False)

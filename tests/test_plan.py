@@ -51,7 +51,8 @@ def test_plan_matches_a_live_run(param_dtype, lora, tmp_path):
     print(param_dtype, lora, {k: (p.terms[k], v) for k, v in live.items()})
     for key, value in live.items():
         assert p.terms[key] == pytest.approx(value, rel=0.10), key
-    assert p.terms["gradients"] == pytest.approx(_bytes_per_device(state.stage.policy.params), rel=0.10)
+    # the gradient and the optimizer's update, each the size of the trainable params
+    assert p.terms["gradients"] == pytest.approx(2 * _bytes_per_device(state.stage.policy.params), rel=0.10)
     if lora:  # only the adapters train: tiny optimizer state and reference
         assert p.terms["optimizer"] < 0.2 * p.terms["params"]
 
@@ -60,8 +61,8 @@ def test_plan_matches_a_live_run(param_dtype, lora, tmp_path):
 
 def test_activation_estimate_against_xla(tmp_path):
     """The activation estimate against XLA's temp buffers of the compiled RL update (`memory_analysis`, which also
-    holds the gradients and the optimizer's temporaries): within 25% on the tiny run (measured: 3.26 MB planned,
-    3.82 MB XLA, 0.85x; rollout media once per prompt, chunked log-probs)."""
+    holds the gradients and the optimizer's temporaries): within 25% on the tiny run (measured: 3.24 MB planned,
+    3.98 MB XLA, 0.81x; rollout media once per prompt, chunked log-probs)."""
     import jax.numpy as jnp
 
     from rftjax.batches import RolloutBatch, SequenceBatch

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rftjax.models.common import QUERY_BLOCK
 from rftjax.models.lora import LoraConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -650,13 +651,22 @@ def qwen_vision_param_count(v: QwenVisionConfig) -> int:
     return embed + v.depth * block + norm + merger_mlp + deepstack
 
 
+def mlp_activations(m: int, e: int) -> float:
+    """Bytes per token a SwiGLU MLP of intermediate size `m` holds while its backward pass runs in an `e`-byte
+    compute dtype: the gate and up projections' outputs in float32 (the matmuls' accumulation dtype, `Linear`)
+    and four `[m]` intermediates in the compute dtype (what XLA keeps for Qwen2.5-VL-7B's layer on TPU)."""
+    return float(m * (2 * 4 + 4 * e))
+
+
 def attention_layer_activations(t: TextConfig, seq: int, e: int) -> tuple[float, float]:
     """`(bytes per token while the layer's backward pass runs, bytes per token of its matmul outputs)` of one
     attention decoder layer over `seq` tokens in an `e`-byte compute dtype (the planner's estimate, Korthikanti et
-    al. 2022 sec. 4 for SwiGLU/GQA): norm, projection and MLP intermediates and the float32 attention
-    probabilities; the outputs of q, k, v, o, gate, up, down (what remat policy `dots` keeps)."""
+    al. 2022 sec. 4 for SwiGLU/GQA): norm, projection and MLP (`mlp_activations`) intermediates and the float32
+    scores and probabilities of one block of `QUERY_BLOCK` queries (the attention runs one block at a time,
+    `common.dot_product_attention`), spread over the `seq` tokens; the outputs of q, k, v, o, gate, up, down (what remat policy
+    `dots` keeps)."""
     d, hd, h, k, m = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads, t.intermediate_size
-    per_token = e * (6 * d + 2 * h * hd + 4 * k * hd + 4 * m) + h * seq * (4 + e)
+    per_token = e * (6 * d + 2 * h * hd + 4 * k * hd) + mlp_activations(m, e) + h * min(seq, QUERY_BLOCK) * (4 + e)
     return float(per_token), float(e * (h * hd + 2 * k * hd + d + 2 * m + d))
 
 

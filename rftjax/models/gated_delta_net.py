@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rftjax.models.common import Linear, RMSNorm, shard_rows
-from rftjax.models.config import TextConfig
+from rftjax.models.config import TextConfig, mlp_activations
 from rftjax.models.llm import LayerInputs, LayerKind, mlp_block, register_layer_kind
 
 Array = jax.Array
@@ -243,7 +243,7 @@ def activations(c: TextConfig, seq: int, e: int) -> tuple[float, float]:
     the qkv, z, out and MLP projections."""
     d, m, conv, value = c.hidden_size, c.intermediate_size, conv_dim(c), c.linear_num_value_heads * \
         c.linear_value_head_dim
-    per_token = e * (6 * d + 2 * conv + 2 * value + 4 * m) + 4 * (2 * conv + 2 * value) + \
+    per_token = e * (6 * d + 2 * conv + 2 * value) + mlp_activations(m, e) + 4 * (2 * conv + 2 * value) + \
         c.linear_num_value_heads * CHUNK * 4 * 4
     return float(per_token), float(e * (conv + value + d + 2 * m + d))
 
