@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from rftjax.metrics import TIMING_KEYS, read_jsonl
+from rftjax.metrics import is_measured, read_jsonl
 
 
 def compare(a_dir: str, b_dir: str) -> float:
@@ -24,9 +24,9 @@ def compare(a_dir: str, b_dir: str) -> float:
                 continue
             worst, where, keys = 0.0, None, set()
             for ra, rb in zip(a, b):
-                keys |= (set(ra) ^ set(rb)) - set(TIMING_KEYS)
+                keys |= {k for k in set(ra) ^ set(rb) if not is_measured(k)}
                 for k, v in ra.items():
-                    if k in TIMING_KEYS or k not in rb:
+                    if is_measured(k) or k not in rb:
                         continue
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(rb[k], (int, float)):
                         if abs(v - rb[k]) > worst:

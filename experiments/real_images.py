@@ -1,7 +1,8 @@
 """Photo-sized images on a laptop: `configs/qwen2_5_vl_easyr1.py` with a tiny random Qwen2.5-VL checkpoint (hidden
 size 64, written by transformers) on EasyR1 rows of real photos, defaults otherwise (16 prompts x G = 5, prompts up
 to 1,024 tokens with up to 1,024 image tokens, completions up to 1,024 tokens): peak resident memory of the whole
-`python -m rftjax.train` process over its first 3 GRPO steps (`/usr/bin/time -v`) and the step's time split.
+`python -m rftjax.train` process (`/usr/bin/time -v`; it includes the evaluation at the end of the stage) and over
+its first 3 GRPO steps (the trainer's `host_peak_rss_gb` at the third step), and the step's time split.
 
     python experiments/real_images.py        # prints the table, saves experiments/results/real_images.md
 
@@ -86,7 +87,9 @@ def run(extra: tuple[str, ...] = ()) -> dict:
     rows = [json.loads(line) for line in open(work / "run" / "metrics.jsonl")]
     rl = [r for r in rows if r.get("stage") == "rl"]
     mean = lambda key: sum(r.get(key, 0.0) for r in rl[1:]) / max(len(rl) - 1, 1)  # noqa: E731 - after compiling
-    return {**info, "command": " ".join(cmd[2:]), "peak RSS GB": peak_kb / 2 ** 20, "wall": wall, "steps": len(rl),
+    return {**info, "command": " ".join(cmd[2:]), "peak RSS GiB (whole process)": peak_kb / 2 ** 20,
+            "peak RSS GiB over the RL steps": rl[-1]["host_peak_rss_gb"] * 1e9 / 2 ** 30, "wall": wall,
+            "steps": len(rl),
             "first step s (compiles)": rl[0]["time_per_step_s"], "step s (after the first)": mean("time_per_step_s"),
             "rollout s": mean("rollout_time_s"), "reward s": mean("reward_time_s"), "update s": mean("update_time_s"),
             "completion tokens (mean)": mean("completion_len_mean")}

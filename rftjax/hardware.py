@@ -43,6 +43,17 @@ def cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
+def host_peak_rss_gb() -> float:
+    """The peak resident memory of this process so far, GB (1e9 bytes): `getrusage`'s `ru_maxrss` (kilobytes on
+    Linux, bytes on macOS); 0.0 where the `resource` module is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if platform.system() == "Darwin" else peak * 1024 / 1e9
+
+
 def cpu_flags(interesting=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")) -> list[str]:
     """The SIMD/matrix features among `interesting` that /proc/cpuinfo lists (empty off Linux)."""
     try:

@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 
-TIMING_KEYS = ("time_per_step_s", "rollout_tokens_per_s", "update_time_s", "rollout_time_s", "elapsed_s",
-               "eval_time_s", "reward_time_s")
+MEASURED_KEYS = ("time_per_step_s", "rollout_tokens_per_s", "update_time_s", "rollout_time_s", "elapsed_s",
+                 "eval_time_s", "reward_time_s", "host_peak_rss_gb")
 
 
-def is_timing(key: str) -> bool:
-    """Whether metric `key` is a wall-time figure (different between two identical runs): `TIMING_KEYS` and each
-    reward source's seconds, `reward_time_{source}_s`."""
-    return key in TIMING_KEYS or key.startswith("reward_time_")
+def is_measured(key: str) -> bool:
+    """Whether metric `key` measures the machine rather than the run's math (wall times, host memory: different
+    between two identical runs): `MEASURED_KEYS` and each reward source's seconds, `reward_time_{source}_s`."""
+    return key in MEASURED_KEYS or key.startswith("reward_time_")
 
 
 def _clean(v: Any):

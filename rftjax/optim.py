@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from rftjax.batches import MicroBatching, UpdateBatch
+from rftjax.models.common import mesh_of, rows_over
 from rftjax.trainable import combine
 
 Array = jax.Array
@@ -183,10 +184,13 @@ def apply_gradients(loss_fn: Callable[..., tuple[Array, dict]], state: TrainStat
 def make_update(loss_fn: Callable[..., tuple[Array, dict]], state_shardings=None, seed: int = 0):
     """`update(state, batch, frozen={}) -> (state, metrics)`: `apply_gradients` jitted with the state donated
     (`frozen`: the params that do not train, not donated); `state_shardings` pins the output state's layout to the
-    input's (params/opt-state sharded by logical axes); dropout keys come from `seed` and the update step."""
+    input's (params/opt-state sharded by logical axes) and lays the activations' rows over its mesh's data axes
+    (`rows_over`, as the RL update does); dropout keys come from `seed` and the update step."""
     out = None if state_shardings is None else (state_shardings, None)
+    mesh = mesh_of(state_shardings)
 
     def update(state: TrainState, batch, frozen: dict | None = None):
-        return apply_gradients(loss_fn, state, batch, frozen, key=jax.random.key(seed))
+        with rows_over(mesh):
+            return apply_gradients(loss_fn, state, batch, frozen, key=jax.random.key(seed))
 
     return jax.jit(update, donate_argnums=0, out_shardings=out)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from rftjax import batches, optim, rl, steps
 from rftjax.batches import RolloutBatch, UpdateBatch
 from rftjax.models import ModelConfig
-from rftjax.models.common import rows_over
+from rftjax.models.common import mesh_of, rows_over
 from rftjax.optim import TrainState
 from rftjax.trainable import combine
 
@@ -114,8 +114,7 @@ def make_rl_update(settings: UpdateSettings, policy_shardings=None, critic_shard
     """
     config, algo, minibatch_size = settings.config, settings.algo, settings.minibatch_size
     policy_loss = functools.partial(steps.rl_loss, config=config, algo=algo, temperature=settings.temperature)
-    shardings = jax.tree.leaves(policy_shardings)
-    mesh = getattr(shardings[0], "mesh", None) if shardings else None  # micro-batches laid out over its data axes
+    mesh = mesh_of(policy_shardings)  # micro-batches laid out over its data axes
     critic_loss = functools.partial(steps.critic_loss, config=config, algo=algo)
 
     def rl_update(policy: TrainState, critic: TrainState | None, ref_params: Any, frozen: dict, batch: RolloutBatch,

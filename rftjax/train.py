@@ -32,6 +32,7 @@ from rftjax.build import build_run
 from rftjax.checkpoint import SFT_CHECKPOINT, Checkpointer
 from rftjax.data.pipeline import make_dataset
 from rftjax.evaluate import evaluate_splits
+from rftjax.hardware import host_peak_rss_gb
 from rftjax.rollout import Rollouts, collect_rollouts
 from rftjax.sharding import process_share
 from rftjax.state import Counters, RunState, StageProgress
@@ -80,8 +81,8 @@ class Trainer:
               postfix: Callable[[dict], dict] = lambda m: {}) -> bool:
         """Run `step(n) -> (metrics, stop)` for n = 1, 2, ... of the stage while `more()`, with the bookkeeping
         every stage shares: the stage's `progress` (step count and wall clock), the global step, metrics.jsonl
-        under `stage`, the progress bar, periodic checkpoints, SIGTERM. True if the stage ended (not stopped by a
-        signal)."""
+        under `stage` (with the process's peak resident memory so far, `host_peak_rss_gb`), the progress bar,
+        periodic checkpoints, SIGTERM. True if the stage ended (not stopped by a signal)."""
         c = self.state.counters
         bar = tqdm(total=total, initial=progress.step, desc=desc or stage, dynamic_ncols=True,
                    disable=not self.c.log.progress or jax.process_index())
@@ -91,6 +92,7 @@ class Trainer:
             c.global_step += 1
             m, stop = step(progress.step)
             progress.time_s = time.perf_counter() - t_start
+            m["host_peak_rss_gb"] = host_peak_rss_gb()
             self.logger.log(c.global_step, stage, m)
             if self.on_step is not None:
                 self.on_step(stage, c, m)

@@ -49,9 +49,9 @@ def smoke_cli(workdir: str, *extra: str) -> list[str]:
 
 def strip_timings(rows: list[dict]) -> list[dict]:
     """Metric records without their wall-time fields."""
-    from rftjax.metrics import is_timing
+    from rftjax.metrics import is_measured
 
-    return [{k: v for k, v in r.items() if not is_timing(k)} for r in rows]
+    return [{k: v for k, v in r.items() if not is_measured(k)} for r in rows]
 
 
 def wait_for_step(workdir: str, step: int, procs, timeout: float = 600) -> int:

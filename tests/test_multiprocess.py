@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from rftjax.metrics import is_timing, read_jsonl
+from rftjax.metrics import is_measured, read_jsonl
 from rftjax.train import Trainer
 from helpers import set_by_path, wait_for_step
 
@@ -63,7 +63,7 @@ def _config():
 def _numbers(rows):
     """Metric rows without timings, values as float arrays (None -> nan) per key (list values, such as the pass@k
     curve, as rows of a 2-D array)."""
-    keys = sorted({k for r in rows for k in r if not is_timing(k)} - {"stage", "split"})
+    keys = sorted({k for r in rows for k in r if not is_measured(k)} - {"stage", "split"})
     out = {}
     for k in keys:
         values = [r.get(k) for r in rows]

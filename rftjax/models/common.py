@@ -37,6 +37,13 @@ def rows_over(mesh: jax.sharding.Mesh | None):
         _ROW_MESH.reset(token)
 
 
+def mesh_of(shardings) -> jax.sharding.Mesh | None:
+    """The mesh of the first `NamedSharding` leaf of `shardings` (a pytree of shardings, or None); None without
+    one (single device, or shardings left to XLA)."""
+    leaves = jax.tree.leaves(shardings)
+    return getattr(leaves[0], "mesh", None) if leaves else None
+
+
 def shard_rows(x: Array, mesh: jax.sharding.Mesh | None = None) -> Array:
     """`x` `[B, ...]` constrained to rows over the `data x fsdp` axes of `mesh` (default: the `rows_over` context's);
     unchanged without a mesh or when those axes do not divide B. The decoder layers and vision blocks call it on
