@@ -109,7 +109,8 @@ def line(r: dict) -> str:
 
     tried = ", ".join(f"{k}: {gb(v)}" for k, v in r["tried"].items())
     return (f"| {r['model']} | {r['setting']} | {r['topology']} ({r['hbm']:.1f} GB) | {gb(r['sampler'])} | "
-            f"{gb(r['rl_update'])} | {r['planner']:.2f} | {ratio(r['planner'], r['rl_update'].total / GB)} | {r['best']} of {r['rows_per_device']} ({tried}) | "
+            f"{gb(r['rl_update'])} | {r['planner']:.2f} | {ratio(r['planner'], r['rl_update'].total / GB)} | "
+            f"{r['best']} of {r['rows_per_device']} ({tried}) | "
             f"{r['best'] * 2048} | {r['temp_per_token'] / 1e6:.2f} | {r['seconds']:.0f} |")
 
 
@@ -122,10 +123,9 @@ def replan(row: str) -> str:
     """`row` with its planner cells recomputed by today's planner at the row's largest micro-batch (no compile)."""
     cells = row.split(" | ")
     model, setting, topology = cells[0].lstrip("| "), cells[1], cells[2].split(" ")[0]
-    rest = cells[7:] if cells[6].endswith("%") else cells[6:]  # tables written before the ratio column
-    best = int(rest[0].split(" of ")[0])
+    best = int(cells[7].split(" of ")[0])
     planner = plan_lib.plan(case_config(model, topology, setting, max(best, 1))).total / GB
-    return " | ".join([*cells[:5], f"{planner:.2f}", ratio(planner, float(cells[4])), *rest])
+    return " | ".join([*cells[:5], f"{planner:.2f}", ratio(planner, float(cells[4])), *cells[7:]])
 
 
 HEADER = ["| model | setting | topology (HBM/device) | sampler GB/device | RL update GB/device (at the largest "

@@ -81,7 +81,7 @@ def token_logprobs(head: Callable[[Array], Array], hidden: Array, targets: Array
 
     @jax.checkpoint
     def one_chunk(h_c, y_c):
-        logits = split_vocab(h_c, head).astype(jnp.float32) / temperature
+        logits = split_vocab(h_c, head, vocab).astype(jnp.float32) / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
         target = jnp.arange(vocab) == y_c[..., None]  # a masked sum: partitions over a split vocabulary
         lp = jnp.sum(jnp.where(target, logits, 0.0), axis=-1) - lse

@@ -62,15 +62,14 @@ def vocab_shards(vocab: int) -> int:
     return 1 if mesh is None or vocab % mesh.size else mesh.size
 
 
-def split_vocab(hidden: Array, head) -> Array:
-    """Vocabulary-parallel LM head: float32 logits `head(hidden)` `[..., V]` of hidden states `[..., D]` with every
-    row on every device and V split over all devices of the `rows_over` context's mesh (Megatron-LM's parallel
+def split_vocab(hidden: Array, head, vocab: int) -> Array:
+    """Vocabulary-parallel LM head: float32 logits `head(hidden)` `[..., V]` (V = `vocab`, the head's output size) of
+    hidden states `[..., D]` with every row on every device and V split over all devices of the `rows_over` context's mesh (Megatron-LM's parallel
     cross-entropy, MaxText's vocabulary tiling): each device computes its slice of the vocabulary for all rows, and
     the rows' hidden states (small) are gathered instead of the head's weight; with the head's params laid out
     by `split_vocab_params`, its gradient stays in each device's shard. Unchanged `head(hidden)` when
     `vocab_shards` is 1."""
     mesh = _ROW_MESH.get()
-    vocab = jax.eval_shape(head, jax.ShapeDtypeStruct((1, hidden.shape[-1]), hidden.dtype)).shape[-1]
     if vocab_shards(vocab) == 1:
         return head(hidden)
     spec = lambda *axes: jax.sharding.NamedSharding(mesh, PartitionSpec(*axes))  # noqa: E731
